@@ -1,0 +1,62 @@
+"""shmbus: a fast, pickle-free message bus between processes, through a memory-mapped file.
+
+The public surface is this module alone::
+
+    import shmbus
+    q = shmbus.Queue.create("jobs", capacity="64MiB")
+    q.put({"task": 1})
+    q.get()                # {'task': 1}
+    q.close(); q.unlink()
+"""
+
+from __future__ import annotations
+
+from ._bus import unlink as unlink
+from ._codec import Codec as Codec
+from ._errors import BusClosed as BusClosed
+from ._errors import BusExists as BusExists
+from ._errors import BusNotFound as BusNotFound
+from ._errors import CorruptBus as CorruptBus
+from ._errors import DecodeError as DecodeError
+from ._errors import Empty as Empty
+from ._errors import EncodeError as EncodeError
+from ._errors import Full as Full
+from ._errors import IncompatibleBus as IncompatibleBus
+from ._errors import MessageTooLarge as MessageTooLarge
+from ._errors import NotABus as NotABus
+from ._errors import ShmbusError as ShmbusError
+from ._errors import TooManySubscribers as TooManySubscribers
+from ._format import VERSION as FORMAT_VERSION
+from ._queue import Queue as Queue
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Queue",
+    "Codec",
+    "unlink",
+    "FORMAT_VERSION",
+    "ShmbusError",
+    "BusExists",
+    "BusNotFound",
+    "NotABus",
+    "CorruptBus",
+    "IncompatibleBus",
+    "MessageTooLarge",
+    "EncodeError",
+    "DecodeError",
+    "BusClosed",
+    "TooManySubscribers",
+    "Empty",
+    "Full",
+]
+
+# Public names report the public module, so reprs, docs and pickles say ``shmbus.X``.
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and not isinstance(_obj, int):
+        try:
+            _obj.__module__ = __name__
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -1,0 +1,380 @@
+"""A bus file's lifecycle: path rules, create, open, map, close, unlink, pickle.
+
+Rule: this module owns the file and its mapping and nothing of the ring's
+logic. ``Bus`` is the base of ``Queue`` and ``Topic``; it hands them the
+mapped views (``_h64``/``_h32`` over the header, ``_ring`` over the ring), the
+validated ``Layout`` and the opened semaphores. Like
+``multiprocessing.shared_memory``: ``close()`` is per handle and idempotent,
+``unlink()`` destroys the bus for every process, a failed constructor cleans up
+after itself, and a handle pickles as its path and re-opens on the other side.
+
+A new bus is built under a temporary name and hard-linked into place, so
+another process never sees a half-written header, and a file already at the
+path is never overwritten.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import secrets
+import stat
+from typing import Any, ClassVar, TypeVar
+
+from . import _sync
+from ._codec import DEFAULT_CODEC, Codec
+from ._errors import BusClosed, BusExists, BusNotFound, CorruptBus, IncompatibleBus, NotABus
+from ._format import (
+    HEADER_MIN,
+    KIND_NAMES,
+    MAGIC,
+    Layout,
+    build_header,
+    parse_header,
+    peek_ids,
+)
+
+__all__ = ["Bus", "resolve_path", "unlink", "SHM_DIR", "ALL_ROLES", "read_layout"]
+
+log = logging.getLogger("shmbus")
+
+SHM_DIR = "/dev/shm"
+# Every semaphore role any kind of bus may own; unlink removes them all.
+ALL_ROLES = ["head", "tail", "items", "space", "slots"]
+
+B = TypeVar("B", bound="Bus")
+
+
+def resolve_path(path: str | os.PathLike[str]) -> str:
+    """A bare name (no ``/``) lives in ``/dev/shm``; anything else is a file path."""
+    p = os.fspath(path)
+    if not isinstance(p, str) or not p:
+        raise ValueError(f"a bus path must be a non-empty str or path, got {path!r}")
+    if "/" not in p:
+        if p in (".", ".."):
+            raise ValueError(f"{p!r} is not a bus name")
+        return os.path.join(SHM_DIR, p)
+    return os.path.abspath(p)
+
+
+def _open_fd(path: str, flags: int) -> int:
+    """``os.open`` with the errors turned into shmbus's, naming the path and the fix."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BusNotFound(
+            f"no bus at {path}: create it first (shmbus.Queue.create or `shmbus create`)",
+            path=path,
+        ) from None
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno, f"permission denied opening bus {path}: ask its owner to share it "
+            "(create with mode=0o660 and a common group) or run as that user", path,
+        ) from None  # fmt: skip
+    except IsADirectoryError:
+        raise NotABus(f"{path} is a directory, not a bus: pass the bus file's path", path=path) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotABus(
+                f"{path} is a symbolic link; shmbus does not follow links (a planted link could "
+                "redirect the bus): pass the real path",
+                path=path,
+            ) from None
+        raise
+
+
+def read_layout(fd: int, path: str) -> Layout:
+    """Check that ``fd`` is a regular file holding a bus and return its validated layout."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotABus(f"{path} is not a regular file, so not a bus: pass the bus file's path", path=path)
+    head = os.pread(fd, HEADER_MIN, 0)
+    return parse_header(head, path=path, file_size=st.st_size)
+
+
+def unlink(path: str | os.PathLike[str]) -> None:
+    """Remove the bus at ``path``: its file and its semaphores.
+
+    Processes that have it open keep working on their mapping until they close
+    it; nobody can open it again. Raises ``BusNotFound`` if there is no file and
+    ``NotABus`` if the file is not a bus (it is then left alone).
+    """
+    real = resolve_path(path)
+    fd = _open_fd(real, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        head = os.pread(fd, HEADER_MIN, 0) if stat.S_ISREG(st.st_mode) else b""
+    finally:
+        os.close(fd)
+    if head[: len(MAGIC)] != MAGIC:
+        raise NotABus(f"{real} is not a shmbus bus; refusing to remove it", path=real)
+    # A corrupt header may still name its semaphores: remove what can be named.
+    ids = peek_ids(head)
+    if ids is not None:
+        bus_id, max_subs = ids
+        _sync.unlink_sems(bus_id, ALL_ROLES + [f"sub{i}" for i in range(max_subs)])
+    os.unlink(real)
+    log.debug("unlinked bus %s", real)
+
+
+def _reopen(cls: type[Bus], path: str, codec: Codec) -> Bus:
+    return cls.open(path, codec=codec)
+
+
+class Bus:
+    """What a Queue and a Topic share: the mapped file, its header and its semaphores."""
+
+    _KIND: ClassVar[int] = 0
+    _ROLES: ClassVar[list[str]] = []
+
+    # Class-level defaults let close() run on a half-built object.
+    _closed = True
+    _mm: mmap.mmap | None = None
+    _fd = -1
+    _views: tuple[memoryview, ...] = ()
+    _sems: dict[str, _sync.Sem] = {}  # noqa: RUF012 - replaced per instance, never mutated
+    path = ""
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def _create(
+        cls: type[B], path: str | os.PathLike[str], *, capacity: int, maxsize: int,
+        max_subscribers: int, exist_ok: bool, mode: int, codec: Codec | None,
+    ) -> B:  # fmt: skip
+        real = resolve_path(path)
+        bus_id = secrets.token_hex(8)
+        layout = Layout.new(
+            kind=cls._KIND,
+            capacity=capacity,
+            maxsize=maxsize,
+            max_subscribers=max_subscribers,
+            max_participants=64,
+            bus_id=bus_id,
+            creator_uid=os.getuid(),
+        )
+        sems = _sync.create_sems(bus_id, cls._initial_sems(layout, 0), mode)
+        _chmod_sems(sems, mode)
+        tmp = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.{bus_id}.tmp")
+        linked = False
+        try:
+            _write_new_file(tmp, layout, mode)
+            try:
+                os.link(tmp, real)
+                linked = True
+            except FileExistsError:
+                if not exist_ok:
+                    raise BusExists(
+                        f"a file already exists at {real}: open it with {cls.__name__}.open, "
+                        "pass exist_ok=True, or remove it with `shmbus rm`",
+                        path=real,
+                    ) from None
+        except PermissionError as e:
+            raise PermissionError(
+                e.errno, f"permission denied creating bus {real}: choose a directory you can "
+                "write to", real,
+            ) from None  # fmt: skip
+        finally:
+            _unlink_quiet(tmp)
+            if not linked:
+                for s in sems.values():
+                    s.sem.unlink()
+                    s.close()
+        if not linked:
+            return cls.open(real, codec=codec)
+        bus = cls._attach(real, codec, sems=sems)
+        log.debug("created %s %s (capacity %d)", cls.__name__, real, capacity)
+        return bus
+
+    @classmethod
+    def open(cls: type[B], path: str | os.PathLike[str], *, codec: Codec | None = None) -> B:
+        """Open an existing bus.
+
+        Raises ``BusNotFound``, ``NotABus``, ``CorruptBus``, ``IncompatibleBus``
+        (another format version, or a Topic opened as a Queue and the reverse),
+        or ``PermissionError``.
+        """
+        return cls._attach(resolve_path(path), codec, sems=None)
+
+    @classmethod
+    def _attach(cls: type[B], real: str, codec: Codec | None, sems: dict[str, _sync.Sem] | None) -> B:
+        self = cls.__new__(cls)
+        self.path = real
+        self._codec = codec or DEFAULT_CODEC
+        try:
+            self._map(real)
+            self._sems = sems if sems is not None else self._open_sems()
+            self._closed = False
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _map(self, real: str) -> None:
+        self._fd = _open_fd(real, os.O_RDWR)
+        layout = read_layout(self._fd, real)
+        if layout.kind != self._KIND:
+            raise IncompatibleBus(
+                f"{real} is a shmbus {KIND_NAMES[layout.kind]}, not a {KIND_NAMES[self._KIND]}: "
+                f"open it with shmbus.{KIND_NAMES[layout.kind]}.open",
+                path=real,
+            )
+        self._layout = layout
+        self._mm = mmap.mmap(self._fd, layout.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mv = memoryview(self._mm)
+        h = mv[: layout.ring_offset]
+        self._h64 = h.cast("Q")
+        self._h32 = h.cast("I")
+        self._ring = mv[layout.ring_offset :]
+        self._views = (self._h64, self._h32, self._ring, h, mv)
+
+    def _open_sems(self) -> dict[str, _sync.Sem]:
+        bus_id = self._layout.bus_id
+        try:
+            sems, missing = _sync.open_sems(bus_id, self._ROLES_FOR(self._layout))
+        except _sync.posix_ipc.PermissionsError as e:
+            raise PermissionError(
+                errno.EACCES, f"permission denied opening the semaphores of bus {self.path}: "
+                "ask its owner to share it (mode=0o660 and a common group)", self.path,
+            ) from e  # fmt: skip
+        if missing:
+            # Semaphores live in /dev/shm and vanish on reboot while a disk file
+            # survives: rebuild them from the header's counters.
+            log.warning("bus %s: semaphores %s were missing; recreating them", self.path, missing)
+            initial = self._initial_sems(self._layout, self._queued())
+            try:
+                sems.update(_sync.create_sems(bus_id, {r: initial[r] for r in missing}, 0o600))
+            except _sync.posix_ipc.ExistentialError:
+                # Another process recreated them first: use theirs.
+                more, still = _sync.open_sems(bus_id, missing)
+                if still:
+                    raise CorruptBus(f"cannot recreate the semaphores of {self.path}", path=self.path) from None
+                sems.update(more)
+            _chmod_sems({r: sems[r] for r in missing}, stat.S_IMODE(os.fstat(self._fd).st_mode))
+        return sems
+
+    # -- hooks for subclasses ----------------------------------------------
+
+    @classmethod
+    def _ROLES_FOR(cls, layout: Layout) -> list[str]:  # noqa: N802 - reads like the constant it extends
+        return list(cls._ROLES)
+
+    @classmethod
+    def _initial_sems(cls, layout: Layout, queued: int) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _queued(self) -> int:
+        raise NotImplementedError
+
+    def _setup(self) -> None:
+        """Bind the per-instance fast-path attributes (after the mapping and semaphores)."""
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this handle (mapping, semaphores, file descriptor); the bus stays.
+
+        Idempotent. Views handed out by this handle must be released first.
+        """
+        self._closed = True
+        for v in self._views:
+            v.release()
+        self._views = ()
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        for s in self._sems.values():
+            s.close()
+        self._sems = {}
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def unlink(self) -> None:
+        """Remove the bus file and its semaphores, for every process.
+
+        Handles that are open (this one included) keep working until closed;
+        nobody can open the bus again. Call it once, from the owner.
+        """
+        unlink(self.path)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosed(f"this handle on {self.path} is closed: open the bus again", path=self.path)
+
+    def flush(self) -> None:
+        """Write the mapped pages back to the file (``msync``): a disk-backed bus survives a power cut."""
+        self._check_open()
+        assert self._mm is not None
+        self._mm.flush()
+
+    @property
+    def capacity(self) -> int:
+        """Ring size in bytes."""
+        return self._layout.capacity
+
+    @property
+    def layout(self) -> Layout:
+        """The static facts of the bus, as read from its header."""
+        return self._layout
+
+    def __enter__(self: B) -> B:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self._check_open()
+        return (_reopen, (type(self), self.path, self._codec))
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # an exported view keeps the mapping; the GC will get it later
+            pass
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        if self._closed:
+            return f"<shmbus.{name} {self.path!r} closed>"
+        return f"<shmbus.{name} {self.path!r} capacity={self.capacity} {self._describe()}>"
+
+    def _describe(self) -> str:
+        return ""
+
+
+def _write_new_file(tmp: str, layout: Layout, mode: int) -> None:
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask must not narrow a mode the caller chose on purpose
+        os.ftruncate(fd, layout.file_size)  # sparse: pages cost memory only once touched
+        os.pwrite(fd, build_header(layout), 0)
+    finally:
+        os.close(fd)
+
+
+def _chmod_sems(sems: dict[str, _sync.Sem], mode: int) -> None:
+    # sem_open applies the umask; on Linux a named semaphore is a file in
+    # /dev/shm, so give it the bus's mode (best effort elsewhere).
+    for s in sems.values():
+        try:
+            os.chmod(os.path.join(SHM_DIR, "sem." + s.name.lstrip("/")), mode)
+        except OSError:
+            pass
+
+
+def _unlink_quiet(p: str) -> None:
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+

@@ -1,0 +1,149 @@
+"""Encoding and decoding messages: the only module that calls ``msgpack``.
+
+``encode`` runs before any lock is taken and returns the payload as a short
+``prefix`` and an optional ``body`` buffer, so that a ``bytes``-like message
+goes into the ring with a single copy (the msgpack ``bin`` header is the prefix,
+the caller's buffer the body). ``extract`` runs under the lock and copies the
+payload out of the ring once; ``finish`` decodes that copy after the lock is
+released. A ``bin`` payload is copied out without its header, so large
+``bytes`` come back with one copy too.
+
+Decoding is bounded by the payload's own length (msgpack's default for
+``unpackb``) and never trusts a length read from the ring beyond that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Final, Union
+
+import msgpack
+
+from ._errors import DecodeError, EncodeError
+from ._format import REC_MSGPACK, REC_RAW
+
+__all__ = ["Codec", "DEFAULT_CODEC", "Encoded", "Payload"]
+
+# bytes is the payload still to decode; (value,) is already the final object.
+Payload = Union[bytes, tuple[Any]]
+Encoded = tuple[int, bytes, Union[memoryview, bytes, None], int]
+
+_BIN8: Final = 0xC4
+_BIN16: Final = 0xC5
+_BIN32: Final = 0xC6
+_BYTES_TYPES: Final = (bytes, bytearray, memoryview)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise DecodeError(
+        f"message uses msgpack ext type {code}, which shmbus does not decode by default: "
+        "pass Codec(unpack_options={'ext_hook': ...}) to accept it"
+    )
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 256:
+        return bytes((_BIN8, n))
+    if n < 65536:
+        return bytes((_BIN16, n >> 8, n & 0xFF))
+    return bytes((_BIN32,)) + n.to_bytes(4, "big")
+
+
+class Codec:
+    """How messages are turned into bytes and back (msgpack, with options).
+
+    Parameters:
+        pack_options: keyword arguments for ``msgpack.packb`` (e.g.
+            ``{"default": fn}`` to encode your own types, ``{"datetime": True}``).
+        unpack_options: keyword arguments for ``msgpack.unpackb`` (e.g.
+            ``{"use_list": False}`` to get tuples back, ``{"ext_hook": fn}`` to
+            accept ext types, which are refused by default).
+
+    Example::
+
+        codec = shmbus.Codec(unpack_options={"use_list": False})
+        q = shmbus.Queue.open("jobs", codec=codec)
+    """
+
+    __slots__ = ("_packb", "_unpack_kw", "pack_options", "unpack_options")
+
+    def __init__(
+        self,
+        pack_options: Mapping[str, Any] | None = None,
+        unpack_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.pack_options = dict(pack_options or {})
+        self.unpack_options = dict(unpack_options or {})
+        packer = msgpack.Packer(**{"use_bin_type": True, **self.pack_options})
+        self._packb: Callable[[Any], bytes] = packer.pack
+        self._unpack_kw: dict[str, Any] = {"raw": False, "ext_hook": _no_ext, **self.unpack_options}
+
+    def __repr__(self) -> str:
+        return f"Codec(pack_options={self.pack_options!r}, unpack_options={self.unpack_options!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Codec)
+            and other.pack_options == self.pack_options
+            and other.unpack_options == self.unpack_options
+        )
+
+    def __hash__(self) -> int:
+        return hash((repr(sorted(self.pack_options)), repr(sorted(self.unpack_options))))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Codec, (self.pack_options, self.unpack_options))
+
+    def encode(self, obj: Any) -> Encoded:
+        """Return ``(record kind, prefix, body, total length)`` for ``obj``.
+
+        Raises ``EncodeError`` when msgpack cannot encode it.
+        """
+        if type(obj) in _BYTES_TYPES:
+            body = obj if type(obj) is bytes else memoryview(obj).cast("B")
+            n = len(body)
+            prefix = _bin_header(n)
+            return REC_MSGPACK, prefix, body, len(prefix) + n
+        try:
+            data = self._packb(obj)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise EncodeError(
+                f"cannot encode {type(obj).__name__} with msgpack ({e}): send dict, list, "
+                "str, bytes, int, float, bool or None, or pass Codec(pack_options="
+                "{'default': fn}) to convert your type"
+            ) from e
+        return REC_MSGPACK, data, None, len(data)
+
+    def decode_many(self, items: list[Payload]) -> list[Any]:
+        """``finish`` for each payload of a batch."""
+        return [self.finish(REC_MSGPACK, p) for p in items]
+
+    def finish(self, kind: int, payload: Payload) -> Any:
+        """Decode a payload copied out by ``extract`` (outside the lock)."""
+        if type(payload) is tuple:
+            return payload[0]
+        if kind == REC_RAW:
+            return payload
+        try:
+            return msgpack.unpackb(payload, **self._unpack_kw)
+        except DecodeError:
+            raise
+        except Exception as e:  # msgpack raises several unrelated types on bad input
+            raise DecodeError(f"a message is not valid msgpack ({type(e).__name__}: {e})") from e
+
+
+def extract(view: memoryview) -> Payload:
+    """Copy a payload out of the ring (under the lock): one copy, ``bin`` header stripped."""
+    n = len(view)
+    if n:
+        b0 = view[0]
+        if b0 == _BIN8 and n >= 2 and view[1] == n - 2:
+            return (bytes(view[2:]),)
+        if b0 == _BIN16 and n >= 3 and (view[1] << 8 | view[2]) == n - 3:
+            return (bytes(view[3:]),)
+        if b0 == _BIN32 and n >= 5 and int.from_bytes(view[1:5], "big") == n - 5:
+            return (bytes(view[5:]),)
+    return bytes(view)
+
+
+DEFAULT_CODEC: Final = Codec()

@@ -1,0 +1,117 @@
+"""The exception tree: every error shmbus raises on purpose is defined here.
+
+Each class inherits both ``ShmbusError`` and the nearest builtin, so callers can
+catch either (``except shmbus.Empty`` or ``except queue.Empty``). Errors carry
+their data as attributes and pickle with it, because they cross process
+boundaries in ``multiprocessing`` pools.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+__all__ = [
+    "ShmbusError",
+    "BusExists",
+    "BusNotFound",
+    "NotABus",
+    "CorruptBus",
+    "IncompatibleBus",
+    "MessageTooLarge",
+    "EncodeError",
+    "DecodeError",
+    "BusClosed",
+    "TooManySubscribers",
+    "Empty",
+    "Full",
+]
+
+
+class ShmbusError(Exception):
+    """Base class of every error shmbus raises on purpose."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only ``path`` would be lost by the default reduce, which only
+        # replays ``self.args``; keep it so errors survive a trip through a Pool.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
+
+class BusExists(ShmbusError, FileExistsError):
+    """``create`` found a file already at the path (pass ``exist_ok=True`` to open it)."""
+
+
+class BusNotFound(ShmbusError, FileNotFoundError):
+    """``open`` found no file at the path (create the bus first)."""
+
+
+class NotABus(ShmbusError, ValueError):
+    """The file exists but has no shmbus header: it is not a bus."""
+
+
+class CorruptBus(ShmbusError, ValueError):
+    """The bus header or a record breaks an invariant (a counter or length out of range).
+
+    ``offset`` is the byte offset in the file where the problem was found, when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message, path=path)
+        self.offset = offset
+
+
+class IncompatibleBus(ShmbusError, ValueError):
+    """The file is a bus of another format version, or of another kind (Topic vs Queue)."""
+
+
+class MessageTooLarge(ShmbusError, ValueError):
+    """The encoded message is larger than the ring can ever hold.
+
+    ``size`` is the encoded size in bytes, ``limit`` the largest the bus accepts.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message, path=path)
+        self.size = size
+        self.limit = limit
+
+
+class EncodeError(ShmbusError, TypeError):
+    """msgpack cannot encode the object (nothing was written to the bus)."""
+
+
+class DecodeError(CorruptBus):
+    """A record's payload is not valid msgpack, or uses an ext type no ``ext_hook`` accepts."""
+
+
+class BusClosed(ShmbusError, ValueError):
+    """The handle was closed with ``close()``; the bus itself may still exist."""
+
+
+class TooManySubscribers(ShmbusError, RuntimeError):
+    """Every subscriber slot of the Topic is taken (create it with more ``max_subscribers``)."""
+
+
+class Empty(ShmbusError, queue.Empty):
+    """Nothing arrived in time (raised by ``get`` with a timeout and by ``get_nowait``)."""
+
+    def __init__(self, message: str = "the bus is empty", *, path: str | None = None) -> None:
+        super().__init__(message, path=path)
+
+
+class Full(ShmbusError, queue.Full):
+    """No space (bytes or ``maxsize``) freed up in time (raised by ``put``)."""
+
+    def __init__(self, message: str = "the bus is full", *, path: str | None = None) -> None:
+        super().__init__(message, path=path)

@@ -1,0 +1,384 @@
+"""The file format: the only module that knows byte offsets.
+
+A bus file is a header followed by the ring. All integers are little-endian.
+``docs/format.md`` mirrors this docstring; change both together and bump
+``VERSION`` when the layout changes.
+
+::
+
+    offset  size  field              written by        meaning
+    ------  ----  -----------------  ----------------  --------------------------------------
+    -- static block (written once at create, covered by header_crc) --
+         0     8  magic              create            b"\\x93SHMBUS\\n"
+         8     4  version  u32       create            format version (1)
+        12     4  kind     u32       create            1 = Queue, 2 = Topic
+        16     8  capacity u64       create            ring size in bytes (multiple of 4096)
+        24     8  ring_offset u64    create            where the ring starts (multiple of 4096)
+        32     8  maxsize  u64       create            Queue message bound, 0 = bytes only
+        40     4  flags    u32       create            reserved, 0
+        44     4  max_subscribers    create            Topic subscriber slots (0 for a Queue)
+        48     4  max_participants   create            participant table slots
+        52     4  align    u32       create            record alignment (16)
+        56     8  created_ns u64     create            creation time, ns since the epoch
+        64    16  bus_id   ascii     create            16 lowercase hex digits; semaphore names
+        80     4  creator_uid u32    create            uid of the creating process
+        84     4  participants_offset u32              byte offset of the participant table
+        88     4  subscribers_offset u32               byte offset of the subscriber table
+        92    32  reserved           -                 zero
+       124     4  header_crc u32     create            zlib.crc32 of bytes 0..123
+    -- producer line (guarded by the head semaphore) --
+       128     8  head     u64       producers         position one past the last committed record
+       136     8  next_seq u64       producers         sequence number of the next record
+       144     8  bytes_in u64       producers         payload bytes committed, ever
+       152     4  head_holder_pid    producers         pid holding the head lock (0 = none)
+       156     4  head_holder_slot   producers         its participant slot
+       160    32  reserved
+    -- consumer line (Queue: tail semaphore; Topic: head semaphore) --
+       192     8  tail     u64       consumers         position of the oldest record still held
+       200     8  tail_seq u64       consumers         sequence number of the record at tail
+       208     8  bytes_out u64      consumers         payload bytes consumed, ever
+       216     4  tail_holder_pid    consumers         pid holding the tail lock (0 = none)
+       220     4  tail_holder_slot   consumers         its participant slot
+       224     4  space_waiting u32  both            1 while a producer sleeps for space
+       228    36  reserved
+    -- 256..1023: reserved for statistics and recovery, zero --
+    -- participant table at participants_offset: max_participants x 32 bytes --
+    -- subscriber table at subscribers_offset: max_subscribers x 64 bytes --
+    -- ring at ring_offset: capacity bytes --
+
+Positions (head, tail) count bytes written since creation; a position's place
+in the ring is ``position % capacity``. A record is::
+
+    0  u32 length   payload bytes
+    4  u16 kind     1 = msgpack, 2 = raw bytes, 3 = wrap marker
+    6  u16 state    1 = committed (stored last, after the payload)
+    8  u64 seq      sequence number of the message
+   16  payload, then zero padding up to a multiple of 16
+
+A record never straddles the end of the ring: when it does not fit, a wrap
+marker (kind 3, length 0) fills the rest and the record starts at offset 0.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Final
+
+from ._errors import CorruptBus, IncompatibleBus, NotABus
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "KIND_QUEUE",
+    "KIND_TOPIC",
+    "KIND_NAMES",
+    "STATIC",
+    "STATIC_SIZE",
+    "HEADER_MIN",
+    "PAGE",
+    "ALIGN",
+    "RECORD",
+    "RECORD_SIZE",
+    "REC_MSGPACK",
+    "REC_RAW",
+    "REC_WRAP",
+    "STATE_COMMITTED",
+    "Q_HEAD",
+    "Q_NEXT_SEQ",
+    "Q_BYTES_IN",
+    "Q_TAIL",
+    "Q_TAIL_SEQ",
+    "Q_BYTES_OUT",
+    "I_HEAD_HOLDER_PID",
+    "I_HEAD_HOLDER_SLOT",
+    "I_TAIL_HOLDER_PID",
+    "I_TAIL_HOLDER_SLOT",
+    "I_SPACE_WAITING",
+    "PARTICIPANT_SIZE",
+    "SUBSCRIBER_SIZE",
+    "Layout",
+    "build_header",
+    "parse_header",
+    "peek_ids",
+    "parse_size",
+    "align_up",
+    "max_payload",
+]
+
+MAGIC: Final = b"\x93SHMBUS\n"
+VERSION: Final = 1
+KIND_QUEUE: Final = 1
+KIND_TOPIC: Final = 2
+KIND_NAMES: Final = {KIND_QUEUE: "Queue", KIND_TOPIC: "Topic"}
+
+PAGE: Final = 4096
+ALIGN: Final = 16
+
+# The static block, field by field (see the table above).
+STATIC: Final = struct.Struct("<8sIIQQQIIIIQ16sIII32s")
+STATIC_SIZE: Final = 124  # header_crc follows at 124
+_CRC: Final = struct.Struct("<I")
+assert STATIC.size == STATIC_SIZE
+
+HEADER_MIN: Final = 1024  # tables start here
+PARTICIPANT_SIZE: Final = 32
+SUBSCRIBER_SIZE: Final = 64
+
+# Indices into the header viewed as u64 (offset // 8) and as u32 (offset // 4).
+Q_HEAD: Final = 128 // 8
+Q_NEXT_SEQ: Final = 136 // 8
+Q_BYTES_IN: Final = 144 // 8
+Q_TAIL: Final = 192 // 8
+Q_TAIL_SEQ: Final = 200 // 8
+Q_BYTES_OUT: Final = 208 // 8
+I_HEAD_HOLDER_PID: Final = 152 // 4
+I_HEAD_HOLDER_SLOT: Final = 156 // 4
+I_TAIL_HOLDER_PID: Final = 216 // 4
+I_TAIL_HOLDER_SLOT: Final = 220 // 4
+I_SPACE_WAITING: Final = 224 // 4
+
+RECORD: Final = struct.Struct("<IHHQ")
+RECORD_SIZE: Final = RECORD.size
+REC_MSGPACK: Final = 1
+REC_RAW: Final = 2
+REC_WRAP: Final = 3
+STATE_COMMITTED: Final = 1
+assert RECORD_SIZE == ALIGN
+
+_BUS_ID = re.compile(rb"[0-9a-f]{16}\Z")
+_MAX_CAPACITY: Final = 1 << 40  # 1 TiB: far beyond any real bus, small enough to catch garbage
+_MAX_SLOTS: Final = 1 << 16
+
+
+def align_up(n: int, to: int) -> int:
+    """Round ``n`` up to a multiple of ``to`` (a power of two)."""
+    return (n + to - 1) & ~(to - 1)
+
+
+def max_payload(capacity: int) -> int:
+    """The largest payload a ring of ``capacity`` bytes can ever hold."""
+    return capacity - RECORD_SIZE
+
+
+_UNITS: Final = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*\Z")
+
+
+def parse_size(value: int | str) -> int:
+    """Turn ``65536``, ``"64MiB"``, ``"1.5 GB"`` or ``"512k"`` into a byte count.
+
+    Raises ``ValueError`` for anything else, naming the accepted units.
+    """
+    if isinstance(value, bool):
+        raise TypeError("a size is an int or a string such as '64MiB', not a bool")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"a size must be positive, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"a size is an int or a string such as '64MiB', not {type(value).__name__}")
+    m = _SIZE.match(value)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"cannot read size {value!r}: write e.g. 65536, '64KiB', '64MiB' or '1GiB'")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The static facts of a bus, as read from (or about to be written to) its header."""
+
+    kind: int
+    capacity: int
+    ring_offset: int
+    maxsize: int
+    max_subscribers: int
+    max_participants: int
+    created_ns: int
+    bus_id: str
+    creator_uid: int
+    participants_offset: int
+    subscribers_offset: int
+
+    @property
+    def file_size(self) -> int:
+        """The size the file must have: header, tables and ring."""
+        return self.ring_offset + self.capacity
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        kind: int,
+        capacity: int,
+        maxsize: int,
+        max_subscribers: int,
+        max_participants: int,
+        bus_id: str,
+        creator_uid: int,
+    ) -> Layout:
+        """Lay out a new bus: tables after the fixed header, the ring page-aligned after them."""
+        participants_offset = HEADER_MIN
+        subscribers_offset = participants_offset + max_participants * PARTICIPANT_SIZE
+        ring_offset = align_up(subscribers_offset + max_subscribers * SUBSCRIBER_SIZE, PAGE)
+        return cls(
+            kind=kind,
+            capacity=capacity,
+            ring_offset=ring_offset,
+            maxsize=maxsize,
+            max_subscribers=max_subscribers,
+            max_participants=max_participants,
+            created_ns=time.time_ns(),
+            bus_id=bus_id,
+            creator_uid=creator_uid,
+            participants_offset=participants_offset,
+            subscribers_offset=subscribers_offset,
+        )
+
+
+def build_header(layout: Layout) -> bytes:
+    """The first ``HEADER_MIN`` bytes of a new bus: static block, crc, zeroed counters."""
+    static = STATIC.pack(
+        MAGIC,
+        VERSION,
+        layout.kind,
+        layout.capacity,
+        layout.ring_offset,
+        layout.maxsize,
+        0,
+        layout.max_subscribers,
+        layout.max_participants,
+        ALIGN,
+        layout.created_ns,
+        layout.bus_id.encode("ascii"),
+        layout.creator_uid,
+        layout.participants_offset,
+        layout.subscribers_offset,
+        b"",
+    )
+    return (static + _CRC.pack(zlib.crc32(static))).ljust(HEADER_MIN, b"\0")
+
+
+def parse_header(data: bytes, *, path: str, file_size: int) -> Layout:
+    """Read and check the static block of ``data`` (at least the first 128 bytes of the file).
+
+    Raises ``NotABus`` (no magic), ``IncompatibleBus`` (another version) or
+    ``CorruptBus`` (any field out of range, or a crc mismatch). Every field is
+    checked against the others and against the real ``file_size``: nothing read
+    here is trusted later without that check.
+    """
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        raise NotABus(
+            f"{path} is not a shmbus bus (no shmbus header): check the path, "
+            "or remove the file if a bus should be created there",
+            path=path,
+        )
+    if len(data) < STATIC_SIZE + _CRC.size or file_size < HEADER_MIN:
+        raise CorruptBus(
+            f"{path} is truncated ({file_size} bytes, shorter than a shmbus header): "
+            "remove it with `shmbus rm` and create the bus again",
+            path=path,
+            offset=file_size,
+        )
+    fields = STATIC.unpack_from(data)
+    (_, version, kind, capacity, ring_offset, maxsize, _flags, max_subs, max_parts, align,
+     created_ns, bus_id, uid, parts_off, subs_off, _reserved) = fields  # fmt: skip
+    if version != VERSION:
+        raise IncompatibleBus(
+            f"{path} is a shmbus bus of format version {version}, this shmbus reads version "
+            f"{VERSION}: use the shmbus release that created it, or recreate the bus",
+            path=path,
+        )
+    (crc,) = _CRC.unpack_from(data, STATIC_SIZE)
+    if crc != zlib.crc32(data[:STATIC_SIZE]):
+        raise _corrupt(path, 124, "the header checksum does not match its fields")
+    _check_static(path, kind, capacity, ring_offset, maxsize, max_subs, max_parts, align,
+                  bus_id, parts_off, subs_off, file_size)  # fmt: skip
+    return Layout(
+        kind=kind,
+        capacity=capacity,
+        ring_offset=ring_offset,
+        maxsize=maxsize,
+        max_subscribers=max_subs,
+        max_participants=max_parts,
+        created_ns=created_ns,
+        bus_id=bus_id.decode("ascii"),
+        creator_uid=uid,
+        participants_offset=parts_off,
+        subscribers_offset=subs_off,
+    )
+
+
+def peek_ids(data: bytes) -> tuple[str, int] | None:
+    """The bus id and subscriber slot count of a header that may be damaged, or None.
+
+    Used only to find a damaged bus's semaphores so that they can be removed.
+    """
+    if len(data) < STATIC_SIZE or data[: len(MAGIC)] != MAGIC:
+        return None
+    fields = STATIC.unpack_from(data)
+    bus_id, max_subs = fields[11], fields[7]
+    if not _BUS_ID.match(bus_id):
+        return None
+    return bus_id.decode("ascii"), min(max_subs, _MAX_SLOTS)
+
+
+def _check_static(
+    path: str,
+    kind: int,
+    capacity: int,
+    ring_offset: int,
+    maxsize: int,
+    max_subs: int,
+    max_parts: int,
+    align: int,
+    bus_id: bytes,
+    parts_off: int,
+    subs_off: int,
+    file_size: int,
+) -> None:
+    # The crc catches random damage; these checks catch a hostile writer who
+    # recomputed it. Each one guards an offset or a size used later.
+    if kind not in KIND_NAMES:
+        raise _corrupt(path, 12, f"unknown bus kind {kind}")
+    if align != ALIGN:
+        raise _corrupt(path, 52, f"record alignment {align}, expected {ALIGN}")
+    if not (PAGE <= capacity <= _MAX_CAPACITY) or capacity % PAGE:
+        raise _corrupt(path, 16, f"capacity {capacity} is not a multiple of {PAGE} in range")
+    if max_subs > _MAX_SLOTS or max_parts > _MAX_SLOTS or maxsize >= 1 << 31:
+        raise _corrupt(path, 32, "a table size or maxsize is out of range")
+    if not _BUS_ID.match(bus_id):
+        raise _corrupt(path, 64, "the bus id is not 16 hex digits")
+    if parts_off != HEADER_MIN or subs_off != parts_off + max_parts * PARTICIPANT_SIZE:
+        raise _corrupt(path, 84, "the table offsets do not follow the header")
+    if ring_offset != align_up(subs_off + max_subs * SUBSCRIBER_SIZE, PAGE):
+        raise _corrupt(path, 24, f"ring offset {ring_offset} does not follow the tables")
+    if file_size < ring_offset + capacity:
+        raise CorruptBus(
+            f"{path} is truncated: {file_size} bytes, its header needs {ring_offset + capacity}; "
+            "the messages in it are lost: remove it with `shmbus rm` and create the bus again",
+            path=path,
+            offset=file_size,
+        )
+
+
+def _corrupt(path: str, offset: int, what: str) -> CorruptBus:
+    return CorruptBus(
+        f"{path} is corrupt at byte {offset}: {what}; run `shmbus check {path}`, "
+        "then remove it with `shmbus rm` and create the bus again",
+        path=path,
+        offset=offset,
+    )

@@ -1,0 +1,398 @@
+"""``Queue``: the multi-producer, multi-consumer work queue.
+
+Rule: every message put is taken by exactly one ``get``, in the order the
+puts committed. The locking protocol (also in ``docs/format.md``):
+
+* ``head`` (binary semaphore) serializes producers; under it a producer
+  places, writes and commits records and advances ``head``/``next_seq``.
+* ``tail`` (binary semaphore) serializes consumers; under it a consumer copies
+  records out and advances ``tail``/``tail_seq``.
+* ``items`` counts committed records no consumer has claimed yet. A producer
+  posts it once per record *after* releasing ``head``; a consumer takes one
+  token per record *before* taking ``tail``, so a token always stands for a
+  record that is already complete.
+* ``space`` wakes a producer sleeping for free bytes. The producer sets
+  ``space_waiting`` under ``tail`` after finding the ring still full; the
+  consumer that frees bytes clears it and posts under the same lock, so the
+  wake-up cannot be lost.
+* ``slots`` (only with ``maxsize``) counts free message slots, as
+  ``multiprocessing.Queue(maxsize)`` does.
+
+Messages are encoded before any lock and decoded after every lock is
+released: the critical sections hold only copies and counter updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from . import _ring
+from ._bus import Bus
+from ._codec import Codec, Encoded, Payload, extract
+from ._errors import CorruptBus, Empty, Full, MessageTooLarge
+from ._format import (
+    I_SPACE_WAITING,
+    KIND_QUEUE,
+    Q_BYTES_IN,
+    Q_BYTES_OUT,
+    Q_HEAD,
+    Q_NEXT_SEQ,
+    Q_TAIL,
+    Q_TAIL_SEQ,
+    RECORD_SIZE,
+    REC_RAW,
+    Layout,
+    max_payload,
+    parse_size,
+)
+
+__all__ = ["Queue"]
+
+log = logging.getLogger("shmbus")
+_monotonic = time.monotonic
+
+
+def _deadline(block: bool, timeout: float | None) -> float | None:
+    """Absolute deadline for a wait: 0 for non-blocking, None for ever."""
+    if not block:
+        return 0.0
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return _monotonic() + timeout
+
+
+class Queue(Bus):
+    """A multi-producer, multi-consumer FIFO queue in a memory-mapped file.
+
+    Create it once with ``Queue.create``, open it anywhere with
+    ``Queue.open``; both accept a file path, or a bare name that lives in
+    ``/dev/shm``. Method names, ``block``/``timeout`` semantics and exceptions
+    follow ``multiprocessing.Queue``.
+
+    Example::
+
+        with shmbus.Queue.create("jobs", capacity="16MiB") as q:
+            q.put({"task": 1})
+            assert q.get() == {"task": 1}
+            q.unlink()
+    """
+
+    _KIND = KIND_QUEUE
+    _ROLES = ["head", "tail", "items", "space"]
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        capacity: int | str = "64MiB",
+        maxsize: int = 0,
+        exist_ok: bool = False,
+        mode: int = 0o600,
+        *,
+        codec: Codec | None = None,
+    ) -> Queue:
+        """Create a new queue and open it.
+
+        Parameters:
+            path: a file path, or a bare name (kept in ``/dev/shm``).
+            capacity: ring size in bytes, an int or a string such as ``"64MiB"``;
+                rounded up to a multiple of 4096. A message may be at most
+                ``capacity - 16`` bytes once encoded.
+            maxsize: the most messages the queue holds at once (0: bounded only
+                by ``capacity``), as in ``multiprocessing.Queue(maxsize)``.
+            exist_ok: open the bus already at ``path`` instead of failing.
+            mode: permission bits of the file and semaphores (0o660 to share
+                with your group).
+            codec: msgpack options for this handle (see ``Codec``).
+
+        Raises ``BusExists`` (unless ``exist_ok``), ``PermissionError``, and
+        ``ValueError`` for a bad capacity or maxsize.
+        """
+        cap = parse_size(capacity)
+        cap = (cap + 4095) // 4096 * 4096
+        if not isinstance(maxsize, int) or not 0 <= maxsize < 1 << 31:
+            raise ValueError(f"maxsize must be an int from 0 to 2**31-1, got {maxsize!r}")
+        return cls._create(
+            path, capacity=cap, maxsize=maxsize, max_subscribers=0,
+            exist_ok=exist_ok, mode=mode, codec=codec,
+        )  # fmt: skip
+
+    # -- Bus hooks -------------------------------------------------------------
+
+    @classmethod
+    def _ROLES_FOR(cls, layout: Layout) -> list[str]:
+        return cls._ROLES + (["slots"] if layout.maxsize else [])
+
+    @classmethod
+    def _initial_sems(cls, layout: Layout, queued: int) -> dict[str, int]:
+        init = {"head": 1, "tail": 1, "items": queued, "space": 0}
+        if layout.maxsize:
+            init["slots"] = max(layout.maxsize - queued, 0)
+        return init
+
+    def _queued(self) -> int:
+        h = self._h64
+        return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
+
+    def _setup(self) -> None:
+        s = self._sems
+        self._head_lock = s["head"]
+        self._tail_lock = s["tail"]
+        self._items = s["items"]
+        self._space = s["space"]
+        self._slots = s.get("slots")
+        self._cap = self._layout.capacity
+        self._max_payload = max_payload(self._cap)
+        self._encode = self._codec.encode
+        self._finish = self._codec.finish
+
+    def _describe(self) -> str:
+        return f"qsize={self.qsize()}"
+
+    # -- producing -------------------------------------------------------------
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj`` at the end of the queue.
+
+        Waits for space (bytes, or a slot under ``maxsize``) when ``block`` is
+        true, for at most ``timeout`` seconds if given. Raises ``Full`` when no
+        space came in time, ``EncodeError`` when msgpack cannot encode ``obj``,
+        ``MessageTooLarge`` when it could never fit. On any error nothing is
+        written.
+        """
+        self._put([self._encode(obj)], _deadline(block, timeout))
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``: raises ``Full`` at once when there is no space."""
+        self._put([self._encode(obj)], 0.0)
+
+    def put_many(self, objs: Iterable[Any], block: bool = True, timeout: float | None = None) -> None:
+        """Put every object of ``objs``, in order, in one lock round.
+
+        All are encoded first, so an ``EncodeError`` or ``MessageTooLarge``
+        writes nothing. If space runs out and the timeout passes midway,
+        ``Full`` is raised and its ``sent`` attribute says how many of the
+        first messages are in the queue.
+        """
+        encoded = [self._encode(o) for o in objs]
+        if encoded:
+            self._put(encoded, _deadline(block, timeout))
+
+    def put_bytes(self, data: bytes | bytearray | memoryview, block: bool = True,
+                  timeout: float | None = None) -> None:  # fmt: skip
+        """Put raw bytes with no msgpack framing; ``get`` returns them as ``bytes``.
+
+        For callers with their own serializer (protobuf, Arrow IPC...).
+        """
+        body = data if type(data) is bytes else memoryview(data).cast("B")
+        self._put([(REC_RAW, b"", body, len(body))], _deadline(block, timeout))
+
+    def _put(self, batch: list[Encoded], deadline: float | None) -> None:
+        self._check_open()
+        limit = self._max_payload
+        for item in batch:
+            if item[3] > limit:
+                raise MessageTooLarge(
+                    f"a message of {item[3]} bytes (encoded) cannot fit in {self.path}, whose "
+                    f"ring of {self._cap} bytes holds messages up to {limit} bytes: "
+                    "create the bus with a larger capacity",
+                    path=self.path, size=item[3], limit=limit,
+                )  # fmt: skip
+        if not self._head_lock.acquire(deadline):
+            raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
+        sent = 0
+        try:
+            sent = self._write(batch, deadline)
+        finally:
+            self._head_lock.release()
+            post = self._items.release
+            for _ in range(sent):
+                post()
+        if sent < len(batch):
+            err = Full(f"{self.path} is full: no space freed in time", path=self.path)
+            err.sent = sent  # type: ignore[attr-defined]
+            raise err
+
+    def _write(self, batch: list[Encoded], deadline: float | None) -> int:
+        """Write records under the head lock; return how many were committed."""
+        h = self._h64
+        ring, cap, slots = self._ring, self._cap, self._slots
+        head = h[Q_HEAD]
+        seq = h[Q_NEXT_SEQ]
+        nbytes = 0
+        sent = 0
+        try:
+            for kind, prefix, body, n in batch:
+                if slots is not None and not slots.try_acquire() and not slots.acquire(deadline):
+                    break
+                tail = h[Q_TAIL]
+                _ring.check_positions(head, tail, cap)
+                start = _ring.place(head, tail, cap, n)
+                if start < 0:
+                    start = self._wait_space(head, n, deadline)
+                    if start < 0:
+                        if slots is not None:
+                            slots.release()
+                        break
+                head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
+                seq += 1
+                nbytes += n
+                sent += 1
+        finally:
+            # Commit: counters first, head last, so a reader that sees the new
+            # head also sees complete records (x86-64 keeps stores in order).
+            h[Q_NEXT_SEQ] = seq
+            h[Q_BYTES_IN] += nbytes
+            h[Q_HEAD] = head
+        return sent
+
+    def _wait_space(self, head: int, n: int, deadline: float | None) -> int:
+        """Sleep until ``n`` payload bytes fit after ``head``; the start, or -1 on timeout."""
+        h32, h = self._h32, self._h64
+        cap = self._cap
+        while True:
+            if not self._tail_lock.acquire(deadline):
+                return -1
+            try:
+                tail = h[Q_TAIL]
+                _ring.check_positions(head, tail, cap)
+                start = _ring.place(head, tail, cap, n)
+                if start < 0:
+                    h32[I_SPACE_WAITING] = 1
+            finally:
+                self._tail_lock.release()
+            if start >= 0:
+                return start
+            if not self._space.acquire(deadline):
+                return -1
+
+    # -- consuming ---------------------------------------------------------------
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the oldest message.
+
+        Waits for one when ``block`` is true, for at most ``timeout`` seconds if
+        given. Raises ``Empty`` when nothing arrived in time, ``CorruptBus`` if
+        the record at the head of the queue is damaged.
+        """
+        self._check_open()
+        items = self._items
+        if not (items.try_acquire() if not block else items.acquire(_deadline(True, timeout))):
+            raise Empty(f"{self.path} is empty", path=self.path)
+        ((kind, payload),) = self._take(1)
+        return self._finish(kind, payload)
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``: raises ``Empty`` at once when the queue is empty."""
+        return self.get(False)
+
+    def get_many(self, max_messages: int, block: bool = True, timeout: float | None = None) -> list[Any]:
+        """Remove and return up to ``max_messages`` of the oldest messages, in one lock round.
+
+        Blocking: waits (up to ``timeout``) for the first message and returns
+        1..max_messages of them, or raises ``Empty``. Non-blocking: returns
+        0..max_messages at once.
+        """
+        self._check_open()
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        items = self._items
+        if block:
+            if not items.acquire(_deadline(True, timeout)):
+                raise Empty(f"{self.path} is empty", path=self.path)
+            k = 1
+        else:
+            k = 0
+        try_acquire = items.try_acquire
+        while k < max_messages and try_acquire():
+            k += 1
+        if not k:
+            return []
+        finish = self._finish
+        return [finish(kind, p) for kind, p in self._take(k)]
+
+    def get_bytes(self, block: bool = True, timeout: float | None = None) -> bytes:
+        """``get`` for a message put with ``put_bytes``; returns the raw ``bytes``."""
+        data = self.get(block, timeout)
+        if not isinstance(data, bytes):
+            raise TypeError(f"the next message of {self.path} was not put as bytes")
+        return data
+
+    def _take(self, k: int) -> list[tuple[int, Payload]]:
+        """Copy out the ``k`` oldest records, for which ``k`` items tokens are held."""
+        self._tail_lock.acquire(None)
+        out: list[tuple[int, Payload]] = []
+        taken = 0
+        try:
+            h = self._h64
+            ring, cap = self._ring, self._cap
+            tail = h[Q_TAIL]
+            head = h[Q_HEAD]
+            _ring.check_positions(head, tail, cap)
+            seq = h[Q_TAIL_SEQ]
+            nbytes = 0
+            read = _ring.read
+            for _ in range(k):
+                if tail == head:
+                    break
+                start, kind, rseq, n, tail = read(ring, cap, tail, head)
+                if rseq != seq:
+                    raise CorruptBus(
+                        f"{self.path}: record at ring offset {start % cap} has sequence number "
+                        f"{rseq}, expected {seq}", path=self.path, offset=start % cap,
+                    )  # fmt: skip
+                p = start % cap + RECORD_SIZE
+                out.append((kind, extract(ring[p : p + n])))
+                seq += 1
+                nbytes += n
+            h[Q_TAIL_SEQ] = seq
+            h[Q_BYTES_OUT] += nbytes
+            h[Q_TAIL] = tail
+            taken = len(out)
+            if self._h32[I_SPACE_WAITING]:
+                self._h32[I_SPACE_WAITING] = 0
+                self._space.release()
+        except BaseException:
+            # Nothing was consumed: every token goes back, so no message is stranded.
+            for _ in range(k - taken):
+                self._items.release()
+            raise
+        finally:
+            self._tail_lock.release()
+            if self._slots is not None:
+                for _ in range(taken):
+                    self._slots.release()
+        if taken < k:
+            log.warning("%s: %d items tokens had no record; dropped them", self.path, k - taken)
+        return out
+
+    # -- inspection ----------------------------------------------------------
+
+    def qsize(self) -> int:
+        """Messages in the queue now (a snapshot: other processes change it at once)."""
+        self._check_open()
+        return self._queued()
+
+    def empty(self) -> bool:
+        """True if the queue holds no message now (a snapshot)."""
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        """True if a small message would not fit now: ``maxsize`` reached or no free bytes."""
+        self._check_open()
+        maxsize = self._layout.maxsize
+        if maxsize and self._queued() >= maxsize:
+            return True
+        h = self._h64
+        return _ring.place(h[Q_HEAD], h[Q_TAIL], self._cap, 1) < 0
+
+    @property
+    def maxsize(self) -> int:
+        """The message bound set at create (0: bounded only by capacity)."""
+        return self._layout.maxsize

@@ -1,0 +1,133 @@
+"""The ring algorithm: where records go, how positions wrap, what a valid record is.
+
+Rule: this module knows nothing of mmap, semaphores or msgpack. It works on any
+writable buffer (a ``memoryview`` of the mapped ring, or a ``bytearray`` in the
+tests) and on plain integers for positions. Callers hold whatever lock the
+position they pass in needs.
+
+Positions are byte counts since creation that only grow; ``pos % capacity`` is
+the place in the ring. ``head - tail`` is the number of bytes in use, wrap
+padding included, and never exceeds ``capacity``. Every record starts at a
+multiple of ``ALIGN`` and never straddles the end of the ring: when a record
+does not fit before the end, a wrap marker is written at ``head`` and the record
+starts at the next multiple of ``capacity``.
+
+Every length and position read back from the buffer is checked here before
+use, and a bad one raises ``CorruptBus``: the buffer may be shared with a
+crashed or hostile process.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from ._errors import CorruptBus
+from ._format import ALIGN, RECORD, RECORD_SIZE, REC_MSGPACK, REC_RAW, REC_WRAP, STATE_COMMITTED
+
+__all__ = [
+    "Buffer",
+    "record_span",
+    "place",
+    "write",
+    "read",
+    "skip",
+    "check_positions",
+]
+
+Buffer = Union[bytearray, memoryview]
+
+_pack_into = RECORD.pack_into
+_unpack_from = RECORD.unpack_from
+_MASK = ALIGN - 1
+
+
+def record_span(length: int) -> int:
+    """Bytes a record with a ``length``-byte payload occupies, header and padding included."""
+    return (RECORD_SIZE + length + _MASK) & ~_MASK
+
+
+def place(head: int, tail: int, capacity: int, length: int) -> int:
+    """Where a record of ``length`` payload bytes would start, or -1 if it does not fit now.
+
+    The start is ``head`` itself, or the next multiple of ``capacity`` when the
+    record would straddle the end (the caller then writes a wrap marker at
+    ``head``). ``length`` must be at most ``capacity - RECORD_SIZE``.
+    """
+    span = (RECORD_SIZE + length + _MASK) & ~_MASK
+    start = head
+    room = capacity - head % capacity
+    if span > room:
+        start = head + room
+    if start + span - tail > capacity:
+        return -1
+    return start
+
+
+def write(
+    buf: Buffer, capacity: int, head: int, start: int, kind: int, seq: int,
+    prefix: bytes, body: Buffer | bytes | None,
+) -> int:  # fmt: skip
+    """Write one record at ``start`` (from ``place``) and return the new head.
+
+    The payload is ``prefix`` followed by ``body`` (either may be empty), so a
+    large ``bytes`` goes in with one copy. The header, with its committed
+    state, is stored after the payload: a reader that checks the state never
+    sees a half-written record.
+    """
+    if start != head:
+        _pack_into(buf, head % capacity, 0, REC_WRAP, STATE_COMMITTED, seq)
+    off = start % capacity
+    p = off + RECORD_SIZE
+    n = len(prefix)
+    buf[p : p + n] = prefix
+    if body is not None:
+        m = len(body)  # callers pass byte-format buffers, so len() is the byte count
+        buf[p + n : p + n + m] = body
+        n += m
+    _pack_into(buf, off, n, kind, STATE_COMMITTED, seq)
+    return start + ((RECORD_SIZE + n + _MASK) & ~_MASK)
+
+
+def read(buf: Buffer, capacity: int, tail: int, head: int) -> tuple[int, int, int, int, int]:
+    """Read the header of the record at ``tail`` (``tail < head``).
+
+    Returns ``(start, kind, seq, length, next_tail)``: the record's payload is
+    ``buf[start % capacity + RECORD_SIZE:][:length]``. A wrap marker at
+    ``tail`` is followed to the record after it. Raises ``CorruptBus`` when the
+    header does not describe a committed record lying inside ``[tail, head)``.
+    """
+    off = tail % capacity
+    length, kind, state, seq = _unpack_from(buf, off)
+    if kind == REC_WRAP and state == STATE_COMMITTED:
+        tail += capacity - off
+        if tail >= head:
+            raise CorruptBus(f"wrap marker at ring offset {off} but no record after it", offset=off)
+        off = 0
+        length, kind, state, seq = _unpack_from(buf, 0)
+    if state != STATE_COMMITTED or (kind != REC_MSGPACK and kind != REC_RAW):
+        raise CorruptBus(
+            f"record at ring offset {off} has kind {kind} state {state}: not a committed message",
+            offset=off,
+        )
+    end = tail + ((RECORD_SIZE + length + _MASK) & ~_MASK)
+    if end > head or off + RECORD_SIZE + length > capacity:
+        raise CorruptBus(
+            f"record at ring offset {off} claims {length} bytes, past the written data",
+            offset=off,
+        )
+    return tail, kind, seq, length, end
+
+
+def skip(buf: Buffer, capacity: int, tail: int, head: int) -> tuple[int, int]:
+    """The position after the record at ``tail``, and that record's sequence number."""
+    _, _, seq, _, end = read(buf, capacity, tail, head)
+    return end, seq
+
+
+def check_positions(head: int, tail: int, capacity: int) -> None:
+    """Raise ``CorruptBus`` unless ``tail <= head <= tail + capacity`` and both are aligned."""
+    if tail > head or head - tail > capacity or (head | tail) & _MASK:
+        raise CorruptBus(
+            f"ring positions out of range (head {head}, tail {tail}, capacity {capacity})",
+            offset=None,
+        )
