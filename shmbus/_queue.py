@@ -54,6 +54,7 @@ __all__ = ["Queue"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
+SPIN_DEFAULT = float(os.environ.get("SHMBUS_SPIN_US", "50")) / 1e6
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
@@ -141,6 +142,7 @@ class Queue(Bus):
         return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
 
     def _setup(self) -> None:
+        self.spin = SPIN_DEFAULT
         s = self._sems
         self._head_lock = s["head"]
         self._tail_lock = s["tail"]
@@ -281,11 +283,14 @@ class Queue(Bus):
         given. Raises ``Empty`` when nothing arrived in time, ``CorruptBus`` if
         the record at the head of the queue is damaged.
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         items = self._items
-        if not (items.try_acquire() if not block else items.acquire(_deadline(True, timeout))):
+        if not items.try_acquire() and (
+            not block or not items.spin_acquire(_deadline(True, timeout), self.spin)
+        ):
             raise Empty(f"{self.path} is empty", path=self.path)
-        ((kind, payload),) = self._take(1)
+        kind, payload = self._take(1)[0]
         return self._finish(kind, payload)
 
     def get_nowait(self) -> Any:
@@ -304,7 +309,7 @@ class Queue(Bus):
             raise ValueError("max_messages must be at least 1")
         items = self._items
         if block:
-            if not items.acquire(_deadline(True, timeout)):
+            if not items.spin_acquire(_deadline(True, timeout), self.spin):
                 raise Empty(f"{self.path} is empty", path=self.path)
             k = 1
         else:
@@ -332,45 +337,50 @@ class Queue(Bus):
         try:
             h = self._h64
             ring, cap = self._ring, self._cap
+            mm, ro = self._mm, self._layout.ring_offset
             tail = h[Q_TAIL]
             head = h[Q_HEAD]
-            _ring.check_positions(head, tail, cap)
+            if tail > head or head - tail > cap:
+                _ring.check_positions(head, tail, cap)
             seq = h[Q_TAIL_SEQ]
             nbytes = 0
             read = _ring.read
-            for _ in range(k):
-                if tail == head:
-                    break
+            append = out.append
+            while taken < k and tail != head:
                 start, kind, rseq, n, tail = read(ring, cap, tail, head)
                 if rseq != seq:
-                    raise CorruptBus(
-                        f"{self.path}: record at ring offset {start % cap} has sequence number "
-                        f"{rseq}, expected {seq}", path=self.path, offset=start % cap,
-                    )  # fmt: skip
-                p = start % cap + RECORD_SIZE
-                out.append((kind, extract(ring[p : p + n])))
+                    raise self._bad_seq(start, rseq, seq)
+                append((kind, extract(mm, ro + start % cap + RECORD_SIZE, n)))
                 seq += 1
                 nbytes += n
+                taken += 1
             h[Q_TAIL_SEQ] = seq
             h[Q_BYTES_OUT] += nbytes
             h[Q_TAIL] = tail
-            taken = len(out)
             if self._h32[I_SPACE_WAITING]:
                 self._h32[I_SPACE_WAITING] = 0
                 self._space.release()
         except BaseException:
             # Nothing was consumed: every token goes back, so no message is stranded.
-            for _ in range(k - taken):
+            taken = 0
+            for _ in range(k):
                 self._items.release()
             raise
         finally:
             self._tail_lock.release()
-            if self._slots is not None:
-                for _ in range(taken):
-                    self._slots.release()
+        if self._slots is not None:
+            for _ in range(taken):
+                self._slots.release()
         if taken < k:
             log.warning("%s: %d items tokens had no record; dropped them", self.path, k - taken)
         return out
+
+    def _bad_seq(self, start: int, rseq: int, seq: int) -> CorruptBus:
+        off = start % self._cap
+        return CorruptBus(
+            f"{self.path}: record at ring offset {off} has sequence number {rseq}, expected {seq}",
+            path=self.path, offset=off,
+        )  # fmt: skip
 
     # -- inspection ----------------------------------------------------------
 

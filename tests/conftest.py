@@ -22,6 +22,20 @@ def _ours() -> set[str]:
     return {n for n in os.listdir(SHM) if n.startswith(("sem.shmbus.", TEST_PREFIX, ".shmbus-test-"))}
 
 
+# What was there before the suite started (another program's buses are not our leak).
+SESSION_START = frozenset()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global SESSION_START
+    SESSION_START = frozenset(_ours())
+
+
+def leftovers() -> list[str]:
+    """Entries of ours in /dev/shm that were not there when the suite started."""
+    return sorted(_ours() - SESSION_START)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail any test that leaves a bus file or semaphore of ours in /dev/shm."""
