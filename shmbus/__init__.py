@@ -11,6 +11,8 @@ The public surface is this module alone::
 
 from __future__ import annotations
 
+import contextlib
+
 from ._bus import unlink as unlink
 from ._codec import Codec as Codec
 from ._errors import BusClosed as BusClosed
@@ -55,8 +57,6 @@ __all__ = [
 for _name in __all__:
     _obj = globals()[_name]
     if hasattr(_obj, "__module__") and not isinstance(_obj, int):
-        try:
+        with contextlib.suppress(AttributeError, TypeError):
             _obj.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
 del _name, _obj

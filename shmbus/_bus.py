@@ -15,12 +15,14 @@ path is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
 import os
 import secrets
 import stat
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from . import _sync
@@ -30,13 +32,20 @@ from ._format import (
     HEADER_MIN,
     KIND_NAMES,
     MAGIC,
+    Q_BYTES_IN,
+    Q_BYTES_OUT,
+    Q_HEAD,
+    Q_NEXT_SEQ,
+    Q_TAIL,
+    Q_TAIL_SEQ,
+    VERSION,
     Layout,
     build_header,
     parse_header,
     peek_ids,
 )
 
-__all__ = ["Bus", "resolve_path", "unlink", "SHM_DIR", "ALL_ROLES", "read_layout"]
+__all__ = ["Bus", "Stats", "resolve_path", "read_layout_of", "unlink", "SHM_DIR", "ALL_ROLES", "read_layout"]
 
 log = logging.getLogger("shmbus")
 
@@ -94,6 +103,16 @@ def read_layout(fd: int, path: str) -> Layout:
     return parse_header(head, path=path, file_size=st.st_size)
 
 
+def read_layout_of(path: str | os.PathLike[str]) -> Layout:
+    """The validated layout of the bus at ``path`` (any kind), without mapping it."""
+    real = resolve_path(path)
+    fd = _open_fd(real, os.O_RDONLY)
+    try:
+        return read_layout(fd, real)
+    finally:
+        os.close(fd)
+
+
 def unlink(path: str | os.PathLike[str]) -> None:
     """Remove the bus at ``path``: its file and its semaphores.
 
@@ -119,6 +138,34 @@ def unlink(path: str | os.PathLike[str]) -> None:
     log.debug("unlinked bus %s", real)
 
 
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of a bus's header, as returned by ``stats()``.
+
+    Counters are read without a lock, so they are consistent only to within
+    the messages in flight at that instant.
+    """
+
+    path: str
+    kind: str
+    format_version: int
+    bus_id: str
+    capacity: int
+    maxsize: int
+    used_bytes: int
+    messages: int
+    put_count: int
+    get_count: int
+    bytes_in: int
+    bytes_out: int
+    created_ns: int
+
+    @property
+    def fill(self) -> float:
+        """Fraction of the ring's bytes in use, 0.0 to 1.0."""
+        return self.used_bytes / self.capacity
+
+
 def _reopen(cls: type[Bus], path: str, codec: Codec) -> Bus:
     return cls.open(path, codec=codec)
 
@@ -127,12 +174,13 @@ class Bus:
     """What a Queue and a Topic share: the mapped file, its header and its semaphores."""
 
     _KIND: ClassVar[int] = 0
-    _ROLES: ClassVar[list[str]] = []
+    _ROLES: ClassVar[tuple[str, ...]] = ()
 
     # Class-level defaults let close() run on a half-built object.
     _closed = True
     _mm: mmap.mmap | None = None
     _fd = -1
+    _codec: Codec = DEFAULT_CODEC
     _views: tuple[memoryview, ...] = ()
     _sems: dict[str, _sync.Sem] = {}  # noqa: RUF012 - replaced per instance, never mutated
     path = ""
@@ -235,7 +283,7 @@ class Bus:
         bus_id = self._layout.bus_id
         try:
             sems, missing = _sync.open_sems(bus_id, self._ROLES_FOR(self._layout))
-        except _sync.posix_ipc.PermissionsError as e:
+        except _sync.SemPermissionError as e:
             raise PermissionError(
                 errno.EACCES, f"permission denied opening the semaphores of bus {self.path}: "
                 "ask its owner to share it (mode=0o660 and a common group)", self.path,
@@ -247,11 +295,13 @@ class Bus:
             initial = self._initial_sems(self._layout, self._queued())
             try:
                 sems.update(_sync.create_sems(bus_id, {r: initial[r] for r in missing}, 0o600))
-            except _sync.posix_ipc.ExistentialError:
+            except _sync.SemExistsError:
                 # Another process recreated them first: use theirs.
                 more, still = _sync.open_sems(bus_id, missing)
                 if still:
-                    raise CorruptBus(f"cannot recreate the semaphores of {self.path}", path=self.path) from None
+                    raise CorruptBus(
+                        f"cannot recreate the semaphores of {self.path}", path=self.path
+                    ) from None
                 sems.update(more)
             _chmod_sems({r: sems[r] for r in missing}, stat.S_IMODE(os.fstat(self._fd).st_mode))
         return sems
@@ -259,7 +309,7 @@ class Bus:
     # -- hooks for subclasses ----------------------------------------------
 
     @classmethod
-    def _ROLES_FOR(cls, layout: Layout) -> list[str]:  # noqa: N802 - reads like the constant it extends
+    def _ROLES_FOR(cls, layout: Layout) -> list[str]:
         return list(cls._ROLES)
 
     @classmethod
@@ -326,6 +376,27 @@ class Bus:
         """The static facts of the bus, as read from its header."""
         return self._layout
 
+    def stats(self) -> Stats:
+        """A snapshot of the header: fill level and the message and byte counters."""
+        self._check_open()
+        h, lay = self._h64, self._layout
+        head, tail, put, got = h[Q_HEAD], h[Q_TAIL], h[Q_NEXT_SEQ], h[Q_TAIL_SEQ]
+        return Stats(
+            path=self.path,
+            kind=KIND_NAMES[lay.kind],
+            format_version=VERSION,
+            bus_id=lay.bus_id,
+            capacity=lay.capacity,
+            maxsize=lay.maxsize,
+            used_bytes=min(max(head - tail, 0), lay.capacity),
+            messages=max(put - got, 0),
+            put_count=put,
+            get_count=got,
+            bytes_in=h[Q_BYTES_IN],
+            bytes_out=h[Q_BYTES_OUT],
+            created_ns=lay.created_ns,
+        )
+
     def __enter__(self: B) -> B:
         return self
 
@@ -337,10 +408,9 @@ class Bus:
         return (_reopen, (type(self), self.path, self._codec))
 
     def __del__(self) -> None:
-        try:
+        # An exported view keeps the mapping alive; the GC releases it later.
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # an exported view keeps the mapping; the GC will get it later
-            pass
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -366,15 +436,10 @@ def _chmod_sems(sems: dict[str, _sync.Sem], mode: int) -> None:
     # sem_open applies the umask; on Linux a named semaphore is a file in
     # /dev/shm, so give it the bus's mode (best effort elsewhere).
     for s in sems.values():
-        try:
+        with contextlib.suppress(OSError):
             os.chmod(os.path.join(SHM_DIR, "sem." + s.name.lstrip("/")), mode)
-        except OSError:
-            pass
 
 
 def _unlink_quiet(p: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(p)
-    except FileNotFoundError:
-        pass
-

@@ -22,7 +22,7 @@ import msgpack
 from ._errors import DecodeError, EncodeError
 from ._format import REC_MSGPACK, REC_RAW
 
-__all__ = ["Codec", "DEFAULT_CODEC", "Encoded", "Payload"]
+__all__ = ["Codec", "DEFAULT_CODEC", "Encoded", "Payload", "as_bytes_view", "extract"]
 
 # bytes is the payload still to decode; (value,) is already the final object.
 Payload = Union[bytes, tuple[Any]]
@@ -50,6 +50,12 @@ def _bin_header(n: int) -> bytes:
     return bytes((_BIN32,)) + n.to_bytes(4, "big")
 
 
+def as_bytes_view(data: Any) -> bytes | memoryview:
+    """A flat byte view of a buffer: no copy when it is contiguous, one copy otherwise."""
+    mv = memoryview(data)
+    return mv.cast("B") if mv.c_contiguous else mv.tobytes()
+
+
 class Codec:
     """How messages are turned into bytes and back (msgpack, with options).
 
@@ -58,7 +64,9 @@ class Codec:
             ``{"default": fn}`` to encode your own types, ``{"datetime": True}``).
         unpack_options: keyword arguments for ``msgpack.unpackb`` (e.g.
             ``{"use_list": False}`` to get tuples back, ``{"ext_hook": fn}`` to
-            accept ext types, which are refused by default).
+            accept ext types: all but msgpack's own timestamp are refused by
+            default). Map keys of any type are accepted (``strict_map_key``
+            is off), so a dict with int keys round-trips.
 
     Example::
 
@@ -77,7 +85,12 @@ class Codec:
         self.unpack_options = dict(unpack_options or {})
         packer = msgpack.Packer(**{"use_bin_type": True, **self.pack_options})
         self._packb: Callable[[Any], bytes] = packer.pack
-        self._unpack_kw: dict[str, Any] = {"raw": False, "ext_hook": _no_ext, **self.unpack_options}
+        self._unpack_kw: dict[str, Any] = {
+            "raw": False,
+            "strict_map_key": False,
+            "ext_hook": _no_ext,
+            **self.unpack_options,
+        }
         self._plain = not self.unpack_options
 
     def __repr__(self) -> str:
@@ -102,7 +115,7 @@ class Codec:
         Raises ``EncodeError`` when msgpack cannot encode it.
         """
         if type(obj) in _BYTES_TYPES:
-            body = obj if type(obj) is bytes else memoryview(obj).cast("B")
+            body = obj if type(obj) is bytes else as_bytes_view(obj)
             n = len(body)
             prefix = _bin_header(n)
             return REC_MSGPACK, prefix, body, len(prefix) + n
@@ -124,7 +137,7 @@ class Codec:
             return payload
         try:
             if self._plain:  # keyword expansion costs ~150 ns a message: skip it when we can
-                return _unpackb(payload, ext_hook=_no_ext)
+                return _unpackb(payload, strict_map_key=False, ext_hook=_no_ext)
             return _unpackb(payload, **self._unpack_kw)
         except DecodeError:
             raise
@@ -132,13 +145,14 @@ class Codec:
             raise DecodeError(f"a message is not valid msgpack ({type(e).__name__}: {e})") from e
 
 
-def extract(buf: Any, a: int, n: int) -> Payload:
+def extract(buf: Any, a: int, n: int, kind: int = REC_MSGPACK) -> Payload:
     """Copy the ``n``-byte payload at ``buf[a:]`` out of the ring (under the lock).
 
-    One copy (slicing an ``mmap`` gives ``bytes`` directly); a ``bin`` payload
-    is copied without its msgpack header, already final.
+    One copy (slicing an ``mmap`` gives ``bytes`` directly); a msgpack ``bin``
+    payload is copied without its header, already final. Raw records are
+    copied as they are.
     """
-    b0 = buf[a] if n else 0
+    b0 = buf[a] if n and kind == REC_MSGPACK else 0
     if _BIN8 <= b0 <= _BIN32:
         if b0 == _BIN8 and n >= 2 and buf[a + 1] == n - 2:
             return (bytes(buf[a + 2 : a + n]),)

@@ -53,7 +53,7 @@ in the ring is ``position % capacity``. A record is::
     4  u16 kind     1 = msgpack, 2 = raw bytes, 3 = wrap marker
     6  u16 state    1 = committed (stored last, after the payload)
     8  u64 seq      sequence number of the message
-   16  payload, then zero padding up to a multiple of 16
+   16  payload, then padding (any content) up to a multiple of 16
 
 A record never straddles the end of the ring: when it does not fit, a wrap
 marker (kind 3, length 0) fills the rest and the record starts at offset 0.

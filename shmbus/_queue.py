@@ -32,7 +32,7 @@ from typing import Any
 
 from . import _ring
 from ._bus import Bus
-from ._codec import Codec, Encoded, Payload, extract
+from ._codec import Codec, Encoded, Payload, as_bytes_view, extract
 from ._errors import CorruptBus, Empty, Full, MessageTooLarge
 from ._format import (
     I_SPACE_WAITING,
@@ -43,8 +43,8 @@ from ._format import (
     Q_NEXT_SEQ,
     Q_TAIL,
     Q_TAIL_SEQ,
-    RECORD_SIZE,
     REC_RAW,
+    RECORD_SIZE,
     Layout,
     max_payload,
     parse_size,
@@ -85,7 +85,7 @@ class Queue(Bus):
     """
 
     _KIND = KIND_QUEUE
-    _ROLES = ["head", "tail", "items", "space"]
+    _ROLES = ("head", "tail", "items", "space")
 
     @classmethod
     def create(
@@ -128,7 +128,7 @@ class Queue(Bus):
 
     @classmethod
     def _ROLES_FOR(cls, layout: Layout) -> list[str]:
-        return cls._ROLES + (["slots"] if layout.maxsize else [])
+        return [*cls._ROLES, "slots"] if layout.maxsize else list(cls._ROLES)
 
     @classmethod
     def _initial_sems(cls, layout: Layout, queued: int) -> dict[str, int]:
@@ -192,7 +192,7 @@ class Queue(Bus):
 
         For callers with their own serializer (protobuf, Arrow IPC...).
         """
-        body = data if type(data) is bytes else memoryview(data).cast("B")
+        body = data if type(data) is bytes else as_bytes_view(data)
         self._put([(REC_RAW, b"", body, len(body))], _deadline(block, timeout))
 
     def _put(self, batch: list[Encoded], deadline: float | None) -> None:
@@ -236,8 +236,8 @@ class Queue(Bus):
                 tail = h[Q_TAIL]
                 _ring.check_positions(head, tail, cap)
                 start = _ring.place(head, tail, cap, n)
-                if start < 0:
-                    start = self._wait_space(head, n, deadline)
+                if start < 0 or _ring.rebases(head, tail, start):
+                    start, head = self._wait_space(head, n, deadline)
                     if start < 0:
                         if slots is not None:
                             slots.release()
@@ -254,25 +254,34 @@ class Queue(Bus):
             h[Q_HEAD] = head
         return sent
 
-    def _wait_space(self, head: int, n: int, deadline: float | None) -> int:
-        """Sleep until ``n`` payload bytes fit after ``head``; the start, or -1 on timeout."""
+    def _wait_space(self, head: int, n: int, deadline: float | None) -> tuple[int, int]:
+        """Sleep until ``n`` payload bytes fit after ``head``; return ``(start, head)``.
+
+        Called under the head lock; ``start`` is -1 on timeout. When the ring is
+        empty and the record must wrap, tail and head both move on to the
+        start (under the tail lock, so no consumer sees them apart), and the
+        new head is returned.
+        """
         h32, h = self._h32, self._h64
         cap = self._cap
         while True:
             if not self._tail_lock.acquire(deadline):
-                return -1
+                return -1, head
             try:
                 tail = h[Q_TAIL]
                 _ring.check_positions(head, tail, cap)
                 start = _ring.place(head, tail, cap, n)
-                if start < 0:
+                if start >= 0 and _ring.rebases(head, tail, start):
+                    h[Q_TAIL] = start
+                    h[Q_HEAD] = head = start
+                elif start < 0:
                     h32[I_SPACE_WAITING] = 1
             finally:
                 self._tail_lock.release()
             if start >= 0:
-                return start
+                return start, head
             if not self._space.acquire(deadline):
-                return -1
+                return -1, head
 
     # -- consuming ---------------------------------------------------------------
 
@@ -350,7 +359,7 @@ class Queue(Bus):
                 start, kind, rseq, n, tail = read(ring, cap, tail, head)
                 if rseq != seq:
                     raise self._bad_seq(start, rseq, seq)
-                append((kind, extract(mm, ro + start % cap + RECORD_SIZE, n)))
+                append((kind, extract(mm, ro + start % cap + RECORD_SIZE, n, kind)))
                 seq += 1
                 nbytes += n
                 taken += 1

@@ -22,12 +22,13 @@ from __future__ import annotations
 from typing import Union
 
 from ._errors import CorruptBus
-from ._format import ALIGN, RECORD, RECORD_SIZE, REC_MSGPACK, REC_RAW, REC_WRAP, STATE_COMMITTED
+from ._format import ALIGN, REC_MSGPACK, REC_RAW, REC_WRAP, RECORD, RECORD_SIZE, STATE_COMMITTED
 
 __all__ = [
     "Buffer",
     "record_span",
     "place",
+    "rebases",
     "write",
     "read",
     "skip",
@@ -51,16 +52,23 @@ def place(head: int, tail: int, capacity: int, length: int) -> int:
 
     The start is ``head`` itself, or the next multiple of ``capacity`` when the
     record would straddle the end (the caller then writes a wrap marker at
-    ``head``). ``length`` must be at most ``capacity - RECORD_SIZE``.
+    ``head``). When the ring is empty (``tail == head``) any record up to
+    ``capacity - RECORD_SIZE`` bytes fits: if it needs to wrap, the caller must
+    move ``tail`` to the returned start too (see ``rebases``).
     """
     span = (RECORD_SIZE + length + _MASK) & ~_MASK
     start = head
     room = capacity - head % capacity
     if span > room:
         start = head + room
-    if start + span - tail > capacity:
+    if start + span - tail > capacity and not (tail == head and span <= capacity):
         return -1
     return start
+
+
+def rebases(head: int, tail: int, start: int) -> bool:
+    """True when a record placed at ``start`` on an empty ring needs ``tail`` moved to ``start``."""
+    return start != head and tail == head
 
 
 def write(

@@ -11,15 +11,27 @@ signal handler returns, as PEP 475 does for system calls.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Final
 
 import posix_ipc
 
-__all__ = ["Sem", "sem_name", "create_sems", "open_sems", "unlink_sems", "SEM_PREFIX"]
+__all__ = [
+    "Sem",
+    "sem_name",
+    "create_sems",
+    "open_sems",
+    "unlink_sems",
+    "SEM_PREFIX",
+    "SemPermissionError",
+    "SemExistsError",
+]
 
 SEM_PREFIX: Final = "shmbus."
 _BusyError = posix_ipc.BusyError
+SemPermissionError = posix_ipc.PermissionsError
+SemExistsError = posix_ipc.ExistentialError
 _SignalError = posix_ipc.SignalError
 
 
@@ -101,10 +113,8 @@ class Sem:
 
     def close(self) -> None:
         """Drop this process's handle; the semaphore itself stays."""
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             self.sem.close()
-        except posix_ipc.ExistentialError:
-            pass
 
 
 def create_sems(bus_id: str, initial: dict[str, int], mode: int) -> dict[str, Sem]:
@@ -137,7 +147,5 @@ def open_sems(bus_id: str, roles: list[str]) -> tuple[dict[str, Sem], list[str]]
 def unlink_sems(bus_id: str, roles: list[str]) -> None:
     """Remove the named semaphores of ``roles``; those already gone are skipped."""
     for role in roles:
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_semaphore(sem_name(bus_id, role))
-        except posix_ipc.ExistentialError:
-            pass
