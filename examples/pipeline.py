@@ -25,7 +25,11 @@ def worker(jobs_path: str, results_path: str) -> None:
             out = [{"id": j["id"], "square": j["x"] * j["x"]} for j in batch if j is not STOP]
             if out:
                 results.put_many(out)
-            if len(out) < len(batch):  # saw a STOP
+            stops = len(batch) - len(out)
+            if stops:
+                # One STOP is ours; any others belong to other workers: hand them back.
+                if stops > 1:
+                    jobs.put_many([STOP] * (stops - 1))
                 results.put(STOP)
                 return
 

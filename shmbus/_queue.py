@@ -208,35 +208,40 @@ class Queue(Bus):
                 )  # fmt: skip
         if not self._head_lock.acquire(deadline):
             raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
-        sent = 0
         try:
             sent = self._write(batch, deadline)
         finally:
             self._head_lock.release()
-            post = self._items.release
-            for _ in range(sent):
-                post()
         if sent < len(batch):
             err = Full(f"{self.path} is full: no space freed in time", path=self.path)
             err.sent = sent  # type: ignore[attr-defined]
             raise err
 
     def _write(self, batch: list[Encoded], deadline: float | None) -> int:
-        """Write records under the head lock; return how many were committed."""
+        """Write records under the head lock; return how many were committed.
+
+        What is written is published before every wait (for a slot or for
+        space): a batch larger than the free room must let consumers drain
+        its first records, or the wait could never end.
+        """
         h = self._h64
         ring, cap, slots = self._ring, self._cap, self._slots
         head = h[Q_HEAD]
         seq = h[Q_NEXT_SEQ]
-        nbytes = 0
-        sent = 0
+        nbytes = sent = published = 0
         try:
             for kind, prefix, body, n in batch:
-                if slots is not None and not slots.try_acquire() and not slots.acquire(deadline):
-                    break
+                if slots is not None and not slots.try_acquire():
+                    self._publish(seq, nbytes, head, sent - published)
+                    published, nbytes = sent, 0
+                    if not slots.acquire(deadline):
+                        break
                 tail = h[Q_TAIL]
                 _ring.check_positions(head, tail, cap)
                 start = _ring.place(head, tail, cap, n)
                 if start < 0 or _ring.rebases(head, tail, start):
+                    self._publish(seq, nbytes, head, sent - published)
+                    published, nbytes = sent, 0
                     start, head = self._wait_space(head, n, deadline)
                     if start < 0:
                         if slots is not None:
@@ -247,12 +252,20 @@ class Queue(Bus):
                 nbytes += n
                 sent += 1
         finally:
-            # Commit: counters first, head last, so a reader that sees the new
-            # head also sees complete records (x86-64 keeps stores in order).
-            h[Q_NEXT_SEQ] = seq
-            h[Q_BYTES_IN] += nbytes
-            h[Q_HEAD] = head
+            self._publish(seq, nbytes, head, sent - published)
         return sent
+
+    def _publish(self, seq: int, nbytes: int, head: int, count: int) -> None:
+        """Make ``count`` newly written records visible to consumers (under the head lock)."""
+        h = self._h64
+        # Counters first, head last: a reader that sees the new head also sees
+        # complete records and counters (x86-64 keeps stores in order).
+        h[Q_NEXT_SEQ] = seq
+        h[Q_BYTES_IN] += nbytes
+        h[Q_HEAD] = head
+        post = self._items.release
+        for _ in range(count):
+            post()
 
     def _wait_space(self, head: int, n: int, deadline: float | None) -> tuple[int, int]:
         """Sleep until ``n`` payload bytes fit after ``head``; return ``(start, head)``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,42 +14,67 @@ from typing import Any, Callable
 import pytest
 
 import shmbus
+from shmbus import _sync
 
 SHM = Path("/dev/shm")
-TEST_PREFIX = "shmbus-test-"
+# The session's pid in every name: concurrent test sessions never judge each other's buses.
+TEST_PREFIX = f"shmbus-test-{os.getpid()}-"
+
+# Every bus this session creates (in this process or a forked child) records its
+# id here, so the leak check looks only at our own semaphores.
+_IDS_FILE = Path(tempfile.gettempdir()) / f"shmbus-test-ids-{os.getpid()}"
+_real_create_sems = _sync.create_sems
 
 
-def _ours() -> set[str]:
-    """Entries of /dev/shm that this project makes: bus files named by the tests and semaphores."""
-    return {n for n in os.listdir(SHM) if n.startswith(("sem.shmbus.", TEST_PREFIX, ".shmbus-test-"))}
+def _recording_create_sems(bus_id: str, initial: dict[str, int], mode: int) -> Any:
+    # A child that dropped privileges cannot always write here; its buses go unrecorded.
+    with contextlib.suppress(OSError), open(_IDS_FILE, "a") as f:
+        f.write(bus_id + "\n")
+    return _real_create_sems(bus_id, initial, mode)
 
 
-# What was there before the suite started (another program's buses are not our leak).
-SESSION_START = frozenset()
+_sync.create_sems = _recording_create_sems
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    global SESSION_START
-    SESSION_START = frozenset(_ours())
+def _ids() -> list[str]:
+    try:
+        return _IDS_FILE.read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def _ours(ids: list[str]) -> list[str]:
+    """Our bus files, and the semaphores of the given bus ids, that are in /dev/shm now."""
+    sems = {f"sem.shmbus.{i}." for i in ids}
+    return sorted(
+        n for n in os.listdir(SHM)
+        if n.startswith((TEST_PREFIX, "." + TEST_PREFIX)) or n[: len("sem.shmbus.") + 17] in sems
+    )  # fmt: skip
 
 
 def leftovers() -> list[str]:
-    """Entries of ours in /dev/shm that were not there when the suite started."""
-    return sorted(_ours() - SESSION_START)
+    """Bus files and semaphores this session made that are still in /dev/shm."""
+    return _ours(_ids())
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _IDS_FILE.touch()
+    _IDS_FILE.chmod(0o666)  # children that drop privileges record their buses too
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _IDS_FILE.unlink()
 
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail any test that leaves a bus file or semaphore of ours in /dev/shm.
-
-    Only entries that appeared during the test count. Nothing is deleted here:
-    another program's live bus may appear meanwhile, and removing it would
-    break that program (run one test session at a time for a clean verdict).
-    """
-    before = _ours()
+    """Fail any test that leaves a bus file or semaphore of its own in /dev/shm."""
+    before = set(_ours(_ids()))
+    first = len(_ids())
     yield
-    leaked = _ours() - before
-    assert not leaked, f"test leaked entries in /dev/shm: {sorted(leaked)}"
+    leaked = sorted(set(_ours(_ids()[first:])) - before)
+    assert not leaked, f"test leaked entries in /dev/shm: {leaked}"
 
 
 @pytest.fixture
