@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ._bus import Stats as Stats
 from ._bus import unlink as unlink
 from ._codec import Codec as Codec
 from ._errors import BusClosed as BusClosed
@@ -30,11 +31,16 @@ from ._errors import ShmbusError as ShmbusError
 from ._errors import TooManySubscribers as TooManySubscribers
 from ._format import VERSION as FORMAT_VERSION
 from ._queue import Queue as Queue
+from ._topic import Subscription as Subscription
+from ._topic import Topic as Topic
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Queue",
+    "Topic",
+    "Subscription",
+    "Stats",
     "Codec",
     "unlink",
     "FORMAT_VERSION",

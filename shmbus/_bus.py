@@ -51,7 +51,7 @@ log = logging.getLogger("shmbus")
 
 SHM_DIR = "/dev/shm"
 # Every semaphore role any kind of bus may own; unlink removes them all.
-ALL_ROLES = ["head", "tail", "items", "space", "slots"]
+ALL_ROLES = ["head", "tail", "items", "space", "slots", "subs"]
 
 B = TypeVar("B", bound="Bus")
 
@@ -271,6 +271,7 @@ class Bus:
                 path=real,
             )
         self._layout = layout
+        self._mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
         self._mm = mmap.mmap(self._fd, layout.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         mv = memoryview(self._mm)
         h = mv[: layout.ring_offset]
@@ -303,7 +304,7 @@ class Bus:
                         f"cannot recreate the semaphores of {self.path}", path=self.path
                     ) from None
                 sems.update(more)
-            _chmod_sems({r: sems[r] for r in missing}, stat.S_IMODE(os.fstat(self._fd).st_mode))
+            _chmod_sems({r: sems[r] for r in missing}, self._mode)
         return sems
 
     # -- hooks for subclasses ----------------------------------------------

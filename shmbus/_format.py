@@ -41,10 +41,25 @@ A bus file is a header followed by the ring. All integers are little-endian.
        220     4  tail_holder_slot   consumers         its participant slot
        224     4  space_waiting u32  both            1 while a producer sleeps for space
        228    36  reserved
-    -- 256..1023: reserved for statistics and recovery, zero --
-    -- participant table at participants_offset: max_participants x 32 bytes --
+    -- 256..511: reserved for statistics and recovery, zero --
+    -- 512..767: Topic wait flags, one byte per subscriber slot: 1 while that
+       subscriber sleeps (or is about to) on its semaphore sub<i> --
+    -- 768..1023: reserved, zero --
+    -- participant table at participants_offset: max_participants x 32 bytes
+       (reserved in version 1 for lock-holder liveness) --
     -- subscriber table at subscribers_offset: max_subscribers x 64 bytes --
     -- ring at ring_offset: capacity bytes --
+
+A subscriber slot (Topic) is::
+
+    0  u32 state        0 = free, 1 = active (written under the subs semaphore)
+    4  u32 pid          the subscribing process
+    8  u64 cursor       position of the next record it will read
+   16  u64 next_seq     sequence number it expects next (0 before its first read)
+   24  u64 lost         messages overwritten before it read them
+   32  u64 received     messages it returned
+   40  u64 attached_ns  when it subscribed, ns since the epoch
+   48  16   reserved
 
 Positions (head, tail) count bytes written since creation; a position's place
 in the ring is ``position % capacity``. A record is::
@@ -99,6 +114,14 @@ __all__ = [
     "I_TAIL_HOLDER_SLOT",
     "I_SPACE_WAITING",
     "PARTICIPANT_SIZE",
+    "WAIT_FLAGS",
+    "MAX_SUBSCRIBERS",
+    "S_STATE_PID",
+    "S_CURSOR",
+    "S_NEXT_SEQ",
+    "S_LOST",
+    "S_RECEIVED",
+    "S_ATTACHED",
     "SUBSCRIBER_SIZE",
     "Layout",
     "build_header",
@@ -125,8 +148,18 @@ _CRC: Final = struct.Struct("<I")
 assert STATIC.size == STATIC_SIZE
 
 HEADER_MIN: Final = 1024  # tables start here
+WAIT_FLAGS: Final = 512  # Topic: one byte per subscriber slot
+MAX_SUBSCRIBERS: Final = 256  # the wait flags' room
 PARTICIPANT_SIZE: Final = 32
 SUBSCRIBER_SIZE: Final = 64
+
+# Subscriber slot fields, as u64 indices from the slot's start (state and pid share index 0).
+S_STATE_PID: Final = 0
+S_CURSOR: Final = 1
+S_NEXT_SEQ: Final = 2
+S_LOST: Final = 3
+S_RECEIVED: Final = 4
+S_ATTACHED: Final = 5
 
 # Indices into the header viewed as u64 (offset // 8) and as u32 (offset // 4).
 Q_HEAD: Final = 128 // 8
@@ -333,7 +366,7 @@ def peek_ids(data: bytes) -> tuple[str, int] | None:
     bus_id, max_subs = fields[11], fields[7]
     if not _BUS_ID.match(bus_id):
         return None
-    return bus_id.decode("ascii"), min(max_subs, _MAX_SLOTS)
+    return bus_id.decode("ascii"), min(max_subs, MAX_SUBSCRIBERS)
 
 
 def _check_static(
@@ -358,7 +391,7 @@ def _check_static(
         raise _corrupt(path, 52, f"record alignment {align}, expected {ALIGN}")
     if not (PAGE <= capacity <= _MAX_CAPACITY) or capacity % PAGE:
         raise _corrupt(path, 16, f"capacity {capacity} is not a multiple of {PAGE} in range")
-    if max_subs > _MAX_SLOTS or max_parts > _MAX_SLOTS or maxsize >= 1 << 31:
+    if max_subs > MAX_SUBSCRIBERS or max_parts > _MAX_SLOTS or maxsize >= 1 << 31:
         raise _corrupt(path, 32, "a table size or maxsize is out of range")
     if not _BUS_ID.match(bus_id):
         raise _corrupt(path, 64, "the bus id is not 16 hex digits")

@@ -28,6 +28,8 @@ __all__ = [
     "Buffer",
     "record_span",
     "place",
+    "start_of",
+    "evict",
     "rebases",
     "write",
     "read",
@@ -47,6 +49,13 @@ def record_span(length: int) -> int:
     return (RECORD_SIZE + length + _MASK) & ~_MASK
 
 
+def start_of(head: int, capacity: int, length: int) -> int:
+    """Where a record of ``length`` payload bytes written at ``head`` starts (after any wrap)."""
+    span = (RECORD_SIZE + length + _MASK) & ~_MASK
+    room = capacity - head % capacity
+    return head + room if span > room else head
+
+
 def place(head: int, tail: int, capacity: int, length: int) -> int:
     """Where a record of ``length`` payload bytes would start, or -1 if it does not fit now.
 
@@ -64,6 +73,26 @@ def place(head: int, tail: int, capacity: int, length: int) -> int:
     if start + span - tail > capacity and not (tail == head and span <= capacity):
         return -1
     return start
+
+
+def evict(buf: Buffer, capacity: int, tail: int, head: int, length: int) -> tuple[int, int, int]:
+    """Drop the oldest records until one of ``length`` payload bytes fits; for drop-oldest rings.
+
+    Returns ``(start, new_tail, dropped)``: where the new record goes, the
+    position of the oldest record kept (equal to ``start`` when every record
+    was dropped and the new one wraps) and how many records were dropped.
+    The caller must store the new tail *before* writing a byte of the record,
+    so that a reader can tell when what it copied was overwritten.
+    """
+    start = start_of(head, capacity, length)
+    end = start + ((RECORD_SIZE + length + _MASK) & ~_MASK)
+    dropped = 0
+    while tail < head and end - tail > capacity:
+        tail = read(buf, capacity, tail, head)[4]
+        dropped += 1
+    if end - tail > capacity:  # the ring is empty and the record wraps: restart at ``start``
+        tail = start
+    return start, tail, dropped
 
 
 def rebases(head: int, tail: int, start: int) -> bool:

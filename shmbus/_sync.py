@@ -23,6 +23,7 @@ __all__ = [
     "create_sems",
     "open_sems",
     "unlink_sems",
+    "open_or_create_sem",
     "SEM_PREFIX",
     "SemPermissionError",
     "SemExistsError",
@@ -142,6 +143,15 @@ def open_sems(bus_id: str, roles: list[str]) -> tuple[dict[str, Sem], list[str]]
         except posix_ipc.ExistentialError:
             missing.append(role)
     return found, missing
+
+
+def open_or_create_sem(bus_id: str, role: str, mode: int) -> Sem:
+    """Open the semaphore of ``role``, creating it (value 0) if it does not exist yet.
+
+    For wake-up signals created lazily (a Topic subscriber's ``sub<i>``); a
+    stray count only causes a spurious wake-up, which every waiter tolerates.
+    """
+    return Sem(posix_ipc.Semaphore(sem_name(bus_id, role), posix_ipc.O_CREAT, mode, 0))
 
 
 def unlink_sems(bus_id: str, roles: list[str]) -> None:

@@ -1,0 +1,520 @@
+"""``Topic``: one-to-many broadcast where a slow subscriber never holds up a publisher.
+
+Rule: publishers never wait for subscribers, and subscribers take no lock a
+publisher waits on. The protocol (also in ``docs/format.md``):
+
+* Publishers serialize on the ``head`` semaphore. When the ring is full a
+  publisher drops the oldest records: it stores the new ``tail`` (and
+  ``tail_seq``) *before* it writes a byte over them, then writes the record,
+  its header last, then ``next_seq`` and ``head``.
+* A subscriber keeps its own cursor and reads without a lock, seqlock-style:
+  it copies a record out, then re-reads ``tail``; if ``tail`` passed the
+  record meanwhile, the copy may be torn and is thrown away. Its cursor
+  then jumps to ``tail`` and the gap in sequence numbers is added to
+  ``lost``, so received + lost = published since it subscribed, exactly.
+* Wake-up: each subscriber slot ``i`` has a semaphore ``sub<i>`` and a wait
+  flag byte. A subscriber about to sleep sets its flag, fences, re-checks
+  ``head`` and sleeps; after every publish the publisher reads all flags in
+  one slice and posts the semaphore of each flagged slot, so every waiting
+  subscriber wakes, not just one. The flag and ``head`` are ordered by full
+  fences on both sides (see ``_wait``), and a sleep never lasts longer than
+  ``_SAFETY_SLICE`` between re-checks, which bounds any latency a missed post
+  could cause.
+* Subscriber slots are claimed and freed under the ``subs`` semaphore, which
+  only subscribers take (``subscribe``/``close``). A slot whose process is
+  gone is reclaimed when the table is full.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+from . import _ring, _sync
+from ._bus import Bus
+from ._codec import Codec, Encoded, Payload, extract
+from ._errors import BusClosed, CorruptBus, Empty, MessageTooLarge, TooManySubscribers
+from ._format import (
+    KIND_TOPIC,
+    MAX_SUBSCRIBERS,
+    Q_BYTES_IN,
+    Q_HEAD,
+    Q_NEXT_SEQ,
+    Q_TAIL,
+    Q_TAIL_SEQ,
+    RECORD_SIZE,
+    S_ATTACHED,
+    S_CURSOR,
+    S_LOST,
+    S_NEXT_SEQ,
+    S_RECEIVED,
+    S_STATE_PID,
+    SUBSCRIBER_SIZE,
+    WAIT_FLAGS,
+    Layout,
+    max_payload,
+    parse_size,
+)
+
+__all__ = ["Topic", "Subscription"]
+
+log = logging.getLogger("shmbus")
+_monotonic = time.monotonic
+_SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
+SPIN_DEFAULT = float(os.environ.get("SHMBUS_SPIN_US", "50")) / 1e6
+
+
+class Topic(Bus):
+    """A broadcast topic: every subscriber sees every message; the ring drops the oldest.
+
+    Example::
+
+        with shmbus.Topic.create("metrics", capacity="1MiB") as t:
+            sub = t.subscribe()
+            t.publish({"cpu": 0.5})
+            assert sub.get() == {"cpu": 0.5}
+            sub.close()
+            t.unlink()
+    """
+
+    _KIND = KIND_TOPIC
+    _ROLES = ("head", "subs")
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        capacity: int | str = "16MiB",
+        exist_ok: bool = False,
+        mode: int = 0o600,
+        *,
+        max_subscribers: int = 32,
+        codec: Codec | None = None,
+    ) -> Topic:
+        """Create a new topic and open it.
+
+        Parameters:
+            path: a file path, or a bare name (kept in ``/dev/shm``).
+            capacity: ring size in bytes, an int or a string such as ``"16MiB"``;
+                rounded up to a multiple of 4096. It bounds how far behind a
+                subscriber may fall before it loses messages.
+            exist_ok: open the topic already at ``path`` instead of failing.
+            mode: permission bits of the file and semaphores.
+            max_subscribers: subscriber slots (1 to 256), fixed at create.
+            codec: msgpack options for this handle (see ``Codec``).
+
+        Raises ``BusExists`` (unless ``exist_ok``), ``PermissionError``, and
+        ``ValueError`` for a bad capacity or slot count.
+        """
+        cap = (parse_size(capacity) + 4095) // 4096 * 4096
+        if not isinstance(max_subscribers, int) or not 1 <= max_subscribers <= MAX_SUBSCRIBERS:
+            raise ValueError(f"max_subscribers must be from 1 to {MAX_SUBSCRIBERS}, got {max_subscribers!r}")
+        return cls._create(
+            path, capacity=cap, maxsize=0, max_subscribers=max_subscribers,
+            exist_ok=exist_ok, mode=mode, codec=codec,
+        )  # fmt: skip
+
+    # -- Bus hooks -------------------------------------------------------------
+
+    @classmethod
+    def _initial_sems(cls, layout: Layout, queued: int) -> dict[str, int]:
+        return {"head": 1, "subs": 1}
+
+    def _queued(self) -> int:
+        h = self._h64
+        return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
+
+    def _setup(self) -> None:
+        self._head_lock = self._sems["head"]
+        self._subs_lock = self._sems["subs"]
+        self._cap = self._layout.capacity
+        self._max_payload = max_payload(self._cap)
+        self._encode = self._codec.encode
+        n = self._layout.max_subscribers
+        self._flags_end = WAIT_FLAGS + n
+        self._no_flags = bytes(n)
+        self._wakers: dict[int, _sync.Sem] = {}
+        self._subscriptions: list[Subscription] = []
+
+    def _describe(self) -> str:
+        h = self._h64
+        return f"published={h[Q_NEXT_SEQ]}"
+
+    def close(self) -> None:
+        """Close this handle and every subscription made through it; the topic stays."""
+        for sub in list(getattr(self, "_subscriptions", ())):
+            sub.close()
+        for w in getattr(self, "_wakers", {}).values():
+            w.close()
+        self._wakers = {}
+        super().close()
+
+    # -- publishing ------------------------------------------------------------
+
+    def publish(self, obj: Any) -> None:
+        """Publish ``obj`` to every subscriber; never waits for them.
+
+        When the ring is full the oldest messages are dropped. Raises
+        ``EncodeError`` or ``MessageTooLarge`` (nothing published).
+        """
+        self._publish([self._encode(obj)])
+
+    def publish_many(self, objs: Iterable[Any]) -> None:
+        """Publish every object of ``objs``, in order, in one lock round."""
+        batch = [self._encode(o) for o in objs]
+        if batch:
+            self._publish(batch)
+
+    def publish_bytes(self, data: bytes) -> None:
+        """Publish raw bytes with no msgpack framing (subscribers get ``bytes``)."""
+        from ._codec import as_bytes_view
+        from ._format import REC_RAW
+
+        body = data if type(data) is bytes else as_bytes_view(data)
+        self._publish([(REC_RAW, b"", body, len(body))])
+
+    def _publish(self, batch: list[Encoded]) -> None:
+        self._check_open()
+        limit = self._max_payload
+        for item in batch:
+            if item[3] > limit:
+                raise MessageTooLarge(
+                    f"a message of {item[3]} bytes (encoded) cannot fit in {self.path}, whose "
+                    f"ring of {self._cap} bytes holds messages up to {limit} bytes: "
+                    "create the topic with a larger capacity",
+                    path=self.path, size=item[3], limit=limit,
+                )  # fmt: skip
+        self._head_lock.acquire(None)
+        try:
+            self._write(batch)
+        finally:
+            self._head_lock.release()  # a full fence: the new head is visible before we read the flags
+        if self._mm is not None and self._mm[WAIT_FLAGS : self._flags_end] != self._no_flags:
+            self._wake_waiters()
+
+    def _write(self, batch: list[Encoded]) -> None:
+        h = self._h64
+        ring, cap = self._ring, self._cap
+        head, tail = h[Q_HEAD], h[Q_TAIL]
+        _ring.check_positions(head, tail, cap)
+        seq = h[Q_NEXT_SEQ]
+        tail_seq = h[Q_TAIL_SEQ]
+        nbytes = 0
+        for kind, prefix, body, n in batch:
+            start, new_tail, dropped = _ring.evict(ring, cap, tail, head, n)
+            if new_tail != tail:
+                tail_seq = seq if new_tail >= head else tail_seq + dropped
+                # Publish the new tail before overwriting: readers re-check it after copying.
+                h[Q_TAIL_SEQ] = tail_seq
+                h[Q_TAIL] = tail = new_tail
+            head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
+            seq += 1
+            nbytes += n
+            # Each record is published at once, so readers never wait for a whole batch.
+            h[Q_NEXT_SEQ] = seq
+            h[Q_BYTES_IN] += n
+            h[Q_HEAD] = head
+
+    def _wake_waiters(self) -> None:
+        assert self._mm is not None
+        flags = self._mm[WAIT_FLAGS : self._flags_end]
+        for i, flag in enumerate(flags):
+            if flag:
+                w = self._wakers.get(i)
+                if w is None:
+                    w = self._wakers[i] = _sync.open_or_create_sem(self._layout.bus_id, f"sub{i}", self._mode)
+                if w.value <= 0:  # one pending wake-up is enough
+                    w.release()
+
+    # -- subscribing -----------------------------------------------------------
+
+    def subscribe(
+        self, start: Literal["latest", "earliest"] = "latest", *, spin: float | None = None
+    ) -> Subscription:
+        """Join the topic: the new subscription receives every message published from now on.
+
+        Parameters:
+            start: ``"latest"`` (only messages published after this call) or
+                ``"earliest"`` (also the oldest messages still in the ring).
+            spin: seconds to poll before sleeping when waiting (default 50 us).
+
+        Raises ``TooManySubscribers`` when every slot is taken by a live process.
+        """
+        self._check_open()
+        if start not in ("latest", "earliest"):
+            raise ValueError(f"start must be 'latest' or 'earliest', got {start!r}")
+        slot = self._claim_slot()
+        sub = Subscription(self, slot, start, SPIN_DEFAULT if spin is None else spin)
+        self._subscriptions.append(sub)
+        return sub
+
+    def _slot_base(self, slot: int) -> int:
+        return (self._layout.subscribers_offset + slot * SUBSCRIBER_SIZE) // 8
+
+    def _claim_slot(self) -> int:
+        h = self._h64
+        self._subs_lock.acquire(None)
+        try:
+            free = [i for i in range(self._layout.max_subscribers) if h[self._slot_base(i)] & 0xFFFFFFFF == 0]
+            if not free:
+                free = self._reclaim_dead()
+            if not free:
+                raise TooManySubscribers(
+                    f"all {self._layout.max_subscribers} subscriber slots of {self.path} are taken by "
+                    "live processes: close a subscription, or recreate the topic with more max_subscribers",
+                    path=self.path,
+                )
+            slot = free[0]
+            base = self._slot_base(slot)
+            for i in range(1, SUBSCRIBER_SIZE // 8):
+                h[base + i] = 0
+            h[base + S_ATTACHED] = time.time_ns()
+            h[base + S_STATE_PID] = 1 | os.getpid() << 32
+            return slot
+        finally:
+            self._subs_lock.release()
+
+    def _reclaim_dead(self) -> list[int]:
+        """Free the slots whose owning process no longer exists (under the subs lock)."""
+        h = self._h64
+        freed = []
+        for i in range(self._layout.max_subscribers):
+            pid = h[self._slot_base(i)] >> 32
+            if pid and not _pid_alive(pid):
+                log.warning("%s: reclaiming subscriber slot %d of dead process %d", self.path, i, pid)
+                h[self._slot_base(i) + S_STATE_PID] = 0
+                freed.append(i)
+        return freed
+
+    def _release_slot(self, slot: int) -> None:
+        self._subs_lock.acquire(None)
+        try:
+            self._h64[self._slot_base(slot) + S_STATE_PID] = 0
+        finally:
+            self._subs_lock.release()
+
+    def subscribers(self) -> list[dict[str, int]]:
+        """The active subscriber slots: slot, pid, lag (messages behind), lost, received."""
+        self._check_open()
+        h = self._h64
+        out = []
+        published = h[Q_NEXT_SEQ]
+        for i in range(self._layout.max_subscribers):
+            base = self._slot_base(i)
+            word = h[base]
+            if word & 0xFFFFFFFF:
+                nxt = h[base + S_NEXT_SEQ]
+                out.append({
+                    "slot": i,
+                    "pid": word >> 32,
+                    "lag": max(published - nxt, 0) if nxt else 0,
+                    "lost": h[base + S_LOST],
+                    "received": h[base + S_RECEIVED],
+                })  # fmt: skip
+        return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class Subscription:
+    """One subscriber's view of a Topic: its own cursor, lost count and wake-up semaphore.
+
+    Made by ``Topic.subscribe``; belongs to the process that made it. Iterate
+    over it to block for each next message.
+    """
+
+    def __init__(self, topic: Topic, slot: int, start: str, spin: float) -> None:
+        self._topic = topic
+        self.slot = slot
+        self.spin = spin
+        self._closed = False
+        h = topic._h64
+        self._base = topic._slot_base(slot)
+        if start == "latest":
+            # head before next_seq: a record published in between is skipped as
+            # "before the subscription" rather than counted as lost.
+            self._cursor = h[Q_HEAD]
+            self._next: int | None = h[Q_NEXT_SEQ]
+        else:
+            self._cursor = h[Q_TAIL]
+            self._next = None  # the first record read sets it
+        self.lost = 0
+        self.received = 0
+        self._flag = WAIT_FLAGS + slot
+        try:
+            self._sem = _sync.open_or_create_sem(topic._layout.bus_id, f"sub{slot}", topic._mode)
+        except BaseException:
+            topic._release_slot(slot)
+            raise
+        self._save()
+
+    lost: int
+    """Messages that were overwritten before this subscriber read them."""
+    received: int
+    """Messages this subscriber returned."""
+
+    def __repr__(self) -> str:
+        t = self._topic
+        return f"<shmbus.Subscription slot={self.slot} of {t.path!r} received={self.received} lost={self.lost}>"
+
+    def _save(self) -> None:
+        h, b = self._topic._h64, self._base
+        h[b + S_CURSOR] = self._cursor
+        h[b + S_NEXT_SEQ] = self._next or 0
+        h[b + S_LOST] = self.lost
+        h[b + S_RECEIVED] = self.received
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosed(f"this subscription to {self._topic.path} is closed", path=self._topic.path)
+        self._topic._check_open()
+
+    # -- reading ---------------------------------------------------------------
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Return the next message; wait for one when ``block`` (up to ``timeout`` seconds).
+
+        Raises ``Empty`` when nothing arrived in time.
+        """
+        return self.get_many(1, block, timeout)[0] if block else self._get_nowait()
+
+    def _get_nowait(self) -> Any:
+        got = self.get_many(1, False)
+        if not got:
+            raise Empty(f"no new message on {self._topic.path}", path=self._topic.path)
+        return got[0]
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``: raises ``Empty`` at once when there is no new message."""
+        return self._get_nowait()
+
+    def get_many(self, max_messages: int, block: bool = True, timeout: float | None = None) -> list[Any]:
+        """Return up to ``max_messages`` next messages.
+
+        Blocking: waits (up to ``timeout``) for the first and returns 1..max, or
+        raises ``Empty``. Non-blocking: returns 0..max at once.
+        """
+        self._check_open()
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        got = self._read(max_messages)
+        if not got and block:
+            deadline = None if timeout is None else _monotonic() + timeout
+            while not got:
+                if not self._wait(deadline):
+                    raise Empty(f"no new message on {self._topic.path}", path=self._topic.path)
+                got = self._read(max_messages)
+        finish = self._topic._codec.finish
+        return [finish(kind, p) for kind, p in got]
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yield self.get()
+
+    def _read(self, k: int) -> list[tuple[int, Payload]]:
+        """Copy out up to ``k`` records past the cursor, without any lock."""
+        t = self._topic
+        h, ring, cap, mm = t._h64, t._ring, t._cap, t._mm
+        ro = t._layout.ring_offset
+        cursor, nxt = self._cursor, self._next
+        out: list[tuple[int, Payload]] = []
+        while len(out) < k:
+            head = h[Q_HEAD]
+            if cursor >= head:
+                if cursor > head:
+                    raise CorruptBus(f"{t.path}: head {head} went behind a subscriber's cursor {cursor}")
+                break
+            tail = h[Q_TAIL]
+            if cursor < tail:
+                cursor = tail  # lapped: skip to the oldest intact record
+                continue
+            try:
+                start, kind, rseq, n, after = _ring.read(ring, cap, cursor, head)
+                payload = extract(mm, ro + start % cap + RECORD_SIZE, n, kind)
+            except CorruptBus:
+                if h[Q_TAIL] > cursor:
+                    continue  # overwritten while we looked: not corruption
+                raise
+            if h[Q_TAIL] > cursor:
+                continue  # the copy may be torn: throw it away and resync
+            if nxt is not None and rseq < nxt:
+                cursor = after  # published before we subscribed
+                continue
+            if nxt is not None:
+                self.lost += rseq - nxt
+            nxt = rseq + 1
+            cursor = after
+            out.append((kind, payload))
+        self._cursor, self._next = cursor, nxt
+        if out:
+            self.received += len(out)
+            self._save()
+        return out
+
+    def _wait(self, deadline: float | None) -> bool:
+        """Sleep until head moves past the cursor; False if ``deadline`` passed first."""
+        t = self._topic
+        h, mm, cursor = t._h64, t._mm, self._cursor
+        assert mm is not None
+        if self.spin > 0:
+            end = _monotonic() + self.spin
+            while _monotonic() < end:
+                if h[Q_HEAD] != cursor:
+                    return True
+        while True:
+            mm[self._flag] = 1
+            # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
+            # the flag store is visible before we load head (the publisher
+            # fences between storing head and loading the flags).
+            self._sem.release()
+            self._sem.try_acquire()
+            if h[Q_HEAD] != cursor:
+                mm[self._flag] = 0
+                return True
+            now = _monotonic()
+            if deadline is not None and now >= deadline:
+                mm[self._flag] = 0
+                return False
+            wait_until = now + _SAFETY_SLICE if deadline is None else min(deadline, now + _SAFETY_SLICE)
+            self._sem.acquire(wait_until)
+            mm[self._flag] = 0
+            if h[Q_HEAD] != cursor:
+                return True
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the topic and free the slot. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        t = self._topic
+        if not t.closed:
+            assert t._mm is not None
+            t._mm[self._flag] = 0
+            t._release_slot(self.slot)
+        self._sem.close()
+        if self in t._subscriptions:
+            t._subscriptions.remove(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
