@@ -365,8 +365,8 @@ class Subscription:
     """Messages this subscriber returned."""
 
     def __repr__(self) -> str:
-        t = self._topic
-        return f"<shmbus.Subscription slot={self.slot} of {t.path!r} received={self.received} lost={self.lost}>"
+        where = self._topic.path
+        return f"<shmbus.Subscription {where!r} slot={self.slot} received={self.received} lost={self.lost}>"
 
     def _save(self) -> None:
         h, b = self._topic._h64, self._base
