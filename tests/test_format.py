@@ -11,6 +11,7 @@ import pytest
 from shmbus import CorruptBus, IncompatibleBus, NotABus
 from shmbus._format import (
     HEADER_MIN,
+    MAX_SUBSCRIBERS,
     KIND_QUEUE,
     KIND_TOPIC,
     MAGIC,
@@ -142,7 +143,7 @@ def test_layout_is_frozen() -> None:
     [
         {},
         {"kind": KIND_TOPIC, "max_subscribers": 8},
-        {"kind": KIND_TOPIC, "max_subscribers": 1000, "max_participants": 200},
+        {"kind": KIND_TOPIC, "max_subscribers": 256, "max_participants": 200},
         {"maxsize": 12345, "capacity": 1024 * PAGE},
         {"creator_uid": 0, "bus_id": "ffffffffffffffff"},
     ],
@@ -334,7 +335,7 @@ def test_peek_ids_reads_a_damaged_header() -> None:
 
 def test_peek_ids_clamps_a_huge_subscriber_count() -> None:
     header = with_field(build_header(make_layout()), F_MAX_SUBS, 0xFFFFFFFF)
-    assert peek_ids(header) == (BUS_ID, 1 << 16)
+    assert peek_ids(header) == (BUS_ID, MAX_SUBSCRIBERS)
 
 
 @pytest.mark.parametrize(
