@@ -11,10 +11,10 @@ import pytest
 from shmbus import CorruptBus, IncompatibleBus, NotABus
 from shmbus._format import (
     HEADER_MIN,
-    MAX_SUBSCRIBERS,
     KIND_QUEUE,
     KIND_TOPIC,
     MAGIC,
+    MAX_SUBSCRIBERS,
     PAGE,
     PARTICIPANT_SIZE,
     STATIC,
