@@ -152,6 +152,7 @@ class Stats:
     bus_id: str
     capacity: int
     maxsize: int
+    max_subscribers: int
     used_bytes: int
     messages: int
     put_count: int
@@ -389,6 +390,7 @@ class Bus:
             bus_id=lay.bus_id,
             capacity=lay.capacity,
             maxsize=lay.maxsize,
+            max_subscribers=lay.max_subscribers,
             used_bytes=min(max(head - tail, 0), lay.capacity),
             messages=max(put - got, 0),
             put_count=put,

@@ -9,6 +9,7 @@ path, never a traceback.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 import time
@@ -16,38 +17,55 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from ._bus import Stats, read_layout_of
+from ._bus import Bus, Stats, read_layout_of
 from ._errors import ShmbusError
-from ._format import KIND_NAMES, KIND_QUEUE, parse_size
+from ._format import KIND_QUEUE, parse_size
 from ._queue import Queue
+from ._topic import Topic
 
 __all__ = ["main"]
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
     mode = int(args.mode, 8)
-    q = Queue.create(args.path, capacity=args.capacity, maxsize=args.maxsize, mode=mode)
-    print(f"created {KIND_NAMES[KIND_QUEUE]} {q.path} ({q.capacity} bytes)")
-    q.close()
+    bus: Bus
+    if args.topic:
+        bus = Topic.create(args.path, capacity=args.capacity, mode=mode, max_subscribers=args.max_subscribers)
+    else:
+        bus = Queue.create(args.path, capacity=args.capacity, maxsize=args.maxsize, mode=mode)
+    print(f"created {type(bus).__name__} {bus.path} ({bus.capacity} bytes)")
+    bus.close()
     return 0
+
+
+def open_any(path: str) -> Bus:
+    """Open the bus at ``path`` as whatever kind it is."""
+    return Queue.open(path) if read_layout_of(path).kind == KIND_QUEUE else Topic.open(path)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    layout = read_layout_of(args.path)
-    with Queue.open(args.path) if layout.kind == KIND_QUEUE else _unsupported(layout.kind) as bus:
+    with open_any(args.path) as bus:
         st = bus.stats()
+        subs = bus.subscribers() if isinstance(bus, Topic) else None
     if args.json:
-        print(json.dumps({**asdict(st), "fill": st.fill}))
+        out: dict[str, Any] = {**asdict(st), "fill": st.fill}
+        if subs is not None:
+            out["oldest_seq"], out["newest_seq"] = _seq_range(st)
+            out["subscribers"] = subs
+        print(json.dumps(out))
     else:
-        print(_format_stats(st))
+        print(_format_stats(st, subs))
     return 0
 
 
-def _unsupported(kind: int) -> Any:
-    raise ShmbusError(f"this shmbus cannot open a bus of kind {KIND_NAMES.get(kind, kind)}")
+def _seq_range(st: Stats) -> tuple[int | None, int | None]:
+    """A Topic's oldest and newest sequence numbers still in the ring (None when empty)."""
+    if st.put_count == st.get_count:
+        return None, None
+    return st.get_count, st.put_count - 1
 
 
-def _format_stats(st: Stats) -> str:
+def _format_stats(st: Stats, subs: list[dict[str, int]] | None = None) -> str:
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.created_ns / 1e9))
     rows = [
         ("path", st.path),
@@ -55,12 +73,31 @@ def _format_stats(st: Stats) -> str:
         ("bus id", st.bus_id),
         ("created", created),
         ("capacity", f"{st.capacity} bytes"),
-        ("maxsize", str(st.maxsize) if st.maxsize else "unbounded (capacity only)"),
+        ("maxsize", str(st.maxsize) if st.maxsize else "unbounded (capacity only)")
+        if st.kind == "Queue"
+        else ("max subscribers", str(st.max_subscribers)),
         ("fill", f"{st.used_bytes} bytes ({st.fill:.1%})"),
-        ("messages", str(st.messages)),
-        ("put / got", f"{st.put_count} / {st.get_count}"),
-        ("bytes in / out", f"{st.bytes_in} / {st.bytes_out}"),
     ]
+    if subs is None:
+        rows += [
+            ("messages", str(st.messages)),
+            ("put / got", f"{st.put_count} / {st.get_count}"),
+            ("bytes in / out", f"{st.bytes_in} / {st.bytes_out}"),
+        ]
+    else:
+        oldest, newest = _seq_range(st)
+        rows += [
+            ("published", f"{st.put_count} messages, {st.bytes_in} bytes"),
+            ("in the ring", f"{st.messages} messages, seq {oldest} to {newest}" if st.messages else "none"),
+            ("subscribers", str(len(subs))),
+        ]
+        rows += [
+            (
+                f"  slot {s['slot']}",
+                f"pid {s['pid']}  lag {s['lag']}  lost {s['lost']}  received {s['received']}",
+            )
+            for s in subs
+        ]
     return "\n".join(f"{k:15} {v}" for k, v in rows)
 
 
@@ -70,6 +107,27 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     for p in args.path:
         unlink(p)
         print(f"removed {p}")
+    return 0
+
+
+def to_json(obj: Any) -> Any:
+    """A message made JSON-safe, reversibly: bytes become ``{"$bytes": "<base64>"}``."""
+    if isinstance(obj, bytes):
+        return {"$bytes": base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else json.dumps(to_json(k)): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    with Topic.open(args.path) as topic, topic.subscribe(start=args.start) as sub:
+        n = 0
+        while args.count is None or n < args.count:
+            for msg in sub.get_many(args.count - n if args.count else 256):
+                print(json.dumps(to_json(msg)), flush=True)
+                n += 1
     return 0
 
 
@@ -87,8 +145,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("create", help="create a Queue", epilog="example: shmbus create jobs --capacity 64MiB")
+    c = sub.add_parser(
+        "create", help="create a Queue (or a Topic)", epilog="example: shmbus create jobs --capacity 64MiB"
+    )
     c.add_argument("path")
+    c.add_argument("--topic", action="store_true", help="create a broadcast Topic instead of a Queue")
+    c.add_argument("--max-subscribers", type=int, default=32, help="Topic subscriber slots (default 32)")
     c.add_argument("--capacity", default="64MiB", type=_size, help="ring size, e.g. 64MiB (default)")
     c.add_argument("--maxsize", default=0, type=int, help="most messages held at once (0: no bound)")
     c.add_argument("--mode", default="600", help="octal permission bits (default 600; 660 for a group)")
@@ -100,6 +162,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     i.set_defaults(func=_cmd_info)
+
+    t = sub.add_parser(
+        "tail",
+        help="follow a Topic, printing each message as a JSON line",
+        epilog='example: shmbus tail metrics --from earliest --count 10  (bytes print as {"$bytes": base64})',
+    )
+    t.add_argument("path")
+    t.add_argument("--from", dest="start", choices=["latest", "earliest"], default="latest")
+    t.add_argument("--count", type=int, default=None, help="stop after N messages (default: Ctrl-C)")
+    t.set_defaults(func=_cmd_tail)
 
     r = sub.add_parser("rm", help="remove a bus and its semaphores", epilog="example: shmbus rm jobs")
     r.add_argument("path", nargs="+")

@@ -1,0 +1,35 @@
+"""Take messages from a queue filled by ``examples/producer.py`` (in another terminal).
+
+    python examples/consumer.py demo-jobs            # wait for messages, Ctrl-C to stop
+    python examples/consumer.py demo-jobs --idle 2   # stop after 2 s without a message
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import shmbus
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Take jobs from a shmbus queue and print them.")
+    ap.add_argument("path", help="bus path, or a bare name in /dev/shm")
+    ap.add_argument("--idle", type=float, default=None, help="stop after this many seconds with no message")
+    args = ap.parse_args()
+    with shmbus.Queue.create(args.path, capacity="8MiB", exist_ok=True) as q:
+        taken = 0
+        try:
+            while True:
+                msg = q.get(timeout=args.idle)
+                taken += 1
+                print(f"job {msg['job']} after {(time.time() - msg['sent_at']) * 1e3:.1f} ms in the queue")
+        except shmbus.Empty:
+            pass
+        except KeyboardInterrupt:
+            pass
+        print(f"took {taken} messages from {q.path}")
+
+
+if __name__ == "__main__":
+    main()
