@@ -55,7 +55,7 @@ A subscriber slot (Topic) is::
     0  u32 state        0 = free, 1 = active (written under the subs semaphore)
     4  u32 pid          the subscribing process
     8  u64 cursor       position of the next record it will read
-   16  u64 next_seq     sequence number it expects next (0 before its first read)
+   16  u64 next_seq     sequence number it expects next
    24  u64 lost         messages overwritten before it read them
    32  u64 received     messages it returned
    40  u64 attached_ns  when it subscribed, ns since the epoch

@@ -153,6 +153,7 @@ class Queue(Bus):
         self._max_payload = max_payload(self._cap)
         self._encode = self._codec.encode
         self._finish = self._codec.finish
+        self._ro = self._layout.ring_offset
 
     def _describe(self) -> str:
         return f"qsize={self.qsize()}"
@@ -168,7 +169,38 @@ class Queue(Bus):
         ``MessageTooLarge`` when it could never fit. On any error nothing is
         written.
         """
-        self._put([self._encode(obj)], _deadline(block, timeout))
+        enc = self._encode(obj)
+        # Fast path (measured ~0.6 us of 2.6 per put): the head lock is free, no
+        # maxsize, and the record fits without a wrap. Anything else, and every
+        # error, goes through _put, which checks and waits.
+        if (
+            self._slots is None
+            and not self._closed
+            and enc[3] <= self._max_payload
+            and self._head_lock.try_acquire()
+        ):
+            try:
+                self._put_locked(enc, _deadline(block, timeout))
+            finally:
+                self._head_lock.release()
+            return
+        self._put([enc], _deadline(block, timeout))
+
+    def _put_locked(self, enc: Encoded, deadline: float | None) -> None:
+        """One record, under the head lock: the common case inline, the rest via ``_write``."""
+        h = self._h64
+        cap = self._cap
+        head = h[Q_HEAD]
+        tail = h[Q_TAIL]
+        kind, prefix, body, n = enc
+        if tail <= head <= tail + cap and _ring.place(head, tail, cap, n) == head:
+            seq = h[Q_NEXT_SEQ]
+            new_head = _ring.write(self._ring, cap, head, head, kind, seq, prefix, body)
+            self._publish(seq + 1, n, new_head, 1)
+        elif not self._write([enc], deadline):
+            err = Full(f"{self.path} is full: no space freed in time", path=self.path)
+            err.sent = 0  # type: ignore[attr-defined]
+            raise err
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``: raises ``Full`` at once when there is no space."""
@@ -312,8 +344,32 @@ class Queue(Bus):
             not block or not items.spin_acquire(_deadline(True, timeout), self.spin)
         ):
             raise Empty(f"{self.path} is empty", path=self.path)
-        kind, payload = self._take(1)[0]
+        kind, payload = self._take1()
         return self._finish(kind, payload)
+
+    def _take1(self) -> tuple[int, Payload]:
+        """``_take(1)`` with the common case inline (measured ~0.5 us of 2.5 per get)."""
+        tail_lock = self._tail_lock
+        tail_lock.acquire(None)
+        h = self._h64
+        cap = self._cap
+        tail = h[Q_TAIL]
+        head = h[Q_HEAD]
+        if tail < head <= tail + cap and not self._h32[I_SPACE_WAITING] and self._slots is None:
+            try:
+                start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
+            except CorruptBus:
+                rseq = -1
+            seq = h[Q_TAIL_SEQ]
+            if rseq == seq:
+                payload = extract(self._mm, self._ro + start % cap + RECORD_SIZE, n, kind)
+                h[Q_TAIL_SEQ] = seq + 1
+                h[Q_BYTES_OUT] += n
+                h[Q_TAIL] = nxt
+                tail_lock.release()
+                return kind, payload
+        tail_lock.release()
+        return self._take(1)[0]
 
     def get_nowait(self) -> Any:
         """``get(block=False)``: raises ``Empty`` at once when the queue is empty."""

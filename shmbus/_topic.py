@@ -225,7 +225,11 @@ class Topic(Bus):
             if flag:
                 w = self._wakers.get(i)
                 if w is None:
-                    w = self._wakers[i] = _sync.open_or_create_sem(self._layout.bus_id, f"sub{i}", self._mode)
+                    # Open only: the subscriber creates its semaphore before it sets its flag.
+                    found, _ = _sync.open_sems(self._layout.bus_id, [f"sub{i}"])
+                    if not found:
+                        continue
+                    w = self._wakers[i] = found[f"sub{i}"]
                 if w.value <= 0:  # one pending wake-up is enough
                     w.release()
 
@@ -310,7 +314,7 @@ class Topic(Bus):
                 out.append({
                     "slot": i,
                     "pid": word >> 32,
-                    "lag": max(published - nxt, 0) if nxt else 0,
+                    "lag": max(published - nxt, 0),
                     "lost": h[base + S_LOST],
                     "received": h[base + S_RECEIVED],
                 })  # fmt: skip
@@ -341,19 +345,24 @@ class Subscription:
         self._closed = False
         h = topic._h64
         self._base = topic._slot_base(slot)
+        # Position before sequence number, in the order the publisher stores them
+        # in reverse (sequence number first): a record published in between is
+        # then skipped as "before the subscription", never counted as lost.
         if start == "latest":
-            # head before next_seq: a record published in between is skipped as
-            # "before the subscription" rather than counted as lost.
             self._cursor = h[Q_HEAD]
-            self._next: int | None = h[Q_NEXT_SEQ]
+            self._next = h[Q_NEXT_SEQ]
         else:
             self._cursor = h[Q_TAIL]
-            self._next = None  # the first record read sets it
+            self._next = h[Q_TAIL_SEQ]
         self.lost = 0
         self.received = 0
         self._flag = WAIT_FLAGS + slot
         try:
             self._sem = _sync.open_or_create_sem(topic._layout.bus_id, f"sub{slot}", topic._mode)
+            if os.fstat(topic._fd).st_nlink == 0:
+                # The topic was unlinked: keep our handle but leave no name behind.
+                # Wake-ups then come from the safety slice alone.
+                self._sem.unlink()
         except BaseException:
             topic._release_slot(slot)
             raise
@@ -371,7 +380,7 @@ class Subscription:
     def _save(self) -> None:
         h, b = self._topic._h64, self._base
         h[b + S_CURSOR] = self._cursor
-        h[b + S_NEXT_SEQ] = self._next or 0
+        h[b + S_NEXT_SEQ] = self._next
         h[b + S_LOST] = self.lost
         h[b + S_RECEIVED] = self.received
 
@@ -448,11 +457,10 @@ class Subscription:
                 raise
             if h[Q_TAIL] > cursor:
                 continue  # the copy may be torn: throw it away and resync
-            if nxt is not None and rseq < nxt:
+            if rseq < nxt:
                 cursor = after  # published before we subscribed
                 continue
-            if nxt is not None:
-                self.lost += rseq - nxt
+            self.lost += rseq - nxt
             nxt = rseq + 1
             cursor = after
             out.append((kind, payload))
@@ -472,6 +480,7 @@ class Subscription:
             while _monotonic() < end:
                 if h[Q_HEAD] != cursor:
                     return True
+                os.sched_yield()  # see Sem.spin_acquire: never starve the publisher
         while True:
             mm[self._flag] = 1
             # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
