@@ -22,10 +22,11 @@ import mmap
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from . import _sync
+from . import _recovery, _ring, _sync
 from ._codec import DEFAULT_CODEC, Codec
 from ._errors import BusClosed, BusExists, BusNotFound, CorruptBus, IncompatibleBus, NotABus
 from ._format import (
@@ -35,7 +36,9 @@ from ._format import (
     Q_BYTES_IN,
     Q_BYTES_OUT,
     Q_HEAD,
+    Q_LAST_RECOVERY,
     Q_NEXT_SEQ,
+    Q_RECOVERIES,
     Q_TAIL,
     Q_TAIL_SEQ,
     VERSION,
@@ -45,7 +48,8 @@ from ._format import (
     peek_ids,
 )
 
-__all__ = ["Bus", "Stats", "resolve_path", "read_layout_of", "unlink", "SHM_DIR", "ALL_ROLES", "read_layout"]
+__all__ = ["Bus", "Stats", "resolve_path", "read_layout_of", "unlink", "SHM_DIR", "ALL_ROLES", "read_layout",
+           "header_stats"]
 
 log = logging.getLogger("shmbus")
 
@@ -167,6 +171,27 @@ class Stats:
         return self.used_bytes / self.capacity
 
 
+def header_stats(path: str, lay: Layout, h: memoryview) -> Stats:
+    """The ``Stats`` of a bus from its header viewed as u64 (a live mapping or a copy read with pread)."""
+    head, tail, put, got = h[Q_HEAD], h[Q_TAIL], h[Q_NEXT_SEQ], h[Q_TAIL_SEQ]
+    return Stats(
+        path=path,
+        kind=KIND_NAMES[lay.kind],
+        format_version=VERSION,
+        bus_id=lay.bus_id,
+        capacity=lay.capacity,
+        maxsize=lay.maxsize,
+        max_subscribers=lay.max_subscribers,
+        used_bytes=min(max(head - tail, 0), lay.capacity),
+        messages=max(put - got, 0),
+        put_count=put,
+        get_count=got,
+        bytes_in=h[Q_BYTES_IN],
+        bytes_out=h[Q_BYTES_OUT],
+        created_ns=lay.created_ns,
+    )
+
+
 def _reopen(cls: type[Bus], path: str, codec: Codec) -> Bus:
     return cls.open(path, codec=codec)
 
@@ -182,6 +207,8 @@ class Bus:
     _mm: mmap.mmap | None = None
     _fd = -1
     _codec: Codec = DEFAULT_CODEC
+    _part: _recovery.Participant | None = None
+    _locks: tuple[_recovery.Lock, ...] = ()
     _views: tuple[memoryview, ...] = ()
     _sems: dict[str, _sync.Sem] = {}  # noqa: RUF012 - replaced per instance, never mutated
     path = ""
@@ -280,6 +307,7 @@ class Bus:
         self._h32 = h.cast("I")
         self._ring = mv[layout.ring_offset :]
         self._views = (self._h64, self._h32, self._ring, h, mv)
+        self._part = _recovery.Participant(real, self._fd, self._h64, layout)
 
     def _open_sems(self) -> dict[str, _sync.Sem]:
         bus_id = self._layout.bus_id
@@ -324,6 +352,83 @@ class Bus:
     def _setup(self) -> None:
         """Bind the per-instance fast-path attributes (after the mapping and semaphores)."""
 
+    def _lock(self, role: str, holder_index: int) -> _recovery.Lock:
+        assert self._part is not None
+        return _recovery.Lock(role, self._sems[role], self._h32, holder_index, self._part, self.recover)
+
+    def _repair(self, roles: list[str]) -> None:
+        """Mend what a holder of the locks ``roles`` left half-done when it died (recovery hook)."""
+
+    def _reap(self, slot: int) -> None:
+        """Undo what dead participant ``slot`` held besides locks (recovery hook)."""
+
+    # -- crash recovery ------------------------------------------------------
+
+    def recover(self) -> int:
+        """Free the locks of processes that died holding them; return how many dead processes were found.
+
+        Waiters call this after every ``RECOVERY_INTERVAL`` of waiting, so a
+        bus is usable again within about twice that of a holder's death;
+        ``shmbus recover PATH`` calls it by hand. Safe to call at any time
+        from any process: recoverers are serialized and a lock is never
+        released twice.
+        """
+        self._check_open()
+        part = self._part
+        assert part is not None
+        with part.recovery_lock():
+            dead = part.dead_slots()
+            if not dead:
+                return 0
+            dead_ids = {slot + 1 for slot in dead}
+            broken = [lk for lk in self._locks if lk.holder() in dead_ids]
+            unsure = [lk for lk in self._locks if lk.holder() == 0 and lk.sem.value == 0]
+            if unsure:
+                # A holder killed between taking the semaphore and naming itself:
+                # a live holder would name itself within microseconds.
+                time.sleep(_recovery.UNRECORDED_GRACE)
+                broken += [lk for lk in unsure if lk.holder() == 0 and lk.sem.value == 0]
+            pids = [part.pid_of(slot) for slot in dead]
+            self._repair([lk.role for lk in broken])
+            for slot in dead:
+                self._reap(slot)
+                part.free(slot)
+            for lk in broken:
+                lk.force_release()
+            if broken:
+                self._h64[Q_RECOVERIES] += len(broken)
+                self._h64[Q_LAST_RECOVERY] = time.time_ns()
+            log.warning(
+                "%s: recovered from dead process(es) %s: freed %s",
+                self.path, pids, [lk.role for lk in broken] or "no lock",
+            )  # fmt: skip
+        return len(dead)
+
+    def _resync(self, *, fix_next: bool) -> None:
+        """Rebuild ``tail_seq`` (and with ``fix_next``, ``next_seq`` and an interrupted rebase).
+
+        The writers store these counters one at a time; a writer killed between
+        two stores leaves them apart. The records themselves carry their
+        sequence numbers, so the counters are read back from them. The caller
+        holds (or has inherited from the dead) the locks guarding what it fixes.
+        """
+        h, cap = self._h64, self._layout.capacity
+        head, tail = h[Q_HEAD], h[Q_TAIL]
+        if fix_next and tail > head and tail - head <= cap:
+            h[Q_HEAD] = head = tail  # a rebase moved tail, then died before moving head
+        try:
+            _ring.check_positions(head, tail, cap)
+            if tail < head:
+                h[Q_TAIL_SEQ] = _ring.read(self._ring, cap, tail, head)[2]
+                if fix_next:
+                    last = _ring.last_seq(self._ring, cap, tail, head)
+                    assert last is not None
+                    h[Q_NEXT_SEQ] = last + 1
+            elif fix_next:
+                h[Q_NEXT_SEQ] = h[Q_TAIL_SEQ]
+        except CorruptBus as e:
+            log.warning("%s: cannot resync counters after a crash: %s", self.path, e)
+
     # -- lifecycle -----------------------------------------------------------
 
     def close(self) -> None:
@@ -332,6 +437,9 @@ class Bus:
         Idempotent. Views handed out by this handle must be released first.
         """
         self._closed = True
+        if self._part is not None:
+            self._part.release()
+            self._part = None
         for v in self._views:
             v.release()
         self._views = ()
@@ -381,24 +489,7 @@ class Bus:
     def stats(self) -> Stats:
         """A snapshot of the header: fill level and the message and byte counters."""
         self._check_open()
-        h, lay = self._h64, self._layout
-        head, tail, put, got = h[Q_HEAD], h[Q_TAIL], h[Q_NEXT_SEQ], h[Q_TAIL_SEQ]
-        return Stats(
-            path=self.path,
-            kind=KIND_NAMES[lay.kind],
-            format_version=VERSION,
-            bus_id=lay.bus_id,
-            capacity=lay.capacity,
-            maxsize=lay.maxsize,
-            max_subscribers=lay.max_subscribers,
-            used_bytes=min(max(head - tail, 0), lay.capacity),
-            messages=max(put - got, 0),
-            put_count=put,
-            get_count=got,
-            bytes_in=h[Q_BYTES_IN],
-            bytes_out=h[Q_BYTES_OUT],
-            created_ns=lay.created_ns,
-        )
+        return header_stats(self.path, self._layout, self._h64)
 
     def __enter__(self: B) -> B:
         return self
@@ -436,11 +527,8 @@ def _write_new_file(tmp: str, layout: Layout, mode: int) -> None:
 
 
 def _chmod_sems(sems: dict[str, _sync.Sem], mode: int) -> None:
-    # sem_open applies the umask; on Linux a named semaphore is a file in
-    # /dev/shm, so give it the bus's mode (best effort elsewhere).
-    for s in sems.values():
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.join(SHM_DIR, "sem." + s.name.lstrip("/")), mode)
+    for sem in sems.values():
+        _sync.chmod_sem(sem, mode)
 
 
 def _unlink_quiet(p: str) -> None:

@@ -50,6 +50,20 @@ def _bin_header(n: int) -> bytes:
     return bytes((_BIN32,)) + n.to_bytes(4, "big")
 
 
+def _finish_many(codec: Codec, items: list[tuple[int, Payload]]) -> list[Any]:
+    out: list[Any] = []
+    failed: DecodeError | None = None
+    for kind, payload in items:
+        try:
+            out.append(codec.finish(kind, payload))
+        except DecodeError as e:
+            failed = failed or e
+    if failed is not None:
+        failed.decoded = out
+        raise failed
+    return out
+
+
 def as_bytes_view(data: Any) -> bytes | memoryview:
     """A flat byte view of a buffer: no copy when it is contiguous, one copy otherwise."""
     mv = memoryview(data)
@@ -128,6 +142,10 @@ class Codec:
                 "{'default': fn}) to convert your type"
             ) from e
         return REC_MSGPACK, data, None, len(data)
+
+    def finish_many(self, items: list[tuple[int, Payload]]) -> list[Any]:
+        """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``."""
+        return _finish_many(self, items)
 
     def finish(self, kind: int, payload: Payload) -> Any:
         """Decode a payload copied out by ``extract`` (outside the lock)."""

@@ -92,7 +92,17 @@ class EncodeError(ShmbusError, TypeError):
 
 
 class DecodeError(CorruptBus):
-    """A record's payload is not valid msgpack, or uses an ext type no ``ext_hook`` accepts."""
+    """A record's payload is not valid msgpack, or uses an ext type no ``ext_hook`` accepts.
+
+    From ``get_many``, ``decoded`` holds the batch's other messages, in order,
+    so that one bad message does not lose the rest.
+    """
+
+    decoded: list[object]
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message, path=path, offset=offset)
+        self.decoded = []
 
 
 class BusClosed(ShmbusError, ValueError):
@@ -111,7 +121,12 @@ class Empty(ShmbusError, queue.Empty):
 
 
 class Full(ShmbusError, queue.Full):
-    """No space (bytes or ``maxsize``) freed up in time (raised by ``put``)."""
+    """No space (bytes or ``maxsize``) freed up in time (raised by ``put``).
 
-    def __init__(self, message: str = "the bus is full", *, path: str | None = None) -> None:
+    ``sent`` says how many messages of a ``put_many`` batch went in before
+    the space ran out (always 0 for ``put``).
+    """
+
+    def __init__(self, message: str = "the bus is full", *, path: str | None = None, sent: int = 0) -> None:
         super().__init__(message, path=path)
+        self.sent = sent

@@ -30,25 +30,43 @@ A bus file is a header followed by the ring. All integers are little-endian.
        128     8  head     u64       producers         position one past the last committed record
        136     8  next_seq u64       producers         sequence number of the next record
        144     8  bytes_in u64       producers         payload bytes committed, ever
-       152     4  head_holder_pid    producers         pid holding the head lock (0 = none)
-       156     4  head_holder_slot   producers         its participant slot
+       152     4  head_holder_pid    producers         pid holding the head lock (informational)
+       156     4  head_holder        producers         participant slot + 1 holding it (0 = none)
        160    32  reserved
     -- consumer line (Queue: tail semaphore; Topic: head semaphore) --
        192     8  tail     u64       consumers         position of the oldest record still held
        200     8  tail_seq u64       consumers         sequence number of the record at tail
        208     8  bytes_out u64      consumers         payload bytes consumed, ever
-       216     4  tail_holder_pid    consumers         pid holding the tail lock (0 = none)
-       220     4  tail_holder_slot   consumers         its participant slot
+       216     4  tail_holder_pid    consumers         pid holding the tail lock (informational)
+       220     4  tail_holder        consumers         participant slot + 1 holding it (0 = none)
        224     4  space_waiting u32  both            1 while a producer sleeps for space
        228    36  reserved
-    -- 256..511: reserved for statistics and recovery, zero --
+    -- recovery line (256..319) --
+       256     4  subs_holder_pid    subscribers       pid holding the subs lock (informational)
+       260     4  subs_holder        subscribers       participant slot + 1 holding it (0 = none)
+       264     8  recoveries u64     recoverers        dead lock holders recovered, ever
+       272     8  last_recovery_ns   recoverers        when, ns since the epoch
+    -- 320..511: reserved, zero --
     -- 512..767: Topic wait flags, one byte per subscriber slot: 1 while that
        subscriber sleeps (or is about to) on its semaphore sub<i> --
-    -- 768..1023: reserved, zero --
-    -- participant table at participants_offset: max_participants x 32 bytes
-       (reserved in version 1 for lock-holder liveness) --
+    -- 768: the recovery byte: an OFD lock on it serializes recovery and
+       participant claims (the kernel drops it if its holder dies) --
+    -- 769..1023: reserved, zero --
+    -- participant table at participants_offset: max_participants x 32 bytes --
     -- subscriber table at subscribers_offset: max_subscribers x 64 bytes --
     -- ring at ring_offset: capacity bytes --
+
+A participant slot (one per process that has taken a lock) is::
+
+    0  u32 pid          the process (informational: liveness is the OFD lock)
+    4  u32 state        0 = free, 1 = live (claimed under the recovery byte)
+    8  u64 attached_ns  when it was claimed
+   16  u64 tokens       Queue ``items`` tokens taken and not yet consumed
+   24  8    reserved
+
+While a participant lives it holds an OFD write lock (``F_OFD_SETLK``) on
+the first byte of its slot; the kernel releases it when the process dies, so
+a slot whose state is 1 and whose byte is unlocked belongs to a dead process.
 
 A subscriber slot (Topic) is::
 
@@ -59,7 +77,8 @@ A subscriber slot (Topic) is::
    24  u64 lost         messages overwritten before it read them
    32  u64 received     messages it returned
    40  u64 attached_ns  when it subscribed, ns since the epoch
-   48  16   reserved
+   48  u64 owner        participant slot + 1 of the subscribing process
+   56  8    reserved
 
 Positions (head, tail) count bytes written since creation; a position's place
 in the ring is ``position % capacity``. A record is::
@@ -109,9 +128,18 @@ __all__ = [
     "Q_TAIL_SEQ",
     "Q_BYTES_OUT",
     "I_HEAD_HOLDER_PID",
-    "I_HEAD_HOLDER_SLOT",
+    "I_HEAD_HOLDER",
     "I_TAIL_HOLDER_PID",
-    "I_TAIL_HOLDER_SLOT",
+    "I_TAIL_HOLDER",
+    "I_SUBS_HOLDER_PID",
+    "I_SUBS_HOLDER",
+    "Q_RECOVERIES",
+    "Q_LAST_RECOVERY",
+    "S_OWNER",
+    "P_PID_STATE",
+    "P_ATTACHED",
+    "P_TOKENS",
+    "RECOVERY_BYTE",
     "I_SPACE_WAITING",
     "PARTICIPANT_SIZE",
     "WAIT_FLAGS",
@@ -160,6 +188,13 @@ S_NEXT_SEQ: Final = 2
 S_LOST: Final = 3
 S_RECEIVED: Final = 4
 S_ATTACHED: Final = 5
+S_OWNER: Final = 6
+
+# Participant slot fields, as u64 indices from the slot's start.
+P_PID_STATE: Final = 0  # pid in the low half, state in the high half
+P_ATTACHED: Final = 1
+P_TOKENS: Final = 2
+RECOVERY_BYTE: Final = 768
 
 # Indices into the header viewed as u64 (offset // 8) and as u32 (offset // 4).
 Q_HEAD: Final = 128 // 8
@@ -169,9 +204,13 @@ Q_TAIL: Final = 192 // 8
 Q_TAIL_SEQ: Final = 200 // 8
 Q_BYTES_OUT: Final = 208 // 8
 I_HEAD_HOLDER_PID: Final = 152 // 4
-I_HEAD_HOLDER_SLOT: Final = 156 // 4
+I_HEAD_HOLDER: Final = 156 // 4
 I_TAIL_HOLDER_PID: Final = 216 // 4
-I_TAIL_HOLDER_SLOT: Final = 220 // 4
+I_TAIL_HOLDER: Final = 220 // 4
+I_SUBS_HOLDER_PID: Final = 256 // 4
+I_SUBS_HOLDER: Final = 260 // 4
+Q_RECOVERIES: Final = 264 // 8
+Q_LAST_RECOVERY: Final = 272 // 8
 I_SPACE_WAITING: Final = 224 // 4
 
 RECORD: Final = struct.Struct("<IHHQ")

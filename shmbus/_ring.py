@@ -35,6 +35,7 @@ __all__ = [
     "read",
     "skip",
     "check_positions",
+    "last_seq",
 ]
 
 Buffer = Union[bytearray, memoryview]
@@ -159,6 +160,18 @@ def skip(buf: Buffer, capacity: int, tail: int, head: int) -> tuple[int, int]:
     """The position after the record at ``tail``, and that record's sequence number."""
     _, _, seq, _, end = read(buf, capacity, tail, head)
     return end, seq
+
+
+def last_seq(buf: Buffer, capacity: int, tail: int, head: int) -> int | None:
+    """The sequence number of the last record in ``[tail, head)``, or None when empty.
+
+    Walks every record (bounded: each is at least ``ALIGN`` bytes); for recovery,
+    which must rebuild ``next_seq`` after a writer died between storing it and ``head``.
+    """
+    seq = None
+    while tail < head:
+        tail, seq = skip(buf, capacity, tail, head)
+    return seq
 
 
 def check_positions(head: int, tail: int, capacity: int) -> None:

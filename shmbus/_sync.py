@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
-from typing import Final
+from typing import Callable, Final
 
 import posix_ipc
 
@@ -24,14 +25,19 @@ __all__ = [
     "create_sems",
     "open_sems",
     "unlink_sems",
+    "list_sems",
     "open_or_create_sem",
+    "chmod_sem",
     "SEM_PREFIX",
+    "SLICE",
     "SemPermissionError",
     "SemExistsError",
 ]
 
 SEM_PREFIX: Final = "shmbus."
 _yield = os.sched_yield
+# Seconds a recoverable wait sleeps before looking for a dead holder.
+SLICE: Final = float(os.environ.get("SHMBUS_RECOVERY_INTERVAL", "0.25"))
 _BusyError = posix_ipc.BusyError
 SemPermissionError = posix_ipc.PermissionsError
 SemExistsError = posix_ipc.ExistentialError
@@ -58,19 +64,29 @@ class Sem:
         self._acq = sem.acquire
         self._rel = sem.release
 
-    def acquire(self, deadline: float | None) -> bool:
-        """Take the semaphore before ``deadline``; False if the deadline passed first."""
+    def acquire(self, deadline: float | None, on_slice: Callable[[], object] | None = None) -> bool:
+        """Take the semaphore before ``deadline``; False if the deadline passed first.
+
+        With ``on_slice``, the wait is cut into slices of ``SLICE`` seconds and
+        ``on_slice()`` runs after each one that ends empty-handed (crash
+        recovery looks for a dead holder there).
+        """
         acq = self._acq
         while True:
+            if deadline is None:
+                timeout = None if on_slice is None else SLICE
+            else:
+                timeout = max(deadline - time.monotonic(), 0.0)
+                if on_slice is not None and timeout > SLICE:
+                    timeout = SLICE
             try:
-                if deadline is None:
-                    acq()
-                else:
-                    remaining = deadline - time.monotonic()
-                    acq(remaining if remaining > 0 else 0)
+                acq(timeout)
                 return True
             except _BusyError:
-                return False
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                if on_slice is not None:
+                    on_slice()
             except _SignalError:
                 # The handler ran and returned (a raising handler propagates
                 # its own exception instead): wait again for what is left.
@@ -84,7 +100,9 @@ class Sem:
             return False
         return True
 
-    def spin_acquire(self, deadline: float | None, spin: float) -> bool:
+    def spin_acquire(
+        self, deadline: float | None, spin: float, on_slice: Callable[[], object] | None = None
+    ) -> bool:
         """``acquire``, but first poll for up to ``spin`` seconds before sleeping.
 
         When the other side is running on another core, the wait is often
@@ -107,7 +125,7 @@ class Sem:
                 if time.monotonic() >= end:
                     break
                 _yield()
-        return self.acquire(deadline)
+        return self.acquire(deadline, on_slice)
 
     def release(self) -> None:
         """Post the semaphore once."""
@@ -162,7 +180,15 @@ def open_or_create_sem(bus_id: str, role: str, mode: int) -> Sem:
     For wake-up signals created lazily (a Topic subscriber's ``sub<i>``); a
     stray count only causes a spurious wake-up, which every waiter tolerates.
     """
-    return Sem(posix_ipc.Semaphore(sem_name(bus_id, role), posix_ipc.O_CREAT, mode, 0))
+    sem = Sem(posix_ipc.Semaphore(sem_name(bus_id, role), posix_ipc.O_CREAT, mode, 0))
+    chmod_sem(sem, mode)
+    return sem
+
+
+def chmod_sem(sem: Sem, mode: int) -> None:
+    """Give a semaphore ``mode`` despite the umask (best effort: Linux keeps it in /dev/shm)."""
+    with contextlib.suppress(OSError):
+        os.chmod(f"/dev/shm/sem.{sem.name.lstrip('/')}", mode)
 
 
 def unlink_sems(bus_id: str, roles: list[str]) -> None:
@@ -170,3 +196,27 @@ def unlink_sems(bus_id: str, roles: list[str]) -> None:
     for role in roles:
         with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_semaphore(sem_name(bus_id, role))
+
+
+# Linux keeps the named semaphore "/x" as the file "/dev/shm/sem.x" (sem_overview(7)).
+_SEM_DIR: Final = "/dev/shm"
+_SEM_FILE: Final = re.compile(r"sem\." + re.escape(SEM_PREFIX) + r"([0-9a-f]{16})\.([a-z0-9]+)\Z")
+
+
+def list_sems() -> list[tuple[str, str, str]]:
+    """The shmbus semaphores that exist now, as ``(bus_id, role, file path)``.
+
+    Only names of the form ``sem_name`` makes are returned; anything else in
+    the directory is not ours. Where semaphores are not files (not Linux),
+    returns ``[]``.
+    """
+    try:
+        names = os.listdir(_SEM_DIR)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        m = _SEM_FILE.match(n)
+        if m:
+            out.append((m.group(1), m.group(2), os.path.join(_SEM_DIR, n)))
+    return out

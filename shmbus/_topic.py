@@ -38,6 +38,8 @@ from ._bus import Bus
 from ._codec import Codec, Encoded, Payload, extract
 from ._errors import BusClosed, CorruptBus, Empty, MessageTooLarge, TooManySubscribers
 from ._format import (
+    I_HEAD_HOLDER,
+    I_SUBS_HOLDER,
     KIND_TOPIC,
     MAX_SUBSCRIBERS,
     Q_BYTES_IN,
@@ -50,6 +52,7 @@ from ._format import (
     S_CURSOR,
     S_LOST,
     S_NEXT_SEQ,
+    S_OWNER,
     S_RECEIVED,
     S_STATE_PID,
     SUBSCRIBER_SIZE,
@@ -128,8 +131,9 @@ class Topic(Bus):
         return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
 
     def _setup(self) -> None:
-        self._head_lock = self._sems["head"]
-        self._subs_lock = self._sems["subs"]
+        self._head_lock = self._lock("head", I_HEAD_HOLDER)
+        self._subs_lock = self._lock("subs", I_SUBS_HOLDER)
+        self._locks = (self._head_lock, self._subs_lock)
         self._cap = self._layout.capacity
         self._max_payload = max_payload(self._cap)
         self._encode = self._codec.encode
@@ -276,22 +280,46 @@ class Topic(Bus):
             for i in range(1, SUBSCRIBER_SIZE // 8):
                 h[base + i] = 0
             h[base + S_ATTACHED] = time.time_ns()
+            assert self._part is not None
+            h[base + S_OWNER] = self._part.me
             h[base + S_STATE_PID] = 1 | os.getpid() << 32
             return slot
         finally:
             self._subs_lock.release()
 
     def _reclaim_dead(self) -> list[int]:
-        """Free the slots whose owning process no longer exists (under the subs lock)."""
+        """Free the slots whose owning process is gone (under the subs lock)."""
+        self.recover()  # frees the slots of dead participants (see _reap)
         h = self._h64
         freed = []
         for i in range(self._layout.max_subscribers):
-            pid = h[self._slot_base(i)] >> 32
-            if pid and not _pid_alive(pid):
+            base = self._slot_base(i)
+            pid = h[base] >> 32
+            if h[base] & 0xFFFFFFFF == 0:
+                freed.append(i)
+            elif not h[base + S_OWNER] and pid and not _pid_alive(pid):
+                # No participant recorded (table full): fall back on the pid.
                 log.warning("%s: reclaiming subscriber slot %d of dead process %d", self.path, i, pid)
-                h[self._slot_base(i) + S_STATE_PID] = 0
+                h[base + S_STATE_PID] = 0
                 freed.append(i)
         return freed
+
+    # -- crash recovery hooks ------------------------------------------------
+
+    def _repair(self, roles: list[str]) -> None:
+        if "head" in roles:
+            self._resync(fix_next=True)  # publishers only: nobody else moves tail
+
+    def _reap(self, slot: int) -> None:
+        # A dead subscriber's slot and wait flag are freed for others.
+        h = self._h64
+        assert self._mm is not None
+        for i in range(self._layout.max_subscribers):
+            base = self._slot_base(i)
+            if h[base] & 0xFFFFFFFF and h[base + S_OWNER] == slot + 1:
+                log.warning("%s: freeing subscriber slot %d of a dead process", self.path, i)
+                h[base + S_STATE_PID] = 0
+                self._mm[WAIT_FLAGS + i] = 0
 
     def _release_slot(self, slot: int) -> None:
         self._subs_lock.acquire(None)
@@ -343,6 +371,7 @@ class Subscription:
         self.slot = slot
         self.spin = spin
         self._closed = False
+        self._pid = os.getpid()  # a forked child's copy does not own the slot
         h = topic._h64
         self._base = topic._slot_base(slot)
         # Position before sequence number, in the order the publisher stores them
@@ -441,9 +470,9 @@ class Subscription:
         while len(out) < k:
             head = h[Q_HEAD]
             if cursor >= head:
-                if cursor > head:
+                if cursor > head and h[Q_TAIL] <= head:
                     raise CorruptBus(f"{t.path}: head {head} went behind a subscriber's cursor {cursor}")
-                break
+                break  # (cursor past head: a publisher is restarting an empty ring at the next lap)
             tail = h[Q_TAIL]
             if cursor < tail:
                 cursor = tail  # lapped: skip to the oldest intact record
@@ -509,7 +538,7 @@ class Subscription:
             return
         self._closed = True
         t = self._topic
-        if not t.closed:
+        if not t.closed and self._pid == os.getpid():
             assert t._mm is not None
             t._mm[self._flag] = 0
             t._release_slot(self.slot)
