@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import _ring
+from . import _faults, _ring
 from ._bus import Bus
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract
 from ._errors import CorruptBus, Empty, Full, MessageTooLarge
@@ -193,6 +193,8 @@ class Queue(Bus):
 
     def _put_locked(self, enc: Encoded, deadline: float | None) -> None:
         """One record, under the head lock: the common case inline, the rest via ``_write``."""
+        if _faults.armed:
+            _faults.hit("put:after-lock")
         h = self._h64
         cap = self._cap
         head = h[Q_HEAD]
@@ -201,6 +203,8 @@ class Queue(Bus):
         if tail <= head <= tail + cap and _ring.place(head, tail, cap, n) == head:
             seq = h[Q_NEXT_SEQ]
             new_head = _ring.write(self._ring, cap, head, head, kind, seq, prefix, body)
+            if _faults.armed:
+                _faults.hit("put:after-write")
             self._publish(seq + 1, n, new_head, 1)
         elif not self._write([enc], deadline):
             raise Full(f"{self.path} is full: no space freed in time", path=self.path)
@@ -264,6 +268,8 @@ class Queue(Bus):
         head = h[Q_HEAD]
         seq = h[Q_NEXT_SEQ]
         nbytes = sent = published = 0
+        if _faults.armed:
+            _faults.hit("put:after-lock")
         try:
             for kind, prefix, body, n in batch:
                 if slots is not None and not slots.try_acquire():
@@ -283,6 +289,8 @@ class Queue(Bus):
                             slots.release()
                         break
                 head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
+                if _faults.armed:
+                    _faults.hit("put:after-write")
                 seq += 1
                 nbytes += n
                 sent += 1
@@ -296,8 +304,12 @@ class Queue(Bus):
         # Counters first, head last: a reader that sees the new head also sees
         # complete records and counters (x86-64 keeps stores in order).
         h[Q_NEXT_SEQ] = seq
+        if _faults.armed:
+            _faults.hit("put:mid-publish")
         h[Q_BYTES_IN] += nbytes
         h[Q_HEAD] = head
+        if _faults.armed:
+            _faults.hit("put:before-post")
         post = self._items.release
         for _ in range(count):
             post()
@@ -411,9 +423,13 @@ class Queue(Bus):
         """``_take(1)`` with the common case inline (measured ~0.5 us of 2.5 per get)."""
         h = self._h64
         h[self._part_tokens()] = 1
+        if _faults.armed:
+            _faults.hit("get:after-token")
         tail_lock = self._tail_lock
         tail_lock.acquire(None)
         try:
+            if _faults.armed:
+                _faults.hit("get:after-lock")
             cap = self._cap
             tail = h[Q_TAIL]
             head = h[Q_HEAD]
@@ -427,9 +443,15 @@ class Queue(Bus):
                 seq = h[Q_TAIL_SEQ]
                 if rseq == seq:
                     payload = extract(self._mm, self._ro + start % cap + RECORD_SIZE, n, kind)
+                    if _faults.armed:
+                        _faults.hit("get:after-copy")
                     h[Q_TAIL_SEQ] = seq + 1
+                    if _faults.armed:
+                        _faults.hit("get:mid-commit")
                     h[Q_BYTES_OUT] += n
                     h[Q_TAIL] = nxt
+                    if _faults.armed:
+                        _faults.hit("get:before-unlock")
                     h[self._part_tokens()] = 0
                     return kind, payload
         except CorruptBus:
@@ -454,10 +476,14 @@ class Queue(Bus):
         h = self._h64
         tokens = self._part_tokens()
         h[tokens] = k
+        if _faults.armed:
+            _faults.hit("get:after-token")
         self._tail_lock.acquire(None)
         out: list[tuple[int, Payload]] = []
         taken = 0
         try:
+            if _faults.armed:
+                _faults.hit("get:after-lock")
             ring, cap = self._ring, self._cap
             mm, ro = self._mm, self._ro
             tail = h[Q_TAIL]
@@ -481,10 +507,16 @@ class Queue(Bus):
                 seq += 1
                 nbytes += n
                 taken += 1
+            if _faults.armed:
+                _faults.hit("get:after-copy")
             h[Q_TAIL_SEQ] = seq
+            if _faults.armed:
+                _faults.hit("get:mid-commit")
             h[Q_BYTES_OUT] += nbytes
             h[Q_TAIL] = tail
             h[tokens] = 0
+            if _faults.armed:
+                _faults.hit("get:before-unlock")
             if self._h32[I_SPACE_WAITING]:
                 self._h32[I_SPACE_WAITING] = 0
                 self._space.release()

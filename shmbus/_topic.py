@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from . import _ring, _sync
+from . import _faults, _ring, _sync
 from ._bus import Bus
 from ._codec import Codec, Encoded, Payload, extract
 from ._errors import BusClosed, CorruptBus, Empty, MessageTooLarge, TooManySubscribers
@@ -200,6 +200,8 @@ class Topic(Bus):
             self._wake_waiters()
 
     def _write(self, batch: list[Encoded]) -> None:
+        if _faults.armed:
+            _faults.hit("publish:after-lock")
         h = self._h64
         ring, cap = self._ring, self._cap
         head, tail = h[Q_HEAD], h[Q_TAIL]
@@ -214,11 +216,15 @@ class Topic(Bus):
                 # Publish the new tail before overwriting: readers re-check it after copying.
                 h[Q_TAIL_SEQ] = tail_seq
                 h[Q_TAIL] = tail = new_tail
+                if _faults.armed:
+                    _faults.hit("publish:after-evict")
             head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
             seq += 1
             nbytes += n
             # Each record is published at once, so readers never wait for a whole batch.
             h[Q_NEXT_SEQ] = seq
+            if _faults.armed:
+                _faults.hit("publish:mid-publish")
             h[Q_BYTES_IN] += n
             h[Q_HEAD] = head
 
@@ -266,6 +272,8 @@ class Topic(Bus):
         h = self._h64
         self._subs_lock.acquire(None)
         try:
+            if _faults.armed:
+                _faults.hit("subscribe:after-lock")
             free = [i for i in range(self._layout.max_subscribers) if h[self._slot_base(i)] & 0xFFFFFFFF == 0]
             if not free:
                 free = self._reclaim_dead()
