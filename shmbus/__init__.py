@@ -23,6 +23,7 @@ from ._errors import CorruptBus as CorruptBus
 from ._errors import DecodeError as DecodeError
 from ._errors import Empty as Empty
 from ._errors import EncodeError as EncodeError
+from ._errors import ForeignBus as ForeignBus
 from ._errors import Full as Full
 from ._errors import IncompatibleBus as IncompatibleBus
 from ._errors import MessageTooLarge as MessageTooLarge
@@ -48,6 +49,7 @@ __all__ = [
     "BusExists",
     "BusNotFound",
     "NotABus",
+    "ForeignBus",
     "CorruptBus",
     "IncompatibleBus",
     "MessageTooLarge",

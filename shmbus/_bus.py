@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 
 from . import _recovery, _ring, _sync
 from ._codec import DEFAULT_CODEC, Codec
-from ._errors import BusClosed, BusExists, BusNotFound, CorruptBus, IncompatibleBus, NotABus
+from ._errors import BusClosed, BusExists, BusNotFound, CorruptBus, ForeignBus, IncompatibleBus, NotABus
 from ._format import (
     HEADER_MIN,
     KIND_NAMES,
@@ -48,8 +48,17 @@ from ._format import (
     peek_ids,
 )
 
-__all__ = ["Bus", "Stats", "resolve_path", "read_layout_of", "unlink", "SHM_DIR", "ALL_ROLES", "read_layout",
-           "header_stats"]
+__all__ = [
+    "Bus",
+    "Stats",
+    "resolve_path",
+    "read_layout_of",
+    "unlink",
+    "SHM_DIR",
+    "ALL_ROLES",
+    "read_layout",
+    "header_stats",
+]
 
 log = logging.getLogger("shmbus")
 
@@ -192,8 +201,24 @@ def header_stats(path: str, lay: Layout, h: memoryview) -> Stats:
     )
 
 
-def _reopen(cls: type[Bus], path: str, codec: Codec) -> Bus:
-    return cls.open(path, codec=codec)
+def _reopen(cls: type[Bus], path: str, codec: Codec, allow_shared: bool = False) -> Bus:
+    return cls.open(path, codec=codec, allow_shared=allow_shared)
+
+
+def _refuse_foreign(path: str, st: os.stat_result) -> None:
+    """Raise ``ForeignBus`` for a bus another user owns or anyone may write."""
+    if st.st_uid != os.geteuid():
+        raise ForeignBus(
+            f"{path} belongs to uid {st.st_uid}, not to you: a peer with write access can corrupt "
+            "or stall a bus; if you share it on purpose, open it with allow_shared=True",
+            path=path,
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise ForeignBus(
+            f"{path} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): make it private "
+            "(chmod o-w, or create it with mode=0o600 / 0o660), or open it with allow_shared=True",
+            path=path,
+        )
 
 
 class Bus:
@@ -207,6 +232,7 @@ class Bus:
     _mm: mmap.mmap | None = None
     _fd = -1
     _codec: Codec = DEFAULT_CODEC
+    _allow_shared = False
     _part: _recovery.Participant | None = None
     _locks: tuple[_recovery.Lock, ...] = ()
     _views: tuple[memoryview, ...] = ()
@@ -260,25 +286,37 @@ class Bus:
                     s.close()
         if not linked:
             return cls.open(real, codec=codec)
-        bus = cls._attach(real, codec, sems=sems)
+        bus = cls._attach(real, codec, sems=sems, allow_shared=True)  # our own new file, our chosen mode
         log.debug("created %s %s (capacity %d)", cls.__name__, real, capacity)
         return bus
 
     @classmethod
-    def open(cls: type[B], path: str | os.PathLike[str], *, codec: Codec | None = None) -> B:
+    def open(
+        cls: type[B], path: str | os.PathLike[str], *, codec: Codec | None = None, allow_shared: bool = False
+    ) -> B:
         """Open an existing bus.
+
+        Parameters:
+            path: the bus's file path, or a bare name in ``/dev/shm``.
+            codec: msgpack options for this handle (see ``Codec``).
+            allow_shared: accept a bus owned by another user or writable by
+                others (refused by default: such a peer can corrupt or stall it).
 
         Raises ``BusNotFound``, ``NotABus``, ``CorruptBus``, ``IncompatibleBus``
         (another format version, or a Topic opened as a Queue and the reverse),
-        or ``PermissionError``.
+        ``ForeignBus``, or ``PermissionError``.
         """
-        return cls._attach(resolve_path(path), codec, sems=None)
+        return cls._attach(resolve_path(path), codec, sems=None, allow_shared=allow_shared)
 
     @classmethod
-    def _attach(cls: type[B], real: str, codec: Codec | None, sems: dict[str, _sync.Sem] | None) -> B:
+    def _attach(
+        cls: type[B], real: str, codec: Codec | None, sems: dict[str, _sync.Sem] | None,
+        allow_shared: bool = False,
+    ) -> B:  # fmt: skip
         self = cls.__new__(cls)
         self.path = real
         self._codec = codec or DEFAULT_CODEC
+        self._allow_shared = allow_shared
         try:
             self._map(real)
             self._sems = sems if sems is not None else self._open_sems()
@@ -299,7 +337,10 @@ class Bus:
                 path=real,
             )
         self._layout = layout
-        self._mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
+        st = os.fstat(self._fd)
+        self._mode = stat.S_IMODE(st.st_mode)
+        if not self._allow_shared:
+            _refuse_foreign(real, st)
         self._mm = mmap.mmap(self._fd, layout.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         mv = memoryview(self._mm)
         h = mv[: layout.ring_offset]
@@ -499,7 +540,7 @@ class Bus:
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._check_open()
-        return (_reopen, (type(self), self.path, self._codec))
+        return (_reopen, (type(self), self.path, self._codec, self._allow_shared))
 
     def __del__(self) -> None:
         # An exported view keeps the mapping alive; the GC releases it later.

@@ -27,7 +27,10 @@ __all__ = ["main"]
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
-    mode = int(args.mode, 8)
+    try:
+        mode = int(args.mode, 8)
+    except ValueError:
+        raise ValueError(f"--mode takes octal bits such as 600 or 660, not {args.mode!r}") from None
     bus: Bus
     if args.topic:
         bus = Topic.create(args.path, capacity=args.capacity, mode=mode, max_subscribers=args.max_subscribers)
@@ -110,6 +113,60 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from . import _admin
+
+    buses = _admin.list_buses(args.path)
+    orphans = _admin.orphan_semaphores(args.path, min_age=args.min_age)
+    if args.json:
+        out = [{**asdict(b), "mode": f"{b.mode:04o}"} for b in buses]
+        print(json.dumps({"buses": out, "orphan_semaphores": orphans}))
+        return 0
+    rows = [("PATH", "KIND", "MODE", "OWNER", "SIZE", "FILL", "MESSAGES", "SEMS")]
+    rows += [
+        (b.path, b.kind, f"{b.mode:04o}", _user(b.owner), _human(b.size),
+         f"{b.fill:.1%}" if b.capacity else "-", str(b.messages) if b.capacity else "-", str(b.semaphores))
+        for b in buses
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows if buses else ():
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for f in orphans:
+        print(f"{f}  orphan: bus file gone")
+    if not buses and not orphans:
+        print("no buses and no orphan semaphores")
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from . import _admin
+
+    removed = _admin.gc(args.path, dry_run=args.dry_run, min_age=args.min_age)
+    for f in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {f}")
+    if not removed:
+        print("no orphan semaphores")
+    return 0
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{n}B" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}TiB"
+
+
 def to_json(obj: Any) -> Any:
     """A message made JSON-safe, reversibly: bytes become ``{"$bytes": "<base64>"}``."""
     if isinstance(obj, bytes):
@@ -177,6 +234,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("path", nargs="+")
     r.set_defaults(func=_cmd_rm)
 
+    from ._admin import GRACE
+
+    grace = "younger semaphores are never orphans: their bus may be in creation (default %(default)g s)"
+    ls = sub.add_parser(
+        "ls", help="list the buses in /dev/shm (and at PATHs) and orphan semaphores",
+        epilog="example: shmbus ls /var/lib/app/jobs.bus --json  (name your disk buses: their "
+        "semaphores are in /dev/shm and would otherwise look orphaned)",
+    )  # fmt: skip
+    ls.add_argument("path", nargs="*", help="bus files outside /dev/shm to include")
+    ls.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    ls.add_argument("--min-age", type=float, default=GRACE, metavar="SECONDS", help=grace)
+    ls.set_defaults(func=_cmd_ls)
+
+    g = sub.add_parser(
+        "gc", help="remove semaphores whose bus file is gone",
+        epilog="example: shmbus gc /var/lib/app/jobs.bus --dry-run  (PATHs: disk buses whose "
+        "semaphores must be kept; only the buses in /dev/shm and at PATHs are known)",
+    )  # fmt: skip
+    g.add_argument("path", nargs="*", help="bus files outside /dev/shm whose semaphores to keep")
+    g.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    g.add_argument("--min-age", type=float, default=GRACE, metavar="SECONDS", help=grace)
+    g.set_defaults(func=_cmd_gc)
+
     b = sub.add_parser(
         "bench", help="compare shmbus with multiprocessing.Queue and Pipe", add_help=False,
         epilog="example: shmbus bench --quick",
@@ -201,5 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ShmbusError, OSError) as e:
         print(f"shmbus {args.command}: {e}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError) as e:  # a value argparse could not check (mode, maxsize...)
+        print(f"shmbus {args.command}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

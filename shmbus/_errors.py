@@ -16,6 +16,7 @@ __all__ = [
     "BusExists",
     "BusNotFound",
     "NotABus",
+    "ForeignBus",
     "CorruptBus",
     "IncompatibleBus",
     "MessageTooLarge",
@@ -58,6 +59,15 @@ class BusNotFound(ShmbusError, FileNotFoundError):
 
 class NotABus(ShmbusError, ValueError):
     """The file exists but has no shmbus header: it is not a bus."""
+
+
+class ForeignBus(ShmbusError, PermissionError):
+    """The bus belongs to another user, or others may write it: refused unless opted in.
+
+    A peer with write access can corrupt the bus or stall it, so shmbus only
+    trusts buses you own and only you (and your group) can write. Pass
+    ``allow_shared=True`` to ``open`` to accept one on purpose.
+    """
 
 
 class CorruptBus(ShmbusError, ValueError):

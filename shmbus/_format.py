@@ -1,6 +1,8 @@
 """The file format: the only module that knows byte offsets.
 
-A bus file is a header followed by the ring. All integers are little-endian.
+A bus file is a header followed by the ring. All integers are little-endian
+(shmbus reads the counters in native order, so it runs on little-endian
+machines only: x86-64 and arm64, which is every Linux target in practice).
 ``docs/format.md`` mirrors this docstring; change both together and bump
 ``VERSION`` when the layout changes.
 
@@ -40,7 +42,7 @@ A bus file is a header followed by the ring. All integers are little-endian.
        216     4  tail_holder_pid    consumers         pid holding the tail lock (informational)
        220     4  tail_holder        consumers         participant slot + 1 holding it (0 = none)
        224     4  space_waiting u32  both            1 while a producer sleeps for space
-       228    36  reserved
+       228    28  reserved
     -- recovery line (256..319) --
        256     4  subs_holder_pid    subscribers       pid holding the subs lock (informational)
        260     4  subs_holder        subscribers       participant slot + 1 holding it (0 = none)
@@ -156,6 +158,7 @@ __all__ = [
     "parse_header",
     "peek_ids",
     "parse_size",
+    "ring_capacity",
     "align_up",
     "max_payload",
 ]
@@ -267,6 +270,18 @@ def parse_size(value: int | str) -> int:
     if n <= 0:
         raise ValueError(f"a size must be positive, got {value!r}")
     return n
+
+
+def ring_capacity(value: int | str) -> int:
+    """A ring size from the user (``parse_size`` rules), rounded up to a page and bounded.
+
+    Raises ``ValueError`` beyond 1 TiB, so a typo never creates a bus its own
+    header check would refuse.
+    """
+    cap = align_up(parse_size(value), PAGE)
+    if cap > _MAX_CAPACITY:
+        raise ValueError(f"capacity {value!r} is over the 1 TiB a bus may have")
+    return cap
 
 
 @dataclass(frozen=True)

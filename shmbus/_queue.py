@@ -8,9 +8,9 @@ puts committed. The locking protocol (also in ``docs/format.md``):
 * ``tail`` (binary semaphore) serializes consumers; under it a consumer copies
   records out and advances ``tail``/``tail_seq``.
 * ``items`` counts committed records no consumer has claimed yet. A producer
-  posts it once per record *after* releasing ``head``; a consumer takes one
-  token per record *before* taking ``tail``, so a token always stands for a
-  record that is already complete.
+  posts it once per record *after* publishing ``head`` (still under the head
+  lock); a consumer takes one token per record *before* taking ``tail``, so a
+  token always stands for a record that is already complete.
 * ``space`` wakes a producer sleeping for free bytes. The producer sets
   ``space_waiting`` under ``tail`` after finding the ring still full; the
   consumer that frees bytes clears it and posts under the same lock, so the
@@ -49,13 +49,14 @@ from ._format import (
     RECORD_SIZE,
     Layout,
     max_payload,
-    parse_size,
+    ring_capacity,
 )
 
 __all__ = ["Queue"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
+_NOWAIT_GRACE = 0.05  # seconds a non-blocking put waits for the producer lock
 # A header word nobody reads, where an unclaimed consumer "records" its tokens.
 _SCRATCH = 320 // 8
 SPIN_DEFAULT = float(os.environ.get("SHMBUS_SPIN_US", "50")) / 1e6
@@ -63,12 +64,12 @@ SPIN_DEFAULT = float(os.environ.get("SHMBUS_SPIN_US", "50")) / 1e6
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
     """Absolute deadline for a wait: 0 for non-blocking, None for ever."""
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
     if not block:
         return 0.0
     if timeout is None:
         return None
-    if timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
     return _monotonic() + timeout
 
 
@@ -119,8 +120,7 @@ class Queue(Bus):
         Raises ``BusExists`` (unless ``exist_ok``), ``PermissionError``, and
         ``ValueError`` for a bad capacity or maxsize.
         """
-        cap = parse_size(capacity)
-        cap = (cap + 4095) // 4096 * 4096
+        cap = ring_capacity(capacity)
         if not isinstance(maxsize, int) or not 0 <= maxsize < 1 << 31:
             raise ValueError(f"maxsize must be an int from 0 to 2**31-1, got {maxsize!r}")
         return cls._create(
@@ -245,9 +245,10 @@ class Queue(Bus):
                     "create the bus with a larger capacity",
                     path=self.path, size=item[3], limit=limit,
                 )  # fmt: skip
-        # The producer lock is held only for copies, so even a non-blocking put
-        # waits for it, as multiprocessing.Queue waits for its internal lock.
-        if not self._head_lock.acquire(None if deadline == 0.0 else deadline):
+        # A non-blocking put still waits a moment for the producer lock (another
+        # producer's copy); a producer that holds it while sleeping for space
+        # means the queue is full anyway.
+        if not self._head_lock.acquire(_monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline):
             raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
         try:
             sent = self._write(batch, deadline)
@@ -273,16 +274,18 @@ class Queue(Bus):
         try:
             for kind, prefix, body, n in batch:
                 if slots is not None and not slots.try_acquire():
-                    self._publish(seq, nbytes, head, sent - published)
-                    published, nbytes = sent, 0
+                    count, published = sent - published, sent
+                    self._publish(seq, nbytes, head, count)
+                    nbytes = 0
                     if not slots.acquire(deadline, self.recover):
                         break
                 tail = h[Q_TAIL]
                 _ring.check_positions(head, tail, cap)
                 start = _ring.place(head, tail, cap, n)
                 if start < 0 or _ring.rebases(head, tail, start):
-                    self._publish(seq, nbytes, head, sent - published)
-                    published, nbytes = sent, 0
+                    count, published = sent - published, sent
+                    self._publish(seq, nbytes, head, count)
+                    nbytes = 0
                     start, head = self._wait_space(head, n, deadline)
                     if start < 0:
                         if slots is not None:
@@ -295,6 +298,9 @@ class Queue(Bus):
                 nbytes += n
                 sent += 1
         finally:
+            # (``published`` is updated before each publish, so an interrupted
+            # publish is never repeated: its missing tokens are healed by
+            # consumers, see _heal_tokens.)
             self._publish(seq, nbytes, head, sent - published)
         return sent
 
@@ -325,8 +331,7 @@ class Queue(Bus):
         h32, h = self._h32, self._h64
         cap = self._cap
         while True:
-            if not self._tail_lock.acquire(deadline):
-                return -1, head
+            self._tail_lock.acquire(None)  # held only for copies, even by a non-blocking put
             try:
                 tail = h[Q_TAIL]
                 _ring.check_positions(head, tail, cap)
@@ -420,44 +425,58 @@ class Queue(Bus):
                 return self._codec.finish_many(got)
 
     def _take1(self) -> tuple[int, Payload] | None:
-        """``_take(1)`` with the common case inline (measured ~0.5 us of 2.5 per get)."""
+        """``_take(1)`` with the common case inline (measured ~0.5 us of 2.5 per get).
+
+        Holds one items token on entry. If anything interrupts it before the
+        commit (a KeyboardInterrupt, say), the token goes back, so the
+        message stays gettable.
+        """
         h = self._h64
-        h[self._part_tokens()] = 1
+        tokens = self._part_tokens()
+        h[tokens] = 1
         if _faults.armed:
             _faults.hit("get:after-token")
         tail_lock = self._tail_lock
-        tail_lock.acquire(None)
+        committed = False
         try:
-            if _faults.armed:
-                _faults.hit("get:after-lock")
-            cap = self._cap
-            tail = h[Q_TAIL]
-            head = h[Q_HEAD]
-            if (
-                tail < head <= tail + cap
-                and not (head | tail) & 15
-                and not self._h32[I_SPACE_WAITING]
-                and self._slots is None
-            ):
-                start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
-                seq = h[Q_TAIL_SEQ]
-                if rseq == seq:
-                    payload = extract(self._mm, self._ro + start % cap + RECORD_SIZE, n, kind)
-                    if _faults.armed:
-                        _faults.hit("get:after-copy")
-                    h[Q_TAIL_SEQ] = seq + 1
-                    if _faults.armed:
-                        _faults.hit("get:mid-commit")
-                    h[Q_BYTES_OUT] += n
-                    h[Q_TAIL] = nxt
-                    if _faults.armed:
-                        _faults.hit("get:before-unlock")
-                    h[self._part_tokens()] = 0
-                    return kind, payload
+            tail_lock.acquire(None)
+            try:
+                if _faults.armed:
+                    _faults.hit("get:after-lock")
+                cap = self._cap
+                tail = h[Q_TAIL]
+                head = h[Q_HEAD]
+                if (
+                    tail < head <= tail + cap
+                    and not (head | tail) & 15
+                    and not self._h32[I_SPACE_WAITING]
+                    and self._slots is None
+                ):
+                    start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
+                    seq = h[Q_TAIL_SEQ]
+                    if rseq == seq:
+                        payload = extract(self._mm, self._ro + start % cap + RECORD_SIZE, n, kind)
+                        if _faults.armed:
+                            _faults.hit("get:after-copy")
+                        h[Q_TAIL_SEQ] = seq + 1
+                        if _faults.armed:
+                            _faults.hit("get:mid-commit")
+                        h[Q_BYTES_OUT] += n
+                        h[Q_TAIL] = nxt
+                        committed = True
+                        h[tokens] = 0
+                        if _faults.armed:
+                            _faults.hit("get:before-unlock")
+                        return kind, payload
+            finally:
+                tail_lock.release()
         except CorruptBus:
-            pass  # _take says what is wrong, with the tokens handled
-        finally:
-            tail_lock.release()
+            pass  # _take says what is wrong, and hands the token back
+        except BaseException:
+            if not committed:
+                self._items.release()
+                h[tokens] = 0
+            raise
         got = self._take(1)
         return got[0] if got else None
 
@@ -478,10 +497,12 @@ class Queue(Bus):
         h[tokens] = k
         if _faults.armed:
             _faults.hit("get:after-token")
-        self._tail_lock.acquire(None)
         out: list[tuple[int, Payload]] = []
         taken = 0
+        committed = locked = False
         try:
+            self._tail_lock.acquire(None)
+            locked = True
             if _faults.armed:
                 _faults.hit("get:after-lock")
             ring, cap = self._ring, self._cap
@@ -514,6 +535,7 @@ class Queue(Bus):
                 _faults.hit("get:mid-commit")
             h[Q_BYTES_OUT] += nbytes
             h[Q_TAIL] = tail
+            committed = True
             h[tokens] = 0
             if _faults.armed:
                 _faults.hit("get:before-unlock")
@@ -521,14 +543,16 @@ class Queue(Bus):
                 self._h32[I_SPACE_WAITING] = 0
                 self._space.release()
         except BaseException:
-            # Nothing was consumed: every token goes back, so no message is stranded.
-            taken = 0
-            for _ in range(k):
-                self._items.release()
-            h[tokens] = 0
+            if not committed:
+                # Nothing was consumed: every token goes back, so no message is stranded.
+                taken = 0
+                for _ in range(k):
+                    self._items.release()
+                h[tokens] = 0
             raise
         finally:
-            self._tail_lock.release()
+            if locked:
+                self._tail_lock.release()
         if self._slots is not None:
             for _ in range(taken):
                 self._slots.release()

@@ -89,6 +89,11 @@ def evict(buf: Buffer, capacity: int, tail: int, head: int, length: int) -> tupl
     end = start + ((RECORD_SIZE + length + _MASK) & ~_MASK)
     dropped = 0
     while tail < head and end - tail > capacity:
+        off = tail % capacity
+        _, kind, state, _ = _unpack_from(buf, off)
+        if kind == REC_WRAP and state == STATE_COMMITTED:
+            tail += capacity - off  # only padding: dropping it may be enough
+            continue
         tail = read(buf, capacity, tail, head)[4]
         dropped += 1
     if end - tail > capacity:  # the ring is empty and the record wraps: restart at ``start``

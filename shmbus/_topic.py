@@ -59,7 +59,7 @@ from ._format import (
     WAIT_FLAGS,
     Layout,
     max_payload,
-    parse_size,
+    ring_capacity,
 )
 
 __all__ = ["Topic", "Subscription"]
@@ -112,7 +112,7 @@ class Topic(Bus):
         Raises ``BusExists`` (unless ``exist_ok``), ``PermissionError``, and
         ``ValueError`` for a bad capacity or slot count.
         """
-        cap = (parse_size(capacity) + 4095) // 4096 * 4096
+        cap = ring_capacity(capacity)
         if not isinstance(max_subscribers, int) or not 1 <= max_subscribers <= MAX_SUBSCRIBERS:
             raise ValueError(f"max_subscribers must be from 1 to {MAX_SUBSCRIBERS}, got {max_subscribers!r}")
         return cls._create(
@@ -454,6 +454,8 @@ class Subscription:
         self._check_open()
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
         got = self._read(max_messages)
         if not got and block:
             deadline = None if timeout is None else _monotonic() + timeout

@@ -51,7 +51,7 @@ def fill(q: Queue, n: int = 5) -> list[Any]:
 
 def assert_intact(path: str, msgs: list[Any]) -> None:
     """Every message of ``msgs`` is still in the bus at ``path``, in order, and nothing else."""
-    with Queue.open(path) as q:
+    with Queue.open(path, allow_shared=True) as q:  # some tests share the bus on purpose
         assert q.qsize() == len(msgs)
         got = [q.get(timeout=5) for _ in msgs]
         assert got == msgs
@@ -141,6 +141,7 @@ TREE = [
     (shmbus.BusClosed, ValueError),
     (shmbus.TooManySubscribers, RuntimeError),
     (shmbus.DecodeError, shmbus.CorruptBus),
+    (shmbus.ForeignBus, PermissionError),
 ]
 
 
@@ -622,7 +623,9 @@ def shm_dir() -> Iterator[str]:
 
 
 def take_one(path: str) -> Any:
-    with Queue.open(path) as q:
+    # A stranger opts in to a bus it does not own (ForeignBus otherwise), so
+    # that what these tests see is the operating system's permission check.
+    with Queue.open(path, allow_shared=True) as q:
         return q.get_nowait()
 
 

@@ -496,12 +496,12 @@ def test_killed_subscribers_change_nothing_for_the_publisher_and_the_others(
     n = 50_000
     pub, pub_rx = _start(procs, _publish_until_killed, t.path, n, killed)
     assert progress.wait(CHILD_TIMEOUT)
+    row = _own_row(t, busy_slot)
     _kill(procs, busy)
     killed.set()
-    # It died reading, mid-stream: not in a wait, and behind the publisher.
-    assert t._mm[WAIT_FLAGS + busy_slot] == 0
-    row = _own_row(t, busy_slot)
+    # It died reading, mid-stream: behind the publisher, and not in a wait.
     assert row["received"] >= 1000 and row["lag"] > 0, row
+    assert t._mm[WAIT_FLAGS + busy_slot] == 0
 
     published = _result(pub_rx, pub)
     results = [_result(rx, p) for p, rx in survivors]
@@ -514,6 +514,12 @@ def test_killed_subscribers_change_nothing_for_the_publisher_and_the_others(
     # Only the dead may still hold slots: recovery (run whenever a process claims a
     # participant slot) frees them early; a full table reclaims them in any case.
     assert {d["pid"] for d in t.subscribers()} <= {busy.pid, blocked.pid}
+    fresh = [t.subscribe() for _ in range(4)]
+    assert sorted(s.slot for s in fresh) == [0, 1, 2, 3]
+    with pytest.raises(shmbus.TooManySubscribers):
+        t.subscribe()
+    t.publish("to the new ones")
+    assert all(s.get(timeout=WAKE_BOUND) == "to the new ones" for s in fresh)
     t.close()
 
 

@@ -1,0 +1,188 @@
+"""Finding the buses on this machine, and the semaphores that crashed processes left behind.
+
+Rule: this module owns one question, "which shmbus resources exist here, and
+which semaphores belong to no bus?", and the one cleanup that follows from it.
+It reads bus files with ``pread`` (it never opens them as buses, which could
+recreate a missing semaphore), follows no symbolic link, opens nothing but
+regular files, and removes nothing but ``sem.shmbus.*`` names.
+
+A bus's semaphores are named from the id in its header, so a semaphore is an
+orphan when no bus file carries its id. But ``gc`` only knows the buses it can
+see: the files in ``/dev/shm`` and the paths it is given. A bus file kept on
+disk elsewhere owns semaphores in ``/dev/shm`` too, and unless its path is
+passed they look exactly like orphans (removing them is not fatal, the next
+``open`` recreates them, but a process that has the bus open keeps the old
+ones, so producers and consumers would stop waking each other). Hence every
+function here takes extra ``paths``. Two more guards keep ``gc`` from removing
+what is not an orphan:
+
+* ``create`` makes the semaphores before the file appears, so a semaphore
+  younger than ``min_age`` seconds (default ``GRACE``) is never an orphan;
+* a semaphore whose owner also owns a file in ``/dev/shm`` that we may not
+  read is not one either: it may be that file's.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from . import _sync
+from ._bus import SHM_DIR, _open_fd, header_stats, read_layout, resolve_path
+from ._errors import CorruptBus, IncompatibleBus, ShmbusError
+from ._format import HEADER_MIN, peek_ids
+
+__all__ = ["BusInfo", "list_buses", "orphan_semaphores", "gc", "GRACE"]
+
+log = logging.getLogger("shmbus")
+
+GRACE: Final = 10.0  # seconds; far longer than create takes between its semaphores and its file
+
+
+@dataclass(frozen=True)
+class BusInfo:
+    """One bus file as ``list_buses`` found it.
+
+    ``kind`` is ``"Queue"`` or ``"Topic"``, or ``"corrupt"`` / ``"incompatible"``
+    for a file with the shmbus magic whose header cannot be used (``problem``
+    then says why, and ``capacity``, ``fill`` and ``messages`` are 0).
+    ``mode`` holds the permission bits, ``owner`` the uid, ``size`` the file's
+    size in bytes, ``semaphores`` how many of its semaphores exist now.
+    ``participants`` (live processes attached) is not known yet: always None.
+    """
+
+    path: str
+    kind: str
+    bus_id: str
+    mode: int
+    owner: int
+    size: int
+    capacity: int
+    fill: float
+    messages: int
+    semaphores: int
+    problem: str | None = None
+    participants: int | None = None
+
+
+def list_buses(paths: Iterable[str] | None = None) -> list[BusInfo]:
+    """Every bus file in ``/dev/shm``, plus the buses at ``paths``, sorted by path.
+
+    Other files in ``/dev/shm`` are skipped silently, and so are those we may
+    not read. A path given explicitly must be a bus: raises ``BusNotFound``,
+    ``NotABus`` or ``PermissionError`` otherwise.
+    """
+    return _scan(paths, _sync.list_sems())[0]
+
+
+def orphan_semaphores(paths: Iterable[str] | None = None, *, min_age: float = GRACE) -> list[str]:
+    """The files in ``/dev/shm`` of the shmbus semaphores whose bus file is gone.
+
+    Only the buses in ``/dev/shm`` and at ``paths`` are known (see the module
+    docstring: pass the paths of your disk-backed buses). Semaphores younger
+    than ``min_age`` seconds are left out: their bus may be being created.
+    """
+    return [f for _, _, f in _orphans(paths, min_age)]
+
+
+def gc(paths: Iterable[str] | None = None, dry_run: bool = False, *, min_age: float = GRACE) -> list[str]:
+    """Remove the orphan semaphores (see ``orphan_semaphores``); return their files.
+
+    With ``dry_run`` nothing is removed and the list says what would be. A
+    semaphore we may not remove (another user's) is kept, with a warning.
+
+    Example::
+
+        shmbus._admin.gc(["/var/lib/app/jobs.bus"])   # also keep that disk bus's semaphores
+    """
+    removed = []
+    for bus_id, role, f in _orphans(paths, min_age):
+        if not dry_run:
+            try:
+                _sync.unlink_sems(bus_id, [role])
+            except (_sync.SemPermissionError, PermissionError):
+                log.warning("cannot remove orphan semaphore %s: permission denied (run as its owner)", f)
+                continue
+            log.debug("removed orphan semaphore %s", f)
+        removed.append(f)
+    return removed
+
+
+def _orphans(paths: Iterable[str] | None, min_age: float) -> list[tuple[str, str, str]]:
+    # List the semaphores before the files: a bus created in between then has
+    # its file seen, or its semaphores are too young to judge.
+    sems = _sync.list_sems()
+    buses, hidden_owners = _scan(paths, sems)
+    owned = {b.bus_id for b in buses}
+    now = time.time()
+    out = []
+    for bus_id, role, f in sems:
+        if bus_id in owned:
+            continue
+        try:
+            st = os.lstat(f)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if st.st_uid in hidden_owners or now - max(st.st_mtime, st.st_ctime) < min_age:
+            continue
+        out.append((bus_id, role, f))
+    return sorted(out, key=lambda o: o[2])
+
+
+def _scan(paths: Iterable[str] | None, sems: list[tuple[str, str, str]]) -> tuple[list[BusInfo], set[int]]:
+    """The buses in /dev/shm and at ``paths``; and the owners of the /dev/shm files we may not read."""
+    counts = collections.Counter(bus_id for bus_id, _, _ in sems)
+    sem_files = {f for _, _, f in sems}
+    found: dict[tuple[int, int], BusInfo] = {}
+    hidden: set[int] = set()
+    with os.scandir(SHM_DIR) as it:
+        for entry in it:
+            # d_type only: no stat, no link followed, and FIFOs or devices never opened.
+            if entry.path in sem_files or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                key, info = _read_bus(entry.path, counts)
+            except PermissionError:
+                with contextlib.suppress(FileNotFoundError):
+                    hidden.add(entry.stat(follow_symlinks=False).st_uid)
+                continue
+            except (ShmbusError, OSError):
+                continue  # not a bus, gone, or swapped for something that is not a regular file
+            found[key] = info
+    for p in paths or ():
+        key, info = _read_bus(resolve_path(p), counts)
+        found.setdefault(key, info)
+    return sorted(found.values(), key=lambda b: b.path), hidden
+
+
+def _read_bus(path: str, sem_counts: collections.Counter[str]) -> tuple[tuple[int, int], BusInfo]:
+    """Read the header of the file at ``path``; raises ``NotABus`` when it has no shmbus magic."""
+    fd = _open_fd(path, os.O_RDONLY)  # O_NOFOLLOW | O_NONBLOCK: a swapped-in link or FIFO fails fast
+    try:
+        st = os.fstat(fd)
+        key, mode = (st.st_dev, st.st_ino), stat.S_IMODE(st.st_mode)
+        try:
+            layout = read_layout(fd, path)
+        except (CorruptBus, IncompatibleBus) as e:
+            ids = peek_ids(os.pread(fd, HEADER_MIN, 0))
+            bus_id = ids[0] if ids else ""
+            kind = "incompatible" if isinstance(e, IncompatibleBus) else "corrupt"
+            return key, BusInfo(
+                path, kind, bus_id, mode, st.st_uid, st.st_size, capacity=0, fill=0.0, messages=0,
+                semaphores=sem_counts[bus_id], problem=str(e),
+            )  # fmt: skip
+        head = os.pread(fd, HEADER_MIN, 0).ljust(HEADER_MIN, b"\0")  # padded if truncated meanwhile
+    finally:
+        os.close(fd)
+    s = header_stats(path, layout, memoryview(head).cast("Q"))
+    return key, BusInfo(
+        path, s.kind, s.bus_id, mode, st.st_uid, st.st_size, capacity=s.capacity, fill=s.fill,
+        messages=s.messages, semaphores=sem_counts[s.bus_id],
+    )  # fmt: skip
