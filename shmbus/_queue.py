@@ -384,7 +384,7 @@ class Queue(Bus):
         items = self._items
         while True:
             if not items.try_acquire() and (
-                not block or not items.spin_acquire(deadline, self.spin, self.recover)
+                not block or not items.spin_acquire(deadline, self.spin, self._heal)
             ):
                 raise Empty(f"{self.path} is empty", path=self.path)
             got = self._take1()
@@ -412,7 +412,7 @@ class Queue(Bus):
         while True:
             k = 0
             if block:
-                if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self.recover):
+                if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
                     raise Empty(f"{self.path} is empty", path=self.path)
                 k = 1
             try_acquire = items.try_acquire
@@ -598,6 +598,30 @@ class Queue(Bus):
         have = self._items.value + self._part.live_tokens()
         for _ in range(records - have):
             self._items.release()
+
+    def _heal(self) -> None:
+        """After each empty slice of a consumer's wait: recover dead holders, then lost tokens.
+
+        A process interrupted or killed between taking or posting an items
+        token and recording it can leave records without tokens: the queue
+        holds messages while ``items`` is 0. Posting what is missing heals it;
+        posting one too many is harmless (a token without a record is dropped).
+        """
+        self.recover()
+        if self._items.value or not self._queued():
+            return
+        part = self._part
+        assert part is not None
+        self._tail_lock.acquire(None)
+        try:
+            with part.recovery_lock():
+                missing = self._queued() - part.live_tokens() - self._items.value
+            if missing > 0:
+                log.warning("%s: %d messages had no items token; healing", self.path, missing)
+                for _ in range(missing):
+                    self._items.release()
+        finally:
+            self._tail_lock.release()
 
     def _reap(self, slot: int) -> None:
         assert self._part is not None

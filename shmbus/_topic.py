@@ -477,13 +477,16 @@ class Subscription:
         ro = t._layout.ring_offset
         cursor, nxt = self._cursor, self._next
         out: list[tuple[int, Payload]] = []
+        skipped = 0
         while len(out) < k:
             head = h[Q_HEAD]
+            tail = h[Q_TAIL]
+            if (head | tail | cursor) & 15 or (tail <= head and head - tail > cap):
+                raise CorruptBus(f"{t.path}: ring positions out of range (head {head}, tail {tail})")
             if cursor >= head:
-                if cursor > head and h[Q_TAIL] <= head:
+                if cursor > head and tail <= head:
                     raise CorruptBus(f"{t.path}: head {head} went behind a subscriber's cursor {cursor}")
                 break  # (cursor past head: a publisher is restarting an empty ring at the next lap)
-            tail = h[Q_TAIL]
             if cursor < tail:
                 cursor = tail  # lapped: skip to the oldest intact record
                 continue
@@ -497,6 +500,9 @@ class Subscription:
             if h[Q_TAIL] > cursor:
                 continue  # the copy may be torn: throw it away and resync
             if rseq < nxt:
+                skipped += after - cursor
+                if skipped > cap:  # a ring's worth of old records: only a broken header does that
+                    raise CorruptBus(f"{t.path}: records behind sequence number {nxt} fill the ring")
                 cursor = after  # published before we subscribed
                 continue
             self.lost += rseq - nxt
@@ -517,7 +523,7 @@ class Subscription:
         if self.spin > 0:
             end = _monotonic() + self.spin
             while _monotonic() < end:
-                if h[Q_HEAD] != cursor:
+                if h[Q_HEAD] > cursor:
                     return True
                 os.sched_yield()  # see Sem.spin_acquire: never starve the publisher
         while True:
@@ -527,7 +533,9 @@ class Subscription:
             # fences between storing head and loading the flags).
             self._sem.release()
             self._sem.try_acquire()
-            if h[Q_HEAD] != cursor:
+            # ``>``, not ``!=``: while a publisher restarts an empty ring at the
+            # next lap, head is briefly behind a cursor that already jumped there.
+            if h[Q_HEAD] > cursor:
                 mm[self._flag] = 0
                 return True
             now = _monotonic()
@@ -537,7 +545,7 @@ class Subscription:
             wait_until = now + _SAFETY_SLICE if deadline is None else min(deadline, now + _SAFETY_SLICE)
             self._sem.acquire(wait_until)
             mm[self._flag] = 0
-            if h[Q_HEAD] != cursor:
+            if h[Q_HEAD] > cursor:
                 return True
 
     # -- lifecycle -------------------------------------------------------------
