@@ -28,12 +28,15 @@ from ._errors import Full as Full
 from ._errors import IncompatibleBus as IncompatibleBus
 from ._errors import MessageTooLarge as MessageTooLarge
 from ._errors import NotABus as NotABus
+from ._errors import Overwritten as Overwritten
 from ._errors import ShmbusError as ShmbusError
 from ._errors import TooManySubscribers as TooManySubscribers
 from ._format import VERSION as FORMAT_VERSION
 from ._queue import Queue as Queue
 from ._topic import Subscription as Subscription
 from ._topic import Topic as Topic
+from ._zerocopy import Reservation as Reservation
+from ._zerocopy import View as View
 
 __version__ = "0.1.0"
 
@@ -42,6 +45,8 @@ __all__ = [
     "Topic",
     "Subscription",
     "Stats",
+    "Reservation",
+    "View",
     "Codec",
     "unlink",
     "FORMAT_VERSION",
@@ -57,6 +62,7 @@ __all__ = [
     "DecodeError",
     "BusClosed",
     "TooManySubscribers",
+    "Overwritten",
     "Empty",
     "Full",
 ]

@@ -22,7 +22,7 @@ import msgpack
 from ._errors import DecodeError, EncodeError
 from ._format import REC_MSGPACK, REC_RAW
 
-__all__ = ["Codec", "DEFAULT_CODEC", "Encoded", "Payload", "as_bytes_view", "extract"]
+__all__ = ["Codec", "DEFAULT_CODEC", "Encoded", "Payload", "as_bytes_view", "extract", "extract_range"]
 
 # bytes is the payload still to decode; (value,) is already the final object.
 Payload = Union[bytes, tuple[Any]]
@@ -163,6 +163,25 @@ class Codec:
             raise DecodeError(f"a message is not valid msgpack ({type(e).__name__}: {e})") from e
 
 
+def extract_range(buf: Any, a: int, n: int, kind: int = REC_MSGPACK) -> tuple[int, int, bool]:
+    """Where the data of the ``n``-byte payload at ``buf[a:]`` lies: ``(start, end, is_bytes)``.
+
+    A msgpack ``bin`` payload (a ``bytes`` message) is its data without the
+    header; a raw record is all data; anything else is msgpack to decode.
+    """
+    if kind != REC_MSGPACK:
+        return a, a + n, True
+    b0 = buf[a] if n else 0
+    if _BIN8 <= b0 <= _BIN32:
+        if b0 == _BIN8 and n >= 2 and buf[a + 1] == n - 2:
+            return a + 2, a + n, True
+        if b0 == _BIN16 and n >= 3 and (buf[a + 1] << 8 | buf[a + 2]) == n - 3:
+            return a + 3, a + n, True
+        if b0 == _BIN32 and n >= 5 and int.from_bytes(buf[a + 1 : a + 5], "big") == n - 5:
+            return a + 5, a + n, True
+    return a, a + n, False
+
+
 def extract(buf: Any, a: int, n: int, kind: int = REC_MSGPACK) -> Payload:
     """Copy the ``n``-byte payload at ``buf[a:]`` out of the ring (under the lock).
 
@@ -170,14 +189,10 @@ def extract(buf: Any, a: int, n: int, kind: int = REC_MSGPACK) -> Payload:
     payload is copied without its header, already final. Raw records are
     copied as they are.
     """
-    b0 = buf[a] if n and kind == REC_MSGPACK else 0
-    if _BIN8 <= b0 <= _BIN32:
-        if b0 == _BIN8 and n >= 2 and buf[a + 1] == n - 2:
-            return (bytes(buf[a + 2 : a + n]),)
-        if b0 == _BIN16 and n >= 3 and (buf[a + 1] << 8 | buf[a + 2]) == n - 3:
-            return (bytes(buf[a + 3 : a + n]),)
-        if b0 == _BIN32 and n >= 5 and int.from_bytes(buf[a + 1 : a + 5], "big") == n - 5:
-            return (bytes(buf[a + 5 : a + n]),)
+    if kind == REC_MSGPACK and n and _BIN8 <= buf[a] <= _BIN32:
+        start, end, is_bytes = extract_range(buf, a, n, kind)
+        if is_bytes:
+            return (bytes(buf[start:end]),)
     return bytes(buf[a : a + n])
 
 

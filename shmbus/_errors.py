@@ -24,6 +24,7 @@ __all__ = [
     "DecodeError",
     "BusClosed",
     "TooManySubscribers",
+    "Overwritten",
     "Empty",
     "Full",
 ]
@@ -121,6 +122,14 @@ class BusClosed(ShmbusError, ValueError):
 
 class TooManySubscribers(ShmbusError, RuntimeError):
     """Every subscriber slot of the Topic is taken (create it with more ``max_subscribers``)."""
+
+
+class Overwritten(ShmbusError, RuntimeError):
+    """A Topic publisher overwrote a message while a zero-copy view was reading it.
+
+    Raised when a ``Subscription.get_view()`` block ends; the bytes seen may
+    be torn, and the message counts in ``lost``.
+    """
 
 
 class Empty(ShmbusError, queue.Empty):

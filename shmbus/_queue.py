@@ -32,7 +32,7 @@ from typing import Any
 
 from . import _faults, _ring
 from ._bus import Bus
-from ._codec import Codec, Encoded, Payload, as_bytes_view, extract
+from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
 from ._errors import CorruptBus, Empty, Full, MessageTooLarge
 from ._format import (
     I_HEAD_HOLDER,
@@ -51,6 +51,7 @@ from ._format import (
     max_payload,
     ring_capacity,
 )
+from ._zerocopy import Reservation, View
 
 __all__ = ["Queue"]
 
@@ -566,6 +567,126 @@ class Queue(Bus):
             f"{self.path}: record at ring offset {off} has sequence number {rseq}, expected {seq}",
             path=self.path, offset=off,
         )  # fmt: skip
+
+    # -- zero-copy -------------------------------------------------------------
+
+    def reserve(self, nbytes: int, block: bool = True, timeout: float | None = None) -> Reservation:
+        """Reserve ``nbytes`` in the ring to fill in place; use as ``with q.reserve(n) as buf:``.
+
+        ``buf`` is a writable ``memoryview`` straight into the shared ring.
+        Leaving the block commits it as one raw-bytes message (``get`` returns
+        ``bytes``); an exception abandons it and nothing is visible. The
+        producer lock is held until the block ends, so keep it short. Raises
+        ``Full`` (no space in time) or ``MessageTooLarge``.
+        """
+        self._check_open()
+        if not 0 <= nbytes <= self._max_payload:
+            raise MessageTooLarge(
+                f"cannot reserve {nbytes} bytes in {self.path}: a message holds 0 to {self._max_payload}",
+                path=self.path, size=nbytes, limit=self._max_payload,
+            )  # fmt: skip
+        deadline = _deadline(block, timeout)
+        if not self._head_lock.acquire(_monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline):
+            raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
+        try:
+            start, head, seq = self._make_room(nbytes, deadline)
+        except BaseException:
+            self._head_lock.release()
+            raise
+        off = _ring.begin(self._ring, self._cap, head, start, seq)
+        view = self._ring[off : off + nbytes]
+
+        def commit() -> None:
+            try:
+                new_head = _ring.commit(self._ring, self._cap, start, REC_RAW, seq, nbytes)
+                self._publish(seq + 1, nbytes, new_head, 1)
+            finally:
+                self._head_lock.release()
+
+        def abandon() -> None:
+            if self._slots is not None:
+                self._slots.release()
+            self._head_lock.release()
+
+        return Reservation(view, commit, abandon)
+
+    def _make_room(self, n: int, deadline: float | None) -> tuple[int, int, int]:
+        """Under the head lock: wait for a slot and for ``n`` bytes; return (start, head, seq)."""
+        slots, h, cap = self._slots, self._h64, self._cap
+        if slots is not None and not slots.try_acquire() and not slots.acquire(deadline, self.recover):
+            raise Full(f"{self.path} is full: no slot freed in time", path=self.path)
+        head, tail = h[Q_HEAD], h[Q_TAIL]
+        _ring.check_positions(head, tail, cap)
+        start = _ring.place(head, tail, cap, n)
+        if start < 0 or _ring.rebases(head, tail, start):
+            start, head = self._wait_space(head, n, deadline)
+            if start < 0:
+                if slots is not None:
+                    slots.release()
+                raise Full(f"{self.path} is full: no space freed in time", path=self.path)
+        return start, head, h[Q_NEXT_SEQ]
+
+    def get_view(self, block: bool = True, timeout: float | None = None) -> View:
+        """The oldest message's payload, in place; use as ``with q.get_view() as buf:``.
+
+        ``buf`` is a read-only ``memoryview`` into the shared ring, valid inside
+        the block (raw bytes for ``put_bytes``/``reserve``/``bytes`` messages,
+        the msgpack encoding for others; ``View.kind`` says which). Leaving the
+        block normally consumes the message; an exception leaves it in the
+        queue. The consumer lock is held until the block ends, so keep it
+        short. Raises ``Empty`` when nothing arrived in time.
+        """
+        if self._closed:
+            self._check_open()
+        deadline = _deadline(block, timeout)
+        part = self._part
+        assert part is not None
+        if not part.me:
+            part.claim(self.recover)
+        items, h = self._items, self._h64
+        if not items.try_acquire() and (not block or not items.spin_acquire(deadline, self.spin, self._heal)):
+            raise Empty(f"{self.path} is empty", path=self.path)
+        tokens = self._part_tokens()
+        h[tokens] = 1
+        try:
+            self._tail_lock.acquire(None)
+        except BaseException:
+            items.release()
+            h[tokens] = 0
+            raise
+        try:
+            tail, head, cap = h[Q_TAIL], h[Q_HEAD], self._cap
+            _ring.check_positions(head, tail, cap)
+            start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
+            if rseq != h[Q_TAIL_SEQ]:
+                raise self._bad_seq(start, rseq, h[Q_TAIL_SEQ])
+        except BaseException:
+            self._tail_lock.release()
+            items.release()
+            h[tokens] = 0
+            raise
+        a = start % cap + RECORD_SIZE
+        got = extract_range(self._ring, a, n, kind)
+        view = self._ring[got[0] : got[1]].toreadonly()
+
+        def finish(consume: bool) -> None:
+            try:
+                if consume:
+                    h[Q_TAIL_SEQ] = rseq + 1
+                    h[Q_BYTES_OUT] += n
+                    h[Q_TAIL] = nxt
+                    if self._h32[I_SPACE_WAITING]:
+                        self._h32[I_SPACE_WAITING] = 0
+                        self._space.release()
+                else:
+                    items.release()
+                h[tokens] = 0
+            finally:
+                self._tail_lock.release()
+            if consume and self._slots is not None:
+                self._slots.release()
+
+        return View(view, "bytes" if got[2] else "msgpack", finish)
 
     # -- crash recovery hooks ------------------------------------------------
 

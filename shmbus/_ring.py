@@ -32,6 +32,8 @@ __all__ = [
     "evict",
     "rebases",
     "write",
+    "begin",
+    "commit",
     "read",
     "skip",
     "check_positions",
@@ -113,9 +115,10 @@ def write(
     """Write one record at ``start`` (from ``place``) and return the new head.
 
     The payload is ``prefix`` followed by ``body`` (either may be empty), so a
-    large ``bytes`` goes in with one copy. The header, with its committed
-    state, is stored after the payload: a reader that checks the state never
-    sees a half-written record.
+    large ``bytes`` goes in with one copy. The header is stored after the
+    payload, but what makes a record visible is the caller publishing the new
+    head (Queue) or the seqlock re-check (Topic), not the state field. This is
+    ``begin`` + copy + ``commit`` fused, as the hot path of every put.
     """
     if start != head:
         _pack_into(buf, head % capacity, 0, REC_WRAP, STATE_COMMITTED, seq)
@@ -129,6 +132,23 @@ def write(
         n += m
     _pack_into(buf, off, n, kind, STATE_COMMITTED, seq)
     return start + ((RECORD_SIZE + n + _MASK) & ~_MASK)
+
+
+def begin(buf: Buffer, capacity: int, head: int, start: int, seq: int) -> int:
+    """Start a record at ``start`` (from ``place``), writing the wrap marker if it wraps.
+
+    Returns the offset in ``buf`` where the payload goes; the caller fills it
+    in place, then calls ``commit``. Zero-copy writers (``reserve``) use this.
+    """
+    if start != head:
+        _pack_into(buf, head % capacity, 0, REC_WRAP, STATE_COMMITTED, seq)
+    return start % capacity + RECORD_SIZE
+
+
+def commit(buf: Buffer, capacity: int, start: int, kind: int, seq: int, length: int) -> int:
+    """Store the header of a record begun at ``start`` with ``length`` payload bytes; return the new head."""
+    _pack_into(buf, start % capacity, length, kind, STATE_COMMITTED, seq)
+    return start + ((RECORD_SIZE + length + _MASK) & ~_MASK)
 
 
 def read(buf: Buffer, capacity: int, tail: int, head: int) -> tuple[int, int, int, int, int]:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from . import _faults, _ring, _sync
 from ._bus import Bus
-from ._codec import Codec, Encoded, Payload, extract
+from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty, MessageTooLarge, TooManySubscribers
 from ._format import (
     I_HEAD_HOLDER,
@@ -47,6 +47,7 @@ from ._format import (
     Q_NEXT_SEQ,
     Q_TAIL,
     Q_TAIL_SEQ,
+    REC_RAW,
     RECORD_SIZE,
     S_ATTACHED,
     S_CURSOR,
@@ -61,6 +62,7 @@ from ._format import (
     max_payload,
     ring_capacity,
 )
+from ._zerocopy import Reservation, View
 
 __all__ = ["Topic", "Subscription"]
 
@@ -174,9 +176,6 @@ class Topic(Bus):
 
     def publish_bytes(self, data: bytes) -> None:
         """Publish raw bytes with no msgpack framing (subscribers get ``bytes``)."""
-        from ._codec import as_bytes_view
-        from ._format import REC_RAW
-
         body = data if type(data) is bytes else as_bytes_view(data)
         self._publish([(REC_RAW, b"", body, len(body))])
 
@@ -196,37 +195,79 @@ class Topic(Bus):
             self._write(batch)
         finally:
             self._head_lock.release()  # a full fence: the new head is visible before we read the flags
-        if self._mm is not None and self._mm[WAIT_FLAGS : self._flags_end] != self._no_flags:
-            self._wake_waiters()
+        self._wake_if_waiting()
 
     def _write(self, batch: list[Encoded]) -> None:
         if _faults.armed:
             _faults.hit("publish:after-lock")
-        h = self._h64
         ring, cap = self._ring, self._cap
-        head, tail = h[Q_HEAD], h[Q_TAIL]
-        _ring.check_positions(head, tail, cap)
-        seq = h[Q_NEXT_SEQ]
-        tail_seq = h[Q_TAIL_SEQ]
-        nbytes = 0
         for kind, prefix, body, n in batch:
-            start, new_tail, dropped = _ring.evict(ring, cap, tail, head, n)
-            if new_tail != tail:
-                tail_seq = seq if new_tail >= head else tail_seq + dropped
-                # Publish the new tail before overwriting: readers re-check it after copying.
-                h[Q_TAIL_SEQ] = tail_seq
-                h[Q_TAIL] = tail = new_tail
-                if _faults.armed:
-                    _faults.hit("publish:after-evict")
-            head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
-            seq += 1
-            nbytes += n
-            # Each record is published at once, so readers never wait for a whole batch.
-            h[Q_NEXT_SEQ] = seq
+            start, head, seq = self._make_room(n)
+            new_head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
+            self._commit_record(seq, n, new_head)
+
+    def _make_room(self, n: int) -> tuple[int, int, int]:
+        """Under the head lock: drop the oldest records until ``n`` bytes fit; return (start, head, seq).
+
+        The new tail is stored *before* the caller overwrites anything:
+        subscribers re-check it after copying, which is how they detect a lap.
+        """
+        h = self._h64
+        head, tail = h[Q_HEAD], h[Q_TAIL]
+        _ring.check_positions(head, tail, self._cap)
+        seq = h[Q_NEXT_SEQ]
+        start, new_tail, dropped = _ring.evict(self._ring, self._cap, tail, head, n)
+        if new_tail != tail:
+            h[Q_TAIL_SEQ] = seq if new_tail >= head else h[Q_TAIL_SEQ] + dropped
+            h[Q_TAIL] = new_tail
             if _faults.armed:
-                _faults.hit("publish:mid-publish")
-            h[Q_BYTES_IN] += n
-            h[Q_HEAD] = head
+                _faults.hit("publish:after-evict")
+        return start, head, seq
+
+    def _commit_record(self, seq: int, n: int, new_head: int) -> None:
+        """Publish one written record: each goes out at once, so readers never wait for a batch."""
+        h = self._h64
+        h[Q_NEXT_SEQ] = seq + 1
+        if _faults.armed:
+            _faults.hit("publish:mid-publish")
+        h[Q_BYTES_IN] += n
+        h[Q_HEAD] = new_head
+
+    def reserve(self, nbytes: int) -> Reservation:
+        """Reserve ``nbytes`` in the ring to fill in place; use as ``with t.reserve(n) as buf:``.
+
+        Leaving the block publishes the bytes as one raw message; an exception
+        abandons it (the oldest messages it displaced stay dropped). Never waits
+        for subscribers; holds the publisher lock until the block ends.
+        """
+        self._check_open()
+        if not 0 <= nbytes <= self._max_payload:
+            raise MessageTooLarge(
+                f"cannot reserve {nbytes} bytes in {self.path}: a message holds 0 to {self._max_payload}",
+                path=self.path, size=nbytes, limit=self._max_payload,
+            )  # fmt: skip
+        self._head_lock.acquire(None)
+        try:
+            start, head, seq = self._make_room(nbytes)
+        except BaseException:
+            self._head_lock.release()
+            raise
+        off = _ring.begin(self._ring, self._cap, head, start, seq)
+        view = self._ring[off : off + nbytes]
+
+        def commit() -> None:
+            try:
+                new_head = _ring.commit(self._ring, self._cap, start, REC_RAW, seq, nbytes)
+                self._commit_record(seq, nbytes, new_head)
+            finally:
+                self._head_lock.release()
+            self._wake_if_waiting()
+
+        return Reservation(view, commit, self._head_lock.release)
+
+    def _wake_if_waiting(self) -> None:
+        if self._mm is not None and self._mm[WAIT_FLAGS : self._flags_end] != self._no_flags:
+            self._wake_waiters()
 
     def _wake_waiters(self) -> None:
         assert self._mm is not None
@@ -473,12 +514,37 @@ class Subscription:
     def _read(self, k: int) -> list[tuple[int, Payload]]:
         """Copy out up to ``k`` records past the cursor, without any lock."""
         t = self._topic
-        h, ring, cap, mm = t._h64, t._ring, t._cap, t._mm
+        h, mm, cap = t._h64, t._mm, t._cap
         ro = t._layout.ring_offset
-        cursor, nxt = self._cursor, self._next
         out: list[tuple[int, Payload]] = []
-        skipped = 0
         while len(out) < k:
+            found = self._next_record()
+            if found is None:
+                break
+            start, kind, rseq, n, after = found
+            payload = extract(mm, ro + start % cap + RECORD_SIZE, n, kind)
+            if h[Q_TAIL] > self._cursor:
+                continue  # the copy may be torn: throw it away and resync
+            self.lost += rseq - self._next
+            self._next, self._cursor = rseq + 1, after
+            out.append((kind, payload))
+        if out:
+            self.received += len(out)
+            self._save()
+        return out
+
+    def _next_record(self) -> tuple[int, int, int, int, int] | None:
+        """Find the next intact record at or past the cursor: (start, kind, seq, length, after).
+
+        Moves the cursor past records from before the subscription and to the
+        tail when lapped; returns None when there is nothing new. The caller
+        copies the payload, then re-checks ``tail`` against the cursor.
+        """
+        t = self._topic
+        h, ring, cap = t._h64, t._ring, t._cap
+        cursor, nxt = self._cursor, self._next
+        skipped = 0
+        while True:
             head = h[Q_HEAD]
             tail = h[Q_TAIL]
             if (head | tail | cursor) & 15 or (tail <= head and head - tail > cap):
@@ -486,34 +552,62 @@ class Subscription:
             if cursor >= head:
                 if cursor > head and tail <= head:
                     raise CorruptBus(f"{t.path}: head {head} went behind a subscriber's cursor {cursor}")
-                break  # (cursor past head: a publisher is restarting an empty ring at the next lap)
+                self._cursor = cursor
+                return None  # (cursor past head: a publisher is restarting an empty ring at the next lap)
             if cursor < tail:
                 cursor = tail  # lapped: skip to the oldest intact record
                 continue
             try:
                 start, kind, rseq, n, after = _ring.read(ring, cap, cursor, head)
-                payload = extract(mm, ro + start % cap + RECORD_SIZE, n, kind)
             except CorruptBus:
                 if h[Q_TAIL] > cursor:
                     continue  # overwritten while we looked: not corruption
                 raise
-            if h[Q_TAIL] > cursor:
-                continue  # the copy may be torn: throw it away and resync
             if rseq < nxt:
                 skipped += after - cursor
                 if skipped > cap:  # a ring's worth of old records: only a broken header does that
                     raise CorruptBus(f"{t.path}: records behind sequence number {nxt} fill the ring")
                 cursor = after  # published before we subscribed
                 continue
-            self.lost += rseq - nxt
-            nxt = rseq + 1
-            cursor = after
-            out.append((kind, payload))
-        self._cursor, self._next = cursor, nxt
-        if out:
-            self.received += len(out)
+            self._cursor = cursor
+            return start, kind, rseq, n, after
+
+    def get_view(self, block: bool = True, timeout: float | None = None) -> View:
+        """The next message's payload, in place; use as ``with sub.get_view() as buf:``.
+
+        No lock is held: a publisher may overwrite the record while you read
+        it. ``View.valid()`` tells whether it is still intact; leaving the
+        block raises ``Overwritten`` if it was not (the message then counts in
+        ``lost``). Raises ``Empty`` when nothing arrived in time.
+        """
+        self._check_open()
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        deadline = None if timeout is None else _monotonic() + timeout
+        found = self._next_record()
+        while found is None:
+            if not block or not self._wait(deadline):
+                raise Empty(f"no new message on {self._topic.path}", path=self._topic.path)
+            found = self._next_record()
+        t = self._topic
+        start, kind, rseq, n, after = found
+        a, b, is_bytes = extract_range(t._ring, start % t._cap + RECORD_SIZE, n, kind)
+        view = t._ring[a:b].toreadonly()
+        cursor = self._cursor
+
+        def intact() -> bool:
+            return t._h64[Q_TAIL] <= cursor
+
+        def finish(_: bool) -> None:
+            if intact():
+                self.lost += rseq - self._next
+                self.received += 1
+            else:
+                self.lost += rseq + 1 - self._next
+            self._next, self._cursor = rseq + 1, after
             self._save()
-        return out
+
+        return View(view, "bytes" if is_bytes else "msgpack", finish, intact)
 
     def _wait(self, deadline: float | None) -> bool:
         """Sleep until head moves past the cursor; False if ``deadline`` passed first."""

@@ -155,6 +155,9 @@ def test_get_many_blocking_returns_1_to_n_and_non_blocking_0_to_n(topic: Topic) 
     for bad in (0, -1):
         with pytest.raises(ValueError):
             sub.get_many(bad)
+    for call in (lambda: sub.get(timeout=-1), lambda: sub.get_many(3, timeout=-0.5)):
+        with pytest.raises(ValueError, match="timeout"):
+            call()
     assert sub.received == 5 + 1 + 20
 
 
@@ -612,11 +615,6 @@ def test_subscribers_match_a_model_of_the_ring(ops: list[tuple[Any, ...]]) -> No
             last_oldest = st1.get_count
             kept = sum(span(m) for m in published[st1.get_count :])
             assert kept <= st1.used_bytes <= CAP
-            if st1.get_count:
-                # Dropped no more than needed: the newest dropped message (plus at
-                # most a wrap's padding, less than the next one) would not fit.
-                gone, first_kept = published[st1.get_count - 1], published[st1.get_count]
-                assert st1.used_bytes + span(gone) + span(first_kept) > CAP
             rows = {d["slot"]: d for d in t.subscribers()}
             for s, m_ in subs:
                 row = rows[s.slot]
@@ -626,6 +624,52 @@ def test_subscribers_match_a_model_of_the_ring(ops: list[tuple[Any, ...]]) -> No
                     m_["read"],
                 )
         assert sorted(d["slot"] for d in t.subscribers()) == sorted(s.slot for s, _ in subs)
+    finally:
+        t.close()
+        shmbus.unlink(name)
+
+
+# -- what the ring keeps -----------------------------------------------------------------
+
+
+def test_a_publish_that_needs_only_the_wrap_padding_drops_no_message(small: Topic) -> None:
+    """Raw payloads make every span exact: a record is 16 bytes of header plus the payload."""
+    sub = small.subscribe("earliest")
+    small.publish_bytes(bytes(2736))  # message 0 at ring offset 0, 2752 bytes
+    small.publish_bytes(b"B" * 1344)  # 1360 bytes do not fit in the 1344 left: wraps, drops message 0
+    small.publish_bytes(b"C" * 1360)  # 1376 bytes: 16 short of full (the 1344-byte padding counts)
+    assert (small.stats().get_count, small.stats().used_bytes) == (1, 4080)
+    small.publish_bytes(b"D" * 16)  # needs 32 bytes: freeing the padding is enough
+    st = small.stats()
+    # Message 1 (1360 bytes at offset 0) does not overlap message 3 (at offset 2736): it stays.
+    assert (st.get_count, st.messages, st.used_bytes) == (1, 3, 2768), st
+    assert drain(sub) == [b"B" * 1344, b"C" * 1360, b"D" * 16]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 2000), min_size=1, max_size=40))
+def test_the_ring_drops_only_the_messages_it_must(sizes: list[int]) -> None:
+    """After every publish, the newest dropped message could not have stayed.
+
+    Were it kept, the ring would hold it, every later message, and at most one
+    wrap's padding (less than the next message's span): more than the capacity.
+    """
+    name = f"{TEST_PREFIX}{uuid.uuid4().hex[:12]}"
+    t = Topic.create(name, capacity=CAP)
+    try:
+        published = []
+        for n in sizes:
+            m = bytes([len(published) & 0xFF]) * n
+            t.publish_bytes(m)
+            published.append(m)
+            st1 = t.stats()
+            raw = [(16 + len(p) + 15) & ~15 for p in published]
+            assert sum(raw[st1.get_count :]) <= st1.used_bytes <= CAP
+            if st1.get_count:
+                gone, first_kept = raw[st1.get_count - 1], raw[st1.get_count]
+                assert st1.used_bytes + gone + first_kept > CAP, (st1, raw)
+        with t.subscribe("earliest") as sub:
+            assert drain(sub) == published[t.stats().get_count :]
     finally:
         t.close()
         shmbus.unlink(name)

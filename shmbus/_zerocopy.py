@@ -1,0 +1,112 @@
+"""Zero-copy access: a writable slice of the ring to fill in place, a read-only one to read in place.
+
+Rule: this module owns the objects handed to users for in-place access and
+their exit rules; the bus kinds (``Queue``, ``Topic``, ``Subscription``)
+supply what happens at commit and at abandon. A ``Reservation`` holds the
+producer lock from ``reserve()`` until its block ends; a Queue ``View`` holds
+the consumer lock for as long as its block runs. Both are meant for ``with``:
+a reservation dropped without exiting is abandoned when it is collected.
+
+What a user learns, and when:
+
+* ``Reservation``: leaving the block normally commits the record (visible to
+  consumers at once); an exception abandons it (nothing visible).
+* ``View`` of a Queue: leaving the block normally consumes the message; an
+  exception leaves it in the queue for the next ``get`` (at-least-once).
+* ``View`` of a Topic subscription: no lock is held, so a publisher may lap
+  the reader meanwhile. ``valid()`` says whether the bytes seen so far are
+  intact; leaving the block raises ``Overwritten`` if they were not (and the
+  message counts as lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+from ._errors import Overwritten
+
+__all__ = ["Reservation", "View"]
+
+
+class Reservation:
+    """A writable ``memoryview`` of one record's payload, from ``reserve(nbytes)``.
+
+    Example::
+
+        with q.reserve(8) as buf:
+            struct.pack_into("<d", buf, 0, 3.14)
+        # committed: consumers can get the 8 bytes now
+    """
+
+    __slots__ = ("_abandon", "_commit", "_done", "view")
+
+    def __init__(self, view: memoryview, commit: Callable[[], None], abandon: Callable[[], None]) -> None:
+        self.view = view
+        self._commit = commit
+        self._abandon = abandon
+        self._done = False
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._end(commit=exc_type is None)
+
+    def _end(self, *, commit: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(BufferError):  # the caller kept a slice: it stays valid memory
+            self.view.release()
+        (self._commit if commit else self._abandon)()
+
+    def __del__(self) -> None:
+        self._end(commit=False)
+
+
+class View:
+    """A read-only ``memoryview`` of one message's payload, from ``get_view()``.
+
+    ``kind`` tells how the payload was put: ``"bytes"`` for ``put_bytes``,
+    ``reserve`` or a ``bytes`` object, ``"msgpack"`` for anything else (then
+    the view holds its msgpack encoding).
+    """
+
+    __slots__ = ("_check", "_done", "_finish", "kind", "view")
+
+    def __init__(
+        self,
+        view: memoryview,
+        kind: str,
+        finish: Callable[[bool], None],
+        check: Callable[[], bool] | None = None,
+    ) -> None:
+        self.view = view
+        self.kind = kind
+        self._finish = finish
+        self._check = check
+        self._done = False
+
+    def valid(self) -> bool:
+        """True if the bytes are intact (always, for a Queue; a Topic publisher may overwrite them)."""
+        return self._check is None or self._check()
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._done:
+            return
+        self._done = True
+        intact = self.valid()
+        with contextlib.suppress(BufferError):
+            self.view.release()
+        self._finish(exc_type is None)
+        if not intact and exc_type is None:
+            raise Overwritten("a publisher overwrote this message while it was being read: it counts as lost")
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._finish(False)
