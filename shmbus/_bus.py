@@ -143,11 +143,13 @@ def unlink(path: str | os.PathLike[str]) -> None:
     if head[: len(MAGIC)] != MAGIC:
         raise NotABus(f"{real} is not a shmbus bus; refusing to remove it", path=real)
     # A corrupt header may still name its semaphores: remove what can be named.
+    # The file goes first: once it is gone nobody can open the bus and create
+    # a semaphore we would then miss.
+    os.unlink(real)
     ids = peek_ids(head)
     if ids is not None:
         bus_id, max_subs = ids
         _sync.unlink_sems(bus_id, ALL_ROLES + [f"sub{i}" for i in range(max_subs)])
-    os.unlink(real)
     log.debug("unlinked bus %s", real)
 
 

@@ -56,6 +56,9 @@ RECOVERY_INTERVAL: Final = _sync.SLICE
 UNRECORDED_GRACE: Final = 0.05
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
 _LIVE = 1 << 32  # state 1 in the high half of the pid/state word
+# Holder field of a process that found the participant table full: never taken
+# for "no holder", so recovery leaves its lock alone (it cannot tell if it died).
+_UNKNOWN = 0xFFFFFFFF
 
 
 def _ofd(fd: int, cmd: int, ltype: int, offset: int) -> int:
@@ -225,7 +228,7 @@ class Lock:
 
     def acquire(self, deadline: float | None) -> bool:
         """Take the lock before ``deadline`` (None: for ever), recovering a dead holder's lock."""
-        me = self._part.me or self._part.claim(self._recover)
+        me = self._part.me or self._part.claim(self._recover) or _UNKNOWN
         if not self.sem.acquire(deadline, self._recover):
             return False
         self._h32[self._holder] = me
@@ -233,7 +236,7 @@ class Lock:
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free now."""
-        me = self._part.me or self._part.claim(self._recover)
+        me = self._part.me or self._part.claim(self._recover) or _UNKNOWN
         if not self.sem.try_acquire():
             return False
         self._h32[self._holder] = me

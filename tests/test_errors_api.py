@@ -142,6 +142,7 @@ TREE = [
     (shmbus.TooManySubscribers, RuntimeError),
     (shmbus.DecodeError, shmbus.CorruptBus),
     (shmbus.ForeignBus, PermissionError),
+    (shmbus.Overwritten, RuntimeError),
 ]
 
 
