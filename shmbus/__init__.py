@@ -32,6 +32,7 @@ from ._errors import Overwritten as Overwritten
 from ._errors import ShmbusError as ShmbusError
 from ._errors import TooManySubscribers as TooManySubscribers
 from ._format import VERSION as FORMAT_VERSION
+from ._ndarray import array_view as array_view
 from ._queue import Queue as Queue
 from ._topic import Subscription as Subscription
 from ._topic import Topic as Topic
@@ -49,6 +50,7 @@ __all__ = [
     "View",
     "Codec",
     "unlink",
+    "array_view",
     "FORMAT_VERSION",
     "ShmbusError",
     "BusExists",

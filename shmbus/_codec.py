@@ -19,8 +19,9 @@ from typing import Any, Callable, Final, Union
 
 import msgpack
 
+from . import _ndarray
 from ._errors import DecodeError, EncodeError
-from ._format import REC_MSGPACK, REC_RAW
+from ._format import REC_MSGPACK, REC_NDARRAY, REC_RAW
 
 __all__ = ["Codec", "DEFAULT_CODEC", "Encoded", "Payload", "as_bytes_view", "extract", "extract_range"]
 
@@ -128,6 +129,9 @@ class Codec:
 
         Raises ``EncodeError`` when msgpack cannot encode it.
         """
+        if _ndarray.is_ndarray(obj):
+            prefix, body = _ndarray.encode(obj)
+            return REC_NDARRAY, prefix, body, len(prefix) + len(body)
         if type(obj) in _BYTES_TYPES:
             body = obj if type(obj) is bytes else as_bytes_view(obj)
             n = len(body)
@@ -153,6 +157,8 @@ class Codec:
             return payload[0]
         if kind == REC_RAW:
             return payload
+        if kind == REC_NDARRAY:
+            return _ndarray.decode(payload)  # type: ignore[arg-type]
         try:
             if self._plain:  # keyword expansion costs ~150 ns a message: skip it when we can
                 return _unpackb(payload, strict_map_key=False, ext_hook=_no_ext)
@@ -193,6 +199,10 @@ def extract(buf: Any, a: int, n: int, kind: int = REC_MSGPACK) -> Payload:
         start, end, is_bytes = extract_range(buf, a, n, kind)
         if is_bytes:
             return (bytes(buf[start:end]),)
+    if kind == REC_NDARRAY:
+        out = bytearray(n)  # writable, so the array that wraps it is too: still one copy
+        out[:] = memoryview(buf)[a : a + n]
+        return out  # type: ignore[return-value]
     return bytes(buf[a : a + n])
 
 

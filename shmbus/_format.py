@@ -48,7 +48,14 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        260     4  subs_holder        subscribers       participant slot + 1 holding it (0 = none)
        264     8  recoveries u64     recoverers        dead lock holders recovered, ever
        272     8  last_recovery_ns   recoverers        when, ns since the epoch
-    -- 320..511: reserved, zero --
+       320     8  scratch u64        Queue consumers   where a consumer with no participant slot
+                                                   counts its items tokens (read by nobody)
+       328    56  reserved           -                 zero
+    -- time samples (384..511), for ``shmbus stats``: 8 entries of 16 bytes --
+       384   128  samples            producers         entry i at 384 + 16 i: seq u64, time_ns u64:
+                                                   message seq was published at time_ns (ns since
+                                                   the epoch); seq 2**64-1 while being written,
+                                                   time_ns 0 = empty entry. Unordered: see below.
     -- 512..767: Topic wait flags, one byte per subscriber slot: 1 while that
        subscriber sleeps (or is about to) on its semaphore sub<i> --
     -- 768: the recovery byte: an OFD lock on it serializes recovery and
@@ -70,6 +77,17 @@ While a participant lives it holds an OFD write lock (``F_OFD_SETLK``) on
 the first byte of its slot; the kernel releases it when the process dies, so
 a slot whose state is 1 and whose byte is unlocked belongs to a dead process.
 
+The time samples let a reader bound the age of the oldest message without a
+timestamp in every record. Under the head lock, when a message's seq is a
+multiple of 256 (``SAMPLE_EVERY``), its producer writes (seq, now) into entry
+``(seq >> 8) & 3`` (the last four such messages), and into entry ``3 + k`` for
+each k in 1..4 with seq a multiple of ``256 * 8**k`` (sparser samples that
+survive a deep backlog). It stores seq = 2**64-1 first, then time_ns, then
+seq, so a reader that reads seq, time_ns, seq and gets two equal seqs has a
+whole entry. Readers treat the entries as an unordered set: the oldest
+message (``tail_seq``) is at most as old as the newest sample with seq <=
+tail_seq, and older than any sample with tail_seq < seq < next_seq.
+
 A subscriber slot (Topic) is::
 
     0  u32 state        0 = free, 1 = active (written under the subs semaphore)
@@ -86,7 +104,7 @@ Positions (head, tail) count bytes written since creation; a position's place
 in the ring is ``position % capacity``. A record is::
 
     0  u32 length   payload bytes
-    4  u16 kind     1 = msgpack, 2 = raw bytes, 3 = wrap marker
+    4  u16 kind     1 = msgpack, 2 = raw bytes, 3 = wrap marker, 4 = numpy array
     6  u16 state    1 = committed (stored last, after the payload)
     8  u64 seq      sequence number of the message
    16  payload, then padding (any content) up to a multiple of 16
@@ -122,6 +140,7 @@ __all__ = [
     "REC_MSGPACK",
     "REC_RAW",
     "REC_WRAP",
+    "REC_NDARRAY",
     "STATE_COMMITTED",
     "Q_HEAD",
     "Q_NEXT_SEQ",
@@ -143,6 +162,11 @@ __all__ = [
     "P_TOKENS",
     "RECOVERY_BYTE",
     "I_SPACE_WAITING",
+    "Q_SCRATCH",
+    "Q_TIME_SAMPLES",
+    "TIME_SAMPLES",
+    "SAMPLE_EVERY",
+    "SAMPLE_WRITING",
     "PARTICIPANT_SIZE",
     "WAIT_FLAGS",
     "MAX_SUBSCRIBERS",
@@ -215,12 +239,19 @@ I_SUBS_HOLDER: Final = 260 // 4
 Q_RECOVERIES: Final = 264 // 8
 Q_LAST_RECOVERY: Final = 272 // 8
 I_SPACE_WAITING: Final = 224 // 4
+Q_SCRATCH: Final = 320 // 8
+# Time samples: entries of (seq, time_ns) as u64 pairs from this index (see the docstring).
+Q_TIME_SAMPLES: Final = 384 // 8
+TIME_SAMPLES: Final = 8
+SAMPLE_EVERY: Final = 256  # producers test ``seq & 255`` inline: change both together
+SAMPLE_WRITING: Final = (1 << 64) - 1  # the seq of an entry being written
 
 RECORD: Final = struct.Struct("<IHHQ")
 RECORD_SIZE: Final = RECORD.size
 REC_MSGPACK: Final = 1
 REC_RAW: Final = 2
 REC_WRAP: Final = 3
+REC_NDARRAY: Final = 4
 STATE_COMMITTED: Final = 1
 assert RECORD_SIZE == ALIGN
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Union
 
 from ._errors import CorruptBus
-from ._format import ALIGN, REC_MSGPACK, REC_RAW, REC_WRAP, RECORD, RECORD_SIZE, STATE_COMMITTED
+from ._format import ALIGN, REC_MSGPACK, REC_NDARRAY, REC_RAW, REC_WRAP, RECORD, RECORD_SIZE, STATE_COMMITTED
 
 __all__ = [
     "Buffer",
@@ -45,6 +45,7 @@ Buffer = Union[bytearray, memoryview]
 _pack_into = RECORD.pack_into
 _unpack_from = RECORD.unpack_from
 _MASK = ALIGN - 1
+_MESSAGE_KINDS = (REC_MSGPACK, REC_RAW, REC_NDARRAY)
 
 
 def record_span(length: int) -> int:
@@ -167,7 +168,7 @@ def read(buf: Buffer, capacity: int, tail: int, head: int) -> tuple[int, int, in
             raise CorruptBus(f"wrap marker at ring offset {off} but no record after it", offset=off)
         off = 0
         length, kind, state, seq = _unpack_from(buf, 0)
-    if state != STATE_COMMITTED or (kind != REC_MSGPACK and kind != REC_RAW):
+    if state != STATE_COMMITTED or kind not in _MESSAGE_KINDS:
         raise CorruptBus(
             f"record at ring offset {off} has kind {kind} state {state}: not a committed message",
             offset=off,

@@ -1,0 +1,101 @@
+"""NumPy arrays without pickling: dtype and shape in a small header, the data copied once.
+
+Rule: the only module that knows numpy, and it never imports it at module
+level: numpy is loaded the first time an array is decoded, so shmbus costs
+nothing to users who never send one (encoding only needs the array's own
+attributes).
+
+An array record's payload (kind 4) is::
+
+    0  u16 header length H (a multiple of 16, so the data is 16-byte aligned)
+    2  u16 length M of the msgpack that follows
+    4  msgpack [descr, [shape...]] (M bytes), then zero padding up to H, where
+       descr is numpy's ``dtype_to_descr`` (a string such as "<f4", or a list
+       of [name, descr] for structured dtypes)
+    H  the array's bytes, C order
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from ._errors import DecodeError, EncodeError
+
+__all__ = ["is_ndarray", "encode", "decode", "array_view"]
+
+_LEN = struct.Struct("<HH")
+
+
+def is_ndarray(obj: object) -> bool:
+    """True for a ``numpy.ndarray`` (checked by name, so numpy need not be imported)."""
+    t = type(obj)
+    return t.__name__ == "ndarray" and t.__module__ == "numpy"
+
+
+def encode(arr: Any) -> tuple[bytes, memoryview | bytes]:
+    """The header and the data of an array: ``(prefix, body)``, body without a copy when contiguous."""
+    if arr.dtype.hasobject:
+        raise EncodeError("an array of Python objects cannot travel without pickle: convert it first")
+    from numpy.lib.format import dtype_to_descr  # numpy is loaded: we hold one of its arrays
+
+    meta = msgpack.packb([dtype_to_descr(arr.dtype), list(arr.shape)])
+    size = (_LEN.size + len(meta) + 15) & ~15
+    prefix = (_LEN.pack(size, len(meta)) + meta).ljust(size, b"\0")
+    body = memoryview(arr).cast("B") if arr.flags.c_contiguous and arr.size else arr.tobytes()
+    return prefix, body
+
+
+def _tuples(descr: Any) -> Any:
+    """msgpack turns the tuples of a structured dtype's description into lists: turn them back."""
+    if isinstance(descr, list):
+        return [tuple(_tuples(x) for x in field) if isinstance(field, list) else field for field in descr]
+    return descr
+
+
+def _parse(buf: Any) -> tuple[Any, Any, int]:
+    from numpy.lib.format import descr_to_dtype
+
+    try:
+        size, m = _LEN.unpack_from(buf)
+        if _LEN.size + m > size:
+            raise ValueError("array header lengths disagree")
+        descr, shape = msgpack.unpackb(bytes(buf[_LEN.size : _LEN.size + m]))
+        dtype = descr_to_dtype(_tuples(descr))
+        if dtype.hasobject or size % 16 or size > len(buf):
+            raise ValueError("bad array header")
+        shape = tuple(int(d) for d in shape)
+        count = 1
+        for d in shape:
+            count *= d
+        if any(d < 0 for d in shape):
+            raise ValueError("a negative dimension")
+        if count * dtype.itemsize != len(buf) - size:
+            raise ValueError("array data length does not match its shape")
+    except (ValueError, TypeError, KeyError, struct.error, msgpack.UnpackException) as e:
+        raise DecodeError(f"an array message is malformed ({e})") from e
+    return dtype, shape, size
+
+
+def decode(buf: bytearray) -> Any:
+    """A writable array over ``buf`` (the payload copied out of the ring once)."""
+    import numpy as np
+
+    dtype, shape, size = _parse(buf)
+    return np.frombuffer(buf, dtype=dtype, offset=size).reshape(shape)
+
+
+def array_view(buf: memoryview) -> Any:
+    """A read-only numpy array over an array message still in the ring, without a copy.
+
+    Use it inside a ``get_view()`` block (the array is valid only there)::
+
+        with q.get_view() as buf:
+            total = shmbus.array_view(buf).sum()
+    """
+    import numpy as np
+
+    dtype, shape, size = _parse(buf)
+    return np.frombuffer(buf, dtype=dtype, offset=size).reshape(shape)
