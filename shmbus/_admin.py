@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from . import _sync
+from . import _recovery, _sync
 from ._bus import SHM_DIR, _open_fd, header_stats, read_layout, resolve_path
 from ._errors import CorruptBus, IncompatibleBus, ShmbusError
 from ._format import HEADER_MIN, peek_ids
@@ -55,7 +55,8 @@ class BusInfo:
     then says why, and ``capacity``, ``fill`` and ``messages`` are 0).
     ``mode`` holds the permission bits, ``owner`` the uid, ``size`` the file's
     size in bytes, ``semaphores`` how many of its semaphores exist now.
-    ``participants`` (live processes attached) is not known yet: always None.
+    ``participants`` counts the live processes attached (those that have
+    taken one of its locks and not closed it); None for a corrupt bus.
     """
 
     path: str
@@ -178,11 +179,14 @@ def _read_bus(path: str, sem_counts: collections.Counter[str]) -> tuple[tuple[in
                 path, kind, bus_id, mode, st.st_uid, st.st_size, capacity=0, fill=0.0, messages=0,
                 semaphores=sem_counts[bus_id], problem=str(e),
             )  # fmt: skip
-        head = os.pread(fd, HEADER_MIN, 0).ljust(HEADER_MIN, b"\0")  # padded if truncated meanwhile
+        # The header and the participant table, padded if truncated meanwhile.
+        head = os.pread(fd, layout.subscribers_offset, 0).ljust(layout.subscribers_offset, b"\0")
+        h = memoryview(head).cast("Q")
+        pids = _recovery.live_participants(fd, h, layout)
     finally:
         os.close(fd)
-    s = header_stats(path, layout, memoryview(head).cast("Q"))
+    s = header_stats(path, layout, h)
     return key, BusInfo(
         path, s.kind, s.bus_id, mode, st.st_uid, st.st_size, capacity=s.capacity, fill=s.fill,
-        messages=s.messages, semaphores=sem_counts[s.bus_id],
+        messages=s.messages, semaphores=sem_counts[s.bus_id], participants=len(pids),
     )  # fmt: skip

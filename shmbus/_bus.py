@@ -41,6 +41,10 @@ from ._format import (
     Q_RECOVERIES,
     Q_TAIL,
     Q_TAIL_SEQ,
+    Q_TIME_SAMPLES,
+    SAMPLE_EVERY,
+    SAMPLE_WRITING,
+    TIME_SAMPLES,
     VERSION,
     Layout,
     build_header,
@@ -58,6 +62,8 @@ __all__ = [
     "ALL_ROLES",
     "read_layout",
     "header_stats",
+    "record_time",
+    "oldest_age",
 ]
 
 log = logging.getLogger("shmbus")
@@ -201,6 +207,55 @@ def header_stats(path: str, lay: Layout, h: memoryview) -> Stats:
         bytes_out=h[Q_BYTES_OUT],
         created_ns=lay.created_ns,
     )
+
+
+def record_time(h: memoryview, seq: int) -> None:
+    """Note in the time samples that message ``seq`` (a multiple of 256) is published now.
+
+    Producers call it under the head lock, for one message in 256: the
+    policy (which entries) is in the ``_format`` docstring.
+    """
+    now = time.time_ns()
+    _store_sample(h, Q_TIME_SAMPLES + ((seq // SAMPLE_EVERY) & 3) * 2, seq, now)
+    for k in range(1, TIME_SAMPLES - 3):
+        if seq % (SAMPLE_EVERY << 3 * k):
+            break
+        _store_sample(h, Q_TIME_SAMPLES + (3 + k) * 2, seq, now)
+
+
+def _store_sample(h: memoryview, i: int, seq: int, now: int) -> None:
+    # seq last: a reader that sees the same seq before and after reading the time has a whole entry.
+    h[i] = SAMPLE_WRITING
+    h[i + 1] = now
+    h[i] = seq
+
+
+def oldest_age(h: memoryview, now_ns: int) -> tuple[float | None, float | None] | None:
+    """Bounds on the age of the oldest message, in seconds: ``(at_least, at_most)``; None if empty.
+
+    Read from the time samples of the header ``h`` (viewed as u64, a live
+    mapping or a copy). Either bound is None when no sample gives it; they
+    are equal when the oldest message carries a sample itself.
+    """
+    tail_seq, next_seq = h[Q_TAIL_SEQ], h[Q_NEXT_SEQ]
+    if next_seq <= tail_seq:
+        return None
+    before: tuple[int, int] | None = None  # newest sample at or before the oldest message
+    after: tuple[int, int] | None = None  # oldest sample after it, among the messages held
+    for i in range(Q_TIME_SAMPLES, Q_TIME_SAMPLES + 2 * TIME_SAMPLES, 2):
+        seq, t = h[i], h[i + 1]
+        if seq != h[i] or seq == SAMPLE_WRITING or not t:
+            continue  # being written (or never)
+        if seq <= tail_seq:
+            if before is None or seq > before[0]:
+                before = (seq, t)
+        elif seq < next_seq and (after is None or seq < after[0]):
+            after = (seq, t)
+    at_most = max(now_ns - before[1], 0) / 1e9 if before else None
+    at_least = max(now_ns - after[1], 0) / 1e9 if after else None
+    if before is not None and before[0] == tail_seq:
+        at_least = at_most
+    return at_least, at_most
 
 
 def _reopen(cls: type[Bus], path: str, codec: Codec, allow_shared: bool = False) -> Bus:
@@ -395,9 +450,11 @@ class Bus:
     def _setup(self) -> None:
         """Bind the per-instance fast-path attributes (after the mapping and semaphores)."""
 
-    def _lock(self, role: str, holder_index: int) -> _recovery.Lock:
+    def _lock(self, role: str, holder_index: int, releases_index: int) -> _recovery.Lock:
         assert self._part is not None
-        return _recovery.Lock(role, self._sems[role], self._h32, holder_index, self._part, self.recover)
+        return _recovery.Lock(
+            role, self._sems[role], self._h32, holder_index, releases_index, self._part, self.recover
+        )
 
     def _repair(self, roles: list[str]) -> None:
         """Mend what a holder of the locks ``roles`` left half-done when it died (recovery hook)."""
@@ -425,19 +482,19 @@ class Bus:
                 return 0
             dead_ids = {slot + 1 for slot in dead}
             broken = [lk for lk in self._locks if lk.holder() in dead_ids]
-            unsure = [lk for lk in self._locks if lk.holder() == 0 and lk.sem.value == 0]
-            if unsure:
-                # A holder killed between taking the semaphore and naming itself:
-                # a live holder would name itself within microseconds.
-                time.sleep(_recovery.UNRECORDED_GRACE)
-                broken += [lk for lk in unsure if lk.holder() == 0 and lk.sem.value == 0]
+            broken += [
+                lk for lk in self._locks
+                if lk.holder() == 0 and lk.sem.value == 0 and lk.looks_orphaned(_recovery.UNRECORDED_GRACE)
+            ]  # fmt: skip
             pids = [part.pid_of(slot) for slot in dead]
             self._repair([lk.role for lk in broken])
+            # Locks before slots: a recoverer killed in between leaves dead slots
+            # for the next one to find, never a held lock naming a freed slot.
+            for lk in broken:
+                lk.force_release()
             for slot in dead:
                 self._reap(slot)
                 part.free(slot)
-            for lk in broken:
-                lk.force_release()
             if broken:
                 self._h64[Q_RECOVERIES] += len(broken)
                 self._h64[Q_LAST_RECOVERY] = time.time_ns()
@@ -447,7 +504,7 @@ class Bus:
             )  # fmt: skip
         return len(dead)
 
-    def _resync(self, *, fix_next: bool) -> None:
+    def _resync(self, *, fix_next: bool, gaps: bool = False) -> None:
         """Rebuild ``tail_seq`` (and with ``fix_next``, ``next_seq`` and an interrupted rebase).
 
         The writers store these counters one at a time; a writer killed between
@@ -466,9 +523,15 @@ class Bus:
                 if fix_next:
                     last = _ring.last_seq(self._ring, cap, tail, head)
                     assert last is not None
-                    h[Q_NEXT_SEQ] = last + 1
+                    # With ``gaps`` (a Topic) a sequence number handed out by a
+                    # writer that died is skipped, never reused: a subscriber
+                    # that saw it counts it as lost instead of missing a message.
+                    h[Q_NEXT_SEQ] = max(h[Q_NEXT_SEQ], last + 1) if gaps else last + 1
             elif fix_next:
-                h[Q_NEXT_SEQ] = h[Q_TAIL_SEQ]
+                if gaps:
+                    h[Q_TAIL_SEQ] = h[Q_NEXT_SEQ]
+                else:
+                    h[Q_NEXT_SEQ] = h[Q_TAIL_SEQ]
         except CorruptBus as e:
             log.warning("%s: cannot resync counters after a crash: %s", self.path, e)
 

@@ -9,8 +9,8 @@ path, never a traceback.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -20,10 +20,11 @@ from typing import Any
 from ._bus import Bus, Stats, read_layout_of
 from ._errors import ShmbusError
 from ._format import KIND_QUEUE, parse_size
+from ._lines import cmd_recv, cmd_send, dumps, from_json, to_json
 from ._queue import Queue
 from ._topic import Topic
 
-__all__ = ["main"]
+__all__ = ["main", "to_json", "from_json"]
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -113,6 +114,22 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ._check import examine
+
+    report = examine(args.path)
+    if report.problems:
+        print(f"{args.path}: {report.problems[0]}")
+        return 1
+    n = report.subscribers
+    subs = f", {n} subscriber{'s' * (n != 1)}" if report.kind == "Topic" else ""
+    print(
+        f"{args.path}: ok ({report.kind}, {report.messages} message{'s' * (report.messages != 1)}, "
+        f"{report.used_bytes} of {report.capacity} ring bytes used{subs})"
+    )
+    return 0
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     from . import _admin
 
@@ -122,10 +139,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         out = [{**asdict(b), "mode": f"{b.mode:04o}"} for b in buses]
         print(json.dumps({"buses": out, "orphan_semaphores": orphans}))
         return 0
-    rows = [("PATH", "KIND", "MODE", "OWNER", "SIZE", "FILL", "MESSAGES", "SEMS")]
+    rows = [("PATH", "KIND", "MODE", "OWNER", "SIZE", "FILL", "MESSAGES", "PROCS", "SEMS")]
     rows += [
         (b.path, b.kind, f"{b.mode:04o}", _user(b.owner), _human(b.size),
-         f"{b.fill:.1%}" if b.capacity else "-", str(b.messages) if b.capacity else "-", str(b.semaphores))
+         f"{b.fill:.1%}" if b.capacity else "-", str(b.messages) if b.capacity else "-",
+         "-" if b.participants is None else str(b.participants), str(b.semaphores))
         for b in buses
     ]  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -167,25 +185,20 @@ def _human(n: int) -> str:
     return f"{size:.1f}TiB"
 
 
-def to_json(obj: Any) -> Any:
-    """A message made JSON-safe, reversibly: bytes become ``{"$bytes": "<base64>"}``."""
-    if isinstance(obj, bytes):
-        return {"$bytes": base64.b64encode(obj).decode("ascii")}
-    if isinstance(obj, dict):
-        return {k if isinstance(k, str) else json.dumps(to_json(k)): to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    return obj
-
-
 def _cmd_tail(args: argparse.Namespace) -> int:
     with Topic.open(args.path) as topic, topic.subscribe(start=args.start) as sub:
         n = 0
         while args.count is None or n < args.count:
             for msg in sub.get_many(args.count - n if args.count else 256):
-                print(json.dumps(to_json(msg)), flush=True)
+                print(dumps(msg), flush=True)
                 n += 1
     return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from . import _live
+
+    return _live.run(args.path, args.interval, args.count, sys.stdout)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -230,9 +243,62 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--count", type=int, default=None, help="stop after N messages (default: Ctrl-C)")
     t.set_defaults(func=_cmd_tail)
 
+    raw = argparse.RawDescriptionHelpFormatter
+    se = sub.add_parser(
+        "send", help="put (Queue) or publish (Topic) JSON values: the arguments, or each line of stdin",
+        formatter_class=raw, epilog="examples:\n"
+        "  shmbus send jobs '{\"task\": 1}' '[1, 2.5, null]'\n"
+        "  producer | shmbus send jobs          # one JSON value a line; blank lines skipped\n"
+        "  shmbus send frames --raw < lines.txt # each line as bytes, without its newline\n"
+        'bytes are written {"$bytes": "<base64>"}, NaN and infinities {"$float": "nan"}.\n'
+        "A full Queue makes send wait. A line that is not JSON stops it (exit 1): the lines\n"
+        "before it were sent.",
+    )  # fmt: skip
+    se.add_argument("path")
+    se.add_argument("values", nargs="*", metavar="JSON", help="messages (default: read stdin)")
+    se.add_argument("--raw", action="store_true", help="send each line or argument as raw bytes, not JSON")
+    se.set_defaults(func=cmd_send)
+
+    rc = sub.add_parser(
+        "recv", help="take messages from a Queue, printing each as a JSON line",
+        formatter_class=raw, epilog="examples:\n"
+        "  shmbus recv jobs --count 10\n"
+        "  shmbus recv jobs --timeout 0 > backlog.jsonl   # drain what is there, then stop\n"
+        "  shmbus recv jobs | jq .task                    # until Ctrl-C (exit 130)\n"
+        'bytes print as {"$bytes": "<base64>"}, NaN and infinities as {"$float": "nan"}; map\n'
+        "keys that are not strings as their JSON text. Ctrl-C never loses a message taken.",
+    )  # fmt: skip
+    rc.add_argument("path")
+    rc.add_argument("--count", type=_count, metavar="N", help="stop after N messages")
+    rc.add_argument("--timeout", type=_seconds, metavar="S",
+                    help="stop when nothing arrives for S seconds (default: wait until Ctrl-C)")  # fmt: skip
+    rc.set_defaults(func=cmd_recv)
+
+    sa = sub.add_parser(
+        "stats", help="watch a bus live: rates in and out, fill, backlog, oldest message, processes",
+        formatter_class=raw, epilog="examples:\n"
+        "  shmbus stats jobs                 # refreshed in place every second, until Ctrl-C\n"
+        "  shmbus stats metrics --interval 5 --count 12 > stats.log\n"
+        "Rates are the counters' change between refreshes; for a Topic each subscriber's\n"
+        "own rate. The oldest message's age is bounded from samples taken every 256th\n"
+        "message, so it may read as a range ('2.0s to 9.1s'), 'at most' or 'over'.",
+    )  # fmt: skip
+    sa.add_argument("path")
+    sa.add_argument("--interval", type=_seconds, default=1.0, metavar="S", help="seconds between refreshes")
+    sa.add_argument("--count", type=_count, metavar="N", help="stop after N refreshes (default: Ctrl-C)")
+    sa.set_defaults(func=_cmd_stats)
+
     r = sub.add_parser("rm", help="remove a bus and its semaphores", epilog="example: shmbus rm jobs")
     r.add_argument("path", nargs="+")
     r.set_defaults(func=_cmd_rm)
+
+    ck = sub.add_parser(
+        "check", help="check a bus file without trusting it: header, counters, every record",
+        epilog="example: shmbus check jobs  (exit 0 if sound, 1 with the first problem and its byte "
+        "offset; reads only, takes no lock: check a bus at rest)",
+    )  # fmt: skip
+    ck.add_argument("path")
+    ck.set_defaults(func=_cmd_check)
 
     from ._admin import GRACE
 
@@ -264,6 +330,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_bench)
     return p
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 up, not {text!r}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not (0 <= s < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, not {text!r}")
+    return s
 
 
 def _size(text: str) -> int:

@@ -34,7 +34,8 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        144     8  bytes_in u64       producers         payload bytes committed, ever
        152     4  head_holder_pid    producers         pid holding the head lock (informational)
        156     4  head_holder        producers         participant slot + 1 holding it (0 = none)
-       160    32  reserved
+       160     4  head_releases u32  producers         head lock releases, mod 2**32 (recovery evidence)
+       164    28  reserved
     -- consumer line (Queue: tail semaphore; Topic: head semaphore) --
        192     8  tail     u64       consumers         position of the oldest record still held
        200     8  tail_seq u64       consumers         sequence number of the record at tail
@@ -42,12 +43,14 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        216     4  tail_holder_pid    consumers         pid holding the tail lock (informational)
        220     4  tail_holder        consumers         participant slot + 1 holding it (0 = none)
        224     4  space_waiting u32  both            1 while a producer sleeps for space
-       228    28  reserved
+       228     4  tail_releases u32  consumers         tail lock releases, mod 2**32
+       232    24  reserved
     -- recovery line (256..319) --
        256     4  subs_holder_pid    subscribers       pid holding the subs lock (informational)
        260     4  subs_holder        subscribers       participant slot + 1 holding it (0 = none)
        264     8  recoveries u64     recoverers        dead lock holders recovered, ever
        272     8  last_recovery_ns   recoverers        when, ns since the epoch
+       280     4  subs_releases u32  subscribers       subs lock releases, mod 2**32
        320     8  scratch u64        Queue consumers   where a consumer with no participant slot
                                                    counts its items tokens (read by nobody)
        328    56  reserved           -                 zero
@@ -154,6 +157,9 @@ __all__ = [
     "I_TAIL_HOLDER",
     "I_SUBS_HOLDER_PID",
     "I_SUBS_HOLDER",
+    "I_HEAD_RELEASES",
+    "I_TAIL_RELEASES",
+    "I_SUBS_RELEASES",
     "Q_RECOVERIES",
     "Q_LAST_RECOVERY",
     "S_OWNER",
@@ -236,6 +242,10 @@ I_TAIL_HOLDER_PID: Final = 216 // 4
 I_TAIL_HOLDER: Final = 220 // 4
 I_SUBS_HOLDER_PID: Final = 256 // 4
 I_SUBS_HOLDER: Final = 260 // 4
+# Each lock's release counter follows from its holder field's index.
+I_HEAD_RELEASES: Final = 160 // 4
+I_TAIL_RELEASES: Final = 228 // 4
+I_SUBS_RELEASES: Final = 280 // 4
 Q_RECOVERIES: Final = 264 // 8
 Q_LAST_RECOVERY: Final = 272 // 8
 I_SPACE_WAITING: Final = 224 // 4

@@ -31,13 +31,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _faults, _ring
-from ._bus import Bus
+from ._aio import QueueAio
+from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
 from ._errors import CorruptBus, Empty, Full, MessageTooLarge
 from ._format import (
     I_HEAD_HOLDER,
+    I_HEAD_RELEASES,
     I_SPACE_WAITING,
     I_TAIL_HOLDER,
+    I_TAIL_RELEASES,
     KIND_QUEUE,
     Q_BYTES_IN,
     Q_BYTES_OUT,
@@ -51,12 +54,15 @@ from ._format import (
     max_payload,
     ring_capacity,
 )
+from ._sync import SLICE
 from ._zerocopy import Reservation, View
 
 __all__ = ["Queue"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
+_U64 = (1 << 64) - 1  # a statistic counter wraps like a u64 (a damaged header may hold any value)
+_REPAIR_WAIT = 2.0  # seconds recovery waits for a live tail holder before giving up this round
 _NOWAIT_GRACE = 0.05  # seconds a non-blocking put waits for the producer lock
 # A header word nobody reads, where an unclaimed consumer "records" its tokens.
 _SCRATCH = 320 // 8
@@ -92,6 +98,7 @@ class Queue(Bus):
 
     _KIND = KIND_QUEUE
     _ROLES = ("head", "tail", "items", "space")
+    _aio: QueueAio | None = None  # asyncio threads, started by the first async call that waits
 
     @classmethod
     def create(
@@ -144,13 +151,15 @@ class Queue(Bus):
 
     def _queued(self) -> int:
         h = self._h64
-        return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
+        # At most what the ring can hold: counters from a corrupt header must not
+        # become a huge semaphore count (ValueError) or a loop posting tokens.
+        return min(max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0), self._layout.capacity // RECORD_SIZE)
 
     def _setup(self) -> None:
         self.spin = SPIN_DEFAULT
         s = self._sems
-        self._head_lock = self._lock("head", I_HEAD_HOLDER)
-        self._tail_lock = self._lock("tail", I_TAIL_HOLDER)
+        self._head_lock = self._lock("head", I_HEAD_HOLDER, I_HEAD_RELEASES)
+        self._tail_lock = self._lock("tail", I_TAIL_HOLDER, I_TAIL_RELEASES)
         self._locks = (self._head_lock, self._tail_lock)
         self._items = s["items"]
         self._space = s["space"]
@@ -315,6 +324,8 @@ class Queue(Bus):
             _faults.hit("put:mid-publish")
         h[Q_BYTES_IN] += nbytes
         h[Q_HEAD] = head
+        if (seq - 1) & 255 < count:  # one of them is a multiple of 256: a time sample (_format)
+            record_time(h, (seq - 1) & ~255)
         if _faults.armed:
             _faults.hit("put:before-post")
         post = self._items.release
@@ -346,8 +357,13 @@ class Queue(Bus):
                 self._tail_lock.release()
             if start >= 0:
                 return start, head
-            if not self._space.acquire(deadline, self.recover):
-                return -1, head
+            # Sleep one slice at most, then look again: the consumer that should
+            # post ``space`` may have died after freeing the bytes.
+            slice_end = _monotonic() + SLICE
+            if not self._space.acquire(slice_end if deadline is None else min(deadline, slice_end)):
+                if deadline is not None and _monotonic() >= deadline:
+                    return -1, head
+                self.recover()
 
     # -- consuming ---------------------------------------------------------------
 
@@ -455,14 +471,14 @@ class Queue(Bus):
                 ):
                     start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
                     seq = h[Q_TAIL_SEQ]
-                    if rseq == seq:
+                    if rseq == seq < h[Q_NEXT_SEQ]:
                         payload = extract(self._mm, self._ro + start % cap + RECORD_SIZE, n, kind)
                         if _faults.armed:
                             _faults.hit("get:after-copy")
                         h[Q_TAIL_SEQ] = seq + 1
                         if _faults.armed:
                             _faults.hit("get:mid-commit")
-                        h[Q_BYTES_OUT] += n
+                        h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
                         h[Q_TAIL] = nxt
                         committed = True
                         h[tokens] = 0
@@ -521,10 +537,11 @@ class Queue(Bus):
             nbytes = 0
             read = _ring.read
             append = out.append
+            last = h[Q_NEXT_SEQ]  # loaded after head, which producers store after it
             while taken < k and tail != head:
                 start, kind, rseq, n, tail = read(ring, cap, tail, head)
-                if rseq != seq:
-                    raise self._bad_seq(start, rseq, seq)
+                if rseq != seq or rseq >= last:
+                    raise self._bad_seq(start, rseq, seq, last)
                 append((kind, extract(mm, ro + start % cap + RECORD_SIZE, n, kind)))
                 seq += 1
                 nbytes += n
@@ -534,7 +551,7 @@ class Queue(Bus):
             h[Q_TAIL_SEQ] = seq
             if _faults.armed:
                 _faults.hit("get:mid-commit")
-            h[Q_BYTES_OUT] += nbytes
+            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & _U64
             h[Q_TAIL] = tail
             committed = True
             h[tokens] = 0
@@ -561,10 +578,11 @@ class Queue(Bus):
             log.warning("%s: %d items tokens had no record; dropped them", self.path, k - taken)
         return out
 
-    def _bad_seq(self, start: int, rseq: int, seq: int) -> CorruptBus:
+    def _bad_seq(self, start: int, rseq: int, seq: int, last: int | None = None) -> CorruptBus:
         off = start % self._cap
+        expected = f"expected {seq}" if rseq != seq else f"not below next_seq {last}"
         return CorruptBus(
-            f"{self.path}: record at ring offset {off} has sequence number {rseq}, expected {seq}",
+            f"{self.path}: record at ring offset {off} has sequence number {rseq}, {expected}",
             path=self.path, offset=off,
         )  # fmt: skip
 
@@ -658,8 +676,8 @@ class Queue(Bus):
             tail, head, cap = h[Q_TAIL], h[Q_HEAD], self._cap
             _ring.check_positions(head, tail, cap)
             start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
-            if rseq != h[Q_TAIL_SEQ]:
-                raise self._bad_seq(start, rseq, h[Q_TAIL_SEQ])
+            if rseq != h[Q_TAIL_SEQ] or rseq >= h[Q_NEXT_SEQ]:
+                raise self._bad_seq(start, rseq, h[Q_TAIL_SEQ], h[Q_NEXT_SEQ])
         except BaseException:
             self._tail_lock.release()
             items.release()
@@ -673,7 +691,7 @@ class Queue(Bus):
             try:
                 if consume:
                     h[Q_TAIL_SEQ] = rseq + 1
-                    h[Q_BYTES_OUT] += n
+                    h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
                     h[Q_TAIL] = nxt
                     if self._h32[I_SPACE_WAITING]:
                         self._h32[I_SPACE_WAITING] = 0
@@ -688,6 +706,80 @@ class Queue(Bus):
 
         return View(view, "bytes" if got[2] else "msgpack", finish)
 
+    # -- asyncio (the mechanism is in _aio) -------------------------------------
+
+    async def aget(self, timeout: float | None = None) -> Any:
+        """``get`` for asyncio: wait for the oldest message without blocking the event loop.
+
+        Parameters:
+            timeout: seconds to wait at most (None: for ever).
+
+        Raises ``Empty`` when nothing arrived in time, ``BusClosed`` if the
+        handle is closed meanwhile, ``CorruptBus`` as ``get`` does. Returns the
+        message. A cancelled ``aget`` consumes nothing: the message stays for
+        the next ``get``.
+        """
+        return await self._async().get(timeout)
+
+    async def aget_many(self, max_messages: int, timeout: float | None = None) -> list[Any]:
+        """``get_many`` for asyncio: wait for the first message, return 1 to ``max_messages``.
+
+        Parameters:
+            max_messages: the most messages to return (at least 1).
+            timeout: seconds to wait for the first one at most (None: for ever).
+
+        Raises ``Empty`` when nothing arrived in time, ``BusClosed``, and
+        ``DecodeError`` as ``get_many`` does. Cancelled, it consumes nothing.
+        """
+        return await self._async().get_many(max_messages, timeout)
+
+    async def aput(self, obj: Any, timeout: float | None = None) -> None:
+        """``put`` for asyncio: wait for space without blocking the event loop.
+
+        Parameters:
+            obj: the message.
+            timeout: seconds to wait for space at most (None: for ever).
+
+        Raises ``Full`` when no space came in time, ``EncodeError``,
+        ``MessageTooLarge``, ``BusClosed``. Puts waiting for space go in one
+        at a time, in the order they were called. If cancelled while waiting
+        its turn, nothing is sent; once its turn came the put completes anyway.
+        """
+        await self._async().put([self._encode(obj)], timeout)
+
+    async def aput_many(self, objs: Iterable[Any], timeout: float | None = None) -> None:
+        """``put_many`` for asyncio: put every object, in order, waiting for space without blocking.
+
+        Parameters:
+            objs: the messages.
+            timeout: seconds to wait for space at most (None: for ever).
+
+        Raises ``Full`` (its ``sent`` says how many went in), ``EncodeError``
+        or ``MessageTooLarge`` (nothing sent), ``BusClosed``. If cancelled,
+        the messages that fitted at once stay in; the rest are sent only if
+        their turn to wait for space had already come (see docs/asyncio.md).
+        """
+        encoded = [self._encode(o) for o in objs]
+        if encoded:
+            await self._async().put(encoded, timeout)
+
+    def _async(self) -> QueueAio:
+        aio = self._aio
+        if aio is None or aio.pid != os.getpid():
+            self._check_open()
+            aio = self._aio = QueueAio(self)
+        return aio
+
+    def close(self) -> None:
+        """Release this handle, after stopping its asyncio threads; the queue stays.
+
+        Pending ``aget``/``aput`` calls raise ``BusClosed``. Idempotent.
+        """
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            aio.close()
+        super().close()
+
     # -- crash recovery hooks ------------------------------------------------
 
     def _repair(self, roles: list[str]) -> None:
@@ -697,8 +789,11 @@ class Queue(Bus):
             # tail lock too (inherited from the dead, or taken now), so no
             # consumer moves meanwhile.
             own_tail = "tail" not in roles
-            if own_tail:
-                self._tail_lock.sem.acquire(None)
+            # Bounded: a tail holder we cannot see die (no participant slot)
+            # must not hang every recovery behind us.
+            if own_tail and not self._tail_lock.sem.acquire(_monotonic() + _REPAIR_WAIT):
+                log.warning("%s: tail lock busy; counters left for the next recovery", self.path)
+                return
             try:
                 self._resync(fix_next=True)
                 self._reconcile_tokens()
@@ -719,6 +814,20 @@ class Queue(Bus):
         have = self._items.value + self._part.live_tokens()
         for _ in range(records - have):
             self._items.release()
+        self._reconcile_slots()
+
+    def _reconcile_slots(self) -> None:
+        """With ``maxsize``: post the free-slot tokens a dead process took with it.
+
+        A producer killed after taking a slot, or a consumer killed before
+        giving its slots back, would otherwise shrink the queue for ever.
+        A live consumer between its commit and its slot post makes this
+        over-count by its batch: the bound is then exceeded by that much once.
+        """
+        slots = self._slots
+        if slots is not None:
+            for _ in range(self._layout.maxsize - self._queued() - slots.value):
+                slots.release()
 
     def _heal(self) -> None:
         """After each empty slice of a consumer's wait: recover dead holders, then lost tokens.
@@ -733,21 +842,25 @@ class Queue(Bus):
             return
         part = self._part
         assert part is not None
-        self._tail_lock.acquire(None)
-        try:
-            with part.recovery_lock():
+        # Recovery lock first, then the tail lock: the order recover() takes them in.
+        with part.recovery_lock():
+            if not self._tail_lock.sem.acquire(_monotonic() + _REPAIR_WAIT):
+                return
+            try:
                 missing = self._queued() - part.live_tokens() - self._items.value
-            if missing > 0:
-                log.warning("%s: %d messages had no items token; healing", self.path, missing)
-                for _ in range(missing):
-                    self._items.release()
-        finally:
-            self._tail_lock.release()
+                if missing > 0:
+                    log.warning("%s: %d messages had no items token; healing", self.path, missing)
+                    for _ in range(missing):
+                        self._items.release()
+            finally:
+                self._tail_lock.sem.release()
 
     def _reap(self, slot: int) -> None:
         assert self._part is not None
-        # Tokens a dead consumer took and never used go back (at worst one too many).
-        for _ in range(self._part.tokens_of(slot)):
+        self._reconcile_slots()
+        # Tokens a dead consumer took and never used go back (at worst one too many);
+        # no more than the ring's records, whatever a damaged table says.
+        for _ in range(min(self._part.tokens_of(slot), self._layout.capacity // RECORD_SIZE)):
             self._items.release()
 
     # -- inspection ----------------------------------------------------------

@@ -20,11 +20,14 @@ naming its holder's participant slot:
   semaphore once, then frees the dead slots. A second recoverer, serialized
   behind the first, finds no dead participant left and does nothing: a lock
   is never posted twice.
-* A holder killed between taking the semaphore and storing its slot leaves a
-  held lock with no holder. When recovery finds a dead participant and such a
-  lock, it looks again after ``UNRECORDED_GRACE``; if still held by nobody,
-  the dead participant was its holder. (A live process stalled for that long
-  in that two-instruction window would be misjudged; see docs/guarantees.md.)
+* A holder killed between taking the semaphore and storing its slot (or
+  between clearing it and posting) leaves a held lock with no holder. Live
+  holders pass through that state constantly, so one look proves nothing:
+  when recovery finds a dead participant and such a lock, it watches the lock
+  for ``UNRECORDED_GRACE``; only if it stays held, nameless and unreleased
+  (its release counter unchanged) the whole time is it freed. (A live process
+  stopped for that long inside that window would be misjudged; see
+  docs/guarantees.md.)
 """
 
 from __future__ import annotations
@@ -48,12 +51,13 @@ __all__ = [
     "UNRECORDED_GRACE",
     "Participant",
     "Lock",
+    "live_participants",
 ]
 
 log = logging.getLogger("shmbus")
 
 RECOVERY_INTERVAL: Final = _sync.SLICE
-UNRECORDED_GRACE: Final = 0.05
+UNRECORDED_GRACE: Final = 0.5
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
 _LIVE = 1 << 32  # state 1 in the high half of the pid/state word
 # Holder field of a process that found the participant table full: never taken
@@ -79,6 +83,33 @@ def _try_lock(fd: int, offset: int) -> bool:
 def _locked_elsewhere(fd: int, offset: int) -> bool:
     """True if another open file description holds a lock on the byte at ``offset``."""
     return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK
+
+
+def _marked_live(fd: int, h64: memoryview, layout: Layout, skip: int = -1) -> Iterator[tuple[int, bool]]:
+    """``(slot, alive)`` for each participant slot marked live but ``skip``: alive if its byte is locked.
+
+    ``fd`` must be an open file description other than the participants' own
+    (a lock is never seen by the description that holds it).
+    """
+    for slot in range(layout.max_participants):
+        base = layout.participants_offset + slot * PARTICIPANT_SIZE
+        if slot != skip and h64[base // 8 + P_PID_STATE] >> 32:
+            yield slot, _locked_elsewhere(fd, base)
+
+
+def live_participants(fd: int, h64: memoryview, layout: Layout) -> list[int]:
+    """The pids of the live participants of a bus (read-only: for ``shmbus ls`` and ``stats``).
+
+    ``fd`` is a descriptor of the bus file this process opened for itself
+    (read-only is enough); ``h64`` its header and participant table as u64,
+    a live mapping or a copy read with ``pread``.
+    """
+    pid = (layout.participants_offset // 8) + P_PID_STATE
+    return [
+        int(h64[pid + slot * PARTICIPANT_SIZE // 8] & 0xFFFFFFFF)
+        for slot, alive in _marked_live(fd, h64, layout)
+        if alive
+    ]
 
 
 _instances: weakref.WeakSet[Participant] = weakref.WeakSet()
@@ -162,14 +193,8 @@ class Participant:
 
     def dead_slots(self) -> list[int]:
         """Slots marked live whose OFD lock is gone (call under the recovery lock)."""
-        fd = self.fd()
-        h = self._h64
-        dead = []
-        for slot in range(self._layout.max_participants):
-            live = h[self._index(slot) + P_PID_STATE] >> 32
-            if slot != self.slot and live and not _locked_elsewhere(fd, self._byte(slot)):
-                dead.append(slot)
-        return dead
+        marked = _marked_live(self.fd(), self._h64, self._layout, skip=self.slot)
+        return [slot for slot, alive in marked if not alive]
 
     def live_tokens(self) -> int:
         """Sum of the items tokens that live participants hold (call under the recovery lock)."""
@@ -211,26 +236,33 @@ class Participant:
 
 
 class Lock:
-    """A bus lock: a binary semaphore plus the header field naming its holder."""
+    """A bus lock: a binary semaphore, the header field naming its holder, and a release counter."""
 
-    __slots__ = ("_h32", "_holder", "_part", "_recover", "role", "sem")
+    __slots__ = ("_h32", "_holder", "_part", "_recover", "_releases", "role", "sem")
 
     def __init__(
-        self, role: str, sem: _sync.Sem, h32: memoryview, holder_index: int,
+        self, role: str, sem: _sync.Sem, h32: memoryview, holder_index: int, releases_index: int,
         part: Participant, recover: Callable[[], object],
     ) -> None:  # fmt: skip
         self.role = role
         self.sem = sem
         self._h32 = h32
         self._holder = holder_index
+        self._releases = releases_index
         self._part = part
         self._recover = recover
 
     def acquire(self, deadline: float | None) -> bool:
-        """Take the lock before ``deadline`` (None: for ever), recovering a dead holder's lock."""
+        """Take the lock before ``deadline`` (None: for ever), recovering a dead holder's lock.
+
+        A wait that times out runs recovery once and tries again, so even a
+        short wait (a non-blocking put) frees a dead holder's lock.
+        """
         me = self._part.me or self._part.claim(self._recover) or _UNKNOWN
         if not self.sem.acquire(deadline, self._recover):
-            return False
+            self._recover()
+            if not self.sem.try_acquire():
+                return False
         self._h32[self._holder] = me
         return True
 
@@ -243,15 +275,35 @@ class Lock:
         return True
 
     def release(self) -> None:
-        """Clear the holder field, then post the semaphore."""
-        self._h32[self._holder] = 0
+        """Clear the holder field, count the release, then post the semaphore."""
+        h32 = self._h32
+        h32[self._holder] = 0
+        h32[self._releases] = (h32[self._releases] + 1) & 0xFFFFFFFF
         self.sem.release()
 
     def holder(self) -> int:
         """The holder field: participant slot + 1, or 0."""
         return int(self._h32[self._holder])
 
+    def looks_orphaned(self, grace: float) -> bool:
+        """True if the lock stays held with no holder and no release for all of ``grace`` seconds.
+
+        "Held, no holder" is normal for an instant: between taking the
+        semaphore and naming itself, or between clearing its name and posting,
+        a holder is anonymous. A live one leaves that state within microseconds
+        (the holder field or the release counter changes); only a process that
+        died there, or one stopped there for the whole grace, stays in it.
+        """
+        h32, sem = self._h32, self.sem
+        releases = h32[self._releases]
+        end = time.monotonic() + grace
+        while True:
+            if h32[self._holder] or sem.value or h32[self._releases] != releases:
+                return False
+            if time.monotonic() >= end:
+                return True
+            time.sleep(0.002)
+
     def force_release(self) -> None:
         """Free a lock whose holder is dead (only ``recover`` calls this, under the recovery lock)."""
-        self._h32[self._holder] = 0
-        self.sem.release()
+        self.release()

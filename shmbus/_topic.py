@@ -34,12 +34,15 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 from . import _faults, _ring, _sync
-from ._bus import Bus
+from ._aio import SubscriptionAio, checkpoint
+from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty, MessageTooLarge, TooManySubscribers
 from ._format import (
     I_HEAD_HOLDER,
+    I_HEAD_RELEASES,
     I_SUBS_HOLDER,
+    I_SUBS_RELEASES,
     KIND_TOPIC,
     MAX_SUBSCRIBERS,
     Q_BYTES_IN,
@@ -64,7 +67,7 @@ from ._format import (
 )
 from ._zerocopy import Reservation, View
 
-__all__ = ["Topic", "Subscription"]
+__all__ = ["Topic", "Subscription", "subscriber_rows"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
@@ -133,8 +136,8 @@ class Topic(Bus):
         return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
 
     def _setup(self) -> None:
-        self._head_lock = self._lock("head", I_HEAD_HOLDER)
-        self._subs_lock = self._lock("subs", I_SUBS_HOLDER)
+        self._head_lock = self._lock("head", I_HEAD_HOLDER, I_HEAD_RELEASES)
+        self._subs_lock = self._lock("subs", I_SUBS_HOLDER, I_SUBS_RELEASES)
         self._locks = (self._head_lock, self._subs_lock)
         self._cap = self._layout.capacity
         self._max_payload = max_payload(self._cap)
@@ -173,6 +176,30 @@ class Topic(Bus):
         batch = [self._encode(o) for o in objs]
         if batch:
             self._publish(batch)
+
+    async def apublish(self, obj: Any) -> None:
+        """``publish`` for asyncio; like ``publish`` it never waits for subscribers.
+
+        Parameters:
+            obj: the message.
+
+        Raises ``EncodeError`` or ``MessageTooLarge`` (nothing published),
+        ``BusClosed``. It takes only the short publisher lock, on the loop's
+        thread, and yields to the loop now and then (see docs/asyncio.md).
+        """
+        await checkpoint()
+        self.publish(obj)
+
+    async def apublish_many(self, objs: Iterable[Any]) -> None:
+        """``publish_many`` for asyncio: publish every object of ``objs``, in order, in one lock round.
+
+        Parameters:
+            objs: the messages.
+
+        Raises ``EncodeError`` or ``MessageTooLarge`` (nothing published), ``BusClosed``.
+        """
+        await checkpoint()
+        self.publish_many(objs)
 
     def publish_bytes(self, data: bytes) -> None:
         """Publish raw bytes with no msgpack framing (subscribers get ``bytes``)."""
@@ -232,6 +259,8 @@ class Topic(Bus):
             _faults.hit("publish:mid-publish")
         h[Q_BYTES_IN] += n
         h[Q_HEAD] = new_head
+        if not seq & 255:  # one message in 256: a time sample (see _format)
+            record_time(h, seq)
 
     def reserve(self, nbytes: int) -> Reservation:
         """Reserve ``nbytes`` in the ring to fill in place; use as ``with t.reserve(n) as buf:``.
@@ -357,7 +386,7 @@ class Topic(Bus):
 
     def _repair(self, roles: list[str]) -> None:
         if "head" in roles:
-            self._resync(fix_next=True)  # publishers only: nobody else moves tail
+            self._resync(fix_next=True, gaps=True)  # publishers only: nobody else moves tail
 
     def _reap(self, slot: int) -> None:
         # A dead subscriber's slot and wait flag are freed for others.
@@ -380,25 +409,31 @@ class Topic(Bus):
     def subscribers(self) -> list[dict[str, int]]:
         """The active subscriber slots: slot, pid, lag (messages behind), lost, received."""
         self._check_open()
-        h = self._h64
-        out = []
-        published = h[Q_NEXT_SEQ]
-        for i in range(self._layout.max_subscribers):
-            base = self._slot_base(i)
-            word = h[base]
-            if word & 0xFFFFFFFF:
-                nxt = h[base + S_NEXT_SEQ]
-                out.append({
-                    "slot": i,
-                    "pid": word >> 32,
-                    "lag": max(published - nxt, 0),
-                    "lost": h[base + S_LOST],
-                    "received": h[base + S_RECEIVED],
-                })  # fmt: skip
-        return out
+        return subscriber_rows(self._h64, self._layout)
+
+
+def subscriber_rows(h: memoryview, layout: Layout) -> list[dict[str, int]]:
+    """``Topic.subscribers`` from a header viewed as u64 (a live mapping or a copy read with pread)."""
+    out = []
+    published = h[Q_NEXT_SEQ]
+    for i in range(layout.max_subscribers):
+        base = (layout.subscribers_offset + i * SUBSCRIBER_SIZE) // 8
+        word = h[base]
+        if word & 0xFFFFFFFF:
+            nxt = h[base + S_NEXT_SEQ]
+            out.append({
+                "slot": i,
+                "pid": word >> 32,
+                "lag": max(published - nxt, 0),
+                "lost": h[base + S_LOST],
+                "received": h[base + S_RECEIVED],
+            })  # fmt: skip
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid >= 1 << 31:
+        return False  # no pid_t holds it (os.kill would raise OverflowError): a damaged slot
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -414,6 +449,8 @@ class Subscription:
     Made by ``Topic.subscribe``; belongs to the process that made it. Iterate
     over it to block for each next message.
     """
+
+    _aio: SubscriptionAio | None = None  # the asyncio waiter thread, started by the first wait
 
     def __init__(self, topic: Topic, slot: int, start: str, spin: float) -> None:
         self._topic = topic
@@ -511,6 +548,52 @@ class Subscription:
         while True:
             yield self.get()
 
+    # -- asyncio (the mechanism is in _aio) -------------------------------------
+
+    async def aget(self, timeout: float | None = None) -> Any:
+        """``get`` for asyncio: wait for the next message without blocking the event loop.
+
+        Parameters:
+            timeout: seconds to wait at most (None: for ever).
+
+        Raises ``Empty`` when nothing arrived in time, ``BusClosed`` if the
+        subscription is closed meanwhile. Returns the message.
+        """
+        return (await self._async().get_many(1, timeout))[0]
+
+    async def aget_many(self, max_messages: int, timeout: float | None = None) -> list[Any]:
+        """``get_many`` for asyncio: wait for the first next message, return 1 to ``max_messages``.
+
+        Parameters:
+            max_messages: the most messages to return (at least 1).
+            timeout: seconds to wait for the first one at most (None: for ever).
+
+        Raises ``Empty`` when nothing arrived in time, ``BusClosed``.
+        """
+        return await self._async().get_many(max_messages, timeout)
+
+    def __aiter__(self) -> Subscription:
+        """``async for msg in sub``: wait for each next message; the loop ends when ``sub`` is closed."""
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next message (``aget()``); ``StopAsyncIteration`` once the subscription is closed."""
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await self.aget()
+        except BusClosed:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise
+
+    def _async(self) -> SubscriptionAio:
+        aio = self._aio
+        if aio is None or aio.pid != os.getpid():
+            self._check_open()
+            aio = self._aio = SubscriptionAio(self)
+        return aio
+
     def _read(self, k: int) -> list[tuple[int, Payload]]:
         """Copy out up to ``k`` records past the cursor, without any lock."""
         t = self._topic
@@ -563,6 +646,10 @@ class Subscription:
                 if h[Q_TAIL] > cursor:
                     continue  # overwritten while we looked: not corruption
                 raise
+            if rseq >= h[Q_NEXT_SEQ]:  # records are numbered below next_seq, which is stored before head
+                if h[Q_TAIL] > cursor:
+                    continue  # overwritten while we looked
+                raise CorruptBus(f"{t.path}: record with sequence number {rseq}, past next_seq")
             if rseq < nxt:
                 skipped += after - cursor
                 if skipped > cap:  # a ring's worth of old records: only a broken header does that
@@ -645,10 +732,13 @@ class Subscription:
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        """Leave the topic and free the slot. Idempotent."""
+        """Leave the topic and free the slot (a pending ``aget`` raises ``BusClosed``). Idempotent."""
         if self._closed:
             return
         self._closed = True
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            aio.close()  # joins the waiter thread, which uses the semaphore and flag closed below
         t = self._topic
         if not t.closed and self._pid == os.getpid():
             assert t._mm is not None

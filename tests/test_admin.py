@@ -83,7 +83,7 @@ def test_ls_finds_queue_topic_and_a_disk_bus_given_by_path(
         assert (info.size, info.capacity, info.semaphores) == (st.st_size, bus.capacity, sems)
         assert len(_sem_files(bus.layout.bus_id)) == sems
         assert (info.messages, info.fill) == (bus.stats().messages, bus.stats().fill)
-        assert info.problem is None and info.participants is None
+        assert info.problem is None and info.participants == 1  # this process, which took a lock
     assert (found[q.path].messages, found[t.path].messages, found[d.path].messages) == (3, 1, 1)
     assert 0 < found[q.path].fill < 0.01
     # The disk bus is found only when named; a /dev/shm bus named again is listed once.
@@ -249,14 +249,15 @@ def test_cli_ls_table_and_json(
     want = {"kind": "Queue", "mode": "0600", "owner": os.getuid(), "capacity": 65536, "messages": 2}
     want["semaphores"] = 4
     assert {k: rows[q.path][k] for k in want} == want
-    assert rows[d.path]["size"] == os.stat(disk_path).st_size and rows[d.path]["participants"] is None
+    assert rows[d.path]["size"] == os.stat(disk_path).st_size
+    assert (rows[q.path]["participants"], rows[d.path]["participants"]) == (1, 0)  # d: no lock taken yet
 
     assert main(["ls", disk_path]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["PATH", "KIND", "MODE", "OWNER", "SIZE", "FILL", "MESSAGES", "SEMS"]
+    assert table[0].split() == ["PATH", "KIND", "MODE", "OWNER", "SIZE", "FILL", "MESSAGES", "PROCS", "SEMS"]
     (line,) = [row for row in table if row.startswith(q.path + " ")]
     size = f"{os.stat(q.path).st_size / 1024:.1f}KiB"
-    assert line.split()[1:] == ["Queue", "0600", _user(), size, "0.1%", "2", "4"]
+    assert line.split()[1:] == ["Queue", "0600", _user(), size, "0.1%", "2", "1", "4"]
 
     assert main(["ls", disk_path + "-missing"]) == 1
     err = capsys.readouterr().err
