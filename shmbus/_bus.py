@@ -432,6 +432,19 @@ class Bus:
                     ) from None
                 sems.update(more)
             _chmod_sems({r: sems[r] for r in missing}, self._mode)
+        if not self._allow_shared:
+            # A stranger could have made these names first (after a reboot, say):
+            # the same rule as for the file.
+            for role, sem in sems.items():
+                owner = _sync.sem_owner(sem)
+                if owner is not None and owner != os.geteuid():
+                    for s in sems.values():
+                        s.close()
+                    raise ForeignBus(
+                        f"the {role} semaphore of {self.path} belongs to uid {owner}, not to you: "
+                        "remove the bus's semaphores (`shmbus rm`) or open it with allow_shared=True",
+                        path=self.path,
+                    )
         return sems
 
     # -- hooks for subclasses ----------------------------------------------

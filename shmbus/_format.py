@@ -32,7 +32,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        128     8  head     u64       producers         position one past the last committed record
        136     8  next_seq u64       producers         sequence number of the next record
        144     8  bytes_in u64       producers         payload bytes committed, ever
-       152     4  head_holder_pid    producers         pid holding the head lock (informational)
+       152     4  reserved           -                 zero (the holder's pid is in its participant slot)
        156     4  head_holder        producers         participant slot + 1 holding it (0 = none)
        160     4  head_releases u32  producers         head lock releases, mod 2**32 (recovery evidence)
        164    28  reserved
@@ -40,13 +40,13 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        192     8  tail     u64       consumers         position of the oldest record still held
        200     8  tail_seq u64       consumers         sequence number of the record at tail
        208     8  bytes_out u64      consumers         payload bytes consumed, ever
-       216     4  tail_holder_pid    consumers         pid holding the tail lock (informational)
+       216     4  reserved           -                 zero
        220     4  tail_holder        consumers         participant slot + 1 holding it (0 = none)
        224     4  space_waiting u32  both            1 while a producer sleeps for space
        228     4  tail_releases u32  consumers         tail lock releases, mod 2**32
        232    24  reserved
     -- recovery line (256..319) --
-       256     4  subs_holder_pid    subscribers       pid holding the subs lock (informational)
+       256     4  reserved           -                 zero
        260     4  subs_holder        subscribers       participant slot + 1 holding it (0 = none)
        264     8  recoveries u64     recoverers        dead lock holders recovered, ever
        272     8  last_recovery_ns   recoverers        when, ns since the epoch
@@ -151,11 +151,8 @@ __all__ = [
     "Q_TAIL",
     "Q_TAIL_SEQ",
     "Q_BYTES_OUT",
-    "I_HEAD_HOLDER_PID",
     "I_HEAD_HOLDER",
-    "I_TAIL_HOLDER_PID",
     "I_TAIL_HOLDER",
-    "I_SUBS_HOLDER_PID",
     "I_SUBS_HOLDER",
     "I_HEAD_RELEASES",
     "I_TAIL_RELEASES",
@@ -236,11 +233,8 @@ Q_BYTES_IN: Final = 144 // 8
 Q_TAIL: Final = 192 // 8
 Q_TAIL_SEQ: Final = 200 // 8
 Q_BYTES_OUT: Final = 208 // 8
-I_HEAD_HOLDER_PID: Final = 152 // 4
 I_HEAD_HOLDER: Final = 156 // 4
-I_TAIL_HOLDER_PID: Final = 216 // 4
 I_TAIL_HOLDER: Final = 220 // 4
-I_SUBS_HOLDER_PID: Final = 256 // 4
 I_SUBS_HOLDER: Final = 260 // 4
 # Each lock's release counter follows from its holder field's index.
 I_HEAD_RELEASES: Final = 160 // 4

@@ -55,7 +55,7 @@ from ._format import (
     ring_capacity,
 )
 from ._sync import SLICE
-from ._zerocopy import Reservation, View
+from ._zerocopy import Reservation, View, view_kind
 
 __all__ = ["Queue"]
 
@@ -388,7 +388,7 @@ class Queue(Bus):
         the data itself; for any other message, its msgpack encoding.
         """
         _, payload = self._get1(block, timeout)
-        return bytes(payload[0]) if isinstance(payload, tuple) else payload
+        return bytes(payload[0]) if isinstance(payload, tuple) else bytes(payload)
 
     def _get1(self, block: bool, timeout: float | None) -> tuple[int, Payload]:
         if self._closed:
@@ -704,7 +704,7 @@ class Queue(Bus):
             if consume and self._slots is not None:
                 self._slots.release()
 
-        return View(view, "bytes" if got[2] else "msgpack", finish)
+        return View(view, view_kind(kind, got[2]), finish)
 
     # -- asyncio (the mechanism is in _aio) -------------------------------------
 

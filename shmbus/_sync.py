@@ -26,7 +26,7 @@ __all__ = [
     "open_sems",
     "unlink_sems",
     "list_sems",
-    "open_or_create_sem",
+    "sem_owner",
     "chmod_sem",
     "SEM_PREFIX",
     "SLICE",
@@ -174,15 +174,12 @@ def open_sems(bus_id: str, roles: list[str]) -> tuple[dict[str, Sem], list[str]]
     return found, missing
 
 
-def open_or_create_sem(bus_id: str, role: str, mode: int) -> Sem:
-    """Open the semaphore of ``role``, creating it (value 0) if it does not exist yet.
-
-    For wake-up signals created lazily (a Topic subscriber's ``sub<i>``); a
-    stray count only causes a spurious wake-up, which every waiter tolerates.
-    """
-    sem = Sem(posix_ipc.Semaphore(sem_name(bus_id, role), posix_ipc.O_CREAT, mode, 0))
-    chmod_sem(sem, mode)
-    return sem
+def sem_owner(sem: Sem) -> int | None:
+    """The uid owning a semaphore (Linux keeps it as a file in /dev/shm), or None if unknown."""
+    try:
+        return os.stat(f"/dev/shm/sem.{sem.name.lstrip('/')}").st_uid
+    except OSError:
+        return None
 
 
 def chmod_sem(sem: Sem, mode: int) -> None:

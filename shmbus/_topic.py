@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from . import _faults, _ring, _sync
+from . import _faults, _ring
 from ._aio import SubscriptionAio, checkpoint
 from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
@@ -65,7 +65,7 @@ from ._format import (
     max_payload,
     ring_capacity,
 )
-from ._zerocopy import Reservation, View
+from ._zerocopy import Reservation, View, view_kind
 
 __all__ = ["Topic", "Subscription", "subscriber_rows"]
 
@@ -128,8 +128,15 @@ class Topic(Bus):
     # -- Bus hooks -------------------------------------------------------------
 
     @classmethod
+    def _ROLES_FOR(cls, layout: Layout) -> list[str]:
+        # Every subscriber slot's wake-up semaphore is made with the topic,
+        # exclusively: a name squatted in /dev/shm then fails create, instead
+        # of letting a stranger hold or flood a subscriber's wake-ups.
+        return [*cls._ROLES, *(f"sub{i}" for i in range(layout.max_subscribers))]
+
+    @classmethod
     def _initial_sems(cls, layout: Layout, queued: int) -> dict[str, int]:
-        return {"head": 1, "subs": 1}
+        return {"head": 1, "subs": 1, **{f"sub{i}": 0 for i in range(layout.max_subscribers)}}
 
     def _queued(self) -> int:
         h = self._h64
@@ -145,7 +152,7 @@ class Topic(Bus):
         n = self._layout.max_subscribers
         self._flags_end = WAIT_FLAGS + n
         self._no_flags = bytes(n)
-        self._wakers: dict[int, _sync.Sem] = {}
+        self._wakers = [self._sems[f"sub{i}"] for i in range(n)]
         self._subscriptions: list[Subscription] = []
 
     def _describe(self) -> str:
@@ -156,9 +163,7 @@ class Topic(Bus):
         """Close this handle and every subscription made through it; the topic stays."""
         for sub in list(getattr(self, "_subscriptions", ())):
             sub.close()
-        for w in getattr(self, "_wakers", {}).values():
-            w.close()
-        self._wakers = {}
+        self._wakers = []
         super().close()
 
     # -- publishing ------------------------------------------------------------
@@ -292,7 +297,13 @@ class Topic(Bus):
                 self._head_lock.release()
             self._wake_if_waiting()
 
-        return Reservation(view, commit, self._head_lock.release)
+        def abandon() -> None:
+            h = self._h64
+            if h[Q_TAIL] > h[Q_HEAD]:  # we restarted an empty ring at the next lap: finish the move
+                h[Q_HEAD] = h[Q_TAIL]
+            self._head_lock.release()
+
+        return Reservation(view, commit, abandon)
 
     def _wake_if_waiting(self) -> None:
         if self._mm is not None and self._mm[WAIT_FLAGS : self._flags_end] != self._no_flags:
@@ -303,13 +314,7 @@ class Topic(Bus):
         flags = self._mm[WAIT_FLAGS : self._flags_end]
         for i, flag in enumerate(flags):
             if flag:
-                w = self._wakers.get(i)
-                if w is None:
-                    # Open only: the subscriber creates its semaphore before it sets its flag.
-                    found, _ = _sync.open_sems(self._layout.bus_id, [f"sub{i}"])
-                    if not found:
-                        continue
-                    w = self._wakers[i] = found[f"sub{i}"]
+                w = self._wakers[i]
                 if w.value <= 0:  # one pending wake-up is enough
                     w.release()
 
@@ -472,15 +477,7 @@ class Subscription:
         self.lost = 0
         self.received = 0
         self._flag = WAIT_FLAGS + slot
-        try:
-            self._sem = _sync.open_or_create_sem(topic._layout.bus_id, f"sub{slot}", topic._mode)
-            if os.fstat(topic._fd).st_nlink == 0:
-                # The topic was unlinked: keep our handle but leave no name behind.
-                # Wake-ups then come from the safety slice alone.
-                self._sem.unlink()
-        except BaseException:
-            topic._release_slot(slot)
-            raise
+        self._sem = topic._sems[f"sub{slot}"]  # opened with the topic (closed with it too)
         self._save()
 
     lost: int
@@ -541,8 +538,7 @@ class Subscription:
                 if not self._wait(deadline):
                     raise Empty(f"no new message on {self._topic.path}", path=self._topic.path)
                 got = self._read(max_messages)
-        finish = self._topic._codec.finish
-        return [finish(kind, p) for kind, p in got]
+        return self._topic._codec.finish_many(got)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -694,7 +690,7 @@ class Subscription:
             self._next, self._cursor = rseq + 1, after
             self._save()
 
-        return View(view, "bytes" if is_bytes else "msgpack", finish, intact)
+        return View(view, view_kind(kind, is_bytes), finish, intact)
 
     def _wait(self, deadline: float | None) -> bool:
         """Sleep until head moves past the cursor; False if ``deadline`` passed first."""
@@ -744,7 +740,6 @@ class Subscription:
             assert t._mm is not None
             t._mm[self._flag] = 0
             t._release_slot(self.slot)
-        self._sem.close()
         if self in t._subscriptions:
             t._subscriptions.remove(self)
 

@@ -25,8 +25,16 @@ import contextlib
 from typing import Callable
 
 from ._errors import Overwritten
+from ._format import REC_NDARRAY
 
-__all__ = ["Reservation", "View"]
+__all__ = ["Reservation", "View", "view_kind"]
+
+
+def view_kind(record_kind: int, is_bytes: bool) -> str:
+    """What a ``View`` holds: "ndarray" (see ``array_view``), "bytes", or "msgpack" (an encoding)."""
+    if record_kind == REC_NDARRAY:
+        return "ndarray"
+    return "bytes" if is_bytes else "msgpack"
 
 
 class Reservation:
@@ -69,7 +77,8 @@ class View:
     """A read-only ``memoryview`` of one message's payload, from ``get_view()``.
 
     ``kind`` tells how the payload was put: ``"bytes"`` for ``put_bytes``,
-    ``reserve`` or a ``bytes`` object, ``"msgpack"`` for anything else (then
+    ``reserve`` or a ``bytes`` object, ``"ndarray"`` for a numpy array (read
+    it with ``shmbus.array_view``), ``"msgpack"`` for anything else (then
     the view holds its msgpack encoding).
     """
 

@@ -457,3 +457,27 @@ def test_sparse_samples_survive_a_deep_backlog() -> None:
     seqs = [h[i] for i in range(Q_TIME_SAMPLES, Q_TIME_SAMPLES + 2 * TIME_SAMPLES, 2)]
     # The last four multiples of 256, then the last multiple of 2048, 16384, 131072 and 1048576.
     assert seqs == [81920, 81152, 81408, 81664, 81920, 81920, 0, 0]
+
+
+def _die_holding_the_head_lock(path: str) -> None:
+    import os
+    import signal
+
+    q = shmbus.Queue.open(path)
+    q._head_lock.acquire(None)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_recover_frees_a_dead_holders_lock(bus_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import multiprocessing as mp
+
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        p = mp.get_context("fork").Process(target=_die_holding_the_head_lock, args=(q.path,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == -9 and q._head_lock.sem.value == 0
+        assert main(["recover", bus_name]) == 0
+        assert "1 dead process(es)" in capsys.readouterr().out
+        assert q._head_lock.sem.value == 1
+        q.put_nowait("flows again")
+        assert q.get_nowait() == "flows again"

@@ -20,6 +20,7 @@ from shmbus import CorruptBus, _ring
 from shmbus._format import (
     ALIGN,
     REC_MSGPACK,
+    REC_NDARRAY,
     REC_RAW,
     REC_WRAP,
     RECORD,
@@ -344,7 +345,7 @@ def patch(buf: bytearray, off: int, *, length: int | None = None, kind: int | No
     RECORD.pack_into(buf, off, *old)
 
 
-@pytest.mark.parametrize("kind", [0, 4, 5, 0x7FFF, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 5, 6, 0x7FFF, 0xFFFF])  # 1, 2, 4: messages; 3: wrap
 def test_unknown_kind_is_corrupt(kind: int) -> None:
     buf, tail, head = one_record(at=32)
     patch(buf, 32, kind=kind)
@@ -447,7 +448,7 @@ def test_read_of_any_bytes_returns_a_valid_record_or_raises_corrupt_bus(
     except CorruptBus as e:  # anything else (IndexError, struct.error) fails the test
         assert e.offset is not None and 0 <= e.offset < CAP
         return
-    assert kind in (REC_MSGPACK, REC_RAW)
+    assert kind in (REC_MSGPACK, REC_RAW, REC_NDARRAY)
     assert tail <= start < nxt <= head
     assert start % CAP + RECORD_SIZE + length <= CAP
     assert nxt == start + record_span(length)
