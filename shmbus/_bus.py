@@ -23,12 +23,22 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from . import _recovery, _ring, _sync
 from ._codec import DEFAULT_CODEC, Codec
-from ._errors import BusClosed, BusExists, BusNotFound, CorruptBus, ForeignBus, IncompatibleBus, NotABus
+from ._errors import (
+    BusClosed,
+    BusExists,
+    BusNotFound,
+    CorruptBus,
+    ForeignBus,
+    IncompatibleBus,
+    MessageTooLarge,
+    NotABus,
+)
 from ._format import (
     HEADER_MIN,
     KIND_NAMES,
@@ -48,6 +58,7 @@ from ._format import (
     VERSION,
     Layout,
     build_header,
+    max_payload,
     parse_header,
     peek_ids,
 )
@@ -468,6 +479,18 @@ class Bus:
         return _recovery.Lock(
             role, self._sems[role], self._h32, holder_index, releases_index, self._part, self.recover
         )
+
+    def _check_sizes(self, sizes: Iterable[int]) -> None:
+        """Raise ``MessageTooLarge`` for the first encoded size this ring can never hold."""
+        limit = max_payload(self._layout.capacity)
+        for size in sizes:
+            if not 0 <= size <= limit:
+                raise MessageTooLarge(
+                    f"a message of {size} bytes (encoded) cannot fit in {self.path}, whose ring of "
+                    f"{self._layout.capacity} bytes holds messages up to {limit} bytes: create the "
+                    f"{type(self).__name__} with a larger capacity",
+                    path=self.path, size=size, limit=limit,
+                )  # fmt: skip
 
     def _repair(self, roles: list[str]) -> None:
         """Mend what a holder of the locks ``roles`` left half-done when it died (recovery hook)."""

@@ -34,7 +34,7 @@ from . import _faults, _ring
 from ._aio import QueueAio
 from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
-from ._errors import CorruptBus, Empty, Full, MessageTooLarge
+from ._errors import CorruptBus, Empty, Full
 from ._format import (
     I_HEAD_HOLDER,
     I_HEAD_RELEASES,
@@ -246,15 +246,7 @@ class Queue(Bus):
 
     def _put(self, batch: list[Encoded], deadline: float | None) -> None:
         self._check_open()
-        limit = self._max_payload
-        for item in batch:
-            if item[3] > limit:
-                raise MessageTooLarge(
-                    f"a message of {item[3]} bytes (encoded) cannot fit in {self.path}, whose "
-                    f"ring of {self._cap} bytes holds messages up to {limit} bytes: "
-                    "create the bus with a larger capacity",
-                    path=self.path, size=item[3], limit=limit,
-                )  # fmt: skip
+        self._check_sizes(item[3] for item in batch)
         # A non-blocking put still waits a moment for the producer lock (another
         # producer's copy); a producer that holds it while sleeping for space
         # means the queue is full anyway.
@@ -598,11 +590,7 @@ class Queue(Bus):
         ``Full`` (no space in time) or ``MessageTooLarge``.
         """
         self._check_open()
-        if not 0 <= nbytes <= self._max_payload:
-            raise MessageTooLarge(
-                f"cannot reserve {nbytes} bytes in {self.path}: a message holds 0 to {self._max_payload}",
-                path=self.path, size=nbytes, limit=self._max_payload,
-            )  # fmt: skip
+        self._check_sizes((nbytes,))
         deadline = _deadline(block, timeout)
         if not self._head_lock.acquire(_monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline):
             raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)

@@ -37,7 +37,7 @@ from . import _faults, _ring
 from ._aio import SubscriptionAio, checkpoint
 from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
-from ._errors import BusClosed, CorruptBus, Empty, MessageTooLarge, TooManySubscribers
+from ._errors import BusClosed, CorruptBus, Empty, TooManySubscribers
 from ._format import (
     I_HEAD_HOLDER,
     I_HEAD_RELEASES,
@@ -213,15 +213,7 @@ class Topic(Bus):
 
     def _publish(self, batch: list[Encoded]) -> None:
         self._check_open()
-        limit = self._max_payload
-        for item in batch:
-            if item[3] > limit:
-                raise MessageTooLarge(
-                    f"a message of {item[3]} bytes (encoded) cannot fit in {self.path}, whose "
-                    f"ring of {self._cap} bytes holds messages up to {limit} bytes: "
-                    "create the topic with a larger capacity",
-                    path=self.path, size=item[3], limit=limit,
-                )  # fmt: skip
+        self._check_sizes(item[3] for item in batch)
         self._head_lock.acquire(None)
         try:
             self._write(batch)
@@ -275,11 +267,7 @@ class Topic(Bus):
         for subscribers; holds the publisher lock until the block ends.
         """
         self._check_open()
-        if not 0 <= nbytes <= self._max_payload:
-            raise MessageTooLarge(
-                f"cannot reserve {nbytes} bytes in {self.path}: a message holds 0 to {self._max_payload}",
-                path=self.path, size=nbytes, limit=self._max_payload,
-            )  # fmt: skip
+        self._check_sizes((nbytes,))
         self._head_lock.acquire(None)
         try:
             start, head, seq = self._make_room(nbytes)

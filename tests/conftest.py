@@ -6,8 +6,11 @@ import contextlib
 import multiprocessing as mp
 import os
 import tempfile
+import time
+import traceback
 import uuid
 from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,3 +136,66 @@ def procs() -> Iterator[Procs]:
     ps = Procs()
     yield ps
     ps.reap()
+
+
+# -- talking to child processes --------------------------------------------------------
+
+CHILD_WAIT = 60.0
+
+
+def recv(conn: Connection, proc: Any, timeout: float = CHILD_WAIT) -> Any:
+    """Receive one object from a child, failing fast if the child dies first."""
+    ready = wait([conn, proc.sentinel], timeout)
+    if conn.poll():
+        return conn.recv()
+    if not ready:
+        raise AssertionError(f"child {proc.pid} sent nothing in {timeout} s")
+    proc.join(5)
+    raise AssertionError(f"child {proc.pid} exited (code {proc.exitcode}) without sending")
+
+
+def run(conn: Connection, body: Callable[..., Any], *args: Any) -> None:
+    """A child's main: send ``("ok", result)`` or ``("error", traceback)``."""
+    try:
+        result = body(*args)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    conn.send(("ok", result))
+
+
+def result(conn: Connection, proc: Any, timeout: float = CHILD_WAIT) -> Any:
+    """The result ``run`` sent, or the child's traceback as a test failure."""
+    status, value = recv(conn, proc, timeout)
+    if status != "ok":
+        raise AssertionError(f"child {proc.pid} failed:\n{value}")
+    return value
+
+
+def proc_state(pid: int) -> tuple[str, str]:
+    """The scheduler state letter and the wait channel of ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+    except OSError:  # unreadable: trust the state letter alone
+        wchan = "futex"
+    return state, wchan
+
+
+def wait_until_blocked(pid: int, timeout: float = 20.0) -> None:
+    """Return once ``pid`` sleeps in a futex wait (the semaphore wait it announced).
+
+    Call only after the child's "about to block" event was received: from then
+    on the only futex the child can sleep on is the bus's semaphore. This polls
+    the kernel's view of the child; it is not a guess at how long to sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        state, wchan = proc_state(pid)
+        if state == "S" and "futex" in wchan:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"child {pid} never blocked (state {state}, wchan {wchan!r})")
+        time.sleep(0.001)

@@ -69,7 +69,7 @@ def test_ls_finds_queue_topic_and_a_disk_bus_given_by_path(
     t = shmbus.Topic.create(bus_name + "-topic", capacity="16KiB", max_subscribers=4)
     stack.callback(shmbus.unlink, t.path)
     stack.callback(t.close)
-    stack.enter_context(t.subscribe())  # creates sub0: the topic then has 3 semaphores
+    stack.enter_context(t.subscribe())  # head, subs and sub0..sub3: 6 semaphores, made with the topic
     t.publish("x")
     d = _queue(stack, disk_path, capacity="8KiB", maxsize=5)
     d.put(b"on disk")
@@ -77,7 +77,7 @@ def test_ls_finds_queue_topic_and_a_disk_bus_given_by_path(
 
     found = {b.path: b for b in _admin.list_buses([disk_path])}
 
-    for bus, kind, mode, sems in ((q, "Queue", 0o640, 4), (t, "Topic", 0o600, 3), (d, "Queue", 0o600, 5)):
+    for bus, kind, mode, sems in ((q, "Queue", 0o640, 4), (t, "Topic", 0o600, 6), (d, "Queue", 0o600, 5)):
         info, st = found[bus.path], os.stat(bus.path)
         assert (info.kind, info.bus_id, info.mode, info.owner) == (kind, bus.layout.bus_id, mode, os.getuid())
         assert (info.size, info.capacity, info.semaphores) == (st.st_size, bus.capacity, sems)

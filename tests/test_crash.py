@@ -62,6 +62,10 @@ from typing import Any, Callable
 
 import msgpack
 import pytest
+from conftest import recv as _recv
+from conftest import result as _result
+from conftest import run as _run
+from conftest import wait_until_blocked as _wait_until_blocked
 
 import shmbus
 from shmbus import _faults, _recovery, _sync
@@ -134,57 +138,6 @@ def ids(msgs: list[Any]) -> list[tuple[int, int]]:
 
 
 # -- process helpers ------------------------------------------------------------------
-
-
-def _recv(conn: Connection, proc: Any, timeout: float = CHILD_TIMEOUT) -> Any:
-    """Receive one object from a child, failing fast if the child dies first."""
-    ready = wait([conn, proc.sentinel], timeout)
-    if conn.poll():
-        return conn.recv()
-    if not ready:
-        raise AssertionError(f"child {proc.pid} sent nothing in {timeout} s")
-    proc.join(5)
-    raise AssertionError(f"child {proc.pid} exited (code {proc.exitcode}) without sending")
-
-
-def _run(conn: Connection, body: Callable[..., Any], *args: Any) -> None:
-    """A child's main: send ``("ok", result)`` or ``("error", traceback)``."""
-    try:
-        result = body(*args)
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        raise
-    conn.send(("ok", result))
-
-
-def _result(conn: Connection, proc: Any, timeout: float = CHILD_TIMEOUT) -> Any:
-    status, value = _recv(conn, proc, timeout)
-    if status != "ok":
-        raise AssertionError(f"child {proc.pid} failed:\n{value}")
-    return value
-
-
-def _proc_state(pid: int) -> tuple[str, str]:
-    with open(f"/proc/{pid}/stat") as f:
-        state = f.read().rsplit(")", 1)[1].split()[0]
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            wchan = f.read()
-    except OSError:
-        wchan = "futex"
-    return state, wchan
-
-
-def _wait_until_blocked(pid: int, timeout: float = 20.0) -> None:
-    """Return once ``pid`` sleeps in a futex wait (call after its "about to block" signal)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state, wchan = _proc_state(pid)
-        if state == "S" and "futex" in wchan:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"child {pid} never blocked (state {state}, wchan {wchan!r})")
-        time.sleep(0.001)  # a poll of the kernel's view, not a synchronisation guess
 
 
 def _die() -> None:
@@ -724,13 +677,6 @@ def test_consumer_killed_before_waking_a_producer_leaves_no_producer_asleep(
     assert t_put - t_kill < RECOVERY_BOUND
     assert _drain(q, 4, timeout=1) == msgs[1:]
     q.close()
-
-
-MAXSIZE_LEAKS = {
-    "put:after-write": "a producer's 'slots' token taken for a record never published",
-    "put:mid-publish": "a producer's 'slots' token taken for a record rolled back",
-    "get:before-unlock": "a consumer's 'slots' tokens, given back only after the tail lock",
-}
 
 
 MAXSIZE_CASES = [s for s in _faults.STEPS if s.startswith(("put:", "get:"))]
@@ -1541,10 +1487,6 @@ def _summary(res: KillerRound) -> str:
         f"longest recovery {res.longest_recovery:.3f} s, longest op {res.longest_op:.3f} s "
         f"of {res.measured_ops} measured"
     )
-
-
-# Not strict: the rounds that miss the bug pass. Remove with the fix of the bug that
-# test_recovery_never_frees_a_lock_a_live_process_holds reproduces (it is strict).
 
 
 def test_queue_random_killer(bus_name: str, tmp_path: Path, caplog: Any) -> None:

@@ -20,13 +20,15 @@ import queue
 import random
 import signal
 import time
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import posix_ipc
 import pytest
+from conftest import recv as _recv
+from conftest import wait_until_blocked as _wait_until_blocked
 
 import shmbus
 
@@ -36,45 +38,6 @@ WAKE_BOUND = 2.0  # a woken waiter must return this soon after the event that wa
 
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def _recv(conn: Connection, proc: Any, timeout: float = CHILD_TIMEOUT) -> Any:
-    """Receive one object from a child, failing fast if the child dies first."""
-    ready = wait([conn, proc.sentinel], timeout)
-    if conn.poll():
-        return conn.recv()
-    if not ready:
-        raise AssertionError(f"child {proc.pid} sent nothing in {timeout} s")
-    proc.join(5)
-    raise AssertionError(f"child {proc.pid} exited (code {proc.exitcode}) without sending")
-
-
-def _proc_state(pid: int) -> tuple[str, str]:
-    """The scheduler state letter and the wait channel of ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        state = f.read().rsplit(")", 1)[1].split()[0]
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            wchan = f.read()
-    except OSError:  # unreadable: trust the state letter alone
-        wchan = "futex"
-    return state, wchan
-
-
-def _wait_until_blocked(pid: int, timeout: float = 20.0) -> None:
-    """Return once ``pid`` sleeps in a futex wait (the semaphore wait it announced).
-
-    Call only after the child's "about to block" event was received: from then
-    on the only futex the child can sleep on is the bus's semaphore.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        state, wchan = _proc_state(pid)
-        if state == "S" and "futex" in wchan:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"child {pid} never blocked (state {state}, wchan {wchan!r})")
-        time.sleep(0.001)  # a poll of the kernel's view, not a synchronisation guess
 
 
 def _join_ok(proc: Any, timeout: float = CHILD_TIMEOUT) -> None:

@@ -20,13 +20,16 @@ import random
 import signal
 import statistics
 import time
-import traceback
 import zlib
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import msgpack
 import pytest
+from conftest import proc_state as _proc_state
+from conftest import recv as _recv
+from conftest import result as _result
+from conftest import run as _run
 
 import shmbus
 from shmbus import Topic, _topic
@@ -40,50 +43,9 @@ WAKE_BOUND = 2.0  # a woken subscriber must return this soon after the publish t
 # -- helpers ------------------------------------------------------------------------
 
 
-def _run(conn: Connection, body: Callable[..., Any], *args: Any) -> None:
-    """A child's main: run ``body`` and send ``("ok", result)`` or ``("error", traceback)``."""
-    try:
-        result = body(*args)
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        raise
-    conn.send(("ok", result))
-
-
 def _start(procs: Any, body: Callable[..., Any], *args: Any) -> tuple[Any, Connection]:
     rx, tx = procs.ctx.Pipe(duplex=False)
     return procs.start(_run, tx, body, *args), rx
-
-
-def _recv(conn: Connection, proc: Any, timeout: float = CHILD_TIMEOUT) -> Any:
-    """Receive one object from a child, failing fast if the child dies first."""
-    ready = wait([conn, proc.sentinel], timeout)
-    if conn.poll():
-        return conn.recv()
-    if not ready:
-        raise AssertionError(f"child {proc.pid} sent nothing in {timeout} s")
-    proc.join(5)
-    raise AssertionError(f"child {proc.pid} exited (code {proc.exitcode}) without sending")
-
-
-def _result(conn: Connection, proc: Any, timeout: float = CHILD_TIMEOUT) -> Any:
-    """The result ``_run`` sent, or the child's traceback as a test failure."""
-    status, value = _recv(conn, proc, timeout)
-    if status != "ok":
-        raise AssertionError(f"child {proc.pid} failed:\n{value}")
-    return value
-
-
-def _proc_state(pid: int) -> tuple[str, str]:
-    """The scheduler state letter and the wait channel of ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        state = f.read().rsplit(")", 1)[1].split()[0]
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            wchan = f.read()
-    except OSError:  # unreadable: trust the state letter alone
-        wchan = "futex"
-    return state, wchan
 
 
 def _wait_until_asleep(t: Topic, slot: int, pid: int, timeout: float = 20.0, poll: float = 0.001) -> None:
