@@ -54,7 +54,7 @@ from ._format import (
     max_payload,
     ring_capacity,
 )
-from ._sync import SLICE
+from ._sync import SLICE, SPIN_DEFAULT
 from ._zerocopy import Reservation, View, view_kind
 
 __all__ = ["Queue"]
@@ -66,7 +66,6 @@ _REPAIR_WAIT = 2.0  # seconds recovery waits for a live tail holder before givin
 _NOWAIT_GRACE = 0.05  # seconds a non-blocking put waits for the producer lock
 # A header word nobody reads, where an unclaimed consumer "records" its tokens.
 _SCRATCH = 320 // 8
-SPIN_DEFAULT = float(os.environ.get("SHMBUS_SPIN_US", "50")) / 1e6
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
@@ -870,6 +869,22 @@ class Queue(Bus):
             return True
         h = self._h64
         return _ring.place(h[Q_HEAD], h[Q_TAIL], self._cap, 1) < 0
+
+    @property
+    def spin_us(self) -> float:
+        """Microseconds a waiting ``get`` polls before it sleeps (default 50; 0: sleep at once).
+
+        Polling saves the kernel's wake-up (tens of microseconds) when the
+        producer is on another core; each poll yields the CPU, so an idle wait
+        costs little. Set it per handle: ``q.spin_us = 0``.
+        """
+        return self.spin * 1e6
+
+    @spin_us.setter
+    def spin_us(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("spin_us must be 0 or more")
+        self.spin = value / 1e6
 
     @property
     def maxsize(self) -> int:

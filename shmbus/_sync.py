@@ -30,12 +30,15 @@ __all__ = [
     "chmod_sem",
     "SEM_PREFIX",
     "SLICE",
+    "SPIN_DEFAULT",
     "SemPermissionError",
     "SemExistsError",
 ]
 
 SEM_PREFIX: Final = "shmbus."
 _yield = os.sched_yield
+# How long a waiter polls before it sleeps, by default (per handle: ``spin_us``).
+SPIN_DEFAULT: Final = float(os.environ.get("SHMBUS_SPIN_US", "50")) / 1e6
 # Seconds a recoverable wait sleeps before looking for a dead holder.
 SLICE: Final = float(os.environ.get("SHMBUS_RECOVERY_INTERVAL", "0.25"))
 _BusyError = posix_ipc.BusyError

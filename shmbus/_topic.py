@@ -65,6 +65,7 @@ from ._format import (
     max_payload,
     ring_capacity,
 )
+from ._sync import SPIN_DEFAULT
 from ._zerocopy import Reservation, View, view_kind
 
 __all__ = ["Topic", "Subscription", "subscriber_rows"]
@@ -72,7 +73,6 @@ __all__ = ["Topic", "Subscription", "subscriber_rows"]
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
 _SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
-SPIN_DEFAULT = float(os.environ.get("SHMBUS_SPIN_US", "50")) / 1e6
 
 
 class Topic(Bus):
@@ -316,7 +316,8 @@ class Topic(Bus):
         Parameters:
             start: ``"latest"`` (only messages published after this call) or
                 ``"earliest"`` (also the oldest messages still in the ring).
-            spin: seconds to poll before sleeping when waiting (default 50 us).
+            spin: microseconds to poll before sleeping when waiting (default 50;
+                0 sleeps at once). Also ``sub.spin_us`` afterwards.
 
         Raises ``TooManySubscribers`` when every slot is taken by a live process.
         """
@@ -324,7 +325,7 @@ class Topic(Bus):
         if start not in ("latest", "earliest"):
             raise ValueError(f"start must be 'latest' or 'earliest', got {start!r}")
         slot = self._claim_slot()
-        sub = Subscription(self, slot, start, SPIN_DEFAULT if spin is None else spin)
+        sub = Subscription(self, slot, start, SPIN_DEFAULT if spin is None else spin / 1e6)
         self._subscriptions.append(sub)
         return sub
 
@@ -467,6 +468,17 @@ class Subscription:
         self._flag = WAIT_FLAGS + slot
         self._sem = topic._sems[f"sub{slot}"]  # opened with the topic (closed with it too)
         self._save()
+
+    @property
+    def spin_us(self) -> float:
+        """Microseconds a waiting ``get`` polls before it sleeps (0: sleep at once)."""
+        return self.spin * 1e6
+
+    @spin_us.setter
+    def spin_us(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("spin_us must be 0 or more")
+        self.spin = value / 1e6
 
     lost: int
     """Messages that were overwritten before this subscriber read them."""
