@@ -55,6 +55,11 @@ def _ours(ids: list[str]) -> list[str]:
     )  # fmt: skip
 
 
+def session_sems() -> set[str]:
+    """The semaphore files in /dev/shm that belong to buses this session created."""
+    return {n for n in _ours(_ids()) if n.startswith("sem.")}
+
+
 def leftovers() -> list[str]:
     """Bus files and semaphores this session made that are still in /dev/shm."""
     return _ours(_ids())

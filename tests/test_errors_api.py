@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import msgpack
 import pytest
-from conftest import SHM, TEST_PREFIX, Procs
+from conftest import SHM, TEST_PREFIX, Procs, session_sems
 
 import shmbus
 from shmbus import Queue
@@ -228,14 +228,14 @@ def test_create_on_an_existing_bus_raises_bus_exists(bus_name: str) -> None:
     with Queue.create(bus_name, capacity=CAP) as q:
         msgs = fill(q)
         bus_id = q.layout.bus_id
-        before = sorted(n for n in os.listdir(SHM) if n.startswith("sem.shmbus."))
+        before = session_sems()  # (only ours: other programs may make buses meanwhile)
         for capacity in (CAP, 8 * CAP):
             with pytest.raises(shmbus.BusExists, match="exist_ok") as info:
                 Queue.create(bus_name, capacity=capacity)
             assert info.value.path == real(bus_name)
             assert isinstance(info.value, FileExistsError)
         # The failed creates made and removed their own semaphores; the bus kept its own.
-        assert sorted(n for n in os.listdir(SHM) if n.startswith("sem.shmbus.")) == before
+        assert session_sems() == before
         assert sem_roles(bus_id) == QUEUE_ROLES
         assert [n for n in os.listdir(SHM) if n.startswith(f".{bus_name}")] == []  # no temp file
     assert_intact(bus_name, msgs)
