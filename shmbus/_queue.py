@@ -469,9 +469,11 @@ class Queue(Bus):
                         h[Q_TAIL_SEQ] = seq + 1
                         if _faults.armed:
                             _faults.hit("get:mid-commit")
-                        h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
                         h[Q_TAIL] = nxt
                         committed = True
+                        # Statistics after the commit: a consumer killed in between
+                        # undercounts, never counts a message twice.
+                        h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
                         h[tokens] = 0
                         if _faults.armed:
                             _faults.hit("get:before-unlock")
@@ -542,9 +544,9 @@ class Queue(Bus):
             h[Q_TAIL_SEQ] = seq
             if _faults.armed:
                 _faults.hit("get:mid-commit")
-            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & _U64
             h[Q_TAIL] = tail
             committed = True
+            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & _U64  # after the commit, as in _take1
             h[tokens] = 0
             if _faults.armed:
                 _faults.hit("get:before-unlock")
@@ -678,8 +680,8 @@ class Queue(Bus):
             try:
                 if consume:
                     h[Q_TAIL_SEQ] = rseq + 1
-                    h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
                     h[Q_TAIL] = nxt
+                    h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64  # after the commit, as in _take1
                     if self._h32[I_SPACE_WAITING]:
                         self._h32[I_SPACE_WAITING] = 0
                         self._space.release()
