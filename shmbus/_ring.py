@@ -31,6 +31,7 @@ __all__ = [
     "start_of",
     "evict",
     "rebases",
+    "seq_at",
     "write",
     "begin",
     "commit",
@@ -102,6 +103,16 @@ def evict(buf: Buffer, capacity: int, tail: int, head: int, length: int) -> tupl
     if end - tail > capacity:  # the ring is empty and the record wraps: restart at ``start``
         tail = start
     return start, tail, dropped
+
+
+def seq_at(buf: Buffer, capacity: int, pos: int) -> int:
+    """The sequence number stored at record position ``pos``.
+
+    A wrap marker carries the sequence number of the record after it, so this
+    is the next message's number either way. The caller knows ``pos`` holds a
+    record (it lies in ``[tail, head)``).
+    """
+    return int(_unpack_from(buf, pos % capacity)[3])
 
 
 def rebases(head: int, tail: int, start: int) -> bool:

@@ -240,9 +240,11 @@ class Topic(Bus):
         head, tail = h[Q_HEAD], h[Q_TAIL]
         _ring.check_positions(head, tail, self._cap)
         seq = h[Q_NEXT_SEQ]
-        start, new_tail, dropped = _ring.evict(self._ring, self._cap, tail, head, n)
+        start, new_tail, _ = _ring.evict(self._ring, self._cap, tail, head, n)
         if new_tail != tail:
-            h[Q_TAIL_SEQ] = seq if new_tail >= head else h[Q_TAIL_SEQ] + dropped
+            # Read, not counted: a sequence number skipped after a publisher's
+            # death leaves a gap that counting the dropped records would miss.
+            h[Q_TAIL_SEQ] = seq if new_tail >= head else _ring.seq_at(self._ring, self._cap, new_tail)
             h[Q_TAIL] = new_tail
             if _faults.armed:
                 _faults.hit("publish:after-evict")
