@@ -551,8 +551,7 @@ class SubscriptionAio(_Helper):
             sub._check_open()
             got = sub._read(max_messages)  # lock-free: no await between reading and returning
             if got:
-                finish = sub._topic._codec.finish
-                return [finish(kind, p) for kind, p in got]
+                return sub._topic._codec.finish_many(got)
             if not await self._moved(deadline):
                 raise Empty(f"no new message on {self.path}", path=self.path)
 

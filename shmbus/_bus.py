@@ -25,7 +25,7 @@ import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 from . import _recovery, _ring, _sync
 from ._codec import DEFAULT_CODEC, Codec
@@ -52,6 +52,7 @@ from ._format import (
     Q_TAIL,
     Q_TAIL_SEQ,
     Q_TIME_SAMPLES,
+    REC_RAW,
     SAMPLE_EVERY,
     SAMPLE_WRITING,
     TIME_SAMPLES,
@@ -62,6 +63,7 @@ from ._format import (
     parse_header,
     peek_ids,
 )
+from ._zerocopy import Reservation
 
 __all__ = [
     "Bus",
@@ -479,6 +481,47 @@ class Bus:
         return _recovery.Lock(
             role, self._sems[role], self._h32, holder_index, releases_index, self._part, self.recover
         )
+
+    def _reservation(
+        self,
+        nbytes: int,
+        room: Callable[[], tuple[int, int, int]],
+        publish: Callable[[int, int], None],
+        abandon: Callable[[], None],
+        after: Callable[[], None] | None = None,
+    ) -> Reservation:
+        """A zero-copy write, for Queue and Topic alike; called holding the head lock.
+
+        ``room()`` makes space and returns ``(start, head, seq)``; on commit the
+        record header is stored and ``publish(seq, new_head)`` makes it
+        visible; ``abandon()`` undoes ``room()``'s claims. The head lock is
+        released at the end either way, then ``after()`` runs (a Topic wakes
+        its subscribers there, outside the lock).
+        """
+        lock = self._locks[0]
+        try:
+            start, head, seq = room()
+        except BaseException:
+            lock.release()
+            raise
+        ring, cap = self._ring, self._layout.capacity
+        off = _ring.begin(ring, cap, head, start, seq)
+
+        def commit() -> None:
+            try:
+                publish(seq, _ring.commit(ring, cap, start, REC_RAW, seq, nbytes))
+            finally:
+                lock.release()
+            if after is not None:
+                after()
+
+        def drop() -> None:
+            try:
+                abandon()
+            finally:
+                lock.release()
+
+        return Reservation(ring[off : off + nbytes], commit, drop)
 
     def _check_sizes(self, sizes: Iterable[int]) -> None:
         """Raise ``MessageTooLarge`` for the first encoded size this ring can never hold."""

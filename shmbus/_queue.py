@@ -595,27 +595,17 @@ class Queue(Bus):
         deadline = _deadline(block, timeout)
         if not self._head_lock.acquire(_monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline):
             raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
-        try:
-            start, head, seq = self._make_room(nbytes, deadline)
-        except BaseException:
-            self._head_lock.release()
-            raise
-        off = _ring.begin(self._ring, self._cap, head, start, seq)
-        view = self._ring[off : off + nbytes]
-
-        def commit() -> None:
-            try:
-                new_head = _ring.commit(self._ring, self._cap, start, REC_RAW, seq, nbytes)
-                self._publish(seq + 1, nbytes, new_head, 1)
-            finally:
-                self._head_lock.release()
 
         def abandon() -> None:
             if self._slots is not None:
                 self._slots.release()
-            self._head_lock.release()
 
-        return Reservation(view, commit, abandon)
+        return self._reservation(
+            nbytes,
+            lambda: self._make_room(nbytes, deadline),
+            lambda seq, new_head: self._publish(seq + 1, nbytes, new_head, 1),
+            abandon,
+        )
 
     def _make_room(self, n: int, deadline: float | None) -> tuple[int, int, int]:
         """Under the head lock: wait for a slot and for ``n`` bytes; return (start, head, seq)."""

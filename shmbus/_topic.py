@@ -271,29 +271,19 @@ class Topic(Bus):
         self._check_open()
         self._check_sizes((nbytes,))
         self._head_lock.acquire(None)
-        try:
-            start, head, seq = self._make_room(nbytes)
-        except BaseException:
-            self._head_lock.release()
-            raise
-        off = _ring.begin(self._ring, self._cap, head, start, seq)
-        view = self._ring[off : off + nbytes]
-
-        def commit() -> None:
-            try:
-                new_head = _ring.commit(self._ring, self._cap, start, REC_RAW, seq, nbytes)
-                self._commit_record(seq, nbytes, new_head)
-            finally:
-                self._head_lock.release()
-            self._wake_if_waiting()
 
         def abandon() -> None:
             h = self._h64
             if h[Q_TAIL] > h[Q_HEAD]:  # we restarted an empty ring at the next lap: finish the move
                 h[Q_HEAD] = h[Q_TAIL]
-            self._head_lock.release()
 
-        return Reservation(view, commit, abandon)
+        return self._reservation(
+            nbytes,
+            lambda: self._make_room(nbytes),
+            lambda seq, new_head: self._commit_record(seq, nbytes, new_head),
+            abandon,
+            self._wake_if_waiting,
+        )
 
     def _wake_if_waiting(self) -> None:
         if self._mm is not None and self._mm[WAIT_FLAGS : self._flags_end] != self._no_flags:
