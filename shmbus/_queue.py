@@ -46,6 +46,7 @@ from ._format import (
     Q_BYTES_OUT,
     Q_HEAD,
     Q_NEXT_SEQ,
+    Q_SCRATCH,
     Q_TAIL,
     Q_TAIL_SEQ,
     REC_RAW,
@@ -64,8 +65,6 @@ _monotonic = time.monotonic
 _U64 = (1 << 64) - 1  # a statistic counter wraps like a u64 (a damaged header may hold any value)
 _REPAIR_WAIT = 2.0  # seconds recovery waits for a live tail holder before giving up this round
 _NOWAIT_GRACE = 0.05  # seconds a non-blocking put waits for the producer lock
-# A header word nobody reads, where an unclaimed consumer "records" its tokens.
-_SCRATCH = 320 // 8
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
@@ -494,7 +493,7 @@ class Queue(Bus):
         """Index of our participant slot's tokens field (a scratch word when unclaimed)."""
         part = self._part
         assert part is not None
-        return part.tokens_index or _SCRATCH
+        return part.tokens_index or Q_SCRATCH  # a header word nobody reads
 
     def _take(self, k: int) -> list[tuple[int, Payload]]:
         """Copy out the ``k`` oldest records, for which ``k`` items tokens are held.
