@@ -135,7 +135,7 @@ from multiprocessing.context import ForkContext
 from multiprocessing.synchronize import Barrier
 from typing import Any, Callable
 
-from . import BusNotFound, Queue, Topic, __version__
+from . import BusNotFound, Queue, Topic, __version__, _accel
 from . import unlink as unlink_bus
 from ._format import parse_size
 from ._sync import SPIN_DEFAULT
@@ -323,13 +323,15 @@ def _unlink_quietly(path: str) -> None:
 class ShmbusChannel(Channel):
     """One shmbus Queue per direction; children open them by name, as real users do.
 
-    Options: ``capacity`` (default: the run's), ``spin_us`` (default: the library's).
+    Options: ``capacity`` (default: the run's), ``spin_us`` (default: the library's),
+    ``pure`` (True: without the C fast path, to show what it brings in the same run).
     """
 
     def __init__(self, ctx: ForkContext, two_way: bool, params: Params, options: Options) -> None:
         super().__init__(ctx, two_way, params, options)
         self.paths: list[str] = []
         self.spin_us: float | None = options.get("spin_us")
+        self.pure: bool = options.get("pure", False)
         try:
             for _ in range(2 if two_way else 1):
                 path = _bus_name()
@@ -348,6 +350,8 @@ class ShmbusChannel(Channel):
         for q in (tx, rx):
             if q is not None and self.spin_us is not None:
                 q.spin_us = self.spin_us
+            if q is not None and self.pure:
+                _accel.drop_fast_path(q)
         if tx is not None:
             ep.send, ep.send_batch, ep.send_raw = tx.put, tx.put_many, tx.put_bytes
             ep.reserve = tx.reserve
@@ -1088,6 +1092,7 @@ def _single_variants(p: Params) -> list[Variant]:
     prod, cons = _produce_single, _consume_single
     return [
         Variant("shmbus", "shmbus put/get", "shmbus", prod, cons),
+        Variant("shmbus pure", f"[info] shmbus put/get in {_PURE}", "shmbus", prod, cons, {"pure": True}),
         Variant("mp.Queue", "mp.Queue put/get (pickle)", "mp.Queue", prod, cons),
         Variant("mp.Pipe", "mp.Pipe send/recv (pickle)", "mp.Pipe", prod, cons),
         Variant("faster-fifo", "faster-fifo put/get (pickle)", "faster-fifo", prod, cons),
@@ -1146,6 +1151,9 @@ def _pingpong_variants(p: Params) -> list[Variant]:
     return [
         Variant("shmbus blocking", "shmbus, blocking (spin_us=0)", "shmbus", _ping, _echo, {"spin_us": 0}),
         Variant("shmbus spin", f"shmbus, {spin}", "shmbus", _ping, _echo),
+        Variant(
+            "shmbus spin pure", f"[info] shmbus, {spin}, {_PURE}", "shmbus", _ping, _echo, {"pure": True}
+        ),
         Variant("mp.Pipe", "mp.Pipe (duplex)", "mp.Pipe", _ping, _echo),
         Variant("mp.Queue", "mp.Queue (one per direction)", "mp.Queue", _ping, _echo),
     ]
@@ -1494,6 +1502,8 @@ def _topic_sample(reports: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
 
 # -- (h) scale: large buses -------------------------------------------------------------------
 
+_PURE = "pure Python (no C fast path)"
+
 _MEMORY_PROBE = r"""
 import json, sys
 
@@ -1706,6 +1716,7 @@ def machine_info() -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "shmbus": __version__,
         "shmbus_source": _source_revision(),
+        "shmbus_c_fast_path": _accel.ENABLED,
         "msgpack": version("msgpack"),
         "posix_ipc": version("posix_ipc"),
         **{name: version(dist) for name, (_m, dist) in OPTIONAL.items()},

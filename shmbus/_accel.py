@@ -1,0 +1,81 @@
+"""The optional C fast path: load it, check it matches the file format, hand it to a Queue.
+
+One job: decide whether the Queue's single put and get run in C
+(``shmbus/_cfast.c``) and build its per-handle object. The C code does only
+the common case and hands everything else back, so it changes speed, never
+behaviour: the whole suite runs both ways (``SHMBUS_PURE_PYTHON=1`` forces
+pure Python, as does a machine where the extension could not be compiled).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from ._format import (
+    ALIGN,
+    I_HEAD_HOLDER,
+    I_HEAD_RELEASES,
+    I_SPACE_WAITING,
+    I_TAIL_HOLDER,
+    I_TAIL_RELEASES,
+    Q_BYTES_IN,
+    Q_BYTES_OUT,
+    Q_HEAD,
+    Q_NEXT_SEQ,
+    Q_TAIL,
+    Q_TAIL_SEQ,
+    RECORD,
+    SAMPLE_EVERY,
+)
+
+if TYPE_CHECKING:
+    from ._queue import Queue
+
+__all__ = [
+    "ENABLED", "PUT_DONE", "PUT_SAMPLE", "PUT_LOCKED", "GET_HAS_TOKEN", "queue_fast_path", "drop_fast_path",
+]  # fmt: skip
+
+# Results of FastQueue.put / .get (see _cfast.c).
+PUT_DONE, PUT_SAMPLE, PUT_LOCKED = 1, 2, 3
+GET_HAS_TOKEN = 1
+
+
+def _load() -> Any:
+    if os.environ.get("SHMBUS_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _cfast  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    # The C code hard-codes the record header; refuse it if the format moved on.
+    if RECORD.format != "<IHHQ" or RECORD.size != _cfast.RECORD_SIZE or _cfast.ALIGN != ALIGN:
+        return None
+    return _cfast
+
+
+_cfast = _load()
+ENABLED: bool = _cfast is not None  # shown by ``shmbus bench`` and ``shmbus info``
+
+
+def queue_fast_path(q: Queue) -> Any:
+    """A ``FastQueue`` for this handle, or None (pure Python, or a queue with ``maxsize``)."""
+    if _cfast is None or q._slots is not None:
+        return None
+    s = q._sems
+    try:
+        return _cfast.FastQueue(
+            q._mm, q._layout.ring_offset, q._layout.capacity, SAMPLE_EVERY,
+            (s["head"].name, s["tail"].name, s["items"].name),
+            (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT),
+            (I_HEAD_HOLDER, I_TAIL_HOLDER, I_HEAD_RELEASES, I_TAIL_RELEASES, I_SPACE_WAITING),
+        )  # fmt: skip
+    except OSError:
+        return None  # a semaphore we cannot open by name: the Python path opens its own
+
+
+def drop_fast_path(q: Queue) -> None:
+    """Make this handle use pure Python from now on (the benchmark's "pure" rows)."""
+    fast, q._fast = q._fast, None
+    if fast is not None:
+        fast.close()

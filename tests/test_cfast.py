@@ -1,0 +1,125 @@
+"""The optional C fast path (shmbus/_cfast.c) against the pure-Python path.
+
+The C code does only the common case of a single put and get, so the rest of
+the suite, run with it (the default when it is built), already holds it to
+every behaviour. Here: it is really in use; both paths read each other's
+records, across processes, through wraps and waits; closing a handle frees
+the mapping; and the whole suite passes again in pure Python
+(``SHMBUS_PURE_PYTHON=1``), which is what a machine without a compiler runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import shmbus
+from shmbus import _accel
+
+pytestmark = pytest.mark.skipif(
+    not _accel.ENABLED, reason="the C extension is not built here: the suite runs in pure Python"
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(code: str, *args: str, pure: bool, timeout: float = 60.0) -> str:
+    env = dict(os.environ, SHMBUS_PURE_PYTHON="1" if pure else "0")
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_fast_path_is_in_use_and_the_switch_turns_it_off(bus_name: str) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        assert q._fast is not None
+        with shmbus.Queue.create(bus_name + "-max", capacity="64KiB", maxsize=4) as bounded:
+            assert bounded._fast is None, "maxsize queues take the Python path"
+            bounded.unlink()
+        q.unlink()
+    code = "import shmbus._accel as a; print(a.ENABLED)"
+    assert _python(code, pure=True).strip() == "False"
+    assert _python(code, pure=False).strip() == "True"
+
+
+def test_close_releases_the_mapping_and_later_calls_raise_bus_closed(bus_name: str) -> None:
+    q = shmbus.Queue.create(bus_name, capacity="64KiB")
+    q.put({"a": 1})
+    q.close()  # would raise BufferError if the C object still held the mapping
+    with pytest.raises(shmbus.BusClosed):
+        q.put(1)
+    with pytest.raises(shmbus.BusClosed):
+        q.get_nowait()
+    with shmbus.Queue.open(bus_name) as q2:
+        assert q2.get_nowait() == {"a": 1}
+        q2.unlink()
+
+
+_PRODUCE = """
+    import sys, shmbus
+    q = shmbus.Queue.open(sys.argv[1])
+    for i in range(int(sys.argv[2])):
+        q.put({"i": i, "pad": "x" * (i % 97)}, timeout=30)
+    q.put(b"bytes message", timeout=30)
+    q.put_bytes(b"raw", timeout=30)
+    print(shmbus._accel.ENABLED)
+"""
+
+_CONSUME = """
+    import sys, shmbus
+    q = shmbus.Queue.open(sys.argv[1])
+    for i in range(int(sys.argv[2])):
+        m = q.get(timeout=30)
+        assert m == {"i": i, "pad": "x" * (i % 97)}, (i, m)
+    assert q.get(timeout=30) == b"bytes message"
+    assert q.get(timeout=30) == b"raw"
+    print(shmbus._accel.ENABLED)
+"""
+
+
+@pytest.mark.parametrize("producer_pure", [True, False], ids=["python-to-c", "c-to-python"])
+def test_each_path_reads_the_others_records_across_wraps_and_waits(
+    bus_name: str, producer_pure: bool
+) -> None:
+    n = 20_000  # through a 16 KiB ring: hundreds of wraps, and both sides wait for each other
+    with shmbus.Queue.create(bus_name, capacity="16KiB") as q:
+        env_p = dict(os.environ, SHMBUS_PURE_PYTHON="1" if producer_pure else "0")
+        env_c = dict(os.environ, SHMBUS_PURE_PYTHON="0" if producer_pure else "1")
+        args = [q.path, str(n)]
+        consumer = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_CONSUME), *args], env=env_c,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        producer = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_PRODUCE), *args], env=env_p,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        outs = [p.communicate(timeout=90) for p in (producer, consumer)]
+        assert producer.returncode == 0 and consumer.returncode == 0, outs
+        assert [o[0].strip() for o in outs] == [str(not producer_pure), str(producer_pure)]
+        assert q.qsize() == 0
+        stats = q.stats()
+        assert stats.put_count == stats.get_count == n + 2
+        assert stats.bytes_in == stats.bytes_out
+        q.unlink()
+
+
+@pytest.mark.timeout(900)
+def test_the_whole_suite_passes_in_pure_python() -> None:
+    env = dict(os.environ, SHMBUS_PURE_PYTHON="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "--ignore=tests/test_cfast.py", "tests"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=840, check=False,
+    )  # fmt: skip
+    tail = "\n".join(out.stdout.splitlines()[-30:])
+    assert out.returncode == 0, tail + out.stderr[-2000:]
+    assert " passed" in tail and " failed" not in tail
