@@ -33,12 +33,14 @@ if TYPE_CHECKING:
     from ._queue import Queue
 
 __all__ = [
-    "ENABLED", "PUT_DONE", "PUT_SAMPLE", "PUT_LOCKED", "GET_HAS_TOKEN", "queue_fast_path", "drop_fast_path",
+    "ENABLED", "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD", "GET_NO_TOKEN", "GET_HAS_TOKEN",
+    "queue_fast_path", "drop_fast_path",
 ]  # fmt: skip
 
-# Results of FastQueue.put / .get (see _cfast.c).
-PUT_DONE, PUT_SAMPLE, PUT_LOCKED = 1, 2, 3
-GET_HAS_TOKEN = 1
+# FastQueue.put / put_many return ``written << 2 | code`` with these codes (see _cfast.c).
+PUT_NOT_TAKEN, PUT_DONE, PUT_HELD = 0, 1, 2
+# FastQueue.get returns a record, or one of these.
+GET_NO_TOKEN, GET_HAS_TOKEN = 0, 1
 
 
 def _load() -> Any:
@@ -66,7 +68,7 @@ def queue_fast_path(q: Queue) -> Any:
     try:
         return _cfast.FastQueue(
             q._mm, q._layout.ring_offset, q._layout.capacity, SAMPLE_EVERY,
-            (s["head"].name, s["tail"].name, s["items"].name),
+            (s["head"].name, s["tail"].name, s["items"].name, s["space"].name),
             (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT),
             (I_HEAD_HOLDER, I_TAIL_HOLDER, I_HEAD_RELEASES, I_TAIL_RELEASES, I_SPACE_WAITING),
         )  # fmt: skip

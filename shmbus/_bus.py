@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("shmbus")
+_U64 = (1 << 64) - 1  # a statistic counter wraps like a u64 (a damaged header may hold any value)
 
 SHM_DIR = "/dev/shm"
 # Every semaphore role any kind of bus may own; unlink removes them all.
@@ -575,7 +576,7 @@ class Bus:
                 self._reap(slot)
                 part.free(slot)
             if broken:
-                self._h64[Q_RECOVERIES] += len(broken)
+                self._h64[Q_RECOVERIES] = (self._h64[Q_RECOVERIES] + len(broken)) & _U64  # a statistic: wraps
                 self._h64[Q_LAST_RECOVERY] = time.time_ns()
             log.warning(
                 "%s: recovered from dead process(es) %s: freed %s",
@@ -602,6 +603,8 @@ class Bus:
                 if fix_next:
                     last = _ring.last_seq(self._ring, cap, tail, head)
                     assert last is not None
+                    if last >= _U64:  # a damaged record: next_seq cannot follow it
+                        raise CorruptBus(f"a record in the ring has sequence number {last}, a u64's last")
                     # With ``gaps`` (a Topic) a sequence number handed out by a
                     # writer that died is skipped, never reused: a subscriber
                     # that saw it counts it as lost instead of missing a message.

@@ -30,6 +30,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#if PY_VERSION_HEX < 0x030A0000 /* Py_NewRef is 3.10+; we support 3.9 */
+static inline PyObject *Py_NewRef(PyObject *o) {
+    Py_INCREF(o);
+    return o;
+}
+#endif
+
 #define REC_SIZE 16
 #define ALIGN_MASK 15
 #define REC_MSGPACK 1
@@ -40,11 +47,11 @@
 #define BIN8 0xc4
 #define BIN32 0xc6
 
-/* put() results, mirrored by _accel.py */
+/* put()/put_many() result codes (low 2 bits; the rest is how many were written), see _accel.py */
 #define PUT_NOT_TAKEN 0 /* head lock busy (or closed, or no participant slot): nothing done */
-#define PUT_DONE 1      /* written, published, lock released, consumer token posted */
-#define PUT_SAMPLE 2    /* written and published, lock still held: Python records the time sample */
-#define PUT_LOCKED 3    /* lock held, nothing written: Python continues with the lock */
+#define PUT_DONE 1      /* all written, published, tokens posted, lock released */
+#define PUT_HELD 2      /* the first ones written, published and posted; the lock is still held:
+                           Python records a due time sample and writes the rest */
 
 /* get() results when not a message */
 #define GET_NO_TOKEN 0   /* no items token was free: nothing done */
@@ -64,7 +71,7 @@ typedef struct {
     uint64_t sample_every; /* one message in this many gets a time sample (_format) */
     Py_ssize_t w64[N_W64];
     Py_ssize_t w32[N_W32];
-    sem_t *head, *tail, *items;
+    sem_t *head, *tail, *items, *space;
 } FastQueue;
 
 static inline uint64_t ld64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -91,8 +98,8 @@ static int take_lock(FastQueue *q, sem_t *sem, int holder, uint32_t me) {
 }
 
 static void fq_close_sems(FastQueue *q) {
-    sem_t **sems[] = {&q->head, &q->tail, &q->items};
-    for (size_t i = 0; i < 3; i++) {
+    sem_t **sems[] = {&q->head, &q->tail, &q->items, &q->space};
+    for (size_t i = 0; i < 4; i++) {
         if (*sems[i] != NULL && *sems[i] != SEM_FAILED) sem_close(*sems[i]);
         *sems[i] = NULL;
     }
@@ -142,7 +149,7 @@ static sem_t *open_sem(PyObject *name) {
     return sem;
 }
 
-/* FastQueue(mapping, ring_offset, capacity, sample_every, (head, tail, items) semaphore names,
+/* FastQueue(mapping, ring_offset, capacity, sample_every, (head, tail, items, space) semaphore names,
  *           u64 word indices, u32 word indices): indices lie before ring_offset. */
 static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     PyObject *buf, *names, *w64, *w32;
@@ -152,8 +159,8 @@ static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
                           &names, &PyTuple_Type, &w64, &PyTuple_Type, &w32))
         return -1;
     fq_release(q);
-    if (PyTuple_GET_SIZE(names) != 3) {
-        PyErr_SetString(PyExc_ValueError, "three semaphore names are needed");
+    if (PyTuple_GET_SIZE(names) != 4) {
+        PyErr_SetString(PyExc_ValueError, "four semaphore names are needed");
         return -1;
     }
     if (ring_offset <= 0 || ring_offset % 8 || sample_every == 0) {
@@ -177,7 +184,8 @@ static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     q->sample_every = sample_every;
     if ((q->head = open_sem(PyTuple_GET_ITEM(names, 0))) == NULL ||
         (q->tail = open_sem(PyTuple_GET_ITEM(names, 1))) == NULL ||
-        (q->items = open_sem(PyTuple_GET_ITEM(names, 2))) == NULL) {
+        (q->items = open_sem(PyTuple_GET_ITEM(names, 2))) == NULL ||
+        (q->space = open_sem(PyTuple_GET_ITEM(names, 3))) == NULL) {
         fq_release(q);
         return -1;
     }
@@ -191,152 +199,286 @@ static int get_u32(PyObject *o, uint32_t *out) {
     return 0;
 }
 
-/* put(me, kind, prefix, body, n) -> PUT_*: the common case of Queue.put. */
+/* One encoded message, as _codec.Codec.encode gives it: (kind, prefix, body, n). */
+typedef struct {
+    uint32_t kind;
+    const char *prefix, *body;
+    Py_ssize_t plen, blen;
+    Py_buffer view; /* when body is neither bytes nor None */
+    int has_view;
+} Msg;
+
+static int msg_parse(Msg *m, PyObject *kind, PyObject *prefix, PyObject *body) {
+    m->has_view = 0;
+    m->body = NULL;
+    m->blen = 0;
+    if (get_u32(kind, &m->kind) < 0) return -1;
+    if (!PyBytes_Check(prefix)) {
+        PyErr_SetString(PyExc_TypeError, "prefix must be bytes");
+        return -1;
+    }
+    m->prefix = PyBytes_AS_STRING(prefix);
+    m->plen = PyBytes_GET_SIZE(prefix);
+    if (body == Py_None) return 0;
+    if (PyBytes_Check(body)) {
+        m->body = PyBytes_AS_STRING(body);
+        m->blen = PyBytes_GET_SIZE(body);
+        return 0;
+    }
+    if (PyObject_GetBuffer(body, &m->view, PyBUF_CONTIG_RO) < 0) return -1;
+    m->has_view = 1;
+    m->body = m->view.buf;
+    m->blen = m->view.len;
+    return 0;
+}
+
+static void msg_release(Msg *m) {
+    if (m->has_view) PyBuffer_Release(&m->view);
+    m->has_view = 0;
+}
+
+/* Under the head lock: write as many of msgs as fit at head without a wrap,
+ * publish them (counters first, head last, as _publish does) and post their
+ * items tokens. Returns how many were written. */
+static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count) {
+    uint64_t cap = q->cap;
+    uint64_t head = ld64(H64(q, W_HEAD)), tail = ld64(H64(q, W_TAIL));
+    uint64_t seq = ld64(H64(q, W_NEXT_SEQ)), nbytes = 0;
+    /* Every overflow and damaged position is left to Python's checks. */
+    if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap ||
+        seq > UINT64_MAX - (uint64_t)count)
+        return 0;
+    Py_ssize_t k = 0;
+    for (; k < count; k++) {
+        Msg *m = &msgs[k];
+        uint64_t n = (uint64_t)m->plen + (uint64_t)m->blen;
+        uint64_t span = span_of(n);
+        if (n > UINT32_MAX || span > cap - head % cap || head + span - tail > cap) break; /* _ring.place != head */
+        unsigned char *rec = q->ring + head % cap;
+        memcpy(rec + REC_SIZE, m->prefix, (size_t)m->plen);
+        if (m->blen) memcpy(rec + REC_SIZE + m->plen, m->body, (size_t)m->blen);
+        uint32_t len32 = (uint32_t)n;
+        uint16_t kind16 = (uint16_t)m->kind, state16 = STATE_COMMITTED;
+        uint64_t rseq = seq + (uint64_t)k;
+        memcpy(rec, &len32, 4);
+        memcpy(rec + 4, &kind16, 2);
+        memcpy(rec + 6, &state16, 2);
+        memcpy(rec + 8, &rseq, 8);
+        head += span;
+        nbytes += n;
+    }
+    if (k) {
+        st64(H64(q, W_NEXT_SEQ), seq + (uint64_t)k);
+        st64(H64(q, W_BYTES_IN), ld64(H64(q, W_BYTES_IN)) + nbytes);
+        st64(H64(q, W_HEAD), head);
+        for (Py_ssize_t i = 0; i < k; i++) sem_post(q->items);
+    }
+    return k;
+}
+
+/* True if one of the k sequence numbers just published (ending before next) is sampled. */
+static int sample_due(FastQueue *q, Py_ssize_t k) {
+    uint64_t last = ld64(H64(q, W_NEXT_SEQ)) - 1;
+    return k > 0 && last % q->sample_every < (uint64_t)k;
+}
+
+static PyObject *put_result(Py_ssize_t written, int code) { return PyLong_FromSsize_t(written << 2 | code); }
+
+/* Take the head lock, write what fits, and release it unless Python has more to do. */
+static PyObject *put_msgs(FastQueue *q, uint32_t me, Msg *msgs, Py_ssize_t count) {
+    if (!take_lock(q, q->head, W_HEAD_HOLDER, me)) return put_result(0, PUT_NOT_TAKEN);
+    Py_ssize_t k = write_records(q, msgs, count);
+    if (k < count || sample_due(q, k)) return put_result(k, PUT_HELD);
+    lock_release(q, W_HEAD_HOLDER, W_HEAD_RELEASES, q->head);
+    return put_result(k, PUT_DONE);
+}
+
+/* put(me, kind, prefix, body, n) -> written << 2 | PUT_*: Queue.put's common case. */
 static PyObject *fq_put(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "put(me, kind, prefix, body, n)");
         return NULL;
     }
-    uint32_t me, kind;
-    if (get_u32(args[0], &me) < 0 || get_u32(args[1], &kind) < 0) return NULL;
-    PyObject *prefix = args[2], *body = args[3];
-    if (!PyBytes_Check(prefix)) {
-        PyErr_SetString(PyExc_TypeError, "prefix must be bytes");
-        return NULL;
-    }
-    if (q->ring == NULL || me == 0) return PyLong_FromLong(PUT_NOT_TAKEN);
-    Py_buffer bv;
-    const char *bdata = NULL;
-    Py_ssize_t blen = 0;
-    int has_bv = 0;
-    if (body != Py_None) {
-        if (PyBytes_Check(body)) {
-            bdata = PyBytes_AS_STRING(body);
-            blen = PyBytes_GET_SIZE(body);
-        } else {
-            if (PyObject_GetBuffer(body, &bv, PyBUF_CONTIG_RO) < 0) return NULL;
-            has_bv = 1;
-            bdata = bv.buf;
-            blen = bv.len;
-        }
-    }
-    Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
-    uint64_t n = (uint64_t)plen + (uint64_t)blen;
-    int result = PUT_LOCKED;
-    if (!take_lock(q, q->head, W_HEAD_HOLDER, me)) {
-        result = PUT_NOT_TAKEN;
-        goto out;
-    }
-    uint64_t cap = q->cap;
-    uint64_t head = ld64(H64(q, W_HEAD)), tail = ld64(H64(q, W_TAIL));
-    uint64_t seq = ld64(H64(q, W_NEXT_SEQ));
-    uint64_t span = span_of(n);
-    /* Python's place() == head, with every overflow left to Python's checks. */
-    if (n > UINT32_MAX || tail > head || head - tail > cap || (head | tail) & ALIGN_MASK ||
-        head > UINT64_MAX - 2 * cap || seq == UINT64_MAX || span > cap - head % cap ||
-        head + span - tail > cap)
-        goto out;
-    unsigned char *rec = q->ring + head % cap;
-    memcpy(rec + REC_SIZE, PyBytes_AS_STRING(prefix), (size_t)plen);
-    if (blen) memcpy(rec + REC_SIZE + plen, bdata, (size_t)blen);
-    uint32_t len32 = (uint32_t)n;
-    uint16_t kind16 = (uint16_t)kind, state16 = STATE_COMMITTED;
-    memcpy(rec, &len32, 4);
-    memcpy(rec + 4, &kind16, 2);
-    memcpy(rec + 6, &state16, 2);
-    memcpy(rec + 8, &seq, 8);
-    /* _publish: counters first, head last (release stores keep that order). */
-    st64(H64(q, W_NEXT_SEQ), seq + 1);
-    st64(H64(q, W_BYTES_IN), ld64(H64(q, W_BYTES_IN)) + n);
-    st64(H64(q, W_HEAD), head + span);
-    if (seq % q->sample_every == 0) {
-        result = PUT_SAMPLE;
-        goto out;
-    }
-    lock_release(q, W_HEAD_HOLDER, W_HEAD_RELEASES, q->head);
-    sem_post(q->items);
-    result = PUT_DONE;
-out:
-    if (has_bv) PyBuffer_Release(&bv);
-    return PyLong_FromLong(result);
+    uint32_t me;
+    Msg m;
+    if (get_u32(args[0], &me) < 0 || msg_parse(&m, args[1], args[2], args[3]) < 0) return NULL;
+    PyObject *r = q->ring == NULL || me == 0 ? put_result(0, PUT_NOT_TAKEN) : put_msgs(q, me, &m, 1);
+    msg_release(&m);
+    return r;
 }
 
-/* get(me, tokens_index) -> (kind, bytes) | GET_*: the common case of Queue.get (_take1). */
+/* put_many(me, list of encoded) -> written << 2 | PUT_*: put_many's common case. */
+static PyObject *fq_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "put_many(me, list of (kind, prefix, body, n))");
+        return NULL;
+    }
+    uint32_t me;
+    if (get_u32(args[0], &me) < 0) return NULL;
+    if (q->ring == NULL || me == 0) return put_result(0, PUT_NOT_TAKEN);
+    PyObject *list = args[1];
+    Py_ssize_t count = PyList_GET_SIZE(list);
+    Msg *msgs = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Msg));
+    if (msgs == NULL) return PyErr_NoMemory();
+    PyObject *r = NULL;
+    Py_ssize_t parsed = 0;
+    for (; parsed < count; parsed++) {
+        PyObject *t = PyList_GET_ITEM(list, parsed);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 4) {
+            PyErr_SetString(PyExc_TypeError, "each item must be (kind, prefix, body, n)");
+            goto out;
+        }
+        if (msg_parse(&msgs[parsed], PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2)) < 0)
+            goto out;
+    }
+    r = put_msgs(q, me, msgs, count);
+out:
+    for (Py_ssize_t i = 0; i < parsed; i++) msg_release(&msgs[i]);
+    PyMem_Free(msgs);
+    return r;
+}
+
+/* Under the tail lock, holding k items tokens (recorded at *tok): copy out up to k
+ * records of the common case into out (a list, or NULL for one record returned
+ * through *one) and commit them. Returns how many, or -1 with an exception set
+ * (MemoryError) and nothing committed. */
+static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, PyObject *out, PyObject **one) {
+    uint64_t cap = q->cap;
+    uint64_t tail = ld64(H64(q, W_TAIL)), head = ld64(H64(q, W_HEAD));
+    if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK) return 0;
+    uint64_t seq = ld64(H64(q, W_TAIL_SEQ));
+    uint64_t last = ld64(H64(q, W_NEXT_SEQ)); /* loaded after head, which producers store after it */
+    uint64_t nbytes = 0;
+    Py_ssize_t j = 0;
+    while (j < k && tail != head) {
+        uint64_t at = tail, off = at % cap;
+        unsigned char *rec = q->ring + off;
+        uint32_t length;
+        uint16_t kind, state;
+        uint64_t rseq;
+        memcpy(&kind, rec + 4, 2);
+        memcpy(&state, rec + 6, 2);
+        if (kind == REC_WRAP && state == STATE_COMMITTED) {
+            at += cap - off;
+            if (at >= head) break;
+            off = 0;
+            rec = q->ring;
+            memcpy(&kind, rec + 4, 2);
+            memcpy(&state, rec + 6, 2);
+        }
+        memcpy(&length, rec, 4);
+        memcpy(&rseq, rec + 8, 8);
+        if (state != STATE_COMMITTED || (kind != REC_MSGPACK && kind != REC_RAW)) break;
+        uint64_t end = at + span_of(length);
+        if (end > head || off + REC_SIZE + length > cap || rseq != seq || rseq >= last) break;
+        /* A msgpack bin payload (a bytes message) Python copies without its header. */
+        if (kind == REC_MSGPACK && length && rec[REC_SIZE] >= BIN8 && rec[REC_SIZE] <= BIN32) break;
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)rec + REC_SIZE, length);
+        PyObject *item = payload == NULL ? NULL : Py_BuildValue("(iN)", (int)kind, payload);
+        if (item == NULL || (out != NULL && PyList_Append(out, item) < 0)) {
+            Py_XDECREF(item);
+            return -1;
+        }
+        if (out != NULL)
+            Py_DECREF(item);
+        else
+            *one = item;
+        tail = end;
+        seq++;
+        nbytes += length;
+        j++;
+    }
+    if (j) {
+        st64(H64(q, W_TAIL_SEQ), seq);
+        st64(H64(q, W_TAIL), tail);
+        /* Statistics after the commit, as in Python (modulo 2**64 there too). */
+        st64(H64(q, W_BYTES_OUT), ld64(H64(q, W_BYTES_OUT)) + nbytes);
+        if (ld32(H32(q, W_SPACE_WAITING))) {
+            st32(H32(q, W_SPACE_WAITING), 0);
+            sem_post(q->space);
+        }
+    }
+    return j;
+}
+
+/* Take up to max tokens (have already held) and the tail lock, then take_records.
+ * Returns the records taken (list or one tuple) and sets *left to the tokens still
+ * held for Python; NULL with *left == -1 on error (every token given back). */
+static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_ssize_t max, int many,
+                      Py_ssize_t *left) {
+    uint32_t me;
+    *left = have;
+    if (get_u32(args[0], &me) < 0) return NULL;
+    Py_ssize_t tokens = PyLong_AsSsize_t(args[1]);
+    if (tokens == -1 && PyErr_Occurred()) return NULL;
+    if (q->ring == NULL || me == 0 || tokens <= 0 ||
+        (size_t)tokens >= (size_t)(q->ring - (unsigned char *)q->h64) / 8)
+        return Py_NewRef(Py_None);
+    Py_ssize_t k = have;
+    while (k < max && sem_trywait(q->items) == 0) k++;
+    *left = k;
+    if (k == 0) return Py_NewRef(Py_None);
+    uint64_t *tok = q->h64 + tokens;
+    st64(tok, (uint64_t)k);
+    if (!take_lock(q, q->tail, W_TAIL_HOLDER, me)) return Py_NewRef(Py_None);
+    PyObject *out = many ? PyList_New(0) : NULL, *one = NULL;
+    Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, out, &one);
+    if (j < 0) {
+        /* Nothing was committed: every token goes back, so no message is stranded. */
+        Py_XDECREF(out);
+        lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
+        for (Py_ssize_t i = 0; i < k; i++) sem_post(q->items);
+        st64(tok, 0);
+        *left = -1;
+        return NULL;
+    }
+    st64(tok, (uint64_t)(k - j));
+    lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
+    *left = k - j;
+    if (many) return out;
+    return one != NULL ? one : Py_NewRef(Py_None);
+}
+
+/* get(me, tokens_index) -> (kind, payload) | GET_NO_TOKEN | GET_HAS_TOKEN: Queue.get's common case. */
 static PyObject *fq_get(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "get(me, tokens_index)");
         return NULL;
     }
-    uint32_t me;
-    if (get_u32(args[0], &me) < 0) return NULL;
-    Py_ssize_t tokens = PyLong_AsSsize_t(args[1]);
-    if (tokens == -1 && PyErr_Occurred()) return NULL;
-    if (q->ring == NULL || me == 0 || tokens <= 0 ||
-        (size_t)tokens >= (size_t)((unsigned char *)q->ring - (unsigned char *)q->h64) / 8)
-        return PyLong_FromLong(GET_NO_TOKEN);
-    if (sem_trywait(q->items) != 0) return PyLong_FromLong(GET_NO_TOKEN);
-    uint64_t *tok = q->h64 + tokens;
-    st64(tok, 1);
-    if (!take_lock(q, q->tail, W_TAIL_HOLDER, me)) return PyLong_FromLong(GET_HAS_TOKEN);
-    uint64_t cap = q->cap;
-    uint64_t tail = ld64(H64(q, W_TAIL)), head = ld64(H64(q, W_HEAD));
-    if (!(tail < head && head - tail <= cap) || (head | tail) & ALIGN_MASK || ld32(H32(q, W_SPACE_WAITING)))
-        goto give_back;
-    uint64_t off = tail % cap;
-    unsigned char *rec = q->ring + off;
-    uint32_t length;
-    uint16_t kind, state;
-    uint64_t rseq;
-    memcpy(&length, rec, 4);
-    memcpy(&kind, rec + 4, 2);
-    memcpy(&state, rec + 6, 2);
-    if (kind == REC_WRAP && state == STATE_COMMITTED) {
-        tail += cap - off;
-        if (tail >= head) goto give_back;
-        off = 0;
-        rec = q->ring;
-        memcpy(&length, rec, 4);
-        memcpy(&kind, rec + 4, 2);
-        memcpy(&state, rec + 6, 2);
-    }
-    memcpy(&rseq, rec + 8, 8);
-    if (state != STATE_COMMITTED || (kind != REC_MSGPACK && kind != REC_RAW)) goto give_back;
-    uint64_t end = tail + span_of(length);
-    if (end > head || off + REC_SIZE + length > cap) goto give_back;
-    if (kind == REC_MSGPACK && length && rec[REC_SIZE] >= BIN8 && rec[REC_SIZE] <= BIN32) goto give_back;
-    uint64_t seq = ld64(H64(q, W_TAIL_SEQ));
-    if (rseq != seq || seq >= ld64(H64(q, W_NEXT_SEQ))) goto give_back;
-    PyObject *payload = PyBytes_FromStringAndSize((const char *)rec + REC_SIZE, length);
-    if (payload == NULL) {
-        /* Nothing taken: the token goes back, so the message stays gettable. */
-        lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
-        st64(tok, 0);
-        sem_post(q->items);
+    Py_ssize_t left;
+    PyObject *got = take(q, args, 0, 1, 0, &left);
+    if (got == NULL || got != Py_None) return got;
+    Py_DECREF(got);
+    return PyLong_FromLong(left ? GET_HAS_TOKEN : GET_NO_TOKEN);
+}
+
+/* take_many(me, tokens_index, have, max) -> (list of (kind, payload), tokens still held):
+ * get_many's common case; have is 0 or the one token the caller waited for. */
+static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "take_many(me, tokens_index, have, max)");
         return NULL;
     }
-    st64(H64(q, W_TAIL_SEQ), seq + 1);
-    st64(H64(q, W_TAIL), end);
-    /* Statistics after the commit, as in Python (modulo 2**64 there too). */
-    st64(H64(q, W_BYTES_OUT), ld64(H64(q, W_BYTES_OUT)) + length);
-    st64(tok, 0);
-    lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
-    PyObject *k = PyLong_FromLong(kind);
-    if (k == NULL) {
-        Py_DECREF(payload);
+    Py_ssize_t have = PyLong_AsSsize_t(args[2]), max = PyLong_AsSsize_t(args[3]);
+    if ((have == -1 || max == -1) && PyErr_Occurred()) return NULL;
+    if (have < 0 || max < have) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= have <= max");
         return NULL;
     }
-    PyObject *t = PyTuple_New(2);
-    if (t == NULL) {
-        Py_DECREF(k);
-        Py_DECREF(payload);
-        return NULL;
+    Py_ssize_t left;
+    PyObject *got = take(q, args, have, max, 1, &left);
+    if (got == NULL) return NULL;
+    if (got == Py_None) {
+        Py_DECREF(got);
+        got = PyList_New(0);
+        if (got == NULL) {
+            /* Python cannot learn how many tokens it held: hand them back here. */
+            for (Py_ssize_t i = 0; i < left; i++) sem_post(q->items);
+            if (left) st64(q->h64 + PyLong_AsSsize_t(args[1]), 0);
+            return NULL;
+        }
     }
-    PyTuple_SET_ITEM(t, 0, k);
-    PyTuple_SET_ITEM(t, 1, payload);
-    return t;
-give_back:
-    lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
-    return PyLong_FromLong(GET_HAS_TOKEN);
+    return Py_BuildValue("(Nn)", got, left);
 }
 
 static PyObject *fq_close(FastQueue *q, PyObject *Py_UNUSED(unused)) {
@@ -346,9 +488,13 @@ static PyObject *fq_close(FastQueue *q, PyObject *Py_UNUSED(unused)) {
 
 static PyMethodDef fq_methods[] = {
     {"put", (PyCFunction)(void (*)(void))fq_put, METH_FASTCALL,
-     "put(me, kind, prefix, body, n) -> 0 not taken, 1 done, 2 done with the lock held, 3 lock held"},
+     "put(me, kind, prefix, body, n) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
+    {"put_many", (PyCFunction)(void (*)(void))fq_put_many, METH_FASTCALL,
+     "put_many(me, encoded list) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
     {"get", (PyCFunction)(void (*)(void))fq_get, METH_FASTCALL,
      "get(me, tokens_index) -> (kind, payload), or 0 no token, 1 a token held"},
+    {"take_many", (PyCFunction)(void (*)(void))fq_take_many, METH_FASTCALL,
+     "take_many(me, tokens_index, have, max) -> (records, tokens still held)"},
     {"close", (PyCFunction)fq_close, METH_NOARGS, "Release the mapping and the semaphore handles."},
     {NULL, NULL, 0, NULL},
 };

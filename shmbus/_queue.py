@@ -67,6 +67,9 @@ _REPAIR_WAIT = 2.0  # seconds recovery waits for a live tail holder before givin
 _NOWAIT_GRACE = 0.05  # seconds a non-blocking put waits for the producer lock
 
 
+_ONE_DONE = 1 << 2 | _accel.PUT_DONE  # FastQueue.put: the record is in, nothing left to do
+
+
 def _deadline(block: bool, timeout: float | None) -> float | None:
     """Absolute deadline for a wait: 0 for non-blocking, None for ever."""
     if timeout is not None and timeout < 0:
@@ -188,12 +191,13 @@ class Queue(Bus):
         fast = self._fast
         if fast is not None and enc[3] <= self._max_payload and not _faults.armed:
             # C: the whole put when the head lock is free and the record fits
-            # without a wrap; otherwise it hands back with the lock held or not.
+            # without a wrap; otherwise it hands back, with the lock or without.
             r = fast.put(self._part.me, *enc)  # type: ignore[union-attr]
-            if r == _accel.PUT_DONE:
+            if r == _ONE_DONE:
                 return
-            if r:
-                self._after_fast_put(r, enc, _deadline(block, timeout))
+            if r & 3 == _accel.PUT_HELD:
+                if not self._finish_fast_put(r >> 2, [enc], _deadline(block, timeout)):
+                    raise Full(f"{self.path} is full: no space freed in time", path=self.path)
                 return
         # Pure-Python fast path (measured ~0.6 us of 2.6 per put): the head lock
         # is free, no maxsize, and the record fits without a wrap. Anything
@@ -211,18 +215,20 @@ class Queue(Bus):
             return
         self._put([enc], _deadline(block, timeout))
 
-    def _after_fast_put(self, r: int, enc: Encoded, deadline: float | None) -> None:
-        """Finish a put the C path left holding the head lock (``r``: PUT_SAMPLE or PUT_LOCKED)."""
+    def _finish_fast_put(self, k: int, batch: list[Encoded], deadline: float | None) -> int:
+        """Go on from where the C path stopped, under the head lock it left held; release it.
+
+        It wrote, published and posted the first ``k`` records of ``batch``;
+        return how many of ``batch`` are in the queue now.
+        """
         try:
-            if r == _accel.PUT_SAMPLE:
-                h = self._h64
-                record_time(h, (h[Q_NEXT_SEQ] - 1) & ~255)
-            else:
-                self._put_locked(enc, deadline)
+            h = self._h64
+            seq = h[Q_NEXT_SEQ]
+            if k and (seq - 1) & 255 < k:  # as in _publish: a time sample is due
+                record_time(h, (seq - 1) & ~255)
+            return k + self._write(batch[k:], deadline) if k < len(batch) else k
         finally:
             self._head_lock.release()
-        if r == _accel.PUT_SAMPLE:
-            self._items.release()
 
     def _put_locked(self, enc: Encoded, deadline: float | None) -> None:
         """One record, under the head lock: the common case inline, the rest via ``_write``."""
@@ -233,8 +239,14 @@ class Queue(Bus):
         head = h[Q_HEAD]
         tail = h[Q_TAIL]
         kind, prefix, body, n = enc
-        if tail <= head <= tail + cap and _ring.place(head, tail, cap, n) == head:
-            seq = h[Q_NEXT_SEQ]
+        seq = h[Q_NEXT_SEQ]
+        # Near 2**64 (a damaged header) it is _write's to refuse, before a byte is written.
+        if (
+            tail <= head <= tail + cap
+            and head <= _U64 - 2 * cap
+            and seq < _U64
+            and (_ring.place(head, tail, cap, n) == head)
+        ):
             new_head = _ring.write(self._ring, cap, head, head, kind, seq, prefix, body)
             if _faults.armed:
                 _faults.hit("put:after-write")
@@ -255,8 +267,20 @@ class Queue(Bus):
         first messages are in the queue.
         """
         encoded = [self._encode(o) for o in objs]
-        if encoded:
-            self._put(encoded, _deadline(block, timeout))
+        if not encoded:
+            return
+        fast = self._fast
+        if fast is not None and not _faults.armed:
+            self._check_sizes(item[3] for item in encoded)  # before a byte is written
+            r = fast.put_many(self._part.me, encoded)  # type: ignore[union-attr]
+            if r & 3 == _accel.PUT_DONE:
+                return
+            if r & 3 == _accel.PUT_HELD:
+                sent = self._finish_fast_put(r >> 2, encoded, _deadline(block, timeout))
+                if sent < len(encoded):
+                    raise Full(f"{self.path} is full: no space freed in time", path=self.path, sent=sent)
+                return
+        self._put(encoded, _deadline(block, timeout))
 
     def put_bytes(self, data: bytes | bytearray | memoryview, block: bool = True,
                   timeout: float | None = None) -> None:  # fmt: skip
@@ -296,6 +320,9 @@ class Queue(Bus):
         nbytes = sent = published = 0
         if _faults.armed:
             _faults.hit("put:after-lock")
+        # The whole batch, before anything is stored: a head or next_seq a damaged
+        # header put near 2**64 raises CorruptBus with nothing written.
+        _ring.check_room(head, seq, cap, [item[3] for item in batch])
         try:
             for kind, prefix, body, n in batch:
                 if slots is not None and not slots.try_acquire():
@@ -304,18 +331,23 @@ class Queue(Bus):
                     nbytes = 0
                     if not slots.acquire(deadline, self.recover):
                         break
-                tail = h[Q_TAIL]
-                _ring.check_positions(head, tail, cap)
-                start = _ring.place(head, tail, cap, n)
-                if start < 0 or _ring.rebases(head, tail, start):
-                    count, published = sent - published, sent
-                    self._publish(seq, nbytes, head, count)
-                    nbytes = 0
-                    start, head = self._wait_space(head, n, deadline)
-                    if start < 0:
-                        if slots is not None:
-                            slots.release()
-                        break
+                try:
+                    tail = h[Q_TAIL]
+                    _ring.check_positions(head, tail, cap)
+                    start = _ring.place(head, tail, cap, n)
+                    if start < 0 or _ring.rebases(head, tail, start):
+                        count, published = sent - published, sent
+                        self._publish(seq, nbytes, head, count)
+                        nbytes = 0
+                        start, head = self._wait_space(head, n, deadline)
+                except BaseException:
+                    if slots is not None:
+                        slots.release()  # taken for this record, which is not written (CorruptBus...)
+                    raise
+                if start < 0:
+                    if slots is not None:
+                        slots.release()
+                    break
                 head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
                 if _faults.armed:
                     _faults.hit("put:after-write")
@@ -332,12 +364,23 @@ class Queue(Bus):
     def _publish(self, seq: int, nbytes: int, head: int, count: int) -> None:
         """Make ``count`` newly written records visible to consumers (under the head lock)."""
         h = self._h64
+        if seq > _U64 or head > _U64:
+            # Only from a damaged header, through the single put's fast path,
+            # which checks neither (``_write`` and ``_make_room`` did, with
+            # _ring.check_room). Refused before any store: the record written
+            # past head stays invisible.
+            raise CorruptBus(
+                f"{self.path}: this put would take next_seq to {seq} and head to {head}, past 2**64 - 1, "
+                "which no bus reaches: the header is damaged: remove the bus with `shmbus rm` and "
+                "create it again",
+                path=self.path,
+            )
         # Counters first, head last: a reader that sees the new head also sees
         # complete records and counters (x86-64 keeps stores in order).
         h[Q_NEXT_SEQ] = seq
         if _faults.armed:
             _faults.hit("put:mid-publish")
-        h[Q_BYTES_IN] += nbytes
+        h[Q_BYTES_IN] = (h[Q_BYTES_IN] + nbytes) & _U64  # a statistic: wraps, like bytes_out
         h[Q_HEAD] = head
         if (seq - 1) & 255 < count:  # one of them is a multiple of 256: a time sample (_format)
             record_time(h, (seq - 1) & ~255)
@@ -457,12 +500,19 @@ class Queue(Bus):
                 if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
                     raise Empty(f"{self.path} is empty", path=self.path)
                 k = 1
-            try_acquire = items.try_acquire
-            while k < max_messages and try_acquire():
-                k += 1
-            if not k:
-                return []
-            got = self._take(k)
+            fast = self._fast
+            if fast is not None and not _faults.armed:
+                # C takes more tokens and the common-case records; Python the rest.
+                got, k = fast.take_many(part.me, part.tokens_index, k, max_messages)
+                if k:
+                    got += self._take(k)
+            else:
+                try_acquire = items.try_acquire
+                while k < max_messages and try_acquire():
+                    k += 1
+                if not k:
+                    return []
+                got = self._take(k)
             if got or not block:
                 return self._codec.finish_many(got)
 
@@ -644,18 +694,25 @@ class Queue(Bus):
     def _make_room(self, n: int, deadline: float | None) -> tuple[int, int, int]:
         """Under the head lock: wait for a slot and for ``n`` bytes; return (start, head, seq)."""
         slots, h, cap = self._slots, self._h64, self._cap
+        head, seq = h[Q_HEAD], h[Q_NEXT_SEQ]  # ours to move while we hold the head lock
+        _ring.check_room(head, seq, cap, [n])  # before any wait or store (a damaged header)
         if slots is not None and not slots.try_acquire() and not slots.acquire(deadline, self.recover):
             raise Full(f"{self.path} is full: no slot freed in time", path=self.path)
-        head, tail = h[Q_HEAD], h[Q_TAIL]
-        _ring.check_positions(head, tail, cap)
-        start = _ring.place(head, tail, cap, n)
-        if start < 0 or _ring.rebases(head, tail, start):
-            start, head = self._wait_space(head, n, deadline)
-            if start < 0:
-                if slots is not None:
-                    slots.release()
-                raise Full(f"{self.path} is full: no space freed in time", path=self.path)
-        return start, head, h[Q_NEXT_SEQ]
+        try:
+            tail = h[Q_TAIL]
+            _ring.check_positions(head, tail, cap)
+            start = _ring.place(head, tail, cap, n)
+            if start < 0 or _ring.rebases(head, tail, start):
+                start, head = self._wait_space(head, n, deadline)
+        except BaseException:
+            if slots is not None:
+                slots.release()  # taken for this record, which is not written (CorruptBus...)
+            raise
+        if start < 0:
+            if slots is not None:
+                slots.release()
+            raise Full(f"{self.path} is full: no space freed in time", path=self.path)
+        return start, head, seq
 
     def get_view(self, block: bool = True, timeout: float | None = None) -> View:
         """The oldest message's payload, in place; use as ``with q.get_view() as buf:``.

@@ -14,7 +14,9 @@ starts at the next multiple of ``capacity``.
 
 Every length and position read back from the buffer is checked here before
 use, and a bad one raises ``CorruptBus``: the buffer may be shared with a
-crashed or hostile process.
+crashed or hostile process. Positions and sequence numbers are stored as u64
+and never wrap: a writer checks (``check_positions``, ``check_room``) that
+what it will store stays below 2**64 before it stores anything.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "read",
     "skip",
     "check_positions",
+    "check_room",
     "last_seq",
 ]
 
@@ -46,6 +49,8 @@ Buffer = Union[bytearray, memoryview]
 _pack_into = RECORD.pack_into
 _unpack_from = RECORD.unpack_from
 _MASK = ALIGN - 1
+_U64 = (1 << 64) - 1
+_DAMAGED = "the header is damaged: remove the bus with `shmbus rm` and create it again"
 _MESSAGE_KINDS = (REC_MSGPACK, REC_RAW, REC_NDARRAY)
 
 
@@ -212,9 +217,49 @@ def last_seq(buf: Buffer, capacity: int, tail: int, head: int) -> int | None:
 
 
 def check_positions(head: int, tail: int, capacity: int) -> None:
-    """Raise ``CorruptBus`` unless ``tail <= head <= tail + capacity`` and both are aligned."""
+    """Raise ``CorruptBus`` unless ``tail <= head <= tail + capacity``, both aligned, and head below the top.
+
+    The top is ``2**64 - 1 - 2 * capacity``: one record moves head by less
+    than twice its span (a wrap's padding is shorter than the record), so a
+    writer that checked ``head`` never stores a position past 2**64 - 1. No
+    bus comes near it (2**64 bytes is 58 years at 10 GB/s): above it, the
+    header is damaged. The C fast path (``_cfast.c``) uses the same bound.
+    """
     if tail > head or head - tail > capacity or (head | tail) & _MASK:
         raise CorruptBus(
             f"ring positions out of range (head {head}, tail {tail}, capacity {capacity})",
+            offset=None,
+        )
+    if head > _U64 - 2 * capacity:
+        raise CorruptBus(
+            f"ring positions within {2 * capacity} bytes of 2**64 (head {head}), which no bus reaches: "
+            f"{_DAMAGED}",
+            offset=None,
+        )
+
+
+def check_room(head: int, seq: int, capacity: int, sizes: list[int]) -> None:
+    """Raise ``CorruptBus`` unless records of ``sizes`` payload bytes fit below 2**64 (positions, numbers).
+
+    That is: numbered from ``seq``, the last leaves ``next_seq`` at most
+    2**64 - 1, and written from ``head``, they leave head where
+    ``check_positions`` still accepts it. A writer calls it once for its
+    whole batch, before it stores anything, so a damaged counter fails the
+    batch without writing half of it.
+    """
+    count = span = 0
+    for n in sizes:
+        count += 1
+        span += (RECORD_SIZE + n + _MASK) & ~_MASK
+    if seq + count > _U64:
+        raise CorruptBus(
+            f"next_seq {seq} leaves no sequence number below 2**64 for {count} more message(s), "
+            f"which no bus reaches: {_DAMAGED}",
+            offset=None,
+        )
+    if head + 2 * span > _U64 - 2 * capacity:
+        raise CorruptBus(
+            f"ring positions within {2 * span + 2 * capacity} bytes of 2**64 (head {head}), "
+            f"which no bus reaches: {_DAMAGED}",
             offset=None,
         )

@@ -73,6 +73,7 @@ __all__ = ["Topic", "Subscription", "subscriber_rows"]
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
 _SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
+_U64 = (1 << 64) - 1  # a statistic counter wraps like a u64 (a damaged header may hold any value)
 
 
 class Topic(Bus):
@@ -224,7 +225,10 @@ class Topic(Bus):
     def _write(self, batch: list[Encoded]) -> None:
         if _faults.armed:
             _faults.hit("publish:after-lock")
-        ring, cap = self._ring, self._cap
+        ring, cap, h = self._ring, self._cap, self._h64
+        # The whole batch, before anything is stored: a head or next_seq a damaged
+        # header put near 2**64 raises CorruptBus with nothing written.
+        _ring.check_room(h[Q_HEAD], h[Q_NEXT_SEQ], cap, [item[3] for item in batch])
         for kind, prefix, body, n in batch:
             start, head, seq = self._make_room(n)
             new_head = _ring.write(ring, cap, head, start, kind, seq, prefix, body)
@@ -240,6 +244,7 @@ class Topic(Bus):
         head, tail = h[Q_HEAD], h[Q_TAIL]
         _ring.check_positions(head, tail, self._cap)
         seq = h[Q_NEXT_SEQ]
+        _ring.check_room(head, seq, self._cap, [n])  # before the first store (reserve has no batch check)
         start, new_tail, _ = _ring.evict(self._ring, self._cap, tail, head, n)
         if new_tail != tail:
             # Read, not counted: a sequence number skipped after a publisher's
@@ -256,7 +261,7 @@ class Topic(Bus):
         h[Q_NEXT_SEQ] = seq + 1
         if _faults.armed:
             _faults.hit("publish:mid-publish")
-        h[Q_BYTES_IN] += n
+        h[Q_BYTES_IN] = (h[Q_BYTES_IN] + n) & _U64  # a statistic: wraps (the Queue's bytes_out too)
         h[Q_HEAD] = new_head
         if not seq & 255:  # one message in 256: a time sample (see _format)
             record_time(h, seq)

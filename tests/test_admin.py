@@ -188,7 +188,6 @@ def test_a_disk_bus_keeps_its_semaphores_only_when_its_path_is_given(
     assert _sem_files(d.layout.bus_id) == sems
 
 
-
 def _child_orphans_as_nobody(conn: Any) -> None:
     os.setgid(65534)
     os.setuid(65534)
@@ -215,6 +214,7 @@ def test_semaphores_of_an_owner_with_unreadable_files_are_not_judged(
     procs.join_all()
     assert _sem_files(dead.layout.bus_id) == orphans
     assert _admin.gc(min_age=0) == orphans
+
 
 def test_list_sems_returns_only_names_shmbus_makes(bus_name: str, stack: contextlib.ExitStack) -> None:
     q = _queue(stack, bus_name, capacity="4KiB")
@@ -350,4 +350,3 @@ def test_sigkilled_children_leave_a_working_bus_and_nothing_behind(bus_name: str
         assert [n for n in os.listdir(SHM) if any(i in n for i in made)] == []
     # Measured: ~1.5 s for 30 cycles on 2 cores; the bound only catches a slow leak or a hang.
     assert time.monotonic() - t0 < 60
-

@@ -28,7 +28,7 @@ from shmbus._format import (
     STATE_COMMITTED,
     max_payload,
 )
-from shmbus._ring import check_positions, place, read, rebases, record_span, skip, write
+from shmbus._ring import check_positions, check_room, place, read, rebases, record_span, skip, write
 
 CAP = 256
 MAX = max_payload(CAP)  # 240
@@ -245,6 +245,39 @@ def test_check_positions_accepts_valid(head: int, tail: int) -> None:
 def test_check_positions_refuses_invalid(head: int, tail: int) -> None:
     with pytest.raises(CorruptBus, match="positions"):
         check_positions(head, tail, CAP)
+
+
+TOP = 2**64 - 1 - 2 * CAP  # the highest head: one more record cannot carry it past 2**64 - 1
+
+
+def test_check_positions_keeps_two_laps_below_2_64() -> None:
+    last = TOP & ~(ALIGN - 1)
+    check_positions(last, last - CAP, CAP)
+    for head in (last + ALIGN, 2**64 - ALIGN):
+        with pytest.raises(CorruptBus, match=r"positions within 512 bytes of 2\*\*64"):
+            check_positions(head, head, CAP)
+
+
+@pytest.mark.parametrize("length", [0, 1, 100, MAX])
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_a_record_from_any_accepted_head_stays_below_2_64(offset: int, length: int) -> None:
+    head = (TOP & ~(CAP - 1)) - CAP + offset  # near the top, at every place in the ring
+    check_positions(head, head, CAP)
+    start = place(head, head, CAP, length)
+    end = start + record_span(length)
+    assert end <= 2**64 - 1 and end - head < 2 * record_span(length)
+
+
+def test_check_room_takes_the_whole_batch() -> None:
+    check_room(0, 2**64 - 4, CAP, [1, 2, 3])  # numbered up to 2**64 - 2: next_seq 2**64 - 1
+    with pytest.raises(CorruptBus, match="next_seq 18446744073709551613 leaves no sequence number"):
+        check_room(0, 2**64 - 3, CAP, [1, 2, 3])
+    spans = 3 * record_span(1)
+    head = (TOP - 2 * spans) & ~(ALIGN - 1)
+    check_room(head, 0, CAP, [1, 1, 1])
+    with pytest.raises(CorruptBus, match=r"positions within \d+ bytes of 2\*\*64"):
+        check_room(head + ALIGN, 0, CAP, [1, 1, 1])
+    check_room(0, 0, CAP, [])  # nothing to write: nothing to refuse
 
 
 # -- against a model ----------------------------------------------------------------------
