@@ -142,6 +142,10 @@ from ._sync import SPIN_DEFAULT
 
 __all__ = ["main", "run", "format_table", "BenchError"]
 
+# Rows marked so run shmbus without its C fast path, to show what it brings in the same run.
+_PURE = "pure Python (no C fast path)"
+_NO_C = {"pure": True}  # a ShmbusChannel option
+
 MIB = 1 << 20
 GIB = 1 << 30
 # A child that has not reported after this long is stuck: fail instead of hanging.
@@ -1092,7 +1096,7 @@ def _single_variants(p: Params) -> list[Variant]:
     prod, cons = _produce_single, _consume_single
     return [
         Variant("shmbus", "shmbus put/get", "shmbus", prod, cons),
-        Variant("shmbus pure", f"[info] shmbus put/get in {_PURE}", "shmbus", prod, cons, {"pure": True}),
+        Variant("shmbus pure", f"[info] shmbus put/get in {_PURE}", "shmbus", prod, cons, _NO_C),
         Variant("mp.Queue", "mp.Queue put/get (pickle)", "mp.Queue", prod, cons),
         Variant("mp.Pipe", "mp.Pipe send/recv (pickle)", "mp.Pipe", prod, cons),
         Variant("faster-fifo", "faster-fifo put/get (pickle)", "faster-fifo", prod, cons),
@@ -1105,6 +1109,7 @@ def _batch_variants(p: Params) -> list[Variant]:
     b = p.batch_size
     return [
         Variant("shmbus", f"shmbus put_many/get_many({b})", "shmbus", prod, cons),
+        Variant("shmbus pure", f"[info] shmbus put_many/get_many({b}), {_PURE}", "shmbus", prod, cons, _NO_C),
         Variant("faster-fifo", f"faster-fifo put_many/get_many({b}) (pickle)", "faster-fifo", prod, cons),
         Variant(
             "mp.Queue",
@@ -1151,9 +1156,7 @@ def _pingpong_variants(p: Params) -> list[Variant]:
     return [
         Variant("shmbus blocking", "shmbus, blocking (spin_us=0)", "shmbus", _ping, _echo, {"spin_us": 0}),
         Variant("shmbus spin", f"shmbus, {spin}", "shmbus", _ping, _echo),
-        Variant(
-            "shmbus spin pure", f"[info] shmbus, {spin}, {_PURE}", "shmbus", _ping, _echo, {"pure": True}
-        ),
+        Variant("shmbus spin pure", f"[info] shmbus, {spin}, {_PURE}", "shmbus", _ping, _echo, _NO_C),
         Variant("mp.Pipe", "mp.Pipe (duplex)", "mp.Pipe", _ping, _echo),
         Variant("mp.Queue", "mp.Queue (one per direction)", "mp.Queue", _ping, _echo),
     ]
@@ -1502,7 +1505,6 @@ def _topic_sample(reports: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
 
 # -- (h) scale: large buses -------------------------------------------------------------------
 
-_PURE = "pure Python (no C fast path)"
 
 _MEMORY_PROBE = r"""
 import json, sys
