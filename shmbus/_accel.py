@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from . import _ring
 from ._format import (
     ALIGN,
     I_HEAD_HOLDER,
@@ -67,7 +68,7 @@ def queue_fast_path(q: Queue) -> Any:
     s = q._sems
     try:
         return _cfast.FastQueue(
-            q._mm, q._layout.ring_offset, q._layout.capacity, SAMPLE_EVERY,
+            q._mm, q._layout.ring_offset, q._layout.capacity, SAMPLE_EVERY, _ring.RESTART_MIN,
             (s["head"].name, s["tail"].name, s["items"].name, s["space"].name),
             (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT),
             (I_HEAD_HOLDER, I_TAIL_HOLDER, I_HEAD_RELEASES, I_TAIL_RELEASES, I_SPACE_WAITING),

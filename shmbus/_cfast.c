@@ -69,6 +69,7 @@ typedef struct {
     unsigned char *ring;
     uint64_t cap;
     uint64_t sample_every; /* one message in this many gets a time sample (_format) */
+    uint64_t restart_min;  /* _ring.RESTART_MIN: records this large go to Python */
     Py_ssize_t w64[N_W64];
     Py_ssize_t w32[N_W32];
     sem_t *head, *tail, *items, *space;
@@ -149,13 +150,14 @@ static sem_t *open_sem(PyObject *name) {
     return sem;
 }
 
-/* FastQueue(mapping, ring_offset, capacity, sample_every, (head, tail, items, space) semaphore names,
+/* FastQueue(mapping, ring_offset, capacity, sample_every, restart_min,
+ *           (head, tail, items, space) semaphore names,
  *           u64 word indices, u32 word indices): indices lie before ring_offset. */
 static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     PyObject *buf, *names, *w64, *w32;
     Py_ssize_t ring_offset;
-    unsigned long long cap, sample_every;
-    if (!PyArg_ParseTuple(args, "OnKKO!O!O!", &buf, &ring_offset, &cap, &sample_every, &PyTuple_Type,
+    unsigned long long cap, sample_every, restart_min;
+    if (!PyArg_ParseTuple(args, "OnKKKO!O!O!", &buf, &ring_offset, &cap, &sample_every, &restart_min, &PyTuple_Type,
                           &names, &PyTuple_Type, &w64, &PyTuple_Type, &w32))
         return -1;
     fq_release(q);
@@ -182,6 +184,7 @@ static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     q->ring = (unsigned char *)q->view.buf + ring_offset;
     q->cap = cap;
     q->sample_every = sample_every;
+    q->restart_min = restart_min;
     if ((q->head = open_sem(PyTuple_GET_ITEM(names, 0))) == NULL ||
         (q->tail = open_sem(PyTuple_GET_ITEM(names, 1))) == NULL ||
         (q->items = open_sem(PyTuple_GET_ITEM(names, 2))) == NULL ||
@@ -254,6 +257,7 @@ static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count) {
         uint64_t n = (uint64_t)m->plen + (uint64_t)m->blen;
         uint64_t span = span_of(n);
         if (n > UINT32_MAX || span > cap - head % cap || head + span - tail > cap) break; /* _ring.place != head */
+        if (n >= q->restart_min) break; /* Python places large records (_ring.HOT_WINDOW) */
         unsigned char *rec = q->ring + head % cap;
         memcpy(rec + REC_SIZE, m->prefix, (size_t)m->plen);
         if (m->blen) memcpy(rec + REC_SIZE + m->plen, m->body, (size_t)m->blen);

@@ -394,9 +394,9 @@ class Queue(Bus):
         """Sleep until ``n`` payload bytes fit after ``head``; return ``(start, head)``.
 
         Called under the head lock; ``start`` is -1 on timeout. When the ring is
-        empty and the record must wrap, tail and head both move on to the
-        start (under the tail lock, so no consumer sees them apart), and the
-        new head is returned.
+        empty and the record must wrap (or wraps early: ``_ring.HOT_WINDOW``), tail
+        and head both move on to the start (under the tail lock, so no consumer
+        sees them apart), and the new head is returned.
         """
         h32, h = self._h32, self._h64
         cap = self._cap

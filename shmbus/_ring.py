@@ -21,7 +21,7 @@ what it will store stays below 2**64 before it stores anything.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Final, Union
 
 from ._errors import CorruptBus
 from ._format import ALIGN, REC_MSGPACK, REC_NDARRAY, REC_RAW, REC_WRAP, RECORD, RECORD_SIZE, STATE_COMMITTED
@@ -33,6 +33,8 @@ __all__ = [
     "start_of",
     "evict",
     "rebases",
+    "RESTART_MIN",
+    "HOT_WINDOW",
     "seq_at",
     "write",
     "begin",
@@ -70,16 +72,24 @@ def place(head: int, tail: int, capacity: int, length: int) -> int:
     """Where a record of ``length`` payload bytes would start, or -1 if it does not fit now.
 
     The start is ``head`` itself, or the next multiple of ``capacity`` when the
-    record would straddle the end (the caller then writes a wrap marker at
-    ``head``). When the ring is empty (``tail == head``) any record up to
-    ``capacity - RECORD_SIZE`` bytes fits: if it needs to wrap, the caller must
-    move ``tail`` to the returned start too (see ``rebases``).
+    record would straddle the end or wraps early (see ``HOT_WINDOW``; the
+    caller then writes a wrap marker at ``head``). When the ring is empty
+    (``tail == head``) any record up to ``capacity - RECORD_SIZE`` bytes fits:
+    if it needs to wrap, the caller must move ``tail`` to the returned start
+    too (see ``rebases``).
     """
     span = (RECORD_SIZE + length + _MASK) & ~_MASK
     start = head
     room = capacity - head % capacity
     if span > room:
         start = head + room
+    elif (
+        length >= RESTART_MIN
+        and capacity - room >= HOT_WINDOW
+        and head - tail <= 2 * span
+        and head + room + span - tail <= capacity
+    ):
+        return head + room  # early wrap (see HOT_WINDOW); on an empty ring, a rebase
     if start + span - tail > capacity and not (tail == head and span <= capacity):
         return -1
     return start
@@ -118,6 +128,15 @@ def seq_at(buf: Buffer, capacity: int, pos: int) -> int:
     record (it lies in ``[tail, head)``).
     """
     return int(_unpack_from(buf, pos % capacity)[3])
+
+
+# Early wrap (a writer's policy; readers just follow the wrap marker): a
+# record of at least RESTART_MIN bytes, due at HOT_WINDOW bytes or more into
+# the ring while the ring holds at most two such records, goes back to the
+# ring's start if the start is free. A consumer that keeps up then works in
+# the same few MiB, still in the CPU's caches, instead of the whole ring.
+RESTART_MIN: Final = 64 * 1024
+HOT_WINDOW: Final = 4 * 1024 * 1024
 
 
 def rebases(head: int, tail: int, start: int) -> bool:

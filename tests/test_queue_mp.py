@@ -31,6 +31,8 @@ from conftest import recv as _recv
 from conftest import wait_until_blocked as _wait_until_blocked
 
 import shmbus
+from shmbus import _ring
+from shmbus._format import Q_HEAD
 
 # Far above anything a healthy run needs; only a hang or a lost wake-up reaches them.
 CHILD_TIMEOUT = 60.0
@@ -493,6 +495,34 @@ def test_batches_wrap_around_small_ring(bus_name: str, procs: Any, producer: str
     assert q.qsize() == 0
     with pytest.raises(shmbus.Empty):
         q.get_nowait()
+    q.close()
+
+
+def _child_put_large(q: shmbus.Queue, sizes: list[int]) -> None:
+    for i, n in enumerate(sizes):
+        q.put_bytes(_large(i, n), timeout=CHILD_TIMEOUT)
+
+
+def _large(i: int, n: int) -> bytes:
+    return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
+
+
+def test_large_messages_wrap_early_and_arrive_intact_across_processes(bus_name: str, procs: Any) -> None:
+    """Records of 64 KiB+ go back to the ring's start when it is free (_ring.HOT_WINDOW)."""
+    rng = random.Random(7)
+    sizes = [rng.randint(64 << 10, 1 << 20) for _ in range(300)]
+    q = shmbus.Queue.create(bus_name, capacity="16MiB")
+    procs.start(_child_put_large, q, sizes)
+    for i, n in enumerate(sizes):
+        assert q.get_bytes(timeout=CHILD_TIMEOUT) == _large(i, n), f"message {i}"
+    procs.join_all()
+    assert q.qsize() == 0 and q.stats().bytes_out == sum(sizes)
+    # One process, one message at a time: the ring's first few MiB are reused.
+    cap = q.capacity
+    for i in range(40):
+        q.put_bytes(_large(i, 1 << 20))
+        assert q._h64[Q_HEAD] % cap < _ring.HOT_WINDOW + (2 << 20)
+        assert q.get_bytes() == _large(i, 1 << 20)
     q.close()
 
 

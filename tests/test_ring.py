@@ -485,3 +485,33 @@ def test_read_of_any_bytes_returns_a_valid_record_or_raises_corrupt_bus(
     assert tail <= start < nxt <= head
     assert start % CAP + RECORD_SIZE + length <= CAP
     assert nxt == start + record_span(length)
+
+
+# -- early wrap: large records go back to the ring's start while the ring is nearly empty ---------
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("head_off", "used", "length", "early"),
+    [
+        (5 * MIB, 0, MIB, True),  # empty: a rebase to the next lap
+        (5 * MIB, record_span(MIB), MIB, True),  # one record in: a wrap marker at head
+        (5 * MIB, 2 * record_span(MIB), MIB, True),
+        (5 * MIB, 2 * record_span(MIB) + ALIGN, MIB, False),  # more queued: keep the ring's bytes
+        (_ring.HOT_WINDOW - ALIGN, 0, MIB, False),  # still inside the hot window
+        (5 * MIB, 0, _ring.RESTART_MIN - 1, False),  # small records never wrap early
+        (5 * MIB, 3 * MIB, 3 * MIB - RECORD_SIZE, False),  # the ring's start is not free (tail at 2 MiB)
+    ],
+)
+def test_place_wraps_a_large_record_early_only_when_the_start_is_free(
+    head_off: int, used: int, length: int, early: bool
+) -> None:
+    cap = 16 * MIB
+    head = 3 * cap + head_off
+    tail = head - used
+    start = place(head, tail, cap, length)
+    assert start == (4 * cap if early else head)
+    new_tail = start if rebases(head, tail, start) else tail
+    assert start + record_span(length) - new_tail <= cap  # never overruns the tail
+    assert rebases(head, tail, start) == (early and used == 0)
