@@ -26,9 +26,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if PY_VERSION_HEX < 0x030A0000 /* Py_NewRef is 3.10+; we support 3.9 */
 static inline PyObject *Py_NewRef(PyObject *o) {
@@ -408,8 +410,31 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, PyObject *out, PyObje
 /* Take up to max tokens (have already held) and the tail lock, then take_records.
  * Returns the records taken (list or one tuple) and sets *left to the tokens still
  * held for Python; NULL with *left == -1 on error (every token given back). */
+/* Poll the items semaphore for up to spin_s seconds, yielding the CPU between
+ * polls (as _sync.Sem.spin_acquire does, and for the same reason: the process
+ * we wait for may need this core). The GIL stays held: this is bounded by the
+ * handle's spin (50 us by default), well under the interpreter's switch interval. */
+static int spin_for_token(FastQueue *q, double spin_s) {
+    struct timespec now, end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    long long ns = (long long)(spin_s * 1e9);
+    end.tv_sec += ns / 1000000000LL;
+    end.tv_nsec += ns % 1000000000LL;
+    if (end.tv_nsec >= 1000000000L) {
+        end.tv_sec++;
+        end.tv_nsec -= 1000000000L;
+    }
+    for (;;) {
+        int value;
+        if (sem_getvalue(q->items, &value) == 0 && value > 0 && sem_trywait(q->items) == 0) return 1;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec)) return 0;
+        sched_yield();
+    }
+}
+
 static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_ssize_t max, int many,
-                      Py_ssize_t *left) {
+                      double spin_s, Py_ssize_t *left) {
     uint32_t me;
     *left = have;
     if (get_u32(args[0], &me) < 0) return NULL;
@@ -419,6 +444,8 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
         (size_t)tokens >= (size_t)(q->ring - (unsigned char *)q->h64) / 8)
         return Py_NewRef(Py_None);
     Py_ssize_t k = have;
+    while (k < max && sem_trywait(q->items) == 0) k++;
+    if (k == 0 && max > 0 && spin_s > 0 && spin_for_token(q, spin_s)) k = 1;
     while (k < max && sem_trywait(q->items) == 0) k++;
     *left = k;
     if (k == 0) return Py_NewRef(Py_None);
@@ -443,26 +470,39 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
     return one != NULL ? one : Py_NewRef(Py_None);
 }
 
-/* get(me, tokens_index) -> (kind, payload) | GET_NO_TOKEN | GET_HAS_TOKEN: Queue.get's common case. */
+static int get_spin(PyObject *o, double *spin_s) {
+    *spin_s = PyFloat_AsDouble(o);
+    if (*spin_s == -1.0 && PyErr_Occurred()) return -1;
+    if (!(*spin_s <= 1.0)) *spin_s = 1.0; /* (NaN too) a spin is microseconds; never hang here */
+    return 0;
+}
+
+/* get(me, tokens_index, spin_s) -> (kind, payload) | GET_NO_TOKEN | GET_HAS_TOKEN:
+ * Queue.get's common case, polling up to spin_s seconds for a message. */
 static PyObject *fq_get(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "get(me, tokens_index)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "get(me, tokens_index, spin_s)");
         return NULL;
     }
+    double spin_s;
+    if (get_spin(args[2], &spin_s) < 0) return NULL;
     Py_ssize_t left;
-    PyObject *got = take(q, args, 0, 1, 0, &left);
+    PyObject *got = take(q, args, 0, 1, 0, spin_s, &left);
     if (got == NULL || got != Py_None) return got;
     Py_DECREF(got);
     return PyLong_FromLong(left ? GET_HAS_TOKEN : GET_NO_TOKEN);
 }
 
-/* take_many(me, tokens_index, have, max) -> (list of (kind, payload), tokens still held):
- * get_many's common case; have is 0 or the one token the caller waited for. */
+/* take_many(me, tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
+ * get_many's common case; have is 0 or the one token the caller waited for;
+ * with none, it polls up to spin_s seconds for the first. */
 static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "take_many(me, tokens_index, have, max)");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "take_many(me, tokens_index, have, max, spin_s)");
         return NULL;
     }
+    double spin_s;
+    if (get_spin(args[4], &spin_s) < 0) return NULL;
     Py_ssize_t have = PyLong_AsSsize_t(args[2]), max = PyLong_AsSsize_t(args[3]);
     if ((have == -1 || max == -1) && PyErr_Occurred()) return NULL;
     if (have < 0 || max < have) {
@@ -470,7 +510,7 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     Py_ssize_t left;
-    PyObject *got = take(q, args, have, max, 1, &left);
+    PyObject *got = take(q, args, have, max, 1, spin_s, &left);
     if (got == NULL) return NULL;
     if (got == Py_None) {
         Py_DECREF(got);
@@ -496,9 +536,9 @@ static PyMethodDef fq_methods[] = {
     {"put_many", (PyCFunction)(void (*)(void))fq_put_many, METH_FASTCALL,
      "put_many(me, encoded list) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
     {"get", (PyCFunction)(void (*)(void))fq_get, METH_FASTCALL,
-     "get(me, tokens_index) -> (kind, payload), or 0 no token, 1 a token held"},
+     "get(me, tokens_index, spin_s) -> (kind, payload), or 0 no token, 1 a token held"},
     {"take_many", (PyCFunction)(void (*)(void))fq_take_many, METH_FASTCALL,
-     "take_many(me, tokens_index, have, max) -> (records, tokens still held)"},
+     "take_many(me, tokens_index, have, max, spin_s) -> (records, tokens still held)"},
     {"close", (PyCFunction)fq_close, METH_NOARGS, "Release the mapping and the semaphore handles."},
     {NULL, NULL, 0, NULL},
 };

@@ -433,17 +433,25 @@ class Queue(Bus):
         the record at the head of the queue is damaged.
         """
         fast = self._fast
+        spun = False
         if fast is not None and not _faults.armed:
             part = self._part
-            got = fast.get(part.me, part.tokens_index)  # type: ignore[union-attr]
+            spin = self._spin_for(block, timeout)
+            got = fast.get(part.me, part.tokens_index, spin)  # type: ignore[union-attr]
             if type(got) is tuple:
                 return self._finish(*got)
             if got == _accel.GET_HAS_TOKEN:  # not the common case: Python takes with the token
                 got = self._take1()
                 if got is not None:
                     return self._finish(*got)
-        kind, payload = self._get1(block, timeout)
+            spun = spin > 0 and bool(part.me)  # type: ignore[union-attr]  # (unclaimed: C did nothing)
+        kind, payload = self._get1(block, timeout, spun)
         return self._finish(kind, payload)
+
+    def _spin_for(self, block: bool, timeout: float | None) -> float:
+        """How long a get may poll before sleeping: the handle's spin, never past a shorter timeout."""
+        spin = self.spin
+        return spin if block and (timeout is None or timeout >= spin) else 0.0
 
     def get_nowait(self) -> Any:
         """``get(block=False)``: raises ``Empty`` at once when the queue is empty."""
@@ -458,7 +466,7 @@ class Queue(Bus):
         _, payload = self._get1(block, timeout)
         return bytes(payload[0]) if isinstance(payload, tuple) else bytes(payload)
 
-    def _get1(self, block: bool, timeout: float | None) -> tuple[int, Payload]:
+    def _get1(self, block: bool, timeout: float | None, spun: bool = False) -> tuple[int, Payload]:
         if self._closed:
             self._check_open()
         deadline = _deadline(block, timeout)
@@ -469,9 +477,16 @@ class Queue(Bus):
         items = self._items
         while True:
             if not items.try_acquire() and (
-                not block or not items.spin_acquire(deadline, self.spin, self._heal)
+                not block or not items.spin_acquire(deadline, 0.0 if spun else self.spin, self._heal)
             ):
                 raise Empty(f"{self.path} is empty", path=self.path)
+            fast = self._fast
+            if fast is not None and not _faults.armed:  # C takes with the token we hold
+                recs, left = fast.take_many(part.me, part.tokens_index, 1, 1, 0.0)
+                if recs:
+                    return recs[0]  # type: ignore[no-any-return]
+                if not left:
+                    continue
             got = self._take1()
             if got is not None:
                 return got
@@ -496,17 +511,25 @@ class Queue(Bus):
         items = self._items
         while True:
             k = 0
-            if block:
-                if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
-                    raise Empty(f"{self.path} is empty", path=self.path)
-                k = 1
             fast = self._fast
             if fast is not None and not _faults.armed:
-                # C takes more tokens and the common-case records; Python the rest.
-                got, k = fast.take_many(part.me, part.tokens_index, k, max_messages)
+                # C polls for the first token (up to the spin), takes more and the
+                # common-case records; Python waits when there was none, and takes the rest.
+                spin = self._spin_for(block, timeout)
+                got, k = fast.take_many(part.me, part.tokens_index, 0, max_messages, spin)
+                if not got and not k and block:
+                    if not items.try_acquire() and not items.spin_acquire(
+                        deadline, 0.0 if spin else self.spin, self._heal
+                    ):
+                        raise Empty(f"{self.path} is empty", path=self.path)
+                    got, k = fast.take_many(part.me, part.tokens_index, 1, max_messages, 0.0)
                 if k:
                     got += self._take(k)
             else:
+                if block:
+                    if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
+                        raise Empty(f"{self.path} is empty", path=self.path)
+                    k = 1
                 try_acquire = items.try_acquire
                 while k < max_messages and try_acquire():
                     k += 1
