@@ -1,5 +1,9 @@
 """Where a small message's time goes: ``python benchmarks/breakdown.py``.
 
+First with the C fast path (``shmbus/_cfast.c``, when built): the whole
+``put`` + ``get``, the codec, the two C calls, and the Python around them.
+Then the pure-Python path, step by step, on a handle without the C path:
+
 ``shmbus bench`` measures whole transfers between processes; this script
 takes one ``Queue.put`` and one ``Queue.get`` of the bench's small dict apart,
 in one process (no other process, so no waiting and no wake-ups: the pure
@@ -34,7 +38,7 @@ import msgpack
 import posix_ipc
 
 import shmbus
-from shmbus import _ring
+from shmbus import _accel, _ring
 from shmbus._codec import extract
 from shmbus._format import Q_HEAD, Q_NEXT_SEQ, RECORD_SIZE
 
@@ -109,7 +113,7 @@ def measure(q: shmbus.Queue, calls: int) -> list[tuple[str, float]]:
          ns(lambda: q._publish(h[Q_NEXT_SEQ], 0, h[Q_HEAD], 0))),
     ]  # fmt: skip
     return [
-        ("put + get, whole", total),
+        ("put + get, whole (pure Python)", total),
         ("codec: encode (msgpack.packb, and the record tuple)", encode),
         ("codec: decode (msgpack.unpackb)", decode),
         ("semaphore: producer lock, try_acquire + release", head_pair),
@@ -120,6 +124,37 @@ def measure(q: shmbus.Queue, calls: int) -> list[tuple[str, float]]:
         ("wrappers: put() and get() around them",
          total - encode - decode - head_pair - token_pair - tail_pair - bodies),
     ]  # fmt: skip
+
+
+def measure_c(q: shmbus.Queue, calls: int) -> list[tuple[str, float]]:
+    """(step, ns per put + get) through the C fast path; the first is the whole."""
+    base = loop_overhead_ns(calls)
+
+    def ns(fn: Callable[[], Any]) -> float:
+        return max(best_ns(fn, calls) - base, 0.0)
+
+    fast, part = q._fast, q._part
+    assert fast is not None and part is not None
+    enc = q._encode(MESSAGE)
+    kind, packed = enc[0], enc[1]
+    me, tokens = part.me, part.tokens_index
+    put, get = q.put, q.get
+
+    def whole() -> None:
+        put(MESSAGE)
+        get()
+
+    total = ns(whole)
+    encode = ns(lambda: q._encode(MESSAGE))
+    decode = ns(lambda: q._codec.finish(kind, packed))
+    c_calls = ns(lambda: (fast.put(me, *enc), fast.get(me, tokens, 0.0)))
+    return [
+        ("put + get, whole (C fast path)", total),
+        ("codec: encode (msgpack, and the record tuple)", encode),
+        ("codec: decode (msgpack.unpackb)", decode),
+        ("C: FastQueue.put + .get (locks, copies, counters, token)", c_calls),
+        ("Python: put() and get() around them", total - encode - decode - c_calls),
+    ]
 
 
 def references(calls: int) -> list[tuple[str, float]]:
@@ -165,6 +200,13 @@ def put_then_get_ns(q: shmbus.Queue, calls: int, runs: int = 5) -> tuple[float, 
     return best_put, best_get
 
 
+def _print_steps(steps: list[tuple[str, float]]) -> None:
+    whole = steps[0][1]
+    print(f"{'step':58} {'ns':>6} {'share':>6}")
+    for step, ns in steps:
+        print(f"{step:58} {ns:6.0f} {100 * ns / whole:5.0f}%")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=100_000, help="calls per timing loop")
@@ -174,21 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         q.put(MESSAGE)  # claim the participant slot and fault in the first pages
         q.get()
+        c_steps = measure_c(q, args.calls) if q._fast is not None else []
+        _accel.drop_fast_path(q)
         steps = measure(q, args.calls)
     finally:
         q.close()
         shmbus.unlink(name)
     refs = references(args.calls)
-    whole = steps[0][1]
     print(
         f"Python {sys.version.split()[0]}, shmbus {shmbus.__version__}: ns per put + get of one small dict,"
     )
     print(f"in one process (no waiting, no wake-ups); best of 5 loops of {args.calls:,} calls")
     print()
-    print(f"{'step':58} {'ns':>6} {'share':>6}")
-    for step, ns in steps:
-        print(f"{step:58} {ns:6.0f} {100 * ns / whole:5.0f}%")
-    print()
+    if not c_steps:
+        print("(the C fast path is not built here: pure Python only)\n")
+    for table in (c_steps, steps):
+        if table:
+            _print_steps(table)
+            print()
     print(f"{'for scale':58} {'ns':>6}")
     for step, ns in refs:
         print(f"{step:58} {ns:6.0f}")
