@@ -19,6 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# Run from a checkout without installing: the package is one directory up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shmbus._bench._params import size_text  # sizes written as the bench's tables write them
+
 COLORS = {
     "shmbus": "#1f77b4",
     "mp.Queue": "#7f7f7f",
@@ -162,7 +167,7 @@ def plot_sizes(plt: Any, results: dict[str, Any], out: Path) -> Path | None:
     for ax, unit in ((left, "MB/s (10**6 bytes/s)"), (right, "messages/s")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xticks(sizes, [_size_text(s) for s in sizes], rotation=45, fontsize=8)
+        ax.set_xticks(sizes, [size_text(s) for s in sizes], rotation=45, fontsize=8)
         ax.set_xlabel("message size (bytes payload)")
         ax.set_ylabel(unit)
         ax.grid(which="both", alpha=0.25)
@@ -211,13 +216,6 @@ def plot_mpmc(plt: Any, results: dict[str, Any], out: Path) -> Path | None:
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
-
-
-def _size_text(size: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {unit}"
-    return f"{size} B"
 
 
 def _caption(results: dict[str, Any]) -> str:

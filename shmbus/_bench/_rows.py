@@ -1,0 +1,198 @@
+"""Rows (e), (f) and (t): one dimension varied each: message size, processes per side, subscribers.
+
+(e) and (f) compare shmbus with mp.Queue (and Pipe for (e)) at each step;
+(t) measures a Topic alone, its publish rate against 0 subscribers.
+"""
+
+from __future__ import annotations
+
+import functools
+from multiprocessing.context import ForkContext
+from typing import Any, Callable
+
+from .._format import parse_size
+from ._channels import Channel
+from ._measure import Progress, Role, cpu_detail, cpu_s, first_start_ns, measure, median, medians, rotations
+from ._params import BenchError, Params, size_text
+from ._roles import consume_bytes, consume_until_none, produce_bytes, produce_share, publish, subscribe
+
+__all__ = ["SWEEP_TRANSPORTS", "sweep_count", "run_sweep", "MPMC_TRANSPORTS", "run_mpmc", "run_topic"]
+
+SWEEP_TRANSPORTS: tuple[str, ...] = ("shmbus", "mp.Queue", "mp.Pipe")
+
+
+def sweep_count(params: Params, size: int) -> int:
+    """Messages of ``size`` bytes in one measurement: a fixed volume, within bounds."""
+    return max(params.sweep_min_messages, min(params.sweep_max_messages, params.sweep_volume // size))
+
+
+def run_sweep(params: Params, ctx: ForkContext, progress: Progress) -> dict[str, Any]:
+    """(e) Bytes messages of each size through shmbus, mp.Queue and Pipe."""
+    by_size: dict[str, Any] = {}
+    for size in params.sweep_sizes:
+        count = sweep_count(params, size)
+        roles = [
+            Role("producer", "producer", functools.partial(produce_bytes, size=size, count=count)),
+            Role("consumer", "consumer", functools.partial(consume_bytes, size=size, count=count)),
+        ]
+        samples: dict[str, list[dict[str, Any]]] = {t: [] for t in SWEEP_TRANSPORTS}
+        for rep, order in enumerate(rotations(SWEEP_TRANSPORTS, params.sweep_repeats)):
+            for t in order:
+                what = f"{size_text(size)} x {count:,}, {t}, run {rep + 1}/{params.sweep_repeats}"
+                progress.step(f"(e) sizes: {what}")
+                reports = measure(roles, t, params, ctx)
+                samples[t].append(_stream_sample(reports, count, size))
+        by_size[str(size)] = {"size": size, "messages": count, "transports": _stream_summary(samples)}
+    return {"letter": "e", "title": "message-size sweep, bytes messages", "sizes": by_size}
+
+
+def _stream_sample(reports: dict[str, dict[str, Any]], count: int, size: int) -> dict[str, Any]:
+    cons = reports["consumer"]
+    if cons["count"] != count or cons["last_seq"] != count - 1:
+        raise BenchError(f"sizes: received {cons['count']} messages of {size} bytes, expected {count}")
+    elapsed = (cons["t_end_ns"] - first_start_ns(reports)) / 1e9
+    return {
+        "elapsed_s": elapsed,
+        "msg_per_s": count / elapsed,
+        "mb_per_s": count * size / 1e6 / elapsed,
+        "cpu_us_per_msg": cpu_s(reports) / count * 1e6,
+        "cpu_s": cpu_detail(reports),
+    }
+
+
+def _stream_summary(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for t, s in samples.items():
+        out[t] = {k: median(s, k) for k in ("msg_per_s", "mb_per_s", "cpu_us_per_msg")}
+        out[t]["samples"] = s
+    base = out["mp.Queue"]["msg_per_s"]
+    for t in out:
+        out[t]["x mp.Queue"] = out[t]["msg_per_s"] / base
+        out[t]["x mp.Pipe"] = out[t]["msg_per_s"] / out["mp.Pipe"]["msg_per_s"]
+    return out
+
+
+# -- (f) producers x consumers ------------------------------------------------------------------
+
+MPMC_TRANSPORTS: tuple[str, ...] = ("shmbus", "mp.Queue")
+
+
+def _send_stops(consumers: int) -> Callable[[Channel], None]:
+    """The parent's part: once every producer has flushed and reported, one ``None`` per consumer."""
+
+    def hook(channel: Channel) -> None:
+        ep = channel.endpoint("producer")
+        try:
+            for _ in range(consumers):
+                ep.send(None)
+            ep.flush()
+        finally:
+            ep.close()
+
+    return hook
+
+
+def run_mpmc(params: Params, ctx: ForkContext, progress: Progress) -> dict[str, Any]:
+    """(f) P producers and C consumers on one queue: total msg/s."""
+    shapes: dict[str, Any] = {}
+    for np_, nc in params.mpmc_shapes:
+        share = params.mpmc_messages // np_
+        roles = [
+            Role(f"producer{i}", "producer", functools.partial(produce_share, index=i, share=share))
+            for i in range(np_)
+        ]
+        roles += [Role(f"consumer{i}", "consumer", consume_until_none) for i in range(nc)]
+        hook = (frozenset(r.name for r in roles[:np_]), _send_stops(nc))
+        samples: dict[str, list[dict[str, Any]]] = {t: [] for t in MPMC_TRANSPORTS}
+        shape = f"{np_} producer{'s' * (np_ != 1)} x {nc} consumer{'s' * (nc != 1)}"
+        for rep, order in enumerate(rotations(MPMC_TRANSPORTS, params.mpmc_repeats)):
+            for t in order:
+                progress.step(f"(f) mpmc: {shape}, {t}, run {rep + 1}/{params.mpmc_repeats}")
+                reports = measure(roles, t, params, ctx, hook=hook)
+                samples[t].append(_mpmc_sample(reports, share * np_))
+        result: dict[str, dict[str, Any]] = {
+            t: {
+                "msg_per_s": median(s, "msg_per_s"),
+                "cpu_us_per_msg": median(s, "cpu_us_per_msg"),
+                "samples": s,
+            }
+            for t, s in samples.items()
+        }
+        result["shmbus"]["x mp.Queue"] = result["shmbus"]["msg_per_s"] / result["mp.Queue"]["msg_per_s"]
+        shapes[f"{np_}x{nc}"] = {
+            "producers": np_,
+            "consumers": nc,
+            "messages": share * np_,
+            "transports": result,
+        }
+    return {"letter": "f", "title": "producers x consumers on one queue, small dicts", "shapes": shapes}
+
+
+def _mpmc_sample(reports: dict[str, dict[str, Any]], total: int) -> dict[str, Any]:
+    consumers = [r for name, r in reports.items() if name.startswith("consumer")]
+    count = sum(r["count"] for r in consumers)
+    seq_sum = sum(r["seq_sum"] for r in consumers)
+    if count != total or seq_sum != total * (total - 1) // 2:
+        raise BenchError(f"mpmc: consumers received {count} messages (seq sum {seq_sum}), expected {total}")
+    elapsed = (max(r["t_last_ns"] for r in consumers) - first_start_ns(reports)) / 1e9
+    return {
+        "elapsed_s": elapsed,
+        "msg_per_s": total / elapsed,
+        "per_consumer": [r["count"] for r in consumers],
+        "cpu_us_per_msg": cpu_s(reports) / total * 1e6,
+        "cpu_s": cpu_detail(reports),
+    }
+
+
+# -- (t) Topic fan-out --------------------------------------------------------------------------
+
+
+def run_topic(params: Params, ctx: ForkContext, progress: Progress) -> dict[str, Any]:
+    """(t) Publish rate with 0, 1 and 3 subscriber processes, and what each subscriber got."""
+    configs: dict[str, Any] = {}
+    keys = [str(k) for k in params.topic_subscribers]
+    samples: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+    for rep, order in enumerate(rotations(keys, params.repeats)):
+        for key in order:
+            k = int(key)
+            progress.step(f"(t) topic: {k} subscriber{'s' * (k != 1)}, run {rep + 1}/{params.repeats}")
+            roles = [Role("publisher", "producer", publish)]
+            roles += [Role(f"subscriber{i}", "consumer", subscribe) for i in range(k)]
+            samples[key].append(_topic_sample(measure(roles, "topic", params, ctx), params.topic_messages))
+    for key, s in samples.items():
+        configs[key] = {
+            "subscribers": int(key),
+            "publish_msg_per_s": median(s, "publish_msg_per_s"),
+            "cpu_us_per_msg": median(s, "cpu_us_per_msg"),
+            "receive_msg_per_s": medians(s, "receive_msg_per_s"),
+            "lost": medians(s, "lost"),
+            "samples": s,
+        }
+    base = configs[keys[0]]["publish_msg_per_s"]
+    ring = parse_size(params.topic_capacity)
+    for c in configs.values():
+        c["pct_of_0_subscribers"] = 100 * c["publish_msg_per_s"] / base
+    return {
+        "letter": "t",
+        "title": f"Topic, {params.topic_messages:,} small dicts, {size_text(ring)} ring",
+        "configs": configs,
+    }
+
+
+def _topic_sample(reports: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
+    pub = reports.pop("publisher")
+    subs = [reports[name] for name in sorted(reports)]
+    for s in subs:
+        if s["received"] + s["lost"] != n:
+            raise BenchError(f"topic: a subscriber received {s['received']} and lost {s['lost']} of {n}")
+    t0 = min([pub["t_start_ns"], *(s["t_start_ns"] for s in subs)])
+    everyone = {"publisher": pub, **reports}
+    return {
+        "publish_elapsed_s": (pub["t_end_ns"] - pub["t_start_ns"]) / 1e9,
+        "publish_msg_per_s": n / ((pub["t_end_ns"] - pub["t_start_ns"]) / 1e9),
+        "receive_msg_per_s": [s["received"] / ((s["t_last_ns"] - t0) / 1e9) for s in subs],
+        "received": [s["received"] for s in subs],
+        "lost": [s["lost"] for s in subs],
+        "cpu_us_per_msg": cpu_s(everyone) / n * 1e6,
+        "cpu_s": cpu_detail(everyone),
+    }
