@@ -44,6 +44,7 @@ static inline PyObject *Py_NewRef(PyObject *o) {
 #define REC_MSGPACK 1
 #define REC_RAW 2
 #define REC_WRAP 3
+#define REC_NDARRAY 4
 #define STATE_COMMITTED 1
 /* msgpack bin 8/16/32 first bytes: a bytes message, which Python returns without decoding */
 #define BIN8 0xc4
@@ -244,8 +245,10 @@ static void msg_release(Msg *m) {
 
 /* Under the head lock: write as many of msgs as fit at head without a wrap,
  * publish them (counters first, head last, as _publish does) and post their
- * items tokens. Returns how many were written. */
-static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count) {
+ * items tokens. Returns how many were written. batch: put_many, which Python
+ * checks with _ring.check_room for the whole batch (a single put, in
+ * _put_locked, does not). */
+static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int batch) {
     uint64_t cap = q->cap;
     uint64_t head = ld64(H64(q, W_HEAD)), tail = ld64(H64(q, W_TAIL));
     uint64_t seq = ld64(H64(q, W_NEXT_SEQ)), nbytes = 0;
@@ -253,6 +256,15 @@ static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count) {
     if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap ||
         seq > UINT64_MAX - (uint64_t)count)
         return 0;
+    if (batch) {
+        /* _ring.check_room: head + 2 * (the spans of the whole batch) <= 2**64 - 1 - 2 * cap, or
+         * Python raises CorruptBus with nothing written; so we must not write the first ones. */
+        uint64_t half = (UINT64_MAX - 2 * cap - head) / 2, total = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            total += span_of((uint64_t)msgs[i].plen + (uint64_t)msgs[i].blen);
+            if (total > half) return 0;
+        }
+    }
     Py_ssize_t k = 0;
     for (; k < count; k++) {
         Msg *m = &msgs[k];
@@ -291,10 +303,14 @@ static int sample_due(FastQueue *q, Py_ssize_t k) {
 static PyObject *put_result(Py_ssize_t written, int code) { return PyLong_FromSsize_t(written << 2 | code); }
 
 /* Take the head lock, write what fits, and release it unless Python has more to do. */
-static PyObject *put_msgs(FastQueue *q, uint32_t me, Msg *msgs, Py_ssize_t count) {
+static PyObject *put_msgs(FastQueue *q, uint32_t me, Msg *msgs, Py_ssize_t count, int batch) {
     if (!take_lock(q, q->head, W_HEAD_HOLDER, me)) return put_result(0, PUT_NOT_TAKEN);
-    Py_ssize_t k = write_records(q, msgs, count);
-    if (k < count || sample_due(q, k)) return put_result(k, PUT_HELD);
+    Py_ssize_t k = write_records(q, msgs, count, batch);
+    if (k < count || sample_due(q, k)) {
+        PyObject *r = put_result(k, PUT_HELD);
+        if (r == NULL) lock_release(q, W_HEAD_HOLDER, W_HEAD_RELEASES, q->head); /* no one else would */
+        return r;
+    }
     lock_release(q, W_HEAD_HOLDER, W_HEAD_RELEASES, q->head);
     return put_result(k, PUT_DONE);
 }
@@ -308,7 +324,7 @@ static PyObject *fq_put(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     uint32_t me;
     Msg m;
     if (get_u32(args[0], &me) < 0 || msg_parse(&m, args[1], args[2], args[3]) < 0) return NULL;
-    PyObject *r = q->ring == NULL || me == 0 ? put_result(0, PUT_NOT_TAKEN) : put_msgs(q, me, &m, 1);
+    PyObject *r = q->ring == NULL || me == 0 ? put_result(0, PUT_NOT_TAKEN) : put_msgs(q, me, &m, 1, 0);
     msg_release(&m);
     return r;
 }
@@ -337,68 +353,110 @@ static PyObject *fq_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nar
         if (msg_parse(&msgs[parsed], PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2)) < 0)
             goto out;
     }
-    r = put_msgs(q, me, msgs, count);
+    r = put_msgs(q, me, msgs, count, 1);
 out:
     for (Py_ssize_t i = 0; i < parsed; i++) msg_release(&msgs[i]);
     PyMem_Free(msgs);
     return r;
 }
 
+/* One record, as _ring.read and Queue._take check it. */
+typedef struct {
+    const unsigned char *payload;
+    uint64_t end; /* the position after it */
+    uint32_t length;
+    uint16_t kind;
+} Rec;
+
+/* The record at position t (tail <= t < head, head <= UINT64_MAX - 2 * cap), expected
+ * to carry sequence number seq: -1 if Python would raise CorruptBus on it (or resync
+ * tail_seq from it), 0 if it is sound but Python's to copy (a bytes or ndarray message),
+ * 1 if sound and ours. Only the ring is addressed, whatever the header says. */
+static int rec_at(FastQueue *q, uint64_t t, uint64_t head, uint64_t seq, uint64_t last, Rec *r) {
+    uint64_t cap = q->cap, off = t % cap; /* a multiple of 16: the header is inside the ring */
+    const unsigned char *rec = q->ring + off;
+    uint32_t length;
+    uint16_t kind, state;
+    uint64_t rseq;
+    memcpy(&kind, rec + 4, 2);
+    memcpy(&state, rec + 6, 2);
+    if (kind == REC_WRAP && state == STATE_COMMITTED) {
+        t += cap - off; /* no overflow: t < head <= UINT64_MAX - 2 * cap */
+        if (t >= head) return -1;
+        off = 0;
+        rec = q->ring;
+        memcpy(&kind, rec + 4, 2);
+        memcpy(&state, rec + 6, 2);
+    }
+    memcpy(&length, rec, 4);
+    memcpy(&rseq, rec + 8, 8);
+    if (state != STATE_COMMITTED || (kind != REC_MSGPACK && kind != REC_RAW && kind != REC_NDARRAY))
+        return -1;
+    /* Inside the ring first: then the span is at most cap, and t + span cannot overflow. */
+    if (off + REC_SIZE + length > cap || t + span_of(length) > head || rseq != seq || rseq >= last) return -1;
+    r->payload = rec + REC_SIZE;
+    r->end = t + span_of(length);
+    r->length = length;
+    r->kind = kind;
+    /* A msgpack bin payload (a bytes message) Python copies without its header. */
+    if (kind == REC_NDARRAY) return 0;
+    return !(kind == REC_MSGPACK && length && rec[REC_SIZE] >= BIN8 && rec[REC_SIZE] <= BIN32);
+}
+
 /* Under the tail lock, holding k items tokens (recorded at *tok): copy out up to k
  * records of the common case into out (a list, or NULL for one record returned
  * through *one) and commit them. Returns how many, or -1 with an exception set
- * (MemoryError) and nothing committed. */
-static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, PyObject *out, PyObject **one) {
+ * (MemoryError) and nothing committed.
+ *
+ * Python takes the tokens we leave with Queue._take, which raises CorruptBus, with
+ * nothing consumed, on a damaged record among the k: so first look at all k, and
+ * take none if one is damaged (committing the first ones would lose them: Python
+ * raises past them). Ours are then the leading records we can copy. */
+static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObject *out, PyObject **one) {
     uint64_t cap = q->cap;
     uint64_t tail = ld64(H64(q, W_TAIL)), head = ld64(H64(q, W_HEAD));
-    if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK) return 0;
+    /* _ring.check_positions, as Queue._take does (the top bound keeps every sum below from overflowing). */
+    if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap)
+        return 0;
     uint64_t seq = ld64(H64(q, W_TAIL_SEQ));
     uint64_t last = ld64(H64(q, W_NEXT_SEQ)); /* loaded after head, which producers store after it */
+    Rec r;
+    Py_ssize_t ours = 0, i = 0;
+    for (uint64_t t = tail, s = seq; i < k && t != head; i++, s++, t = r.end) {
+        int v = rec_at(q, t, head, s, last, &r);
+        if (v < 0) return 0;
+        if (v > 0 && ours == i) ours++;
+    }
     uint64_t nbytes = 0;
     Py_ssize_t j = 0;
-    while (j < k && tail != head) {
-        uint64_t at = tail, off = at % cap;
-        unsigned char *rec = q->ring + off;
-        uint32_t length;
-        uint16_t kind, state;
-        uint64_t rseq;
-        memcpy(&kind, rec + 4, 2);
-        memcpy(&state, rec + 6, 2);
-        if (kind == REC_WRAP && state == STATE_COMMITTED) {
-            at += cap - off;
-            if (at >= head) break;
-            off = 0;
-            rec = q->ring;
-            memcpy(&kind, rec + 4, 2);
-            memcpy(&state, rec + 6, 2);
-        }
-        memcpy(&length, rec, 4);
-        memcpy(&rseq, rec + 8, 8);
-        if (state != STATE_COMMITTED || (kind != REC_MSGPACK && kind != REC_RAW)) break;
-        uint64_t end = at + span_of(length);
-        if (end > head || off + REC_SIZE + length > cap || rseq != seq || rseq >= last) break;
-        /* A msgpack bin payload (a bytes message) Python copies without its header. */
-        if (kind == REC_MSGPACK && length && rec[REC_SIZE] >= BIN8 && rec[REC_SIZE] <= BIN32) break;
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)rec + REC_SIZE, length);
-        PyObject *item = payload == NULL ? NULL : Py_BuildValue("(iN)", (int)kind, payload);
+    for (; j < ours; j++) {
+        if (rec_at(q, tail, head, seq, last, &r) <= 0) break; /* changed meanwhile: a hostile writer */
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)r.payload, r.length);
+        PyObject *item = payload == NULL ? NULL : Py_BuildValue("(iN)", (int)r.kind, payload);
         if (item == NULL || (out != NULL && PyList_Append(out, item) < 0)) {
             Py_XDECREF(item);
+            Py_XDECREF(*one);
+            *one = NULL;
             return -1;
         }
         if (out != NULL)
             Py_DECREF(item);
         else
             *one = item;
-        tail = end;
+        tail = r.end;
         seq++;
-        nbytes += length;
-        j++;
+        nbytes += r.length;
+        if (out == NULL) { /* one record at most */
+            j++;
+            break;
+        }
     }
     if (j) {
         st64(H64(q, W_TAIL_SEQ), seq);
         st64(H64(q, W_TAIL), tail);
-        /* Statistics after the commit, as in Python (modulo 2**64 there too). */
+        /* Statistics after the commit, as in Python (modulo 2**64 there too); then the tokens field. */
         st64(H64(q, W_BYTES_OUT), ld64(H64(q, W_BYTES_OUT)) + nbytes);
+        st64(tok, (uint64_t)(k - j));
         if (ld32(H32(q, W_SPACE_WAITING))) {
             st32(H32(q, W_SPACE_WAITING), 0);
             sem_post(q->space);
@@ -407,9 +465,6 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, PyObject *out, PyObje
     return j;
 }
 
-/* Take up to max tokens (have already held) and the tail lock, then take_records.
- * Returns the records taken (list or one tuple) and sets *left to the tokens still
- * held for Python; NULL with *left == -1 on error (every token given back). */
 /* Poll the items semaphore for up to spin_s seconds, yielding the CPU between
  * polls (as _sync.Sem.spin_acquire does, and for the same reason: the process
  * we wait for may need this core). The GIL stays held: this is bounded by the
@@ -433,13 +488,30 @@ static int spin_for_token(FastQueue *q, double spin_s) {
     }
 }
 
+/* Hand n items tokens back (nothing was consumed with them) and clear the tokens
+ * field if it was recorded: for an error, after which Python cannot learn how many
+ * tokens it held. */
+static void give_back(FastQueue *q, uint64_t *tok, Py_ssize_t n) {
+    if (q->items != NULL)
+        for (Py_ssize_t i = 0; i < n; i++) sem_post(q->items);
+    if (tok != NULL) st64(tok, 0);
+}
+
+/* Take up to max tokens (have already held) and the tail lock, then take_records.
+ * Returns the records taken (list or one tuple, or None for none) and sets *left to
+ * the tokens still held for Python and *tokp to the tokens field they are recorded
+ * in (NULL: not recorded); NULL on error, every token given back. */
 static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_ssize_t max, int many,
-                      double spin_s, Py_ssize_t *left) {
+                      double spin_s, Py_ssize_t *left, uint64_t **tokp) {
     uint32_t me;
+    Py_ssize_t tokens;
+    *left = -1;
+    *tokp = NULL;
+    if (get_u32(args[0], &me) < 0 || ((tokens = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred())) {
+        give_back(q, NULL, have);
+        return NULL;
+    }
     *left = have;
-    if (get_u32(args[0], &me) < 0) return NULL;
-    Py_ssize_t tokens = PyLong_AsSsize_t(args[1]);
-    if (tokens == -1 && PyErr_Occurred()) return NULL;
     if (q->ring == NULL || me == 0 || tokens <= 0 ||
         (size_t)tokens >= (size_t)(q->ring - (unsigned char *)q->h64) / 8)
         return Py_NewRef(Py_None);
@@ -451,19 +523,20 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
     if (k == 0) return Py_NewRef(Py_None);
     uint64_t *tok = q->h64 + tokens;
     st64(tok, (uint64_t)k);
+    *tokp = tok;
     if (!take_lock(q, q->tail, W_TAIL_HOLDER, me)) return Py_NewRef(Py_None);
     PyObject *out = many ? PyList_New(0) : NULL, *one = NULL;
-    Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, out, &one);
+    Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, tok, out, &one);
     if (j < 0) {
-        /* Nothing was committed: every token goes back, so no message is stranded. */
+        /* Nothing was committed: every token goes back (before the unlock, as in
+         * Queue._take), so no message is stranded. */
         Py_XDECREF(out);
+        give_back(q, tok, k);
         lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
-        for (Py_ssize_t i = 0; i < k; i++) sem_post(q->items);
-        st64(tok, 0);
         *left = -1;
+        *tokp = NULL;
         return NULL;
     }
-    st64(tok, (uint64_t)(k - j));
     lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
     *left = k - j;
     if (many) return out;
@@ -473,7 +546,8 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
 static int get_spin(PyObject *o, double *spin_s) {
     *spin_s = PyFloat_AsDouble(o);
     if (*spin_s == -1.0 && PyErr_Occurred()) return -1;
-    if (!(*spin_s <= 1.0)) *spin_s = 1.0; /* (NaN too) a spin is microseconds; never hang here */
+    if (*spin_s != *spin_s) *spin_s = 0.0; /* NaN: no spin, as in _sync.Sem.spin_acquire */
+    if (*spin_s > 1.0) *spin_s = 1.0;      /* a spin is microseconds; never hang here */
     return 0;
 }
 
@@ -487,10 +561,11 @@ static PyObject *fq_get(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     double spin_s;
     if (get_spin(args[2], &spin_s) < 0) return NULL;
     Py_ssize_t left;
-    PyObject *got = take(q, args, 0, 1, 0, spin_s, &left);
+    uint64_t *tok;
+    PyObject *got = take(q, args, 0, 1, 0, spin_s, &left, &tok);
     if (got == NULL || got != Py_None) return got;
     Py_DECREF(got);
-    return PyLong_FromLong(left ? GET_HAS_TOKEN : GET_NO_TOKEN);
+    return PyLong_FromLong(left ? GET_HAS_TOKEN : GET_NO_TOKEN); /* a small int: cannot fail */
 }
 
 /* take_many(me, tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
@@ -510,19 +585,18 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     Py_ssize_t left;
-    PyObject *got = take(q, args, have, max, 1, spin_s, &left);
+    uint64_t *tok;
+    PyObject *got = take(q, args, have, max, 1, spin_s, &left, &tok);
     if (got == NULL) return NULL;
     if (got == Py_None) {
         Py_DECREF(got);
         got = PyList_New(0);
-        if (got == NULL) {
-            /* Python cannot learn how many tokens it held: hand them back here. */
-            for (Py_ssize_t i = 0; i < left; i++) sem_post(q->items);
-            if (left) st64(q->h64 + PyLong_AsSsize_t(args[1]), 0);
-            return NULL;
-        }
     }
-    return Py_BuildValue("(Nn)", got, left);
+    PyObject *r = got == NULL ? NULL : Py_BuildValue("(Nn)", got, left);
+    /* Python cannot learn how many tokens it held: hand them back here (the records
+     * taken, if any, are lost, as in Python when a MemoryError follows a commit). */
+    if (r == NULL) give_back(q, tok, left);
+    return r;
 }
 
 static PyObject *fq_close(FastQueue *q, PyObject *Py_UNUSED(unused)) {
