@@ -34,14 +34,13 @@ if TYPE_CHECKING:
     from ._queue import Queue
 
 __all__ = [
-    "ENABLED", "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD", "GET_NO_TOKEN", "GET_HAS_TOKEN",
+    "ENABLED", "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD",
+    "NO_TOKEN", "HAS_TOKEN", "SPIN_MAX",
     "queue_fast_path", "drop_fast_path",
 ]  # fmt: skip
 
 # FastQueue.put / put_many return ``written << 2 | code`` with these codes (see _cfast.c).
 PUT_NOT_TAKEN, PUT_DONE, PUT_HELD = 0, 1, 2
-# FastQueue.get returns a record, or one of these.
-GET_NO_TOKEN, GET_HAS_TOKEN = 0, 1
 
 
 def _load() -> Any:
@@ -58,6 +57,10 @@ def _load() -> Any:
 
 
 _cfast = _load()
+# FastQueue.get_obj returns a message, a record, or one of these (never a message).
+NO_TOKEN: Any = _cfast.NO_TOKEN if _cfast is not None else object()
+HAS_TOKEN: Any = _cfast.HAS_TOKEN if _cfast is not None else object()
+SPIN_MAX: float = _cfast.SPIN_MAX if _cfast is not None else 0.0  # the longest C spins, holding the GIL
 ENABLED: bool = _cfast is not None  # shown by ``shmbus bench`` and ``shmbus info``
 
 
@@ -67,7 +70,7 @@ def queue_fast_path(q: Queue) -> Any:
         return None
     s = q._sems
     try:
-        return _cfast.FastQueue(
+        fast = _cfast.FastQueue(
             q._mm, q._layout.ring_offset, q._layout.capacity, SAMPLE_EVERY, _ring.RESTART_MIN,
             (s["head"].name, s["tail"].name, s["items"].name, s["space"].name),
             (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT),
@@ -75,6 +78,9 @@ def queue_fast_path(q: Queue) -> Any:
         )  # fmt: skip
     except OSError:
         return None  # a semaphore we cannot open by name: the Python path opens its own
+    pack, unpack, unpack_kwargs = q._codec._c_parts()
+    fast.set_codec(pack, unpack, unpack_kwargs, q._max_payload)
+    return fast
 
 
 def drop_fast_path(q: Queue) -> None:

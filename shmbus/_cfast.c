@@ -53,12 +53,13 @@ static inline PyObject *Py_NewRef(PyObject *o) {
 /* put()/put_many() result codes (low 2 bits; the rest is how many were written), see _accel.py */
 #define PUT_NOT_TAKEN 0 /* head lock busy (or closed, or no participant slot): nothing done */
 #define PUT_DONE 1      /* all written, published, tokens posted, lock released */
+/* The longest C spins for a message, holding the GIL (other threads of the process wait). */
+#define SPIN_MAX_S 200e-6
+
+#define PUT_PYTHON -1   /* put_obj only: nothing done, Python encodes and puts */
 #define PUT_HELD 2      /* the first ones written, published and posted; the lock is still held:
                            Python records a due time sample and writes the rest */
 
-/* get() results when not a message */
-#define GET_NO_TOKEN 0   /* no items token was free: nothing done */
-#define GET_HAS_TOKEN 1  /* an items token is held, nothing taken: Python takes with it */
 
 enum { W_HEAD, W_TAIL, W_NEXT_SEQ, W_TAIL_SEQ, W_BYTES_IN, W_BYTES_OUT, N_W64 };
 enum { W_HEAD_HOLDER, W_TAIL_HOLDER, W_HEAD_RELEASES, W_TAIL_RELEASES, W_SPACE_WAITING, N_W32 };
@@ -76,7 +77,16 @@ typedef struct {
     Py_ssize_t w64[N_W64];
     Py_ssize_t w32[N_W32];
     sem_t *head, *tail, *items, *space;
+    /* The codec (set_codec): encode and decode inside put_obj/get_obj. */
+    PyObject *pack;       /* packer.pack, or NULL: put_obj hands every message back */
+    PyObject *unpack;     /* msgpack.unpackb, or NULL: get_obj returns (kind, payload) */
+    PyObject *kwnames;    /* unpack's keyword names, and their values: */
+    PyObject *kwvalues;   /* (tuple) */
+    uint64_t max_payload; /* larger messages go to Python (MessageTooLarge) */
 } FastQueue;
+
+/* get_obj's results when it returns no message (never a decoded object). */
+static PyObject *NoToken, *HasToken;
 
 static inline uint64_t ld64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void st64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
@@ -118,6 +128,10 @@ static void fq_release(FastQueue *q) {
     q->h32 = NULL;
     q->ring = NULL;
     fq_close_sems(q);
+    Py_CLEAR(q->pack);
+    Py_CLEAR(q->unpack);
+    Py_CLEAR(q->kwnames);
+    Py_CLEAR(q->kwvalues);
 }
 
 static void fq_dealloc(FastQueue *q) {
@@ -329,6 +343,37 @@ static PyObject *fq_put(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     return r;
 }
 
+/* The types msgpack packs itself, exactly (as _codec._PLAIN_TYPES): any other goes to Python. */
+static int plain_type(PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    return t == &PyDict_Type || t == &PyList_Type || t == &PyTuple_Type || t == &PyUnicode_Type ||
+           t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None;
+}
+
+/* put_obj(me, obj) -> written << 2 | PUT_*, or PUT_PYTHON: Queue.put's common case,
+ * encoding included (before the lock). PUT_PYTHON (nothing done, no error) when
+ * the codec is not set, obj is not of a plain type, encoding fails (Python
+ * encodes again and raises EncodeError) or the message is too large. */
+static PyObject *fq_put_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "put_obj(me, obj)");
+        return NULL;
+    }
+    uint32_t me;
+    if (get_u32(args[0], &me) < 0) return NULL;
+    if (q->ring == NULL || me == 0 || q->pack == NULL || !plain_type(args[1])) return PyLong_FromLong(PUT_PYTHON);
+    PyObject *data = PyObject_CallOneArg(q->pack, args[1]);
+    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > q->max_payload) {
+        PyErr_Clear();
+        Py_XDECREF(data);
+        return PyLong_FromLong(PUT_PYTHON);
+    }
+    Msg m = {.kind = REC_MSGPACK, .prefix = PyBytes_AS_STRING(data), .plen = PyBytes_GET_SIZE(data)};
+    PyObject *r = put_msgs(q, me, &m, 1, 0);
+    Py_DECREF(data);
+    return r;
+}
+
 /* put_many(me, list of encoded) -> written << 2 | PUT_*: put_many's common case. */
 static PyObject *fq_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyList_Check(args[1])) {
@@ -468,7 +513,8 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
 /* Poll the items semaphore for up to spin_s seconds, yielding the CPU between
  * polls (as _sync.Sem.spin_acquire does, and for the same reason: the process
  * we wait for may need this core). The GIL stays held: this is bounded by the
- * handle's spin (50 us by default), well under the interpreter's switch interval. */
+ * handle's spin (50 us by default) and by SPIN_MAX_S, well under the
+ * interpreter's switch interval; Python spins (without the GIL) for the rest. */
 static int spin_for_token(FastQueue *q, double spin_s) {
     struct timespec now, end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -547,15 +593,18 @@ static int get_spin(PyObject *o, double *spin_s) {
     *spin_s = PyFloat_AsDouble(o);
     if (*spin_s == -1.0 && PyErr_Occurred()) return -1;
     if (*spin_s != *spin_s) *spin_s = 0.0; /* NaN: no spin, as in _sync.Sem.spin_acquire */
-    if (*spin_s > 1.0) *spin_s = 1.0;      /* a spin is microseconds; never hang here */
+    if (*spin_s > SPIN_MAX_S) *spin_s = SPIN_MAX_S; /* the GIL is held: Python spins the rest */
     return 0;
 }
 
-/* get(me, tokens_index, spin_s) -> (kind, payload) | GET_NO_TOKEN | GET_HAS_TOKEN:
- * Queue.get's common case, polling up to spin_s seconds for a message. */
-static PyObject *fq_get(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+/* get_obj(me, tokens_index, spin_s) -> message | NoToken | HasToken | (kind, payload):
+ * get's common case, decoding included (after the lock). A (kind, payload) tuple
+ * is for Python to decode (no codec set, or decoding failed: Python decodes again
+ * and raises DecodeError); a decoded message is never a tuple, since the codec
+ * C decodes with has the default use_list. */
+static PyObject *fq_get_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "get(me, tokens_index, spin_s)");
+        PyErr_SetString(PyExc_TypeError, "get_obj(me, tokens_index, spin_s)");
         return NULL;
     }
     double spin_s;
@@ -563,9 +612,57 @@ static PyObject *fq_get(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t left;
     uint64_t *tok;
     PyObject *got = take(q, args, 0, 1, 0, spin_s, &left, &tok);
-    if (got == NULL || got != Py_None) return got;
+    if (got == NULL) return NULL;
+    if (got == Py_None) {
+        Py_DECREF(got);
+        return Py_NewRef(left ? HasToken : NoToken);
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(got, 0));
+    PyObject *payload = PyTuple_GET_ITEM(got, 1);
+    if (kind == REC_RAW) {
+        Py_INCREF(payload);
+        Py_DECREF(got);
+        return payload; /* a raw record's message is its bytes */
+    }
+    if (q->unpack == NULL) return got;
+    PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
+    PyObject *msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
+    if (msg == NULL) {
+        PyErr_Clear();
+        return got;
+    }
     Py_DECREF(got);
-    return PyLong_FromLong(left ? GET_HAS_TOKEN : GET_NO_TOKEN); /* a small int: cannot fail */
+    return msg;
+}
+
+/* set_codec(pack, unpack, unpack_kwargs, max_payload): what put_obj/get_obj encode
+ * and decode with; pack None or unpack None turns that side off. */
+static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
+    PyObject *pack, *unpack, *kw;
+    unsigned long long max_payload;
+    if (!PyArg_ParseTuple(args, "OOO!K", &pack, &unpack, &PyDict_Type, &kw, &max_payload)) return NULL;
+    if (PyDict_GET_SIZE(kw) != 2) {
+        PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
+        return NULL;
+    }
+    PyObject *names = PyTuple_New(2), *values = PyTuple_New(2), *k, *v;
+    if (names == NULL || values == NULL) {
+        Py_XDECREF(names);
+        Py_XDECREF(values);
+        return NULL;
+    }
+    Py_ssize_t pos = 0, i = 0;
+    while (PyDict_Next(kw, &pos, &k, &v)) {
+        PyTuple_SET_ITEM(names, i, Py_NewRef(k));
+        PyTuple_SET_ITEM(values, i, Py_NewRef(v));
+        i++;
+    }
+    Py_XSETREF(q->pack, pack == Py_None ? NULL : Py_NewRef(pack));
+    Py_XSETREF(q->unpack, unpack == Py_None ? NULL : Py_NewRef(unpack));
+    Py_XSETREF(q->kwnames, names);
+    Py_XSETREF(q->kwvalues, values);
+    q->max_payload = max_payload;
+    Py_RETURN_NONE;
 }
 
 /* take_many(me, tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
@@ -609,11 +706,15 @@ static PyMethodDef fq_methods[] = {
      "put(me, kind, prefix, body, n) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
     {"put_many", (PyCFunction)(void (*)(void))fq_put_many, METH_FASTCALL,
      "put_many(me, encoded list) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
-    {"get", (PyCFunction)(void (*)(void))fq_get, METH_FASTCALL,
-     "get(me, tokens_index, spin_s) -> (kind, payload), or 0 no token, 1 a token held"},
     {"take_many", (PyCFunction)(void (*)(void))fq_take_many, METH_FASTCALL,
      "take_many(me, tokens_index, have, max, spin_s) -> (records, tokens still held)"},
-    {"close", (PyCFunction)fq_close, METH_NOARGS, "Release the mapping and the semaphore handles."},
+    {"put_obj", (PyCFunction)(void (*)(void))fq_put_obj, METH_FASTCALL,
+     "put_obj(me, obj) -> written << 2 | code, or -1: Python encodes and puts"},
+    {"get_obj", (PyCFunction)(void (*)(void))fq_get_obj, METH_FASTCALL,
+     "get_obj(me, tokens_index, spin_s) -> message, NO_TOKEN, HAS_TOKEN, or (kind, payload)"},
+    {"set_codec", (PyCFunction)fq_set_codec, METH_VARARGS,
+     "set_codec(pack, unpack, unpack_kwargs, max_payload): encode/decode in put_obj/get_obj"},
+    {"close", (PyCFunction)fq_close, METH_NOARGS, "Release the mapping, the semaphore handles, the codec."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -636,13 +737,21 @@ PyMODINIT_FUNC PyInit__cfast(void) {
     if (PyType_Ready(&FastQueueType) < 0) return NULL;
     PyObject *m = PyModule_Create(&cfast_module);
     if (m == NULL) return NULL;
+    NoToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    HasToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    if (NoToken == NULL || HasToken == NULL || PyModule_AddObject(m, "NO_TOKEN", Py_NewRef(NoToken)) < 0 ||
+        PyModule_AddObject(m, "HAS_TOKEN", Py_NewRef(HasToken)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&FastQueueType);
     if (PyModule_AddObject(m, "FastQueue", (PyObject *)&FastQueueType) < 0) {
         Py_DECREF(&FastQueueType);
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "RECORD_SIZE", REC_SIZE) < 0 ||
+    if (PyModule_AddObject(m, "SPIN_MAX", PyFloat_FromDouble(SPIN_MAX_S)) < 0 ||
+        PyModule_AddIntConstant(m, "RECORD_SIZE", REC_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "ALIGN", ALIGN_MASK + 1) < 0) {
         Py_DECREF(m);
         return NULL;

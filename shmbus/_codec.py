@@ -170,6 +170,16 @@ class Codec:
             raise _encode_error(obj, e) from e
         return REC_MSGPACK, data, None, len(data)
 
+    def _c_parts(self) -> tuple[Callable[[Any], bytes], Callable[..., Any] | None, dict[str, Any]]:
+        """What the C fast path encodes and decodes with: ``(pack, unpack or None, unpack's keywords)``.
+
+        ``unpack`` only for the plain codec, whose decoded messages are never
+        tuples (the C path tells a message from a record that way); with
+        ``unpack_options``, decoding stays here, in ``finish``.
+        """
+        unpack = _unpackb if self._plain else None
+        return self._packb, unpack, {"strict_map_key": False, "ext_hook": _no_ext}
+
     def finish_many(self, items: list[tuple[int, Payload]]) -> list[Any]:
         """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``."""
         return _finish_many(self, items)

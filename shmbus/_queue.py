@@ -70,10 +70,14 @@ _NOWAIT_GRACE = 0.05  # seconds a non-blocking put waits for the producer lock
 _ONE_DONE = 1 << 2 | _accel.PUT_DONE  # FastQueue.put: the record is in, nothing left to do
 
 
+_BAD_TIMEOUT = "'timeout' must be a non-negative number"
+_NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's "no message"
+
+
 def _deadline(block: bool, timeout: float | None) -> float | None:
     """Absolute deadline for a wait: 0 for non-blocking, None for ever."""
     if timeout is not None and timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
+        raise ValueError(_BAD_TIMEOUT)
     if not block:
         return 0.0
     if timeout is None:
@@ -187,11 +191,24 @@ class Queue(Bus):
         ``MessageTooLarge`` when it could never fit. On any error nothing is
         written.
         """
-        enc = self._encode(obj)
+        if timeout is not None and timeout < 0:  # before C may leave the lock held
+            raise ValueError(_BAD_TIMEOUT)
         fast = self._fast
+        if fast is not None and not _faults.armed:
+            # C: the whole put, encoding included, when obj is of a plain type,
+            # the head lock is free and the record fits without a wrap;
+            # otherwise it hands back, with the lock or without.
+            r = fast.put_obj(self._part.me, obj)  # type: ignore[union-attr]
+            if r == _ONE_DONE:
+                return
+            if r > 0 and r & 3 == _accel.PUT_HELD:
+                k = r >> 2
+                if not self._finish_fast_put(k, [] if k else [self._encode(obj)], _deadline(block, timeout)):
+                    raise Full(f"{self.path} is full: no space freed in time", path=self.path)
+                return
+        enc = self._encode(obj)
         if fast is not None and enc[3] <= self._max_payload and not _faults.armed:
-            # C: the whole put when the head lock is free and the record fits
-            # without a wrap; otherwise it hands back, with the lock or without.
+            # C with Python's encoding (bytes, arrays, subclasses...): as above.
             r = fast.put(self._part.me, *enc)  # type: ignore[union-attr]
             if r == _ONE_DONE:
                 return
@@ -218,8 +235,8 @@ class Queue(Bus):
     def _finish_fast_put(self, k: int, batch: list[Encoded], deadline: float | None) -> int:
         """Go on from where the C path stopped, under the head lock it left held; release it.
 
-        It wrote, published and posted the first ``k`` records of ``batch``;
-        return how many of ``batch`` are in the queue now.
+        It wrote, published and posted the first ``k`` records of ``batch``
+        (``batch`` may hold only the rest); return how many are in the queue now.
         """
         try:
             h = self._h64
@@ -272,11 +289,12 @@ class Queue(Bus):
         fast = self._fast
         if fast is not None and not _faults.armed:
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
+            deadline = _deadline(block, timeout)  # before C may leave the lock held
             r = fast.put_many(self._part.me, encoded)  # type: ignore[union-attr]
             if r & 3 == _accel.PUT_DONE:
                 return
             if r & 3 == _accel.PUT_HELD:
-                sent = self._finish_fast_put(r >> 2, encoded, _deadline(block, timeout))
+                sent = self._finish_fast_put(r >> 2, encoded, deadline)
                 if sent < len(encoded):
                     raise Full(f"{self.path} is full: no space freed in time", path=self.path, sent=sent)
                 return
@@ -433,18 +451,22 @@ class Queue(Bus):
         the record at the head of the queue is damaged.
         """
         fast = self._fast
-        spun = False
+        spun = 0.0
         if fast is not None and not _faults.armed:
             part = self._part
             spin = self._spin_for(block, timeout)
-            got = fast.get(part.me, part.tokens_index, spin)  # type: ignore[union-attr]
-            if type(got) is tuple:
-                return self._finish(*got)
-            if got == _accel.GET_HAS_TOKEN:  # not the common case: Python takes with the token
+            # C: the whole get, decoding included, polling up to the spin first.
+            got = fast.get_obj(part.me, part.tokens_index, spin)  # type: ignore[union-attr]
+            if got is _NO_TOKEN:
+                spun = min(spin, _accel.SPIN_MAX) if part.me else 0.0  # type: ignore[union-attr]
+            elif got is _HAS_TOKEN:  # not the common case: Python takes with the token
                 got = self._take1()
                 if got is not None:
                     return self._finish(*got)
-            spun = spin > 0 and bool(part.me)  # type: ignore[union-attr]  # (unclaimed: C did nothing)
+            elif type(got) is tuple:  # for Python to decode (a decoded message is never a tuple)
+                return self._finish(*got)
+            else:
+                return got
         kind, payload = self._get1(block, timeout, spun)
         return self._finish(kind, payload)
 
@@ -466,7 +488,8 @@ class Queue(Bus):
         _, payload = self._get1(block, timeout)
         return bytes(payload[0]) if isinstance(payload, tuple) else bytes(payload)
 
-    def _get1(self, block: bool, timeout: float | None, spun: bool = False) -> tuple[int, Payload]:
+    def _get1(self, block: bool, timeout: float | None, spun: float = 0.0) -> tuple[int, Payload]:
+        """Wait for a token (spinning for what is left after ``spun`` seconds), take its record."""
         if self._closed:
             self._check_open()
         deadline = _deadline(block, timeout)
@@ -477,7 +500,7 @@ class Queue(Bus):
         items = self._items
         while True:
             if not items.try_acquire() and (
-                not block or not items.spin_acquire(deadline, 0.0 if spun else self.spin, self._heal)
+                not block or not items.spin_acquire(deadline, max(self.spin - spun, 0.0), self._heal)
             ):
                 raise Empty(f"{self.path} is empty", path=self.path)
             fast = self._fast
