@@ -134,3 +134,18 @@ def test_the_whole_suite_passes_in_pure_python() -> None:
     tail = "\n".join(out.stdout.splitlines()[-30:])
     assert out.returncode == 0, tail + out.stderr[-2000:]
     assert " passed" in tail and " failed" not in tail
+
+
+def test_a_negative_timeout_is_refused_every_time_and_never_leaves_the_lock_held(bus_name: str) -> None:
+    # The C path may leave the head lock held for Python (one put in 256, for a
+    # time sample): a bad timeout must be refused before, not found after.
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        for i in range(600):
+            with pytest.raises(ValueError, match="timeout"):
+                q.put({"i": i}, timeout=-1)
+            with pytest.raises(ValueError, match="timeout"):
+                q.put_many([{"i": i}], timeout=-1)
+            q.put({"i": i}, timeout=1)
+            assert q.get(timeout=1) == {"i": i}
+        assert q.qsize() == 0 and q._head_lock.holder() == 0
+        q.unlink()
