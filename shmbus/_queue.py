@@ -473,7 +473,11 @@ class Queue(Bus):
     def _spin_for(self, block: bool, timeout: float | None) -> float:
         """How long a get may poll before sleeping: the handle's spin, never past a shorter timeout."""
         spin = self.spin
-        return spin if block and (timeout is None or timeout >= spin) else 0.0
+        if timeout is None:
+            return spin if block else 0.0
+        if timeout < 0:  # refused before C takes a message, as _deadline does
+            raise ValueError(_BAD_TIMEOUT)
+        return spin if block and timeout >= spin else 0.0
 
     def get_nowait(self) -> Any:
         """``get(block=False)``: raises ``Empty`` at once when the queue is empty."""

@@ -146,6 +146,10 @@ def test_a_negative_timeout_is_refused_every_time_and_never_leaves_the_lock_held
             with pytest.raises(ValueError, match="timeout"):
                 q.put_many([{"i": i}], timeout=-1)
             q.put({"i": i}, timeout=1)
+            with pytest.raises(ValueError, match="timeout"):
+                q.get(timeout=-1)
+            with pytest.raises(ValueError, match="timeout"):
+                q.get_many(3, timeout=-1)
             assert q.get(timeout=1) == {"i": i}
         assert q.qsize() == 0 and q._head_lock.holder() == 0
         q.unlink()
