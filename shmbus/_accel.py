@@ -71,7 +71,8 @@ def queue_fast_path(q: Queue) -> Any:
     s = q._sems
     try:
         fast = _cfast.FastQueue(
-            q._mm, q._layout.ring_offset, q._layout.capacity, SAMPLE_EVERY, _ring.RESTART_MIN,
+            q._mm, q._layout.ring_offset, q._layout.capacity,
+            SAMPLE_EVERY, _ring.HOT_WINDOW, _ring.NEAR_EMPTY,
             (s["head"].name, s["tail"].name, s["items"].name, s["space"].name),
             (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT),
             (I_HEAD_HOLDER, I_TAIL_HOLDER, I_HEAD_RELEASES, I_TAIL_RELEASES, I_SPACE_WAITING),

@@ -73,7 +73,7 @@ typedef struct {
     unsigned char *ring;
     uint64_t cap;
     uint64_t sample_every; /* one message in this many gets a time sample (_format) */
-    uint64_t restart_min;  /* _ring.RESTART_MIN: records this large go to Python */
+    uint64_t hot_window, near_empty; /* _ring's: a record that wraps early goes to Python */
     Py_ssize_t w64[N_W64];
     Py_ssize_t w32[N_W32];
     sem_t *head, *tail, *items, *space;
@@ -167,15 +167,15 @@ static sem_t *open_sem(PyObject *name) {
     return sem;
 }
 
-/* FastQueue(mapping, ring_offset, capacity, sample_every, restart_min,
+/* FastQueue(mapping, ring_offset, capacity, sample_every, hot_window, near_empty,
  *           (head, tail, items, space) semaphore names,
  *           u64 word indices, u32 word indices): indices lie before ring_offset. */
 static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     PyObject *buf, *names, *w64, *w32;
     Py_ssize_t ring_offset;
-    unsigned long long cap, sample_every, restart_min;
-    if (!PyArg_ParseTuple(args, "OnKKKO!O!O!", &buf, &ring_offset, &cap, &sample_every, &restart_min, &PyTuple_Type,
-                          &names, &PyTuple_Type, &w64, &PyTuple_Type, &w32))
+    unsigned long long cap, sample_every, hot_window, near_empty;
+    if (!PyArg_ParseTuple(args, "OnKKKKO!O!O!", &buf, &ring_offset, &cap, &sample_every, &hot_window, &near_empty,
+                          &PyTuple_Type, &names, &PyTuple_Type, &w64, &PyTuple_Type, &w32))
         return -1;
     fq_release(q);
     if (PyTuple_GET_SIZE(names) != 4) {
@@ -201,7 +201,8 @@ static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     q->ring = (unsigned char *)q->view.buf + ring_offset;
     q->cap = cap;
     q->sample_every = sample_every;
-    q->restart_min = restart_min;
+    q->hot_window = hot_window;
+    q->near_empty = near_empty;
     if ((q->head = open_sem(PyTuple_GET_ITEM(names, 0))) == NULL ||
         (q->tail = open_sem(PyTuple_GET_ITEM(names, 1))) == NULL ||
         (q->items = open_sem(PyTuple_GET_ITEM(names, 2))) == NULL ||
@@ -285,7 +286,10 @@ static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int b
         uint64_t n = (uint64_t)m->plen + (uint64_t)m->blen;
         uint64_t span = span_of(n);
         if (n > UINT32_MAX || span > cap - head % cap || head + span - tail > cap) break; /* _ring.place != head */
-        if (n >= q->restart_min) break; /* Python places large records (_ring.HOT_WINDOW) */
+        /* _ring.place's early wrap (rare: once per HOT_WINDOW bytes at most): Python writes it. */
+        uint64_t used_max = 2 * span > q->near_empty ? 2 * span : q->near_empty;
+        if (head % cap >= q->hot_window && head - tail <= used_max && head + (cap - head % cap) + span - tail <= cap)
+            break;
         unsigned char *rec = q->ring + head % cap;
         memcpy(rec + REC_SIZE, m->prefix, (size_t)m->plen);
         if (m->blen) memcpy(rec + REC_SIZE + m->plen, m->body, (size_t)m->blen);

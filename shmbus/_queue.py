@@ -74,6 +74,11 @@ _BAD_TIMEOUT = "'timeout' must be a non-negative number"
 _NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's "no message"
 
 
+def _as_bytes(payload: Payload) -> bytes:
+    """A payload as get_bytes returns it (a bytes message comes as a 1-tuple, see extract)."""
+    return bytes(payload[0]) if isinstance(payload, tuple) else bytes(payload)
+
+
 def _deadline(block: bool, timeout: float | None) -> float | None:
     """Absolute deadline for a wait: 0 for non-blocking, None for ever."""
     if timeout is not None and timeout < 0:
@@ -206,9 +211,13 @@ class Queue(Bus):
                 if not self._finish_fast_put(k, [] if k else [self._encode(obj)], _deadline(block, timeout)):
                     raise Full(f"{self.path} is full: no space freed in time", path=self.path)
                 return
-        enc = self._encode(obj)
+        self._put_one(self._encode(obj), block, timeout)
+
+    def _put_one(self, enc: Encoded, block: bool, timeout: float | None) -> None:
+        """Put one encoded message: C when it can, the Python paths otherwise."""
+        fast = self._fast
         if fast is not None and enc[3] <= self._max_payload and not _faults.armed:
-            # C with Python's encoding (bytes, arrays, subclasses...): as above.
+            # C with Python's encoding (bytes, arrays, subclasses...): as in put.
             r = fast.put(self._part.me, *enc)  # type: ignore[union-attr]
             if r == _ONE_DONE:
                 return
@@ -306,8 +315,10 @@ class Queue(Bus):
 
         For callers with their own serializer (protobuf, Arrow IPC...).
         """
+        if timeout is not None and timeout < 0:  # before C may leave the lock held
+            raise ValueError(_BAD_TIMEOUT)
         body = data if type(data) is bytes else as_bytes_view(data)
-        self._put([(REC_RAW, b"", body, len(body))], _deadline(block, timeout))
+        self._put_one((REC_RAW, b"", body, len(body)), block, timeout)
 
     def _put(self, batch: list[Encoded], deadline: float | None) -> None:
         self._check_open()
@@ -489,8 +500,21 @@ class Queue(Bus):
         For a message put with ``put_bytes`` (or a ``bytes`` message) that is
         the data itself; for any other message, its msgpack encoding.
         """
-        _, payload = self._get1(block, timeout)
-        return bytes(payload[0]) if isinstance(payload, tuple) else bytes(payload)
+        fast = self._fast
+        spun = 0.0
+        if fast is not None and not _faults.armed:
+            part = self._part
+            spin = self._spin_for(block, timeout)
+            recs, left = fast.take_many(part.me, part.tokens_index, 0, 1, spin)  # type: ignore[union-attr]
+            if recs:
+                return recs[0][1]  # type: ignore[no-any-return]  # a raw record's data, or msgpack
+            if left:  # not the common case: Python takes with the token
+                got = self._take1()
+                if got is not None:
+                    return _as_bytes(got[1])
+            else:
+                spun = min(spin, _accel.SPIN_MAX) if part.me else 0.0  # type: ignore[union-attr]
+        return _as_bytes(self._get1(block, timeout, spun)[1])
 
     def _get1(self, block: bool, timeout: float | None, spun: float = 0.0) -> tuple[int, Payload]:
         """Wait for a token (spinning for what is left after ``spun`` seconds), take its record."""

@@ -508,7 +508,7 @@ def _large(i: int, n: int) -> bytes:
 
 
 def test_large_messages_wrap_early_and_arrive_intact_across_processes(bus_name: str, procs: Any) -> None:
-    """Records of 64 KiB+ go back to the ring's start when it is free (_ring.HOT_WINDOW)."""
+    """Records go back to the ring's start when it is free and nearly empty (_ring.HOT_WINDOW)."""
     rng = random.Random(7)
     sizes = [rng.randint(64 << 10, 1 << 20) for _ in range(300)]
     q = shmbus.Queue.create(bus_name, capacity="16MiB")

@@ -500,7 +500,8 @@ MIB = 1 << 20
         (5 * MIB, 2 * record_span(MIB), MIB, True),
         (5 * MIB, 2 * record_span(MIB) + ALIGN, MIB, False),  # more queued: keep the ring's bytes
         (_ring.HOT_WINDOW - ALIGN, 0, MIB, False),  # still inside the hot window
-        (5 * MIB, 0, _ring.RESTART_MIN - 1, False),  # small records never wrap early
+        (5 * MIB, _ring.NEAR_EMPTY, 100, True),  # small records: up to NEAR_EMPTY queued
+        (5 * MIB, _ring.NEAR_EMPTY + ALIGN, 100, False),
         (5 * MIB, 3 * MIB, 3 * MIB - RECORD_SIZE, False),  # the ring's start is not free (tail at 2 MiB)
     ],
 )
