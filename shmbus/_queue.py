@@ -465,7 +465,8 @@ class Queue(Bus):
         spun = 0.0
         if fast is not None and not _faults.armed:
             part = self._part
-            spin = self._spin_for(block, timeout)
+            # (inline for the common call, get() with no arguments: ~80 ns of ~1200)
+            spin = self.spin if block and timeout is None else self._spin_for(block, timeout)
             # C: the whole get, decoding included, polling up to the spin first.
             got = fast.get_obj(part.me, part.tokens_index, spin)  # type: ignore[union-attr]
             if got is _NO_TOKEN:
