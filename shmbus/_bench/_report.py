@@ -181,6 +181,8 @@ def format_table(results: dict[str, Any]) -> str:
     m, p, b = results["machine"], results["params"], results["benchmarks"]
     kind = "quick" if p["quick"] else "full"
     src = f" ({m['shmbus_source']})" if m.get("shmbus_source") else ""
+    if "shmbus_c_fast_path" in m:  # (older JSON files do not say)
+        src += ", C fast path " + ("on" if m["shmbus_c_fast_path"] else "OFF (pure Python)")
     text = [
         f"machine: {m['platform']}, {m['cpu_model']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable), "
         f"{m['memory_bytes'] / GIB:.0f} GiB; {m['python_implementation']} {m['python']}",
