@@ -28,6 +28,23 @@ API_MD = ROOT / "docs" / "api.md"
 # Classes users never construct themselves: shmbus hands them out
 # (Queue.create/open, Topic.subscribe, reserve, get_view).
 NOT_CONSTRUCTED = {"Queue", "Topic", "Subscription", "Reservation", "View"}
+# Members listed first, in this order: Queue's methods live in mixins
+# (_producer, _consumer), and its page keeps the order of a reader's tour.
+MEMBER_ORDER = {
+    "Queue": (
+        "create",
+        "put",
+        "put_nowait",
+        "put_many",
+        "put_bytes",
+        "get",
+        "get_nowait",
+        "get_bytes",
+        "get_many",
+        "reserve",
+        "get_view",
+    ),
+}
 CONSTANT_DOCS = {
     "FORMAT_VERSION": "the version of the file format this shmbus reads and writes "
     "(see [format.md](format.md)). A bus of another version raises `IncompatibleBus`.",
@@ -98,7 +115,9 @@ def _class(name: str, cls: type) -> str:
     slots = [s for s in getattr(cls, "__slots__", ()) if not s.startswith("_")]
     if slots:
         parts.append("Attributes: " + ", ".join(f"`{s}`" for s in slots) + ".\n")
-    for member, kind, obj, doc in _members(cls):
+    first = MEMBER_ORDER.get(name, ())
+    members = sorted(_members(cls), key=lambda m: first.index(m[0]) if m[0] in first else len(first))
+    for member, kind, obj, doc in members:
         parts.append(_member(name, member, kind, obj, doc))
     return "\n".join(parts)
 

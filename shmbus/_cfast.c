@@ -3,7 +3,7 @@
  *
  * One job: the common case of a single put and a single get, done in one call
  * each, with exactly the stores the pure-Python path makes and in the same
- * order (shmbus/_queue.py: Queue.put/_put_locked/_publish and Queue._take1).
+ * order (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take).
  * Whatever is not the common case -- a busy lock, a record that wraps, a full
  * ring, a maxsize queue, a damaged record, a bytes or ndarray message, fault
  * injection -- is handed back to Python, which checks, waits, recovers and

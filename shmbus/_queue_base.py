@@ -1,0 +1,49 @@
+"""What the put side and the get side of a ``Queue`` handle share, and nothing else.
+
+``_QueueBase`` declares the state ``Queue._setup`` gives a handle (its locks,
+semaphores, sizes and codec shortcuts), so that ``_producer`` and ``_consumer``
+are typed without importing ``_queue``; ``_deadline`` is the one rule that
+turns a call's ``block``/``timeout`` into a wait deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from . import _recovery, _sync
+from ._bus import Bus
+from ._codec import Encoded, Payload
+
+__all__ = ["_QueueBase", "_deadline", "_BAD_TIMEOUT"]
+
+_monotonic = time.monotonic
+_BAD_TIMEOUT = "'timeout' must be a non-negative number"
+
+
+def _deadline(block: bool, timeout: float | None) -> float | None:
+    """Absolute deadline for a wait: 0 for non-blocking, None for ever."""
+    if timeout is not None and timeout < 0:
+        raise ValueError(_BAD_TIMEOUT)
+    if not block:
+        return 0.0
+    if timeout is None:
+        return None
+    return _monotonic() + timeout
+
+
+class _QueueBase(Bus):
+    """A ``Queue`` handle's state, as ``Queue._setup`` sets it (declarations only)."""
+
+    spin: float  # seconds a waiting get polls before it sleeps (``Queue.spin_us``)
+    _head_lock: _recovery.Lock
+    _tail_lock: _recovery.Lock
+    _items: _sync.Sem
+    _space: _sync.Sem
+    _slots: _sync.Sem | None
+    _cap: int
+    _max_payload: int
+    _encode: Callable[[Any], Encoded]
+    _finish: Callable[[int, Payload], Any]
+    _ro: int
+    _fast: Any
