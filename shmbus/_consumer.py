@@ -62,7 +62,7 @@ class _Consuming(_QueueBase):
             # C: the whole get, decoding included, polling up to the spin first.
             got = fast.get_obj(part.me, part.tokens_index, spin)  # type: ignore[union-attr]
             if got is _NO_TOKEN:
-                spun = min(spin, _accel.SPIN_MAX) if part.me else 0.0  # type: ignore[union-attr]
+                spun = self._c_spun(spin)
             elif got is _HAS_TOKEN:  # not the common case: Python takes with the token
                 got = self._take1()
                 if got is not None:
@@ -106,11 +106,15 @@ class _Consuming(_QueueBase):
                 if got is not None:
                     return _as_bytes(got[1])
             else:
-                spun = min(spin, _accel.SPIN_MAX) if part.me else 0.0  # type: ignore[union-attr]
+                spun = self._c_spun(spin)
         return _as_bytes(self._get1(block, timeout, spun)[1])
 
-    def _get1(self, block: bool, timeout: float | None, spun: float = 0.0) -> tuple[int, Payload]:
-        """Wait for a token (spinning for what is left after ``spun`` seconds), take its record."""
+    def _begin(self, block: bool, timeout: float | None) -> float | None:
+        """Start a wait for messages: refuse a closed handle, return the deadline, claim our slot.
+
+        Claiming first runs recovery, so a wait behind a dead holder's lock
+        can free it.
+        """
         if self._closed:
             self._check_open()
         deadline = _deadline(block, timeout)
@@ -118,6 +122,19 @@ class _Consuming(_QueueBase):
         assert part is not None
         if not part.me:
             part.claim(self.recover)
+        return deadline
+
+    def _c_spun(self, spin: float) -> float:
+        """How long the C path polled for ``spin`` asked: at most SPIN_MAX, nothing without a slot."""
+        part = self._part
+        assert part is not None
+        return min(spin, _accel.SPIN_MAX) if part.me else 0.0
+
+    def _get1(self, block: bool, timeout: float | None, spun: float = 0.0) -> tuple[int, Payload]:
+        """Wait for a token (spinning for what is left after ``spun`` seconds), take its record."""
+        deadline = self._begin(block, timeout)
+        part = self._part
+        assert part is not None
         items = self._items
         while True:
             if not items.try_acquire() and (
@@ -147,11 +164,9 @@ class _Consuming(_QueueBase):
         self._check_open()
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
-        deadline = _deadline(block, timeout)
+        deadline = self._begin(block, timeout)
         part = self._part
         assert part is not None
-        if not part.me:
-            part.claim(self.recover)
         items = self._items
         while True:
             k = 0
@@ -162,9 +177,9 @@ class _Consuming(_QueueBase):
                 spin = self._spin_for(block, timeout)
                 got, k = fast.take_many(part.me, part.tokens_index, 0, max_messages, spin)
                 if not got and not k and block:
-                    if not items.try_acquire() and not items.spin_acquire(
-                        deadline, 0.0 if spin else self.spin, self._heal
-                    ):
+                    # Spin for what C did not (as _get1), then sleep.
+                    rest = max(self.spin - self._c_spun(spin), 0.0)
+                    if not items.try_acquire() and not items.spin_acquire(deadline, rest, self._heal):
                         raise Empty(f"{self.path} is empty", path=self.path)
                     got, k = fast.take_many(part.me, part.tokens_index, 1, max_messages, 0.0)
                 if k:
@@ -342,13 +357,7 @@ class _Consuming(_QueueBase):
         queue. The consumer lock is held until the block ends, so keep it
         short. Raises ``Empty`` when nothing arrived in time.
         """
-        if self._closed:
-            self._check_open()
-        deadline = _deadline(block, timeout)
-        part = self._part
-        assert part is not None
-        if not part.me:
-            part.claim(self.recover)
+        deadline = self._begin(block, timeout)
         items, h = self._items, self._h64
         if not items.try_acquire() and (not block or not items.spin_acquire(deadline, self.spin, self._heal)):
             raise Empty(f"{self.path} is empty", path=self.path)
