@@ -1021,6 +1021,21 @@ def _worker(body: Callable[..., None], logfile: str, *args: Any) -> None:
         raise
 
 
+def _timed(took: float, worst: float, slow: str = "", q: Any = None) -> tuple[str, float]:
+    """Log lines for an operation that had no reason to wait, and the worker's new worst time.
+
+    "D <slow>: <the queue's state>" if it took over half the bound, "m"
+    always, "W <took>" when it is the slowest so far (the parent reads them
+    back in ``_log_lines``).
+    """
+    out = f"D {slow}: {describe(q)}\n" if q is not None and took > LOADED_BOUND / 2 else ""
+    out += "m\n"
+    if took > worst:
+        worst = took
+        out += f"W {took:.6f}\n"
+    return out, worst
+
+
 def _q_producer(logfile: str, path: str, g: int, stop: Any) -> None:
     """Put unique ids (g, n) until told to stop; log each one after its put returned."""
     q = shmbus.Queue.open(path)
@@ -1040,13 +1055,9 @@ def _q_producer(logfile: str, path: str, g: int, stop: Any) -> None:
                 q.put_many(msgs, timeout=CHILD_TIMEOUT)
             took = time.monotonic() - t0
             out = "".join(f"{g} {n + j}\n" for j in range(k))
-            if measured and took > LOADED_BOUND / 2:
-                out += f"D slow put ({took:.3f} s): {describe(q)}\n"
             if measured:
-                out += "m\n"
-                if took > worst:
-                    worst = took
-                    out += f"W {took:.6f}\n"
+                lines, worst = _timed(took, worst, f"slow put ({took:.3f} s)", q)
+                out += lines
             f.write(out)
             f.flush()
             n += k
@@ -1076,15 +1087,10 @@ def _q_consumer(logfile: str, path: str, g: int, stop: Any) -> None:
             # consumers, and nothing more comes (seen in soaks at round ends).
             measured = measured and not stop.value
             out = "".join(f"{m['g']} {m['n']} 1\n" if intact(m) else "T\n" for m in got)
-            if measured and took > LOADED_BOUND / 2:
-                out += (
-                    f"D slow get ({took:.3f} s, {len(got)} of {k}, {depth} queued at start): {describe(q)}\n"
-                )
             if measured:
-                out += "m\n"
-                if took > worst:
-                    worst = took
-                    out += f"W {took:.6f}\n"
+                what = f"slow get ({took:.3f} s, {len(got)} of {k}, {depth} queued at start)"
+                lines, worst = _timed(took, worst, what, q)
+                out += lines
             f.write(out)
             f.flush()
     q.close()
@@ -1106,11 +1112,8 @@ def _t_publisher(logfile: str, path: str, g: int, stop: Any) -> None:
             else:
                 t.publish_many(msgs)
             took = time.monotonic() - t0  # a publish waits only for other publishers
-            out = "".join(f"{g} {n + j}\n" for j in range(k)) + "m\n"
-            if took > worst:
-                worst = took
-                out += f"W {took:.6f}\n"
-            f.write(out)
+            lines, worst = _timed(took, worst)
+            f.write("".join(f"{g} {n + j}\n" for j in range(k)) + lines)
             f.flush()
             n += k
     t.close()
