@@ -91,7 +91,7 @@ class _Producing(_QueueBase):
         """Go on from where the C path stopped, under the head lock it left held; release it.
 
         It wrote, published and posted the first ``k`` records of ``batch``
-        (``batch`` may hold only the rest); return how many are in the queue now.
+        (which may be empty when it wrote them all); return how many are in the queue now.
         """
         try:
             h = self._h64
