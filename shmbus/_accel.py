@@ -15,20 +15,23 @@ from typing import TYPE_CHECKING, Any
 from . import _ring
 from ._format import (
     ALIGN,
-    I_HEAD_HOLDER,
-    I_HEAD_RELEASES,
+    I_HEAD_REPAIR,
     I_SPACE_WAITING,
-    I_TAIL_HOLDER,
-    I_TAIL_RELEASES,
+    I_TAIL_REPAIR,
+    M_HEAD,
+    M_TAIL,
     Q_BYTES_IN,
     Q_BYTES_OUT,
     Q_HEAD,
     Q_NEXT_SEQ,
     Q_TAIL,
     Q_TAIL_SEQ,
+    Q_TIME_SAMPLES,
     RECORD,
     SAMPLE_EVERY,
+    TIME_SAMPLES,
 )
+from ._mutex import MUTEX_SIZE
 
 if TYPE_CHECKING:
     from ._queue import Queue
@@ -51,7 +54,13 @@ def _load() -> Any:
     except ImportError:
         return None
     # The C code hard-codes the record header; refuse it if the format moved on.
-    if RECORD.format != "<IHHQ" or RECORD.size != _cfast.RECORD_SIZE or _cfast.ALIGN != ALIGN:
+    if (
+        RECORD.format != "<IHHQ"
+        or RECORD.size != _cfast.RECORD_SIZE
+        or _cfast.ALIGN != ALIGN
+        or _cfast.MUTEX_SIZE > MUTEX_SIZE
+        or TIME_SAMPLES != 8
+    ):
         return None
     return _cfast
 
@@ -73,9 +82,10 @@ def queue_fast_path(q: Queue) -> Any:
         fast = _cfast.FastQueue(
             q._mm, q._layout.ring_offset, q._layout.capacity,
             SAMPLE_EVERY, _ring.HOT_WINDOW, _ring.NEAR_EMPTY,
-            (s["head"].name, s["tail"].name, s["items"].name, s["space"].name),
-            (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT),
-            (I_HEAD_HOLDER, I_TAIL_HOLDER, I_HEAD_RELEASES, I_TAIL_RELEASES, I_SPACE_WAITING),
+            (s["items"].name, s["space"].name),
+            (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT, Q_TIME_SAMPLES),
+            (I_HEAD_REPAIR, I_TAIL_REPAIR, I_SPACE_WAITING),
+            (M_HEAD, M_TAIL),
         )  # fmt: skip
     except OSError:
         return None  # a semaphore we cannot open by name: the Python path opens its own

@@ -23,11 +23,12 @@ import os
 import secrets
 import stat
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
 
-from . import _recovery, _ring, _sync
+from . import _mutex, _recovery, _ring, _sync
 from ._codec import DEFAULT_CODEC, Codec
 from ._errors import (
     BusClosed,
@@ -35,11 +36,14 @@ from ._errors import (
     BusNotFound,
     CorruptBus,
     ForeignBus,
+    Full,
     IncompatibleBus,
     MessageTooLarge,
     NotABus,
+    ShmbusError,
 )
 from ._format import (
+    BOOT_ID,
     HEADER_MIN,
     KIND_NAMES,
     MAGIC,
@@ -59,11 +63,12 @@ from ._format import (
     VERSION,
     Layout,
     build_header,
+    current_boot_id,
     max_payload,
     parse_header,
     peek_ids,
 )
-from ._zerocopy import Reservation
+from ._zerocopy import Reservation, View
 
 __all__ = [
     "Bus",
@@ -83,10 +88,12 @@ log = logging.getLogger("shmbus")
 _U64 = (1 << 64) - 1  # a statistic counter wraps like a u64 (a damaged header may hold any value)
 
 SHM_DIR = "/dev/shm"
-# Every semaphore role any kind of bus may own; unlink removes them all.
-ALL_ROLES = ["head", "tail", "items", "space", "slots", "subs"]
+# Every semaphore role any kind of bus may own; unlink removes them all
+# (head, tail and subs: the lock semaphores of format 1 buses, which had no mutexes).
+ALL_ROLES = ["items", "space", "slots", "head", "tail", "subs"]
 
 B = TypeVar("B", bound="Bus")
+_Block = TypeVar("_Block", Reservation, View)
 
 
 def resolve_path(path: str | os.PathLike[str]) -> str:
@@ -306,6 +313,9 @@ class Bus:
     _allow_shared = False
     _part: _recovery.Participant | None = None
     _locks: tuple[_recovery.Lock, ...] = ()
+    _mutexes: dict[str, _mutex.Mutex] = {}  # noqa: RUF012 - replaced per instance, never mutated
+    # (role, byte offset) of each lock this kind of bus has
+    _MUTEXES: ClassVar[tuple[tuple[str, int], ...]] = ()
     _views: tuple[memoryview, ...] = ()
     _sems: dict[str, _sync.Sem] = {}  # noqa: RUF012 - replaced per instance, never mutated
     path = ""
@@ -420,6 +430,36 @@ class Bus:
         self._ring = mv[layout.ring_offset :]
         self._views = (self._h64, self._h32, self._ring, h, mv)
         self._part = _recovery.Participant(real, self._fd, self._h64, layout)
+        self._mutexes = {role: _mutex.Mutex(self._mm, off) for role, off in self._MUTEXES}
+        self._check_locks()
+
+    def _check_locks(self) -> None:
+        """Refuse damaged lock bytes; re-initialize locks left from an earlier boot.
+
+        A lock word is only meaningful in the boot that wrote it: a disk bus
+        whose machine crashed may hold a lock word naming a thread of the last
+        boot, which no kernel will ever mark dead. The first opener in a new
+        boot resets the mutexes (under the recovery byte, so once) and stores
+        the boot id; nobody of the old boot can still be using them.
+        """
+        for role, m in self._mutexes.items():
+            if not m.kind_ok():
+                raise CorruptBus(
+                    f"{self.path}: the {role} lock's bytes are damaged: run `shmbus check {self.path}`, "
+                    "then remove the bus with `shmbus rm` and create it again",
+                    path=self.path,
+                )
+        boot = current_boot_id()
+        mm = self._mm
+        assert mm is not None and self._part is not None
+        if boot == b"\0" * 16 or mm[BOOT_ID : BOOT_ID + 16] == boot:
+            return
+        with self._part.recovery_lock() as held:
+            if held and mm[BOOT_ID : BOOT_ID + 16] != boot:
+                log.warning("%s: last used in an earlier boot; resetting its locks", self.path)
+                for m in self._mutexes.values():
+                    m.reset()
+                mm[BOOT_ID : BOOT_ID + 16] = boot
 
     def _open_sems(self) -> dict[str, _sync.Sem]:
         bus_id = self._layout.bus_id
@@ -477,52 +517,76 @@ class Bus:
     def _setup(self) -> None:
         """Bind the per-instance fast-path attributes (after the mapping and semaphores)."""
 
-    def _lock(self, role: str, holder_index: int, releases_index: int) -> _recovery.Lock:
-        assert self._part is not None
+    def _lock(self, role: str, repair_index: int) -> _recovery.Lock:
         return _recovery.Lock(
-            role, self._sems[role], self._h32, holder_index, releases_index, self._part, self.recover
+            role, self.path, self._mutexes[role], self._h32, repair_index, self._repair, self._count_recovery
         )
+
+    def _count_recovery(self) -> None:
+        """A lock's repair is done: count it (a statistic: wraps)."""
+        self._h64[Q_RECOVERIES] = (self._h64[Q_RECOVERIES] + 1) & _U64
+        self._h64[Q_LAST_RECOVERY] = time.time_ns()
 
     def _reservation(
         self,
         nbytes: int,
+        lock_deadline: float | None,
         room: Callable[[], tuple[int, int, int]],
         publish: Callable[[int, int], None],
         abandon: Callable[[], None],
         after: Callable[[], None] | None = None,
     ) -> Reservation:
-        """A zero-copy write, for Queue and Topic alike; called holding the head lock.
+        """A zero-copy write, for Queue and Topic alike: take the head lock and reserve.
 
         ``room()`` makes space and returns ``(start, head, seq)``; on commit the
         record header is stored and ``publish(seq, new_head)`` makes it
         visible; ``abandon()`` undoes ``room()``'s claims. The head lock is
         released at the end either way, then ``after()`` runs (a Topic wakes
-        its subscribers there, outside the lock).
+        its subscribers there, outside the lock). Raises ``Full`` if the lock
+        was not free by ``lock_deadline``.
         """
         lock = self._locks[0]
         try:
+            if not lock.acquire(lock_deadline):
+                raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
             start, head, seq = room()
-        except BaseException:
+            ring, cap = self._ring, self._layout.capacity
+            off = _ring.begin(ring, cap, head, start, seq)
+
+            def commit() -> None:
+                try:
+                    publish(seq, _ring.commit(ring, cap, start, REC_RAW, seq, nbytes))
+                except ShmbusError:
+                    lock.release()
+                    raise
+                except BaseException:
+                    lock.abandon()
+                    raise
+                lock.release()
+                if after is not None:
+                    after()
+
+            def drop() -> None:
+                try:
+                    abandon()
+                except BaseException:
+                    lock.abandon()
+                    raise
+                lock.release()
+
+            return self._track(Reservation(ring[off : off + nbytes], commit, drop))
+        except ShmbusError:  # ours: raised before any store
             lock.release()
             raise
-        ring, cap = self._ring, self._layout.capacity
-        off = _ring.begin(ring, cap, head, start, seq)
+        except BaseException:  # from anywhere (a signal handler): the next holder checks the counters
+            lock.abandon()
+            raise
 
-        def commit() -> None:
-            try:
-                publish(seq, _ring.commit(ring, cap, start, REC_RAW, seq, nbytes))
-            finally:
-                lock.release()
-            if after is not None:
-                after()
-
-        def drop() -> None:
-            try:
-                abandon()
-            finally:
-                lock.release()
-
-        return Reservation(ring[off : off + nbytes], commit, drop)
+    def _track(self, block: _Block) -> _Block:
+        """Remember an open zero-copy block, so that ``close()`` can end it first."""
+        blocks = self.__dict__.setdefault("_blocks", weakref.WeakSet())
+        blocks.add(block)
+        return block
 
     def _check_sizes(self, sizes: Iterable[int]) -> None:
         """Raise ``MessageTooLarge`` for the first encoded size this ring can never hold."""
@@ -536,52 +600,57 @@ class Bus:
                     path=self.path, size=size, limit=limit,
                 )  # fmt: skip
 
-    def _repair(self, roles: list[str]) -> None:
-        """Mend what a holder of the locks ``roles`` left half-done when it died (recovery hook)."""
+    def _repair(self, role: str) -> bool:
+        """Mend what a holder of lock ``role`` left half-done (recovery hook, called holding it).
+
+        Returns False if it cannot be done yet (it needs another lock that a
+        live process holds); the lock's repair word then stays set.
+        """
+        return True
 
     def _reap(self, slot: int) -> None:
         """Undo what dead participant ``slot`` held besides locks (recovery hook)."""
 
     # -- crash recovery ------------------------------------------------------
 
-    def recover(self) -> int:
-        """Free the locks of processes that died holding them; return how many dead processes were found.
+    def recover(self, *, force: bool = False) -> int:
+        """Mend what dead processes left and free what they held; return how many dead processes were found.
 
-        Waiters call this after every ``RECOVERY_INTERVAL`` of waiting, so a
-        bus is usable again within about twice that of a holder's death;
-        ``shmbus recover PATH`` calls it by hand. Safe to call at any time
-        from any process: recoverers are serialized and a lock is never
-        released twice.
+        A lock whose holder died is mended by whoever takes it next, at once
+        (its holder is recorded in the lock itself); this also takes each free
+        lock that still needs mending, and frees what dead participants held
+        besides locks (items tokens, Topic subscriber slots). Waiters call it
+        after every ``RECOVERY_INTERVAL`` of waiting; ``shmbus recover PATH``
+        calls it by hand. Safe at any time from any process.
+
+        ``force=True`` (``shmbus recover --force``) also re-initializes a lock
+        that nothing proves free: one held by a thread that does not exist in
+        this PID namespace, or one released unrepaired. Only for a bus that
+        no process uses: a holder in another PID namespace would lose its lock.
         """
         self._check_open()
+        if force:
+            for lk in self._locks:
+                if lk.force_reset():
+                    log.warning("%s: the %s lock was re-initialized by force", self.path, lk.role)
+        for lk in self._locks:
+            tid, died, pending = lk.state()
+            if (died or (pending and not tid)) and not lk.owned():
+                try:
+                    lk.try_acquire()
+                finally:
+                    lk.release()
         part = self._part
         assert part is not None
-        with part.recovery_lock():
-            dead = part.dead_slots()
+        with part.recovery_lock() as held:
+            dead = part.dead_slots() if held else []
             if not dead:
                 return 0
-            dead_ids = {slot + 1 for slot in dead}
-            broken = [lk for lk in self._locks if lk.holder() in dead_ids]
-            broken += [
-                lk for lk in self._locks
-                if lk.holder() == 0 and lk.sem.value == 0 and lk.looks_orphaned(_recovery.UNRECORDED_GRACE)
-            ]  # fmt: skip
             pids = [part.pid_of(slot) for slot in dead]
-            self._repair([lk.role for lk in broken])
-            # Locks before slots: a recoverer killed in between leaves dead slots
-            # for the next one to find, never a held lock naming a freed slot.
-            for lk in broken:
-                lk.force_release()
             for slot in dead:
                 self._reap(slot)
                 part.free(slot)
-            if broken:
-                self._h64[Q_RECOVERIES] = (self._h64[Q_RECOVERIES] + len(broken)) & _U64  # a statistic: wraps
-                self._h64[Q_LAST_RECOVERY] = time.time_ns()
-            log.warning(
-                "%s: recovered from dead process(es) %s: freed %s",
-                self.path, pids, [lk.role for lk in broken] or "no lock",
-            )  # fmt: skip
+            log.warning("%s: freed what dead process(es) %s held", self.path, pids)
         return len(dead)
 
     def _resync(self, *, fix_next: bool, gaps: bool = False) -> None:
@@ -622,17 +691,27 @@ class Bus:
     def close(self) -> None:
         """Release this handle (mapping, semaphores, file descriptor); the bus stays.
 
-        Idempotent. Views handed out by this handle must be released first.
+        Idempotent. A ``reserve()`` or ``get_view()`` block still open on this
+        handle is ended first, as an exception would end it (the reservation
+        abandoned, the message left in the queue), so no lock stays held; a
+        slice of the ring the caller kept keeps the mapping alive until it goes.
         """
+        for block in list(self.__dict__.get("_blocks", ())):
+            with contextlib.suppress(Exception):
+                block.end_unused()
         self._closed = True
         if self._part is not None:
             self._part.release()
             self._part = None
+        for m in self._mutexes.values():
+            m.close()
+        self._mutexes = {}
         for v in self._views:
             v.release()
         self._views = ()
         if self._mm is not None:
-            self._mm.close()
+            with contextlib.suppress(BufferError):  # a slice the caller kept: freed with it
+                self._mm.close()
             self._mm = None
         for s in self._sems.values():
             s.close()

@@ -16,6 +16,13 @@
  * "<IHHQ" (length, kind, state, seq), 16 bytes, records aligned to 16:
  * _accel.py checks those against _format before it loads us.
  *
+ * Locks: the head and tail locks are robust process-shared mutexes in the
+ * header (shmbus/_mutex.py); we only ever trylock them, and we release them
+ * before returning (but for put_many's PUT_HELD), all inside one call made
+ * with the GIL held, so no Python signal handler can run between taking a
+ * lock and releasing it. A lock that needs repair (EOWNERDEAD, or its repair
+ * word set) is handed to Python untouched: marked for repair, released.
+ *
  * Semaphores: we open our own handles on the bus's named semaphores
  * (sem_open of the same names), so no posix_ipc internals are touched. Only
  * sem_trywait and sem_post are used: never a wait, so the GIL is never held
@@ -26,6 +33,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <semaphore.h>
 #include <stdint.h>
@@ -51,18 +59,20 @@ static inline PyObject *Py_NewRef(PyObject *o) {
 #define BIN32 0xc6
 
 /* put()/put_many() result codes (low 2 bits; the rest is how many were written), see _accel.py */
-#define PUT_NOT_TAKEN 0 /* head lock busy (or closed, or no participant slot): nothing done */
+#define PUT_NOT_TAKEN 0 /* head lock busy or needing repair, no room, or closed: nothing done */
 #define PUT_DONE 1      /* all written, published, tokens posted, lock released */
 /* The longest C spins for a message, holding the GIL (other threads of the process wait). */
 #define SPIN_MAX_S 200e-6
 
 #define PUT_PYTHON -1   /* put_obj only: nothing done, Python encodes and puts */
-#define PUT_HELD 2      /* the first ones written, published and posted; the lock is still held:
-                           Python records a due time sample and writes the rest */
+#define PUT_HELD 2      /* put_many only: the first ones written, published and posted; the
+                           lock is still held: Python writes the rest */
 
 
-enum { W_HEAD, W_TAIL, W_NEXT_SEQ, W_TAIL_SEQ, W_BYTES_IN, W_BYTES_OUT, N_W64 };
-enum { W_HEAD_HOLDER, W_TAIL_HOLDER, W_HEAD_RELEASES, W_TAIL_RELEASES, W_SPACE_WAITING, N_W32 };
+enum { W_HEAD, W_TAIL, W_NEXT_SEQ, W_TAIL_SEQ, W_BYTES_IN, W_BYTES_OUT, W_SAMPLES, N_W64 };
+enum { W_HEAD_REPAIR, W_TAIL_REPAIR, W_SPACE_WAITING, N_W32 };
+#define TIME_SAMPLES 8
+#define SAMPLE_WRITING UINT64_MAX
 
 typedef struct {
     PyObject_HEAD
@@ -76,7 +86,9 @@ typedef struct {
     uint64_t hot_window, near_empty; /* _ring's: a record that wraps early goes to Python */
     Py_ssize_t w64[N_W64];
     Py_ssize_t w32[N_W32];
-    sem_t *head, *tail, *items, *space;
+    pthread_mutex_t *head, *tail; /* in the mapping */
+    sem_t *items, *space;
+    PyObject *last;       /* what the last get handed out (take_last: a signal's exception lost it) */
     /* The codec (set_codec): encode and decode inside put_obj/get_obj. */
     PyObject *pack;       /* packer.pack, or NULL: put_obj hands every message back */
     PyObject *unpack;     /* msgpack.unpackb, or NULL: get_obj returns (kind, payload) */
@@ -98,22 +110,49 @@ static inline void st32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOM
 
 static inline uint64_t span_of(uint64_t length) { return (REC_SIZE + length + ALIGN_MASK) & ~(uint64_t)ALIGN_MASK; }
 
-/* _recovery.Lock.release: clear the holder, count the release, then post. */
-static void lock_release(FastQueue *q, int holder, int releases, sem_t *sem) {
-    st32(H32(q, holder), 0);
-    st32(H32(q, releases), ld32(H32(q, releases)) + 1);
-    sem_post(sem);
-}
+static void lock_release(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
 
-static int take_lock(FastQueue *q, sem_t *sem, int holder, uint32_t me) {
-    if (sem_trywait(sem) != 0) return 0; /* EAGAIN or EINTR: Python waits (with recovery) */
-    st32(H32(q, holder), me);
+/* _recovery.Lock.try_acquire's common case: 1 if taken and sound. A lock whose
+ * holder died (EOWNERDEAD) or that awaits repair is left for Python to mend:
+ * its repair word set, made consistent, released. */
+static int take_lock(FastQueue *q, pthread_mutex_t *m, int repair) {
+    int rc = pthread_mutex_trylock(m);
+    if (rc == EOWNERDEAD) {
+        st32(H32(q, repair), 1); /* first: the mutex is consistent only with the word set */
+        pthread_mutex_consistent(m);
+        pthread_mutex_unlock(m);
+        return 0;
+    }
+    if (rc != 0) return 0; /* EBUSY (Python waits), ENOTRECOVERABLE, EDEADLK (Python raises) */
+    if (ld32(H32(q, repair))) {
+        pthread_mutex_unlock(m);
+        return 0;
+    }
     return 1;
 }
 
+/* _bus.record_time: message seq (a multiple of sample_every) is published now. */
+static void store_sample(FastQueue *q, Py_ssize_t entry, uint64_t seq, uint64_t now) {
+    uint64_t *e = H64(q, W_SAMPLES) + 2 * entry;
+    st64(e, SAMPLE_WRITING); /* seq last: a reader seeing the same seq around the time has a whole entry */
+    st64(e + 1, now);
+    st64(e, seq);
+}
+
+static void record_time(FastQueue *q, uint64_t seq) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    store_sample(q, (Py_ssize_t)((seq / q->sample_every) & 3), seq, now);
+    for (int k = 1; k < TIME_SAMPLES - 3; k++) {
+        if (seq % (q->sample_every << (3 * k))) break;
+        store_sample(q, 3 + k, seq, now);
+    }
+}
+
 static void fq_close_sems(FastQueue *q) {
-    sem_t **sems[] = {&q->head, &q->tail, &q->items, &q->space};
-    for (size_t i = 0; i < 4; i++) {
+    sem_t **sems[] = {&q->items, &q->space};
+    for (size_t i = 0; i < 2; i++) {
         if (*sems[i] != NULL && *sems[i] != SEM_FAILED) sem_close(*sems[i]);
         *sems[i] = NULL;
     }
@@ -127,6 +166,8 @@ static void fq_release(FastQueue *q) {
     q->h64 = NULL;
     q->h32 = NULL;
     q->ring = NULL;
+    q->head = q->tail = NULL;
+    Py_CLEAR(q->last);
     fq_close_sems(q);
     Py_CLEAR(q->pack);
     Py_CLEAR(q->unpack);
@@ -168,25 +209,32 @@ static sem_t *open_sem(PyObject *name) {
 }
 
 /* FastQueue(mapping, ring_offset, capacity, sample_every, hot_window, near_empty,
- *           (head, tail, items, space) semaphore names,
- *           u64 word indices, u32 word indices): indices lie before ring_offset. */
+ *           (items, space) semaphore names, u64 word indices, u32 word indices,
+ *           (head, tail) mutex byte offsets): all lie before ring_offset. */
 static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     PyObject *buf, *names, *w64, *w32;
-    Py_ssize_t ring_offset;
+    Py_ssize_t ring_offset, m_head, m_tail;
     unsigned long long cap, sample_every, hot_window, near_empty;
-    if (!PyArg_ParseTuple(args, "OnKKKKO!O!O!", &buf, &ring_offset, &cap, &sample_every, &hot_window, &near_empty,
-                          &PyTuple_Type, &names, &PyTuple_Type, &w64, &PyTuple_Type, &w32))
+    if (!PyArg_ParseTuple(args, "OnKKKKO!O!O!(nn)", &buf, &ring_offset, &cap, &sample_every, &hot_window,
+                          &near_empty, &PyTuple_Type, &names, &PyTuple_Type, &w64, &PyTuple_Type, &w32, &m_head,
+                          &m_tail))
         return -1;
     fq_release(q);
-    if (PyTuple_GET_SIZE(names) != 4) {
-        PyErr_SetString(PyExc_ValueError, "four semaphore names are needed");
+    if (PyTuple_GET_SIZE(names) != 2) {
+        PyErr_SetString(PyExc_ValueError, "two semaphore names are needed");
         return -1;
     }
-    if (ring_offset <= 0 || ring_offset % 8 || sample_every == 0) {
+    Py_ssize_t msize = (Py_ssize_t)sizeof(pthread_mutex_t);
+    if (m_head < 0 || m_tail < 0 || m_head % 8 || m_tail % 8 || m_head + msize > ring_offset ||
+        m_tail + msize > ring_offset) {
+        PyErr_SetString(PyExc_ValueError, "mutex offsets out of the header");
+        return -1;
+    }
+    if (ring_offset <= 0 || ring_offset % 8 || sample_every == 0 || sample_every & (sample_every - 1)) {
         PyErr_SetString(PyExc_ValueError, "bad ring offset or sample interval");
         return -1;
     }
-    if (read_indices(w64, q->w64, N_W64, ring_offset / 8, "u64 words") < 0) return -1;
+    if (read_indices(w64, q->w64, N_W64, ring_offset / 8 - 2 * TIME_SAMPLES, "u64 words") < 0) return -1;
     if (read_indices(w32, q->w32, N_W32, ring_offset / 4, "u32 words") < 0) return -1;
     if (PyObject_GetBuffer(buf, &q->view, PyBUF_WRITABLE) < 0) return -1;
     q->has_view = 1;
@@ -203,10 +251,10 @@ static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     q->sample_every = sample_every;
     q->hot_window = hot_window;
     q->near_empty = near_empty;
-    if ((q->head = open_sem(PyTuple_GET_ITEM(names, 0))) == NULL ||
-        (q->tail = open_sem(PyTuple_GET_ITEM(names, 1))) == NULL ||
-        (q->items = open_sem(PyTuple_GET_ITEM(names, 2))) == NULL ||
-        (q->space = open_sem(PyTuple_GET_ITEM(names, 3))) == NULL) {
+    q->head = (pthread_mutex_t *)((char *)q->view.buf + m_head);
+    q->tail = (pthread_mutex_t *)((char *)q->view.buf + m_tail);
+    if ((q->items = open_sem(PyTuple_GET_ITEM(names, 0))) == NULL ||
+        (q->space = open_sem(PyTuple_GET_ITEM(names, 1))) == NULL) {
         fq_release(q);
         return -1;
     }
@@ -307,42 +355,39 @@ static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int b
         st64(H64(q, W_NEXT_SEQ), seq + (uint64_t)k);
         st64(H64(q, W_BYTES_IN), ld64(H64(q, W_BYTES_IN)) + nbytes);
         st64(H64(q, W_HEAD), head);
+        /* One of them a multiple of sample_every: a time sample (as _publish does). */
+        uint64_t last = seq + (uint64_t)k - 1;
+        if (last % q->sample_every < (uint64_t)k) record_time(q, last - last % q->sample_every);
         for (Py_ssize_t i = 0; i < k; i++) sem_post(q->items);
     }
     return k;
 }
 
-/* True if one of the k sequence numbers just published (ending before next) is sampled. */
-static int sample_due(FastQueue *q, Py_ssize_t k) {
-    uint64_t last = ld64(H64(q, W_NEXT_SEQ)) - 1;
-    return k > 0 && last % q->sample_every < (uint64_t)k;
-}
-
 static PyObject *put_result(Py_ssize_t written, int code) { return PyLong_FromSsize_t(written << 2 | code); }
 
-/* Take the head lock, write what fits, and release it unless Python has more to do. */
-static PyObject *put_msgs(FastQueue *q, uint32_t me, Msg *msgs, Py_ssize_t count, int batch) {
-    if (!take_lock(q, q->head, W_HEAD_HOLDER, me)) return put_result(0, PUT_NOT_TAKEN);
+/* Take the head lock, write what fits, and release it unless put_many has more for Python:
+ * a single put that wrote nothing released the lock and goes to Python whole. */
+static PyObject *put_msgs(FastQueue *q, Msg *msgs, Py_ssize_t count, int batch) {
+    if (!take_lock(q, q->head, W_HEAD_REPAIR)) return put_result(0, PUT_NOT_TAKEN);
     Py_ssize_t k = write_records(q, msgs, count, batch);
-    if (k < count || sample_due(q, k)) {
+    if (k < count && (batch || k)) {
         PyObject *r = put_result(k, PUT_HELD);
-        if (r == NULL) lock_release(q, W_HEAD_HOLDER, W_HEAD_RELEASES, q->head); /* no one else would */
+        if (r == NULL) lock_release(q->head); /* no one else would */
         return r;
     }
-    lock_release(q, W_HEAD_HOLDER, W_HEAD_RELEASES, q->head);
-    return put_result(k, PUT_DONE);
+    lock_release(q->head);
+    return put_result(k, k ? PUT_DONE : PUT_NOT_TAKEN);
 }
 
-/* put(me, kind, prefix, body, n) -> written << 2 | PUT_*: Queue.put's common case. */
+/* put(kind, prefix, body, n) -> written << 2 | PUT_*: Queue.put's common case. */
 static PyObject *fq_put(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "put(me, kind, prefix, body, n)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "put(kind, prefix, body, n)");
         return NULL;
     }
-    uint32_t me;
     Msg m;
-    if (get_u32(args[0], &me) < 0 || msg_parse(&m, args[1], args[2], args[3]) < 0) return NULL;
-    PyObject *r = q->ring == NULL || me == 0 ? put_result(0, PUT_NOT_TAKEN) : put_msgs(q, me, &m, 1, 0);
+    if (msg_parse(&m, args[0], args[1], args[2]) < 0) return NULL;
+    PyObject *r = q->ring == NULL ? put_result(0, PUT_NOT_TAKEN) : put_msgs(q, &m, 1, 0);
     msg_release(&m);
     return r;
 }
@@ -354,40 +399,36 @@ static int plain_type(PyObject *o) {
            t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None;
 }
 
-/* put_obj(me, obj) -> written << 2 | PUT_*, or PUT_PYTHON: Queue.put's common case,
+/* put_obj(obj) -> written << 2 | PUT_*, or PUT_PYTHON: Queue.put's common case,
  * encoding included (before the lock). PUT_PYTHON (nothing done, no error) when
  * the codec is not set, obj is not of a plain type, encoding fails (Python
  * encodes again and raises EncodeError) or the message is too large. */
 static PyObject *fq_put_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "put_obj(me, obj)");
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "put_obj(obj)");
         return NULL;
     }
-    uint32_t me;
-    if (get_u32(args[0], &me) < 0) return NULL;
-    if (q->ring == NULL || me == 0 || q->pack == NULL || !plain_type(args[1])) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *data = PyObject_CallOneArg(q->pack, args[1]);
+    if (q->ring == NULL || q->pack == NULL || !plain_type(args[0])) return PyLong_FromLong(PUT_PYTHON);
+    PyObject *data = PyObject_CallOneArg(q->pack, args[0]);
     if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > q->max_payload) {
         PyErr_Clear();
         Py_XDECREF(data);
         return PyLong_FromLong(PUT_PYTHON);
     }
     Msg m = {.kind = REC_MSGPACK, .prefix = PyBytes_AS_STRING(data), .plen = PyBytes_GET_SIZE(data)};
-    PyObject *r = put_msgs(q, me, &m, 1, 0);
+    PyObject *r = put_msgs(q, &m, 1, 0);
     Py_DECREF(data);
     return r;
 }
 
-/* put_many(me, list of encoded) -> written << 2 | PUT_*: put_many's common case. */
+/* put_many(list of encoded) -> written << 2 | PUT_*: put_many's common case. */
 static PyObject *fq_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyList_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "put_many(me, list of (kind, prefix, body, n))");
+    if (nargs != 1 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "put_many(list of (kind, prefix, body, n))");
         return NULL;
     }
-    uint32_t me;
-    if (get_u32(args[0], &me) < 0) return NULL;
-    if (q->ring == NULL || me == 0) return put_result(0, PUT_NOT_TAKEN);
-    PyObject *list = args[1];
+    if (q->ring == NULL) return put_result(0, PUT_NOT_TAKEN);
+    PyObject *list = args[0];
     Py_ssize_t count = PyList_GET_SIZE(list);
     Msg *msgs = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Msg));
     if (msgs == NULL) return PyErr_NoMemory();
@@ -402,7 +443,7 @@ static PyObject *fq_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nar
         if (msg_parse(&msgs[parsed], PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2)) < 0)
             goto out;
     }
-    r = put_msgs(q, me, msgs, count, 1);
+    r = put_msgs(q, msgs, count, 1);
 out:
     for (Py_ssize_t i = 0; i < parsed; i++) msg_release(&msgs[i]);
     PyMem_Free(msgs);
@@ -553,16 +594,15 @@ static void give_back(FastQueue *q, uint64_t *tok, Py_ssize_t n) {
  * in (NULL: not recorded); NULL on error, every token given back. */
 static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_ssize_t max, int many,
                       double spin_s, Py_ssize_t *left, uint64_t **tokp) {
-    uint32_t me;
     Py_ssize_t tokens;
     *left = -1;
     *tokp = NULL;
-    if (get_u32(args[0], &me) < 0 || ((tokens = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred())) {
+    if ((tokens = PyLong_AsSsize_t(args[0])) == -1 && PyErr_Occurred()) {
         give_back(q, NULL, have);
         return NULL;
     }
     *left = have;
-    if (q->ring == NULL || me == 0 || tokens <= 0 ||
+    if (q->ring == NULL || tokens <= 0 ||
         (size_t)tokens >= (size_t)(q->ring - (unsigned char *)q->h64) / 8)
         return Py_NewRef(Py_None);
     Py_ssize_t k = have;
@@ -574,7 +614,7 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
     uint64_t *tok = q->h64 + tokens;
     st64(tok, (uint64_t)k);
     *tokp = tok;
-    if (!take_lock(q, q->tail, W_TAIL_HOLDER, me)) return Py_NewRef(Py_None);
+    if (!take_lock(q, q->tail, W_TAIL_REPAIR)) return Py_NewRef(Py_None);
     PyObject *out = many ? PyList_New(0) : NULL, *one = NULL;
     Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, tok, out, &one);
     if (j < 0) {
@@ -582,12 +622,12 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
          * Queue._take), so no message is stranded. */
         Py_XDECREF(out);
         give_back(q, tok, k);
-        lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
+        lock_release(q->tail);
         *left = -1;
         *tokp = NULL;
         return NULL;
     }
-    lock_release(q, W_TAIL_HOLDER, W_TAIL_RELEASES, q->tail);
+    lock_release(q->tail);
     *left = k - j;
     if (many) return out;
     return one != NULL ? one : Py_NewRef(Py_None);
@@ -601,18 +641,27 @@ static int get_spin(PyObject *o, double *spin_s) {
     return 0;
 }
 
-/* get_obj(me, tokens_index, spin_s) -> message | NoToken | HasToken | (kind, payload):
+/* Keep a new reference to what a get hands out, until the next get: if a signal
+ * handler's exception is raised as the call returns (CPython runs handlers right
+ * after a call), Python takes it back with take_last instead of losing it. */
+static PyObject *keep_last(FastQueue *q, PyObject *out) {
+    if (out != NULL) Py_XSETREF(q->last, Py_NewRef(out));
+    return out;
+}
+
+/* get_obj(tokens_index, spin_s) -> message | NoToken | HasToken | (kind, payload):
  * get's common case, decoding included (after the lock). A (kind, payload) tuple
  * is for Python to decode (no codec set, or decoding failed: Python decodes again
  * and raises DecodeError); a decoded message is never a tuple, since the codec
  * C decodes with has the default use_list. */
 static PyObject *fq_get_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "get_obj(me, tokens_index, spin_s)");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get_obj(tokens_index, spin_s)");
         return NULL;
     }
+    Py_CLEAR(q->last);
     double spin_s;
-    if (get_spin(args[2], &spin_s) < 0) return NULL;
+    if (get_spin(args[1], &spin_s) < 0) return NULL;
     Py_ssize_t left;
     uint64_t *tok;
     PyObject *got = take(q, args, 0, 1, 0, spin_s, &left, &tok);
@@ -626,17 +675,24 @@ static PyObject *fq_get_obj(FastQueue *q, PyObject *const *args, Py_ssize_t narg
     if (kind == REC_RAW) {
         Py_INCREF(payload);
         Py_DECREF(got);
-        return payload; /* a raw record's message is its bytes */
+        return keep_last(q, payload); /* a raw record's message is its bytes */
     }
-    if (q->unpack == NULL) return got;
+    if (q->unpack == NULL) return keep_last(q, got);
     PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
     PyObject *msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
     if (msg == NULL) {
         PyErr_Clear();
-        return got;
+        return keep_last(q, got);
     }
     Py_DECREF(got);
-    return msg;
+    return keep_last(q, msg);
+}
+
+/* take_last() -> what the last get_obj or take_many handed out, or None; forgets it. */
+static PyObject *fq_take_last(FastQueue *q, PyObject *Py_UNUSED(unused)) {
+    PyObject *last = q->last;
+    q->last = NULL;
+    return last != NULL ? last : Py_NewRef(Py_None);
 }
 
 /* set_codec(pack, unpack, unpack_kwargs, max_payload): what put_obj/get_obj encode
@@ -669,17 +725,18 @@ static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* take_many(me, tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
+/* take_many(tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
  * get_many's common case; have is 0 or the one token the caller waited for;
  * with none, it polls up to spin_s seconds for the first. */
 static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "take_many(me, tokens_index, have, max, spin_s)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "take_many(tokens_index, have, max, spin_s)");
         return NULL;
     }
+    Py_CLEAR(q->last);
     double spin_s;
-    if (get_spin(args[4], &spin_s) < 0) return NULL;
-    Py_ssize_t have = PyLong_AsSsize_t(args[2]), max = PyLong_AsSsize_t(args[3]);
+    if (get_spin(args[3], &spin_s) < 0) return NULL;
+    Py_ssize_t have = PyLong_AsSsize_t(args[1]), max = PyLong_AsSsize_t(args[2]);
     if ((have == -1 || max == -1) && PyErr_Occurred()) return NULL;
     if (have < 0 || max < have) {
         PyErr_SetString(PyExc_ValueError, "need 0 <= have <= max");
@@ -693,6 +750,7 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
         Py_DECREF(got);
         got = PyList_New(0);
     }
+    if (got != NULL && PyList_GET_SIZE(got)) keep_last(q, got);
     PyObject *r = got == NULL ? NULL : Py_BuildValue("(Nn)", got, left);
     /* Python cannot learn how many tokens it held: hand them back here (the records
      * taken, if any, are lost, as in Python when a MemoryError follows a commit). */
@@ -707,15 +765,17 @@ static PyObject *fq_close(FastQueue *q, PyObject *Py_UNUSED(unused)) {
 
 static PyMethodDef fq_methods[] = {
     {"put", (PyCFunction)(void (*)(void))fq_put, METH_FASTCALL,
-     "put(me, kind, prefix, body, n) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
+     "put(kind, prefix, body, n) -> written << 2 | code (0 not taken, 1 done)"},
     {"put_many", (PyCFunction)(void (*)(void))fq_put_many, METH_FASTCALL,
-     "put_many(me, encoded list) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
+     "put_many(encoded list) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
     {"take_many", (PyCFunction)(void (*)(void))fq_take_many, METH_FASTCALL,
-     "take_many(me, tokens_index, have, max, spin_s) -> (records, tokens still held)"},
+     "take_many(tokens_index, have, max, spin_s) -> (records, tokens still held)"},
     {"put_obj", (PyCFunction)(void (*)(void))fq_put_obj, METH_FASTCALL,
-     "put_obj(me, obj) -> written << 2 | code, or -1: Python encodes and puts"},
+     "put_obj(obj) -> written << 2 | code, or -1: Python encodes and puts"},
     {"get_obj", (PyCFunction)(void (*)(void))fq_get_obj, METH_FASTCALL,
-     "get_obj(me, tokens_index, spin_s) -> message, NO_TOKEN, HAS_TOKEN, or (kind, payload)"},
+     "get_obj(tokens_index, spin_s) -> message, NO_TOKEN, HAS_TOKEN, or (kind, payload)"},
+    {"take_last", (PyCFunction)fq_take_last, METH_NOARGS,
+     "take_last() -> what the last get_obj/take_many returned (None if nothing), forgotten here"},
     {"set_codec", (PyCFunction)fq_set_codec, METH_VARARGS,
      "set_codec(pack, unpack, unpack_kwargs, max_payload): encode/decode in put_obj/get_obj"},
     {"close", (PyCFunction)fq_close, METH_NOARGS, "Release the mapping, the semaphore handles, the codec."},
@@ -756,7 +816,8 @@ PyMODINIT_FUNC PyInit__cfast(void) {
     }
     if (PyModule_AddObject(m, "SPIN_MAX", PyFloat_FromDouble(SPIN_MAX_S)) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", REC_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "ALIGN", ALIGN_MASK + 1) < 0) {
+        PyModule_AddIntConstant(m, "ALIGN", ALIGN_MASK + 1) < 0 ||
+        PyModule_AddIntConstant(m, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -2,7 +2,9 @@
 
 Rule: this module only reads. It opens the file read-only, takes no lock,
 opens no semaphore, and believes nothing it reads before checking it: the
-static header through ``_format.parse_header``, then the counters, every
+static header through ``_format.parse_header``, the locks (one whose holder
+died or does not exist is a problem; one held by a live, maybe paused,
+process is not), then the counters, every
 record from ``tail`` to ``head`` through ``_ring`` (the very checks a reader
 makes), every payload through the codec, and a Topic's subscriber
 table. It stops at the first problem, because nothing after a bad record or
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from dataclasses import dataclass
+from typing import Final
 
 from . import _ring
 from ._bus import _open_fd, read_layout, resolve_path
@@ -30,8 +34,16 @@ from ._codec import Codec, extract
 from ._errors import CorruptBus, DecodeError
 from ._format import (
     ALIGN,
+    BOOT_ID,
+    I_HEAD_REPAIR,
+    I_SUBS_REPAIR,
+    I_TAIL_REPAIR,
     KIND_NAMES,
+    KIND_QUEUE,
     KIND_TOPIC,
+    M_HEAD,
+    M_SUBS,
+    M_TAIL,
     Q_BYTES_IN,
     Q_BYTES_OUT,
     Q_HEAD,
@@ -45,9 +57,13 @@ from ._format import (
     S_STATE_PID,
     SUBSCRIBER_SIZE,
     Layout,
+    current_boot_id,
 )
+from ._mutex import INIT_BYTES, owner_of
 
-__all__ = ["Problem", "Report", "check", "examine"]
+__all__ = ["Problem", "Report", "check", "examine", "lock_state"]
+
+_NOT_RECOVERABLE: Final = 0x7FFFFFFE  # glibc's __owner of a mutex unlocked without consistent()
 
 
 def _any_ext(code: int, data: bytes) -> tuple[int, bytes]:
@@ -138,6 +154,40 @@ def _what(e: CorruptBus, path: str) -> str:
     return message[len(prefix) :] if message.startswith(prefix) else message
 
 
+_LOCKS: Final = {
+    KIND_QUEUE: (("head", M_HEAD, I_HEAD_REPAIR), ("tail", M_TAIL, I_TAIL_REPAIR)),
+    KIND_TOPIC: (("head", M_HEAD, I_HEAD_REPAIR), ("subs", M_SUBS, I_SUBS_REPAIR)),
+}
+
+
+def lock_state(hb: memoryview, off: int, repair: int) -> str | None:
+    """What is wrong with the lock at byte ``off`` of header bytes ``hb`` (None: nothing), as a phrase.
+
+    A lock held by a live thread is not wrong (it may be paused: that is not
+    death); one whose holder died, one awaiting repair, and one naming a
+    thread that does not exist are.
+    """
+    u32 = struct.unpack_from
+    if bytes(hb[off + 16 : off + 20]) != INIT_BYTES[16:20]:
+        return "has damaged bytes (not a robust process-shared mutex): recreate the bus"
+    (word,) = u32("<I", hb, off)
+    (owner,) = u32("<I", hb, off + 8)
+    (pending,) = u32("<I", hb, repair * 4)
+    tid, died = owner_of(word)
+    if owner == _NOT_RECOVERABLE:
+        return "was released unrepaired and is unusable: run `shmbus recover --force` once no process uses it"
+    if died:
+        return "was held by a process that died: run `shmbus recover` (its next taker also mends it)"
+    if tid and not os.path.exists(f"/proc/{tid}"):
+        return (
+            f"is held by thread {tid}, which does not exist in this PID namespace: if no process uses "
+            "the bus, run `shmbus recover --force`"
+        )
+    if pending and not tid:
+        return "awaits the repair of what a holder left half-done: run `shmbus recover`"
+    return None
+
+
 class _Walk:
     """One pass over a mapped bus: counters, records, then the subscriber table."""
 
@@ -154,7 +204,9 @@ class _Walk:
         lay = self.layout
         with memoryview(self.mm) as mv, mv[: lay.ring_offset] as hb, hb.cast("Q") as h, \
                 mv[lay.ring_offset :] as ring:  # fmt: skip
-            problem = self._ring(h, ring)
+            problem = self._locks(hb)
+            if problem is None:
+                problem = self._ring(h, ring)
             if problem is None and lay.kind == KIND_TOPIC:
                 problem = self._subscribers(h)
         return Report(
@@ -166,6 +218,16 @@ class _Walk:
             subscribers=self.subscribers,
             problems=() if problem is None else (problem,),
         )
+
+    def _locks(self, hb: memoryview) -> Problem | None:
+        """Each lock: intact, not left by a dead holder, not held by a thread that does not exist."""
+        if bytes(hb[BOOT_ID : BOOT_ID + 16]) != current_boot_id():
+            return None  # words of an earlier boot: the next open resets them
+        for role, off, repair in _LOCKS[self.layout.kind]:
+            what = lock_state(hb, off, repair)
+            if what is not None:
+                return Problem(off, f"the {role} lock {what}")
+        return None
 
     def _ring(self, h: memoryview, ring: memoryview) -> Problem | None:
         """The counters, and every record from tail to head."""

@@ -132,10 +132,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_recover(args: argparse.Namespace) -> int:
     with open_any(args.path) as bus:
-        dead = bus.recover()
+        dead = bus.recover(force=args.force)
         st = bus.stats()
     print(f"{args.path}: {dead} dead process(es) found and cleaned up; {st.messages} messages in the bus")
-    return 0
+    from ._check import examine
+
+    left = [p for p in examine(args.path).problems if "lock" in p.message]
+    for p in left:
+        print(f"{args.path}: {p.message}", file=sys.stderr)
+    return 1 if left else 0
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -309,11 +314,16 @@ def _parser() -> argparse.ArgumentParser:
     ck.set_defaults(func=_cmd_check)
 
     rc = sub.add_parser(
-        "recover", help="free the locks of processes that died holding them, now",
-        epilog="example: shmbus recover jobs  (waiting processes do this by themselves within a second; "
-        "this is for a bus nobody is waiting on)",
+        "recover", help="mend what processes that died left in a bus, now",
+        epilog="example: shmbus recover jobs  (the next process to take a lock does this by itself; "
+        "this is for a bus nobody is using; exit 1 if a lock still needs --force)",
     )  # fmt: skip
     rc.add_argument("path")
+    rc.add_argument(
+        "--force", action="store_true",
+        help="also re-initialize a lock held by a thread that does not exist in this PID namespace, "
+        "or left unusable: only when no process uses the bus",
+    )  # fmt: skip
     rc.set_defaults(func=_cmd_recover)
 
     from ._admin import GRACE

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from . import _accel, _faults, _ring
 from ._bus import _U64
 from ._codec import Payload, extract, extract_range
-from ._errors import CorruptBus, Empty
+from ._errors import CorruptBus, Empty, ShmbusError
 from ._format import (
     I_SPACE_WAITING,
     Q_BYTES_OUT,
@@ -26,12 +26,14 @@ from ._format import (
     RECORD_SIZE,
 )
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
+from ._recovery import NOT_TAKEN
 from ._zerocopy import View, view_kind
 
 __all__ = ["_Consuming"]
 
 log = logging.getLogger("shmbus")
 _NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's "no message"
+_DECODED = -1  # the "kind" of a kept message that C had already decoded
 
 
 def _as_bytes(payload: Payload) -> bytes:
@@ -43,6 +45,9 @@ class _Consuming(_QueueBase):
     """The consumer methods of ``Queue`` (a mixin: ``Queue`` is the only class built on it)."""
 
     _heal: Callable[[], None]  # Queue's: recover dead holders, then lost tokens
+    # Messages this handle removed but a signal handler's exception kept from
+    # the caller: (kind, payload) records, handed out first by the next get.
+    _kept: list[tuple[int, Any]]
 
     # -- consuming ---------------------------------------------------------------
 
@@ -53,26 +58,61 @@ class _Consuming(_QueueBase):
         given. Raises ``Empty`` when nothing arrived in time, ``CorruptBus`` if
         the record at the head of the queue is damaged.
         """
+        if self._kept:
+            return self._finish_kept(self._kept.pop(0))
         fast = self._fast
-        spun = 0.0
+        spun = spin = 0.0
         if fast is not None and not _faults.armed:
-            part = self._part
             # (inline for the common call, get() with no arguments: ~80 ns of ~1200)
             spin = self.spin if block and timeout is None else self._spin_for(block, timeout)
-            # C: the whole get, decoding included, polling up to the spin first.
-            got = fast.get_obj(part.me, part.tokens_index, spin)  # type: ignore[union-attr]
-            if got is _NO_TOKEN:
-                spun = self._c_spun(spin)
-            elif got is _HAS_TOKEN:  # not the common case: Python takes with the token
-                got = self._take1()
-                if got is not None:
+        else:
+            fast = None
+        try:  # (from the C call on: _keep takes back what C handed out)
+            if fast is not None:
+                # C: the whole get, decoding included, polling up to the spin first.
+                got = fast.get_obj(self._part.tokens_index, spin)  # type: ignore[union-attr]
+                if got is _NO_TOKEN:
+                    spun = self._c_spun(spin)
+                elif got is _HAS_TOKEN:  # not the common case: Python takes with the token
+                    rec = self._take1()
+                    if rec is not None:
+                        got = self._finish(*rec)
+                        self._in_hand = []
+                        return got
+                elif type(got) is tuple:  # for Python to decode (a decoded message is never a tuple)
                     return self._finish(*got)
-            elif type(got) is tuple:  # for Python to decode (a decoded message is never a tuple)
-                return self._finish(*got)
-            else:
-                return got
-        kind, payload = self._get1(block, timeout, spun)
-        return self._finish(kind, payload)
+                else:
+                    return got
+                fast = None  # C handed nothing out: nothing of its to keep below
+            kind, payload = self._get1(block, timeout, spun)
+            got = self._finish(kind, payload)
+        except ShmbusError:  # ours (Empty, DecodeError...): what was taken is spent
+            self._in_hand = []
+            raise
+        except BaseException:  # a signal handler's, say: keep what was taken for the next get
+            self._keep(fast)
+            raise
+        self._in_hand = []
+        return got
+
+    def _keep(self, fast: Any) -> None:
+        """After an exception that was not ours in a get: keep what it removed, for the next get.
+
+        CPython runs signal handlers right after a call returns, so a handler's
+        exception can arrive just after C or ``_take`` removed messages: C
+        keeps a reference to what it handed out (``take_last``), ``_take``
+        lists its records in ``_in_hand``; both go to the front of ``_kept``.
+        """
+        kept = self._in_hand
+        self._in_hand = []
+        last = fast.take_last() if fast is not None else None
+        if type(last) is list:  # take_many's records
+            kept = last + kept
+        elif type(last) is tuple:  # a record for Python to decode
+            kept.insert(0, last)
+        elif last is not None:  # a decoded message, or a raw record's bytes
+            kept.insert(0, (_DECODED, last))
+        self._kept[:0] = kept
 
     def _spin_for(self, block: bool, timeout: float | None) -> float:
         """How long a get may poll before sleeping: the handle's spin, never past a shorter timeout."""
@@ -93,21 +133,44 @@ class _Consuming(_QueueBase):
         For a message put with ``put_bytes`` (or a ``bytes`` message) that is
         the data itself; for any other message, its msgpack encoding.
         """
+        if self._kept:
+            return _as_bytes(self._kept_payload(self._kept.pop(0)))
         fast = self._fast
-        spun = 0.0
+        spun = spin = 0.0
         if fast is not None and not _faults.armed:
-            part = self._part
             spin = self._spin_for(block, timeout)
-            recs, left = fast.take_many(part.me, part.tokens_index, 0, 1, spin)  # type: ignore[union-attr]
-            if recs:
-                return recs[0][1]  # type: ignore[no-any-return]  # a raw record's data, or msgpack
-            if left:  # not the common case: Python takes with the token
-                got = self._take1()
-                if got is not None:
-                    return _as_bytes(got[1])
-            else:
-                spun = self._c_spun(spin)
-        return _as_bytes(self._get1(block, timeout, spun)[1])
+        else:
+            fast = None
+        try:
+            if fast is not None:
+                recs, left = fast.take_many(self._part.tokens_index, 0, 1, spin)  # type: ignore[union-attr]
+                if recs:
+                    return recs[0][1]  # type: ignore[no-any-return]  # a raw record's data, or msgpack
+                fast = None
+                if left:  # not the common case: Python takes with the token
+                    rec = self._take1()
+                    if rec is not None:
+                        data = _as_bytes(rec[1])
+                        self._in_hand = []
+                        return data
+                else:
+                    spun = self._c_spun(spin)
+            data = _as_bytes(self._get1(block, timeout, spun)[1])
+        except ShmbusError:
+            self._in_hand = []
+            raise
+        except BaseException:
+            self._keep(fast)
+            raise
+        self._in_hand = []
+        return data
+
+    def _kept_payload(self, rec: tuple[int, Any]) -> Payload:
+        """The payload of a kept record (a decoded one is encoded again, as get_bytes returns msgpack)."""
+        kind, payload = rec
+        if kind != _DECODED:
+            return payload  # type: ignore[no-any-return]
+        return payload if type(payload) is bytes else self._codec.encode(payload)[1]
 
     def _begin(self, block: bool, timeout: float | None) -> float | None:
         """Start a wait for messages: refuse a closed handle, return the deadline, claim our slot.
@@ -143,8 +206,9 @@ class _Consuming(_QueueBase):
                 raise Empty(f"{self.path} is empty", path=self.path)
             fast = self._fast
             if fast is not None and not _faults.armed:  # C takes with the token we hold
-                recs, left = fast.take_many(part.me, part.tokens_index, 1, 1, 0.0)
+                recs, left = fast.take_many(part.tokens_index, 1, 1, 0.0)
                 if recs:
+                    self._in_hand = recs  # (take_many's own list: C's last, which _keep must not add twice)
                     return recs[0]  # type: ignore[no-any-return]
                 if not left:
                     continue
@@ -164,97 +228,138 @@ class _Consuming(_QueueBase):
         self._check_open()
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
+        if self._kept:
+            kept, self._kept[:max_messages] = self._kept[:max_messages], []
+            return [self._finish_kept(rec) for rec in kept]
         deadline = self._begin(block, timeout)
+        while True:
+            fast = self._fast
+            spin = 0.0
+            if fast is not None and not _faults.armed:
+                spin = self._spin_for(block, timeout)
+            else:
+                fast = None
+            try:
+                got = self._take_some(fast, spin, max_messages, block, deadline)
+                if got is None:
+                    return []
+                if got or not block:
+                    msgs = self._codec.finish_many(got)
+                    self._in_hand = []
+                    return msgs
+            except ShmbusError:
+                self._in_hand = []
+                raise
+            except BaseException:
+                self._keep(fast)
+                raise
+
+    def _take_some(
+        self, fast: Any, spin: float, max_messages: int, block: bool, deadline: float | None
+    ) -> list[tuple[int, Payload]] | None:
+        """One round of get_many: records taken (maybe none), or None when non-blocking found nothing."""
         part = self._part
         assert part is not None
         items = self._items
-        while True:
-            k = 0
-            fast = self._fast
-            if fast is not None and not _faults.armed:
-                # C polls for the first token (up to the spin), takes more and the
-                # common-case records; Python waits when there was none, and takes the rest.
-                spin = self._spin_for(block, timeout)
-                got, k = fast.take_many(part.me, part.tokens_index, 0, max_messages, spin)
-                if not got and not k and block:
-                    # Spin for what C did not (as _get1), then sleep.
-                    rest = max(self.spin - self._c_spun(spin), 0.0)
-                    if not items.try_acquire() and not items.spin_acquire(deadline, rest, self._heal):
-                        raise Empty(f"{self.path} is empty", path=self.path)
-                    got, k = fast.take_many(part.me, part.tokens_index, 1, max_messages, 0.0)
-                if k:
-                    got += self._take(k)
-            else:
-                if block:
-                    if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
-                        raise Empty(f"{self.path} is empty", path=self.path)
-                    k = 1
-                try_acquire = items.try_acquire
-                while k < max_messages and try_acquire():
-                    k += 1
-                if not k:
-                    return []
-                got = self._take(k)
-            if got or not block:
-                return self._codec.finish_many(got)
+        k = 0
+        if fast is not None:
+            # C polls for the first token (up to the spin), takes more and the
+            # common-case records; Python waits when there was none, and takes the rest.
+            got, k = fast.take_many(part.tokens_index, 0, max_messages, spin)
+            if not got and not k and block:
+                # Spin for what C did not (as _get1), then sleep.
+                rest = max(self.spin - self._c_spun(spin), 0.0)
+                if not items.try_acquire() and not items.spin_acquire(deadline, rest, self._heal):
+                    raise Empty(f"{self.path} is empty", path=self.path)
+                got, k = fast.take_many(part.tokens_index, 1, max_messages, 0.0)
+            # (a new list: C keeps its own for _keep, _take lists its own in _in_hand)
+            return got + self._take(k) if k else got  # type: ignore[no-any-return]
+        if block:
+            if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
+                raise Empty(f"{self.path} is empty", path=self.path)
+            k = 1
+        try_acquire = items.try_acquire
+        while k < max_messages and try_acquire():
+            k += 1
+        return self._take(k) if k else None
 
     def _take1(self) -> tuple[int, Payload] | None:
         """``_take(1)`` with the common case inline (measured ~0.5 us of 2.5 per get).
 
         Holds one items token on entry. If anything interrupts it before the
         commit (a KeyboardInterrupt, say), the token goes back, so the
-        message stays gettable.
+        message stays gettable; after the commit, the record is in ``_in_hand``.
         """
         h = self._h64
         tokens = self._part_tokens()
         h[tokens] = 1
         if _faults.armed:
             _faults.hit("get:after-token")
-        tail_lock = self._tail_lock
-        committed = False
         try:
-            tail_lock.acquire(None)
-            try:
-                if _faults.armed:
-                    _faults.hit("get:after-lock")
-                cap = self._cap
-                tail = h[Q_TAIL]
-                head = h[Q_HEAD]
-                if (
-                    tail < head <= tail + cap
-                    and not (head | tail) & 15
-                    and not self._h32[I_SPACE_WAITING]
-                    and self._slots is None
-                ):
-                    start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
-                    seq = h[Q_TAIL_SEQ]
-                    if rseq == seq < h[Q_NEXT_SEQ]:
-                        payload = extract(self._mm, self._ro + start % cap + RECORD_SIZE, n, kind)
-                        if _faults.armed:
-                            _faults.hit("get:after-copy")
-                        h[Q_TAIL_SEQ] = seq + 1
-                        if _faults.armed:
-                            _faults.hit("get:mid-commit")
-                        h[Q_TAIL] = nxt
-                        committed = True
-                        # Statistics after the commit: a consumer killed in between
-                        # undercounts, never counts a message twice.
-                        h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
-                        h[tokens] = 0
-                        if _faults.armed:
-                            _faults.hit("get:before-unlock")
-                        return kind, payload
-            finally:
-                tail_lock.release()
+            got = self._tail_lock.run(None, self._take1_locked, tokens)
         except CorruptBus:
-            pass  # _take says what is wrong, and hands the token back
+            got = None  # _take says what is wrong, and hands the token back
+        if got is not None:
+            return got  # type: ignore[return-value]
+        taken = self._take(1)
+        return taken[0] if taken else None
+
+    def _take1_locked(self, tokens: int) -> tuple[int, Payload] | None:
+        """Under the tail lock: take the record at tail if it is the common case, else None."""
+        h = self._h64
+        nxt = -1
+        try:
+            if _faults.armed:
+                _faults.hit("get:after-lock")
+            cap = self._cap
+            tail = h[Q_TAIL]
+            head = h[Q_HEAD]
+            if not (
+                tail < head <= tail + cap
+                and not (head | tail) & 15
+                and not self._h32[I_SPACE_WAITING]
+                and self._slots is None
+            ):
+                return None
+            start, kind, rseq, n, end = _ring.read(self._ring, cap, tail, head)
+            seq = h[Q_TAIL_SEQ]
+            if not rseq == seq < h[Q_NEXT_SEQ]:
+                return None
+            payload = extract(self._mm, self._ro + start % cap + RECORD_SIZE, n, kind)
+            if _faults.armed:
+                _faults.hit("get:after-copy")
+            nxt = end
+            h[Q_TAIL_SEQ] = seq + 1
+            if _faults.armed:
+                _faults.hit("get:mid-commit")
+            h[Q_TAIL] = nxt
+            self._in_hand = [(kind, payload)]
+            # Statistics after the commit: a consumer killed in between
+            # undercounts, never counts a message twice.
+            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
+            h[tokens] = 0
+            if _faults.armed:
+                _faults.hit("get:before-unlock")
+            return kind, payload
+        except CorruptBus:
+            raise  # read before any store: _take1 keeps the token for _take, which says what is wrong
         except BaseException:
-            if not committed:
-                self._items.release()
-                h[tokens] = 0
+            self._after_take_error(tokens, 1, nxt, [(kind, payload)] if nxt >= 0 else [])
             raise
-        got = self._take(1)
-        return got[0] if got else None
+
+    def _after_take_error(self, tokens: int, k: int, new_tail: int, recs: list[tuple[int, Payload]]) -> None:
+        """Under the tail lock, after an exception: keep what was committed, or hand the tokens back.
+
+        Whether the commit happened is read from the file (``tail`` moved to
+        ``new_tail``), not from a Python flag an exception could have skipped.
+        """
+        h = self._h64
+        if new_tail >= 0 and h[Q_TAIL] == new_tail:
+            self._in_hand = recs
+        else:  # nothing was consumed: every token goes back, so no message is stranded
+            for _ in range(k):
+                self._items.release()
+        h[tokens] = 0
 
     def _part_tokens(self) -> int:
         """Index of our participant slot's tokens field (a scratch word when unclaimed)."""
@@ -266,19 +371,31 @@ class _Consuming(_QueueBase):
         """Copy out the ``k`` oldest records, for which ``k`` items tokens are held.
 
         Returns fewer when tokens outnumber records (a stray token, after a
-        crash): those tokens are dropped, with a warning.
+        crash): those tokens are dropped, with a warning. The records are in
+        ``_in_hand`` from their commit on.
         """
         h = self._h64
         tokens = self._part_tokens()
         h[tokens] = k
         if _faults.armed:
             _faults.hit("get:after-token")
+        out = self._tail_lock.run(None, self._take_locked, tokens, k)
+        if out is NOT_TAKEN:  # not reached: no deadline
+            return []
+        taken = len(out)  # type: ignore[arg-type]
+        if self._slots is not None:
+            for _ in range(taken):
+                self._slots.release()
+        if taken < k:
+            log.warning("%s: %d items tokens had no record; dropped them", self.path, k - taken)
+        return out  # type: ignore[return-value]
+
+    def _take_locked(self, tokens: int, k: int) -> list[tuple[int, Payload]]:
+        h = self._h64
         out: list[tuple[int, Payload]] = []
         taken = 0
-        committed = locked = False
+        new_tail = -1
         try:
-            self._tail_lock.acquire(None)
-            locked = True
             if _faults.armed:
                 _faults.hit("get:after-lock")
             ring, cap = self._ring, self._cap
@@ -307,11 +424,12 @@ class _Consuming(_QueueBase):
                 taken += 1
             if _faults.armed:
                 _faults.hit("get:after-copy")
+            new_tail = tail
             h[Q_TAIL_SEQ] = seq
             if _faults.armed:
                 _faults.hit("get:mid-commit")
             h[Q_TAIL] = tail
-            committed = True
+            self._in_hand = self._in_hand + out
             h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & _U64  # after the commit, as in _take1
             h[tokens] = 0
             if _faults.armed:
@@ -320,21 +438,8 @@ class _Consuming(_QueueBase):
                 self._h32[I_SPACE_WAITING] = 0
                 self._space.release()
         except BaseException:
-            if not committed:
-                # Nothing was consumed: every token goes back, so no message is stranded.
-                taken = 0
-                for _ in range(k):
-                    self._items.release()
-                h[tokens] = 0
+            self._after_take_error(tokens, k, new_tail, self._in_hand + out)
             raise
-        finally:
-            if locked:
-                self._tail_lock.release()
-        if self._slots is not None:
-            for _ in range(taken):
-                self._slots.release()
-        if taken < k:
-            log.warning("%s: %d items tokens had no record; dropped them", self.path, k - taken)
         return out
 
     def _bad_seq(self, start: int, rseq: int, seq: int, last: int | None = None) -> CorruptBus:
@@ -363,42 +468,40 @@ class _Consuming(_QueueBase):
             raise Empty(f"{self.path} is empty", path=self.path)
         tokens = self._part_tokens()
         h[tokens] = 1
+        lock = self._tail_lock
         try:
-            self._tail_lock.acquire(None)
-        except BaseException:
-            items.release()
-            h[tokens] = 0
-            raise
-        try:
+            lock.acquire(None)
             tail, head, cap = h[Q_TAIL], h[Q_HEAD], self._cap
             _ring.check_positions(head, tail, cap)
             start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
             if rseq != h[Q_TAIL_SEQ] or rseq >= h[Q_NEXT_SEQ]:
                 raise self._bad_seq(start, rseq, h[Q_TAIL_SEQ], h[Q_NEXT_SEQ])
-        except BaseException:
-            self._tail_lock.release()
+            a = start % cap + RECORD_SIZE
+            got = extract_range(self._ring, a, n, kind)
+            view = self._ring[got[0] : got[1]].toreadonly()
+
+            def finish(consume: bool) -> None:
+                try:
+                    if consume:
+                        h[Q_TAIL_SEQ] = rseq + 1
+                        h[Q_TAIL] = nxt
+                        h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64  # after the commit, as in _take1
+                        if self._h32[I_SPACE_WAITING]:
+                            self._h32[I_SPACE_WAITING] = 0
+                            self._space.release()
+                    else:
+                        items.release()
+                    h[tokens] = 0
+                except BaseException:
+                    lock.abandon()  # cut short between two stores: the next holder resyncs
+                    raise
+                lock.release()
+                if consume and self._slots is not None:
+                    self._slots.release()
+
+            return self._track(View(view, view_kind(kind, got[2]), finish))
+        except BaseException:  # nothing stored yet: only reads
+            lock.release()
             items.release()
             h[tokens] = 0
             raise
-        a = start % cap + RECORD_SIZE
-        got = extract_range(self._ring, a, n, kind)
-        view = self._ring[got[0] : got[1]].toreadonly()
-
-        def finish(consume: bool) -> None:
-            try:
-                if consume:
-                    h[Q_TAIL_SEQ] = rseq + 1
-                    h[Q_TAIL] = nxt
-                    h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64  # after the commit, as in _take1
-                    if self._h32[I_SPACE_WAITING]:
-                        self._h32[I_SPACE_WAITING] = 0
-                        self._space.release()
-                else:
-                    items.release()
-                h[tokens] = 0
-            finally:
-                self._tail_lock.release()
-            if consume and self._slots is not None:
-                self._slots.release()
-
-        return View(view, view_kind(kind, got[2]), finish)

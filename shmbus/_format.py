@@ -12,7 +12,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
     ------  ----  -----------------  ----------------  --------------------------------------
     -- static block (written once at create, covered by header_crc) --
          0     8  magic              create            b"\\x93SHMBUS\\n"
-         8     4  version  u32       create            format version (1)
+         8     4  version  u32       create            format version (2)
         12     4  kind     u32       create            1 = Queue, 2 = Topic
         16     8  capacity u64       create            ring size in bytes (multiple of 4096)
         24     8  ring_offset u64    create            where the ring starts (multiple of 4096)
@@ -32,28 +32,29 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        128     8  head     u64       producers         position one past the last committed record
        136     8  next_seq u64       producers         sequence number of the next record
        144     8  bytes_in u64       producers         payload bytes committed, ever
-       152     4  reserved           -                 zero (the holder's pid is in its participant slot)
-       156     4  head_holder        producers         participant slot + 1 holding it (0 = none)
-       160     4  head_releases u32  producers         head lock releases, mod 2**32 (recovery evidence)
-       164    28  reserved
+       152     4  reserved           -                 zero
+       156     4  head_repair u32    producers         1 while what a dead head holder left needs mending
+       160    32  reserved           -                 zero
     -- consumer line (Queue: tail semaphore; Topic: head semaphore) --
        192     8  tail     u64       consumers         position of the oldest record still held
        200     8  tail_seq u64       consumers         sequence number of the record at tail
        208     8  bytes_out u64      consumers         payload bytes consumed, ever
        216     4  reserved           -                 zero
-       220     4  tail_holder        consumers         participant slot + 1 holding it (0 = none)
+       220     4  tail_repair u32    consumers         1 while what a dead tail holder left needs mending
        224     4  space_waiting u32  both            1 while a producer sleeps for space
-       228     4  tail_releases u32  consumers         tail lock releases, mod 2**32
-       232    24  reserved
+       228    28  reserved           -                 zero
     -- recovery line (256..319) --
        256     4  reserved           -                 zero
-       260     4  subs_holder        subscribers       participant slot + 1 holding it (0 = none)
+       260     4  subs_repair u32    subscribers       1 while what a dead subs holder left needs mending
        264     8  recoveries u64     recoverers        dead lock holders recovered, ever
        272     8  last_recovery_ns   recoverers        when, ns since the epoch
-       280     4  subs_releases u32  subscribers       subs lock releases, mod 2**32
+       280    40  reserved           -                 zero
        320     8  scratch u64        Queue consumers   where a consumer with no participant slot
                                                    counts its items tokens (read by nobody)
-       328    56  reserved           -                 zero
+       328     8  reserved           -                 zero
+       336    16  boot_id            openers           the boot (Linux boot_id) the locks were last
+                                                   used in; set under the recovery byte
+       352    32  reserved           -                 zero
     -- time samples (384..511), for ``shmbus stats``: 8 entries of 16 bytes --
        384   128  samples            producers         entry i at 384 + 16 i: seq u64, time_ns u64:
                                                    message seq was published at time_ns (ns since
@@ -63,7 +64,9 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        subscriber sleeps (or is about to) on its semaphore sub<i> --
     -- 768: the recovery byte: an OFD lock on it serializes recovery and
        participant claims (the kernel drops it if its holder dies) --
-    -- 769..1023: reserved, zero --
+    -- 769..831: reserved, zero --
+    -- 832, 896, 960: the head, tail and subs locks, 64 bytes each: a glibc
+       pthread_mutex_t, robust, process-shared, error-checking (see below) --
     -- participant table at participants_offset: max_participants x 32 bytes --
     -- subscriber table at subscribers_offset: max_subscribers x 64 bytes --
     -- ring at ring_offset: capacity bytes --
@@ -114,6 +117,18 @@ in the ring is ``position % capacity``. A record is::
 
 A record never straddles the end of the ring: when it does not fit, a wrap
 marker (kind 3, length 0) fills the rest and the record starts at offset 0.
+
+The locks are robust mutexes (``_mutex``): the futex word at the lock's first
+byte holds the owner's thread id (bits 0..29) and the kernel's OWNER_DIED bit
+(bit 30), so taking a lock and naming its holder is one atomic step, and a
+holder's death, however it happens, is seen by the next taker (EOWNERDEAD).
+That taker sets the lock's ``*_repair`` word, marks the mutex consistent, and
+mends what the dead holder left half-done; it clears the word when done, so
+a repairer that dies too leaves the job to the next holder. A reader of the
+format in another language uses glibc's ``pthread_mutex_*`` on these bytes.
+A lock word from an earlier boot (a disk bus after a crash) is stale: the
+first opener in a new boot re-initializes the three mutexes under the
+recovery byte and stores the new ``boot_id``.
 """
 
 from __future__ import annotations
@@ -126,6 +141,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._errors import CorruptBus, IncompatibleBus, NotABus
+from ._mutex import INIT_BYTES
 
 __all__ = [
     "MAGIC",
@@ -151,12 +167,14 @@ __all__ = [
     "Q_TAIL",
     "Q_TAIL_SEQ",
     "Q_BYTES_OUT",
-    "I_HEAD_HOLDER",
-    "I_TAIL_HOLDER",
-    "I_SUBS_HOLDER",
-    "I_HEAD_RELEASES",
-    "I_TAIL_RELEASES",
-    "I_SUBS_RELEASES",
+    "M_HEAD",
+    "M_TAIL",
+    "M_SUBS",
+    "I_HEAD_REPAIR",
+    "I_TAIL_REPAIR",
+    "I_SUBS_REPAIR",
+    "BOOT_ID",
+    "current_boot_id",
     "Q_RECOVERIES",
     "Q_LAST_RECOVERY",
     "S_OWNER",
@@ -191,7 +209,7 @@ __all__ = [
 ]
 
 MAGIC: Final = b"\x93SHMBUS\n"
-VERSION: Final = 1
+VERSION: Final = 2
 KIND_QUEUE: Final = 1
 KIND_TOPIC: Final = 2
 KIND_NAMES: Final = {KIND_QUEUE: "Queue", KIND_TOPIC: "Topic"}
@@ -233,13 +251,14 @@ Q_BYTES_IN: Final = 144 // 8
 Q_TAIL: Final = 192 // 8
 Q_TAIL_SEQ: Final = 200 // 8
 Q_BYTES_OUT: Final = 208 // 8
-I_HEAD_HOLDER: Final = 156 // 4
-I_TAIL_HOLDER: Final = 220 // 4
-I_SUBS_HOLDER: Final = 260 // 4
-# Each lock's release counter follows from its holder field's index.
-I_HEAD_RELEASES: Final = 160 // 4
-I_TAIL_RELEASES: Final = 228 // 4
-I_SUBS_RELEASES: Final = 280 // 4
+# Each lock: its mutex's byte offset and its repair word's u32 index.
+M_HEAD: Final = 832
+M_TAIL: Final = 896
+M_SUBS: Final = 960
+I_HEAD_REPAIR: Final = 156 // 4
+I_TAIL_REPAIR: Final = 220 // 4
+I_SUBS_REPAIR: Final = 260 // 4
+BOOT_ID: Final = 336  # 16 bytes
 Q_RECOVERIES: Final = 264 // 8
 Q_LAST_RECOVERY: Final = 272 // 8
 I_SPACE_WAITING: Final = 224 // 4
@@ -391,7 +410,20 @@ def build_header(layout: Layout) -> bytes:
         layout.subscribers_offset,
         b"",
     )
-    return (static + _CRC.pack(zlib.crc32(static))).ljust(HEADER_MIN, b"\0")
+    head = bytearray((static + _CRC.pack(zlib.crc32(static))).ljust(HEADER_MIN, b"\0"))
+    for off in (M_HEAD, M_TAIL, M_SUBS):
+        head[off : off + len(INIT_BYTES)] = INIT_BYTES
+    head[BOOT_ID : BOOT_ID + 16] = current_boot_id()
+    return bytes(head)
+
+
+def current_boot_id() -> bytes:
+    """This boot's id (16 bytes): a lock word written in another boot is stale."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return bytes.fromhex(f.read().strip().decode("ascii").replace("-", ""))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):
+        return b"\0" * 16  # unknown: never taken for a change of boot
 
 
 def parse_header(data: bytes, *, path: str, file_size: int) -> Layout:

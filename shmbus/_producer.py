@@ -15,9 +15,10 @@ from typing import Any
 from . import _accel, _faults, _ring
 from ._bus import _U64, record_time
 from ._codec import Encoded, as_bytes_view
-from ._errors import CorruptBus, Full
+from ._errors import CorruptBus, Full, ShmbusError
 from ._format import I_SPACE_WAITING, Q_BYTES_IN, Q_HEAD, Q_NEXT_SEQ, Q_TAIL, REC_RAW
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
+from ._recovery import NOT_TAKEN
 from ._sync import SLICE
 from ._zerocopy import Reservation
 
@@ -49,7 +50,7 @@ class _Producing(_QueueBase):
             # C: the whole put, encoding included, when obj is of a plain type,
             # the head lock is free and the record fits without a wrap;
             # otherwise it hands back, with the lock or without.
-            r = fast.put_obj(self._part.me, obj)  # type: ignore[union-attr]
+            r = fast.put_obj(obj)
             if r == _ONE_DONE:
                 return
             if r > 0 and r & 3 == _accel.PUT_HELD:
@@ -64,7 +65,7 @@ class _Producing(_QueueBase):
         fast = self._fast
         if fast is not None and enc[3] <= self._max_payload and not _faults.armed:
             # C with Python's encoding (bytes, arrays, subclasses...): as in put.
-            r = fast.put(self._part.me, *enc)  # type: ignore[union-attr]
+            r = fast.put(*enc)
             if r == _ONE_DONE:
                 return
             if r & 3 == _accel.PUT_HELD:
@@ -78,12 +79,8 @@ class _Producing(_QueueBase):
             self._slots is None
             and not self._closed
             and enc[3] <= self._max_payload
-            and self._head_lock.try_acquire()
+            and self._head_lock.run(0.0, self._put_locked, enc, _deadline(block, timeout)) is not NOT_TAKEN
         ):
-            try:
-                self._put_locked(enc, _deadline(block, timeout))
-            finally:
-                self._head_lock.release()
             return
         self._put([enc], _deadline(block, timeout))
 
@@ -92,15 +89,24 @@ class _Producing(_QueueBase):
 
         It wrote, published and posted the first ``k`` records of ``batch``
         (which may be empty when it wrote them all); return how many are in the queue now.
+        (A signal handler's exception raised between the C call and here
+        finds the lock held by this thread: ``Queue.put``'s ``finally`` frees it.)
         """
+        lock = self._head_lock
         try:
             h = self._h64
             seq = h[Q_NEXT_SEQ]
             if k and (seq - 1) & 255 < k:  # as in _publish: a time sample is due
                 record_time(h, (seq - 1) & ~255)
-            return k + self._write(batch[k:], deadline) if k < len(batch) else k
-        finally:
-            self._head_lock.release()
+            n = k + self._write(batch[k:], deadline) if k < len(batch) else k
+        except ShmbusError:
+            lock.release()
+            raise
+        except BaseException:
+            lock.abandon()
+            raise
+        lock.release()
+        return n
 
     def _put_locked(self, enc: Encoded, deadline: float | None) -> None:
         """One record, under the head lock: the common case inline, the rest via ``_write``."""
@@ -126,6 +132,11 @@ class _Producing(_QueueBase):
         elif not self._write([enc], deadline):
             raise Full(f"{self.path} is full: no space freed in time", path=self.path)
 
+    def _release_after_c(self) -> None:
+        """After an exception from a put that went through C: free the head lock if C left it to us."""
+        if self._head_lock.owned():
+            self._head_lock.abandon()
+
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``: raises ``Full`` at once when there is no space."""
         self._put([self._encode(obj)], 0.0)
@@ -145,7 +156,7 @@ class _Producing(_QueueBase):
         if fast is not None and not _faults.armed:
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
             deadline = _deadline(block, timeout)  # before C may leave the lock held
-            r = fast.put_many(self._part.me, encoded)  # type: ignore[union-attr]
+            r = fast.put_many(encoded)
             if r & 3 == _accel.PUT_DONE:
                 return
             if r & 3 == _accel.PUT_HELD:
@@ -172,12 +183,10 @@ class _Producing(_QueueBase):
         # A non-blocking put still waits a moment for the producer lock (another
         # producer's copy); a producer that holds it while sleeping for space
         # means the queue is full anyway.
-        if not self._head_lock.acquire(_monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline):
+        lock_deadline = _monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline
+        sent = self._head_lock.run(lock_deadline, self._write, batch, deadline)
+        if sent is NOT_TAKEN:
             raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
-        try:
-            sent = self._write(batch, deadline)
-        finally:
-            self._head_lock.release()
         if sent < len(batch):
             raise Full(f"{self.path} is full: no space freed in time", path=self.path, sent=sent)
 
@@ -273,21 +282,9 @@ class _Producing(_QueueBase):
         and head both move on to the start (under the tail lock, so no consumer
         sees them apart), and the new head is returned.
         """
-        h32, h = self._h32, self._h64
-        cap = self._cap
         while True:
-            self._tail_lock.acquire(None)  # held only for copies, even by a non-blocking put
-            try:
-                tail = h[Q_TAIL]
-                _ring.check_positions(head, tail, cap)
-                start = _ring.place(head, tail, cap, n)
-                if start >= 0 and _ring.rebases(head, tail, start):
-                    h[Q_TAIL] = start
-                    h[Q_HEAD] = head = start
-                elif start < 0:
-                    h32[I_SPACE_WAITING] = 1
-            finally:
-                self._tail_lock.release()
+            # The tail lock is held only for copies, even by a non-blocking put.
+            start, head = self._tail_lock.run(None, self._room_or_flag, head, n)
             if start >= 0:
                 return start, head
             # Sleep one slice at most, then look again: the consumer that should
@@ -297,6 +294,20 @@ class _Producing(_QueueBase):
                 if deadline is not None and _monotonic() >= deadline:
                     return -1, head
                 self.recover()
+
+    def _room_or_flag(self, head: int, n: int) -> tuple[int, int]:
+        """Under both locks: place ``n`` bytes (moving an empty ring on), or flag that we wait for space."""
+        h = self._h64
+        cap = self._cap
+        tail = h[Q_TAIL]
+        _ring.check_positions(head, tail, cap)
+        start = _ring.place(head, tail, cap, n)
+        if start >= 0 and _ring.rebases(head, tail, start):
+            h[Q_TAIL] = start
+            h[Q_HEAD] = head = start
+        elif start < 0:
+            self._h32[I_SPACE_WAITING] = 1
+        return start, head
 
     # -- zero-copy -------------------------------------------------------------
 
@@ -312,8 +323,6 @@ class _Producing(_QueueBase):
         self._check_open()
         self._check_sizes((nbytes,))
         deadline = _deadline(block, timeout)
-        if not self._head_lock.acquire(_monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline):
-            raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
 
         def abandon() -> None:
             if self._slots is not None:
@@ -321,6 +330,7 @@ class _Producing(_QueueBase):
 
         return self._reservation(
             nbytes,
+            _monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline,
             lambda: self._make_room(nbytes, deadline),
             lambda seq, new_head: self._publish(seq + 1, nbytes, new_head, 1),
             abandon,

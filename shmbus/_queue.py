@@ -40,11 +40,11 @@ from ._bus import Bus
 from ._codec import Codec
 from ._consumer import _Consuming
 from ._format import (
-    I_HEAD_HOLDER,
-    I_HEAD_RELEASES,
-    I_TAIL_HOLDER,
-    I_TAIL_RELEASES,
+    I_HEAD_REPAIR,
+    I_TAIL_REPAIR,
     KIND_QUEUE,
+    M_HEAD,
+    M_TAIL,
     Q_HEAD,
     Q_NEXT_SEQ,
     Q_TAIL,
@@ -81,7 +81,8 @@ class Queue(_Producing, _Consuming, Bus):
     """
 
     _KIND = KIND_QUEUE
-    _ROLES = ("head", "tail", "items", "space")
+    _ROLES = ("items", "space")
+    _MUTEXES = (("head", M_HEAD), ("tail", M_TAIL))
     _aio: QueueAio | None = None  # asyncio threads, started by the first async call that waits
     _fast: Any = None  # the C fast path (_accel), when built and usable for this handle
 
@@ -129,7 +130,7 @@ class Queue(_Producing, _Consuming, Bus):
 
     @classmethod
     def _initial_sems(cls, layout: Layout, queued: int) -> dict[str, int]:
-        init = {"head": 1, "tail": 1, "items": queued, "space": 0}
+        init = {"items": queued, "space": 0}
         if layout.maxsize:
             init["slots"] = max(layout.maxsize - queued, 0)
         return init
@@ -142,9 +143,11 @@ class Queue(_Producing, _Consuming, Bus):
 
     def _setup(self) -> None:
         self.spin = SPIN_DEFAULT
+        self._kept = []
+        self._in_hand = []
         s = self._sems
-        self._head_lock = self._lock("head", I_HEAD_HOLDER, I_HEAD_RELEASES)
-        self._tail_lock = self._lock("tail", I_TAIL_HOLDER, I_TAIL_RELEASES)
+        self._head_lock = self._lock("head", I_HEAD_REPAIR)
+        self._tail_lock = self._lock("tail", I_TAIL_REPAIR)
         self._locks = (self._head_lock, self._tail_lock)
         self._items = s["items"]
         self._space = s["space"]
@@ -236,26 +239,24 @@ class Queue(_Producing, _Consuming, Bus):
 
     # -- crash recovery hooks ------------------------------------------------
 
-    def _repair(self, roles: list[str]) -> None:
-        if "head" in roles:
-            # A producer died under the head lock: counters may be half-stored and
-            # records published without their items tokens. Mend both under the
-            # tail lock too (inherited from the dead, or taken now), so no
-            # consumer moves meanwhile.
-            own_tail = "tail" not in roles
-            # Bounded: a tail holder we cannot see die (no participant slot)
-            # must not hang every recovery behind us.
-            if own_tail and not self._tail_lock.sem.acquire(_monotonic() + _REPAIR_WAIT):
-                log.warning("%s: tail lock busy; counters left for the next recovery", self.path)
-                return
-            try:
-                self._resync(fix_next=True)
-                self._reconcile_tokens()
-            finally:
-                if own_tail:
-                    self._tail_lock.sem.release()
-        elif "tail" in roles:
+    def _repair(self, role: str) -> bool:
+        if role == "tail":
             self._resync(fix_next=False)
+            return True
+        # A producer died under the head lock (or was cut short): counters may be
+        # half-stored and records published without their items tokens. Mend both
+        # under the tail lock too, so no consumer moves meanwhile; bounded, so a
+        # paused tail holder delays the repair instead of hanging us.
+        tail = self._tail_lock
+        try:
+            if not tail.acquire(_monotonic() + _REPAIR_WAIT):
+                log.warning("%s: tail lock busy; the head lock's repair waits for the next holder", self.path)
+                return False
+            self._resync(fix_next=True)
+            self._reconcile_tokens()
+        finally:
+            tail.release()
+        return True
 
     def _reconcile_tokens(self) -> None:
         """Post the items tokens that records lack (under both locks, in recovery).
@@ -296,18 +297,21 @@ class Queue(_Producing, _Consuming, Bus):
             return
         part = self._part
         assert part is not None
-        # Recovery lock first, then the tail lock: the order recover() takes them in.
-        with part.recovery_lock():
-            if not self._tail_lock.sem.acquire(_monotonic() + _REPAIR_WAIT):
+        # Recovery lock first, then the tail lock: the order claim() and recover() use.
+        with part.recovery_lock() as held:
+            if not held:
                 return
+            tail = self._tail_lock
             try:
+                if not tail.acquire(_monotonic() + _REPAIR_WAIT):
+                    return
                 missing = self._queued() - part.live_tokens() - self._items.value
                 if missing > 0:
                     log.warning("%s: %d messages had no items token; healing", self.path, missing)
                     for _ in range(missing):
                         self._items.release()
             finally:
-                self._tail_lock.sem.release()
+                tail.release()
 
     def _reap(self, slot: int) -> None:
         assert self._part is not None

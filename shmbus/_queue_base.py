@@ -47,3 +47,4 @@ class _QueueBase(Bus):
     _finish: Callable[[int, Payload], Any]
     _ro: int
     _fast: Any
+    _in_hand: list[tuple[int, Any]]  # records a take committed that the caller has not got yet

@@ -1,33 +1,25 @@
-"""Liveness and dead-holder recovery: who is alive, who holds which lock, who frees it.
+"""Liveness and dead-holder recovery: who is alive, which lock needs mending, who mends it.
 
-Rule: this module owns the participant table, the OFD locks and the protocol
-that frees a lock whose holder died. POSIX semaphores are not released when
-their holder dies, so every lock of a bus is a semaphore *plus* a header field
-naming its holder's participant slot:
+Rule: this module owns the participant table, the OFD locks, the bus locks
+(``Lock``) and the protocol that mends what a dead holder left.
 
-* A process claims a participant slot before it takes its first lock, and
-  holds an OFD lock (``F_OFD_SETLK``) on the slot's first byte for as long as
-  it lives. The kernel drops that lock when the process dies, whatever the
-  pid becomes afterwards: a slot marked live whose byte is unlocked belongs to
-  a dead process.
-* After taking a lock, a holder stores its slot + 1 in the lock's holder
-  field; it clears the field before releasing.
-* A waiter sleeps in slices (``RECOVERY_INTERVAL``); after each slice it
-  calls ``recover``. Recovery is serialized by an OFD lock on the recovery
-  byte (768), which the kernel also drops on death. Under it the recoverer
-  lists the dead participants; for each lock whose holder is dead it repairs
-  what the holder left half-done (a hook of the bus kind) and posts the
-  semaphore once, then frees the dead slots. A second recoverer, serialized
-  behind the first, finds no dead participant left and does nothing: a lock
-  is never posted twice.
-* A holder killed between taking the semaphore and storing its slot (or
-  between clearing it and posting) leaves a held lock with no holder. Live
-  holders pass through that state constantly, so one look proves nothing:
-  when recovery finds a dead participant and such a lock, it watches the lock
-  for ``UNRECORDED_GRACE``; only if it stays held, nameless and unreleased
-  (its release counter unchanged) the whole time is it freed. (A live process
-  stopped for that long inside that window would be misjudged; see
-  docs/guarantees.md.)
+* A lock is a robust mutex in the header (``_mutex``): taking it records its
+  holder in the same atomic step, and the kernel marks it when the holder
+  dies, so a lock is never held by nobody and a paused holder is never taken
+  for a dead one. The next taker gets EOWNERDEAD: it sets the lock's repair
+  word, marks the mutex consistent, and calls the bus kind's repair hook
+  (counters half-stored, tokens not posted); the word is cleared once the
+  repair is done, so a repairer that dies too leaves the job to the next.
+* A process claims a participant slot before it takes items tokens, and
+  holds an OFD write lock (``F_OFD_SETLK``) on the slot's first byte for as
+  long as it lives; the kernel drops it when the process dies. A slot marked
+  live whose byte carries no *write* lock belongs to a dead process: a user
+  who can only read the file can place read locks, never write locks, so
+  cannot make a dead participant look alive.
+* Recovery of what a dead participant held besides locks (its items tokens,
+  its Topic subscriber slots) is serialized by an OFD lock on the recovery
+  byte (768), taken with a bounded wait: a stranger's read lock there delays
+  that bookkeeping, never hangs a caller.
 """
 
 from __future__ import annotations
@@ -41,28 +33,40 @@ import struct
 import time
 import weakref
 from collections.abc import Iterator
-from typing import Callable, Final
+from typing import Any, Callable, Final, TypeVar
 
-from . import _sync
+from . import _mutex, _sync
+from ._errors import CorruptBus, ShmbusError
 from ._format import P_ATTACHED, P_PID_STATE, P_TOKENS, PARTICIPANT_SIZE, RECOVERY_BYTE, Layout
 
 __all__ = [
     "RECOVERY_INTERVAL",
-    "UNRECORDED_GRACE",
+    "RECOVERY_LOCK_WAIT",
     "Participant",
     "Lock",
+    "NOT_TAKEN",
     "live_participants",
 ]
 
 log = logging.getLogger("shmbus")
 
 RECOVERY_INTERVAL: Final = _sync.SLICE
-UNRECORDED_GRACE: Final = 0.5
+# The longest a process waits for the recovery byte before it gives up this round.
+RECOVERY_LOCK_WAIT: Final = 2.0
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
 _LIVE = 1 << 32  # state 1 in the high half of the pid/state word
-# Holder field of a process that found the participant table full: never taken
-# for "no holder", so recovery leaves its lock alone (it cannot tell if it died).
-_UNKNOWN = 0xFFFFFFFF
+_FOREVER: Final = float("inf")
+_T = TypeVar("_T")
+
+
+class _NotTaken:
+    """``Lock.run``'s result when the lock did not come in time."""
+
+    def __repr__(self) -> str:
+        return "NOT_TAKEN"
+
+
+NOT_TAKEN: Final = _NotTaken()
 
 
 def _ofd(fd: int, cmd: int, ltype: int, offset: int) -> int:
@@ -81,8 +85,12 @@ def _try_lock(fd: int, offset: int) -> bool:
 
 
 def _locked_elsewhere(fd: int, offset: int) -> bool:
-    """True if another open file description holds a lock on the byte at ``offset``."""
-    return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK
+    """True if another open file description holds a *write* lock on the byte at ``offset``.
+
+    A read lock proves nothing: anyone who can read the file can place one (and
+    it cannot coexist with a participant's write lock, so it even proves death).
+    """
+    return _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, offset) == fcntl.F_WRLCK
 
 
 def _marked_live(fd: int, h64: memoryview, layout: Layout, skip: int = -1) -> Iterator[tuple[int, bool]]:
@@ -154,17 +162,24 @@ class Participant:
         return self._fd
 
     @contextlib.contextmanager
-    def recovery_lock(self) -> Iterator[None]:
-        """Hold the recovery byte: one recoverer (or claimer) at a time, released on death."""
+    def recovery_lock(self, wait: float = RECOVERY_LOCK_WAIT) -> Iterator[bool]:
+        """Hold the recovery byte: one recoverer (or claimer) at a time, released on death.
+
+        Yields False (holding nothing) if it stayed locked for ``wait``
+        seconds: a stranger's read lock must delay bookkeeping, never hang us.
+        """
         fd = self.fd()
-        while True:
-            try:
-                _ofd(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, RECOVERY_BYTE)
-                break
-            except InterruptedError:
-                continue
+        end = time.monotonic() + wait
+        delay = 0.0005
+        while not _try_lock(fd, RECOVERY_BYTE):
+            if time.monotonic() >= end:
+                log.warning("%s: the recovery byte stayed locked for %.1f s; skipping", self.path, wait)
+                yield False
+                return
+            time.sleep(delay)  # a recoverer holds it for microseconds to milliseconds
+            delay = min(delay * 2, 0.02)
         try:
-            yield
+            yield True
         finally:
             _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, RECOVERY_BYTE)
 
@@ -179,8 +194,8 @@ class Participant:
         reap()
         fd = self.fd()
         h = self._h64
-        with self.recovery_lock():
-            for slot in range(self._layout.max_participants):
+        with self.recovery_lock() as held:
+            for slot in range(self._layout.max_participants if held else 0):
                 i = self._index(slot)
                 if h[i + P_PID_STATE] >> 32 == 0 and _try_lock(fd, self._byte(slot)):
                     h[i + P_ATTACHED] = time.time_ns()
@@ -188,7 +203,10 @@ class Participant:
                     h[i + P_PID_STATE] = _LIVE | os.getpid()
                     self.slot, self.me, self.tokens_index = slot, slot + 1, i + P_TOKENS
                     return self.me
-        log.warning("%s: participant table full; this process's locks cannot be recovered", self.path)
+        log.warning(
+            "%s: no free participant slot; items tokens this process dies holding are healed by consumers",
+            self.path,
+        )
         return 0
 
     def dead_slots(self) -> list[int]:
@@ -236,74 +254,190 @@ class Participant:
 
 
 class Lock:
-    """A bus lock: a binary semaphore, the header field naming its holder, and a release counter."""
+    """A bus lock: a robust mutex in the header (``_mutex``) and its repair word.
 
-    __slots__ = ("_h32", "_holder", "_part", "_recover", "_releases", "role", "sem")
+    The discipline every caller follows, so that no signal can strand it::
+
+        lock = self._head_lock
+        try:
+            if not lock.acquire(deadline):
+                raise Full(...)
+            ...                      # the critical section
+        finally:
+            lock.release()           # releases only if this thread holds it
+
+    ``acquire`` is inside the ``try``: a signal handler's exception raised the
+    instant after the mutex was taken still reaches the ``finally``, and
+    ``release`` asks the lock word (not a Python variable) whether this thread
+    holds it. A section that an exception cut short calls ``abandon`` instead,
+    which leaves the repair word set for the next holder.
+    """
+
+    __slots__ = ("_h32", "_mutex", "_on_repaired", "_repair", "_repair_index", "path", "role")
 
     def __init__(
-        self, role: str, sem: _sync.Sem, h32: memoryview, holder_index: int, releases_index: int,
-        part: Participant, recover: Callable[[], object],
+        self, role: str, path: str, mutex: _mutex.Mutex, h32: memoryview, repair_index: int,
+        repair: Callable[[str], bool], on_repaired: Callable[[], None],
     ) -> None:  # fmt: skip
         self.role = role
-        self.sem = sem
+        self.path = path
+        self._mutex = mutex
         self._h32 = h32
-        self._holder = holder_index
-        self._releases = releases_index
-        self._part = part
-        self._recover = recover
+        self._repair_index = repair_index
+        self._repair = repair
+        self._on_repaired = on_repaired
+
+    @property
+    def mutex(self) -> _mutex.Mutex:
+        """The mutex itself (for ``shmbus check`` and the C fast path)."""
+        return self._mutex
 
     def acquire(self, deadline: float | None) -> bool:
-        """Take the lock before ``deadline`` (None: for ever), recovering a dead holder's lock.
+        """Take the lock before ``deadline`` (``time.monotonic()``; None: for ever); False on timeout.
 
-        A wait that times out runs recovery once and tries again, so even a
-        short wait (a non-blocking put) frees a dead holder's lock.
+        Waits in slices of ``_mutex.WAIT_SLICE``, so a signal handler's
+        exception comes out within one. A holder that died is noticed at once
+        (EOWNERDEAD); what it left half-done is mended here before returning.
+        Call it inside the ``try`` whose ``finally`` calls ``release``.
         """
-        me = self._part.me or self._part.claim(self._recover) or _UNKNOWN
-        if not self.sem.acquire(deadline, self._recover):
-            self._recover()
-            if not self.sem.try_acquire():
-                return False
-        self._h32[self._holder] = me
-        return True
+        mutex = self._mutex
+        while True:
+            rc = mutex.lock_until(_FOREVER if deadline is None else deadline)
+            if rc == 0 or rc == _mutex.EOWNERDEAD:
+                if self._taken(rc):
+                    return True
+                mutex.unlock()  # the repair must wait for a lock another holds: not ours yet
+            elif rc == errno.ETIMEDOUT or rc == errno.EBUSY:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+            else:
+                self._refuse(rc)
+
+    def run(self, deadline: float | None, fn: Callable[..., _T], *args: Any) -> _T | _NotTaken:
+        """Take the lock (before ``deadline``), run ``fn(*args)`` holding it, release it.
+
+        Returns what ``fn`` returned, or ``NOT_TAKEN`` if the lock did not come
+        in time. shmbus's own errors are raised before any store, so they just
+        release; any other exception (a signal handler's, from any
+        instruction) abandons, and the next holder checks the counters.
+        """
+        try:
+            if not self.acquire(deadline):
+                return NOT_TAKEN
+            result = fn(*args)
+        except ShmbusError:
+            self.release()
+            raise
+        except BaseException:
+            self.abandon()
+            raise
+        self.release()
+        return result
 
     def try_acquire(self) -> bool:
-        """Take the lock if it is free now."""
-        me = self._part.me or self._part.claim(self._recover) or _UNKNOWN
-        if not self.sem.try_acquire():
+        """Take the lock if it is free now (mending a dead holder's leftovers first)."""
+        mutex = self._mutex
+        rc = mutex.trylock()
+        if rc == 0 or rc == _mutex.EOWNERDEAD:
+            if self._taken(rc):
+                return True
+            mutex.unlock()
             return False
-        self._h32[self._holder] = me
+        if rc == errno.EBUSY:
+            return False
+        self._refuse(rc)
+        return False  # not reached
+
+    def _taken(self, rc: int) -> bool:
+        """Just taken (``rc`` 0 or EOWNERDEAD): repair what needs it; False if it could not be yet."""
+        h32, i = self._h32, self._repair_index
+        if rc == _mutex.EOWNERDEAD:
+            # The word first: a repairer that dies too leaves the job to the next holder.
+            h32[i] = 1
+            self._mutex.consistent()
+            log.warning("%s: the %s lock's holder died holding it; repairing", self.path, self.role)
+        if h32[i]:
+            if not self._repair(self.role):
+                return False
+            h32[i] = 0
+            self._on_repaired()
         return True
 
+    def _refuse(self, rc: int) -> None:
+        if rc == _mutex.ENOTRECOVERABLE:
+            raise CorruptBus(
+                f"{self.path}: the {self.role} lock is marked unrecoverable (a holder released it "
+                "without repairing): run `shmbus recover --force` once no process uses the bus",
+                path=self.path,
+            )
+        if rc == errno.EDEADLK:
+            raise RuntimeError(f"this thread already holds the {self.role} lock of {self.path}")
+        raise OSError(rc, f"{self.role} lock of {self.path}: {os.strerror(rc)}")
+
+    def owned(self) -> bool:
+        """True if the calling thread holds the lock."""
+        return self._mutex.owned()
+
     def release(self) -> None:
-        """Clear the holder field, count the release, then post the semaphore."""
-        h32 = self._h32
-        h32[self._holder] = 0
-        h32[self._releases] = (h32[self._releases] + 1) & 0xFFFFFFFF
-        self.sem.release()
+        """Release the lock if this thread holds it; otherwise do nothing.
 
-    def holder(self) -> int:
-        """The holder field: participant slot + 1, or 0."""
-        return int(self._h32[self._holder])
-
-    def looks_orphaned(self, grace: float) -> bool:
-        """True if the lock stays held with no holder and no release for all of ``grace`` seconds.
-
-        "Held, no holder" is normal for an instant: between taking the
-        semaphore and naming itself, or between clearing its name and posting,
-        a holder is anonymous. A live one leaves that state within microseconds
-        (the holder field or the release counter changes); only a process that
-        died there, or one stopped there for the whole grace, stays in it.
+        A signal handler's exception raised in here is held back until the
+        lock is released, then re-raised: the release always happens.
         """
-        h32, sem = self._h32, self.sem
-        releases = h32[self._releases]
-        end = time.monotonic() + grace
+        pending: BaseException | None = None
         while True:
-            if h32[self._holder] or sem.value or h32[self._releases] != releases:
-                return False
-            if time.monotonic() >= end:
-                return True
-            time.sleep(0.002)
+            try:
+                self._release_once(mark=False)
+                break
+            except BaseException as e:  # a signal handler's, between two steps: try again
+                pending = e
+        if pending is not None:
+            raise pending
 
-    def force_release(self) -> None:
-        """Free a lock whose holder is dead (only ``recover`` calls this, under the recovery lock)."""
-        self.release()
+    def _release_once(self, mark: bool = False) -> None:
+        # Each step may be repeated (release retries after an exception), so
+        # each one first looks at what the lock says, never at a Python flag.
+        mutex = self._mutex
+        if mutex.owned():
+            if mark or mutex.inconsistent():
+                # A section cut short, or a take with EOWNERDEAD interrupted before
+                # its repair: the next holder mends what was left.
+                self._h32[self._repair_index] = 1
+            mutex.consistent()  # EINVAL (ignored) unless it was inconsistent
+            mutex.unlock()
+
+    def abandon(self) -> None:
+        """Release after a critical section that an exception cut short: the next holder repairs."""
+        pending: BaseException | None = None
+        while True:
+            try:
+                self._release_once(mark=True)
+                break
+            except BaseException as e:
+                pending = e
+        if pending is not None:
+            raise pending
+
+    def state(self) -> tuple[int, bool, bool]:
+        """``(owner thread id or 0, owner died, repair pending)`` now: for ``shmbus check``."""
+        tid, died = _mutex.owner_of(self._mutex.word())
+        return tid, died, bool(self._h32[self._repair_index])
+
+    def force_reset(self) -> bool:
+        """Re-initialize the mutex if nothing can free it otherwise; True if it did.
+
+        That is: held by a thread id that does not exist here, or marked
+        unrecoverable. The repair word is set, so the next holder mends the
+        counters. Only ``recover(force=True)`` calls this.
+        """
+        tid, died = _mutex.owner_of(self._mutex.word())
+        gone = tid and not died and not os.path.exists(f"/proc/{tid}")
+        if not gone and not self._mutex.unrecoverable():
+            return False
+        self._h32[self._repair_index] = 1
+        self._mutex.reset()
+        return True
+
+    def close(self) -> None:
+        """Drop this handle's pin on the mapping (after the last use)."""
+        self._mutex.close()

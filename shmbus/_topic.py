@@ -39,11 +39,11 @@ from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty, TooManySubscribers
 from ._format import (
-    I_HEAD_HOLDER,
-    I_HEAD_RELEASES,
-    I_SUBS_HOLDER,
-    I_SUBS_RELEASES,
+    I_HEAD_REPAIR,
+    I_SUBS_REPAIR,
     KIND_TOPIC,
+    M_HEAD,
+    M_SUBS,
     MAX_SUBSCRIBERS,
     Q_BYTES_IN,
     Q_HEAD,
@@ -90,7 +90,8 @@ class Topic(Bus):
     """
 
     _KIND = KIND_TOPIC
-    _ROLES = ("head", "subs")
+    _ROLES: tuple[str, ...] = ()  # the wake-up semaphores sub<i> are added per layout
+    _MUTEXES = (("head", M_HEAD), ("subs", M_SUBS))
 
     @classmethod
     def create(
@@ -137,15 +138,15 @@ class Topic(Bus):
 
     @classmethod
     def _initial_sems(cls, layout: Layout, queued: int) -> dict[str, int]:
-        return {"head": 1, "subs": 1, **{f"sub{i}": 0 for i in range(layout.max_subscribers)}}
+        return {f"sub{i}": 0 for i in range(layout.max_subscribers)}
 
     def _queued(self) -> int:
         h = self._h64
         return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
 
     def _setup(self) -> None:
-        self._head_lock = self._lock("head", I_HEAD_HOLDER, I_HEAD_RELEASES)
-        self._subs_lock = self._lock("subs", I_SUBS_HOLDER, I_SUBS_RELEASES)
+        self._head_lock = self._lock("head", I_HEAD_REPAIR)
+        self._subs_lock = self._lock("subs", I_SUBS_REPAIR)
         self._locks = (self._head_lock, self._subs_lock)
         self._cap = self._layout.capacity
         self._max_payload = max_payload(self._cap)
@@ -215,11 +216,15 @@ class Topic(Bus):
     def _publish(self, batch: list[Encoded]) -> None:
         self._check_open()
         self._check_sizes(item[3] for item in batch)
-        self._head_lock.acquire(None)
+        lock = self._head_lock
         try:
+            lock.acquire(None)
             self._write(batch)
+        except BaseException:
+            lock.abandon()  # cut short (a signal handler's exception): the next holder resyncs
+            raise
         finally:
-            self._head_lock.release()  # a full fence: the new head is visible before we read the flags
+            lock.release()  # a full fence: the new head is visible before we read the flags
         self._wake_if_waiting()
 
     def _write(self, batch: list[Encoded]) -> None:
@@ -275,7 +280,12 @@ class Topic(Bus):
         """
         self._check_open()
         self._check_sizes((nbytes,))
-        self._head_lock.acquire(None)
+        lock = self._head_lock
+        try:
+            lock.acquire(None)
+        except BaseException:
+            lock.release()
+            raise
 
         def abandon() -> None:
             h = self._h64
@@ -331,8 +341,12 @@ class Topic(Bus):
 
     def _claim_slot(self) -> int:
         h = self._h64
-        self._subs_lock.acquire(None)
+        part = self._part
+        assert part is not None
+        part.claim(self.recover)  # before the lock: the slot records its owner
+        lock = self._subs_lock
         try:
+            lock.acquire(None)
             if _faults.armed:
                 _faults.hit("subscribe:after-lock")
             free = [i for i in range(self._layout.max_subscribers) if h[self._slot_base(i)] & 0xFFFFFFFF == 0]
@@ -349,12 +363,11 @@ class Topic(Bus):
             for i in range(1, SUBSCRIBER_SIZE // 8):
                 h[base + i] = 0
             h[base + S_ATTACHED] = time.time_ns()
-            assert self._part is not None
-            h[base + S_OWNER] = self._part.me
+            h[base + S_OWNER] = part.me
             h[base + S_STATE_PID] = 1 | os.getpid() << 32
             return slot
         finally:
-            self._subs_lock.release()
+            lock.release()
 
     def _reclaim_dead(self) -> list[int]:
         """Free the slots whose owning process is gone (under the subs lock)."""
@@ -375,9 +388,10 @@ class Topic(Bus):
 
     # -- crash recovery hooks ------------------------------------------------
 
-    def _repair(self, roles: list[str]) -> None:
-        if "head" in roles:
+    def _repair(self, role: str) -> bool:
+        if role == "head":
             self._resync(fix_next=True, gaps=True)  # publishers only: nobody else moves tail
+        return True  # the subs lock guards single-word stores: nothing to mend
 
     def _reap(self, slot: int) -> None:
         # A dead subscriber's slot and wait flag are freed for others.
@@ -391,11 +405,12 @@ class Topic(Bus):
                 self._mm[WAIT_FLAGS + i] = 0
 
     def _release_slot(self, slot: int) -> None:
-        self._subs_lock.acquire(None)
+        lock = self._subs_lock
         try:
+            lock.acquire(None)
             self._h64[self._slot_base(slot) + S_STATE_PID] = 0
         finally:
-            self._subs_lock.release()
+            lock.release()
 
     def subscribers(self) -> list[dict[str, int]]:
         """The active subscriber slots: slot, pid, lag (messages behind), lost, received."""

@@ -47,7 +47,7 @@ class Reservation:
         # committed: consumers can get the 8 bytes now
     """
 
-    __slots__ = ("_abandon", "_commit", "_done", "view")
+    __slots__ = ("__weakref__", "_abandon", "_commit", "_done", "view")
 
     def __init__(self, view: memoryview, commit: Callable[[], None], abandon: Callable[[], None]) -> None:
         self.view = view
@@ -69,6 +69,10 @@ class Reservation:
             self.view.release()
         (self._commit if commit else self._abandon)()
 
+    def end_unused(self) -> None:
+        """End the block as an exception would (``close()`` does, for a block left open)."""
+        self._end(commit=False)
+
     def __del__(self) -> None:
         self._end(commit=False)
 
@@ -82,7 +86,7 @@ class View:
     the view holds its msgpack encoding).
     """
 
-    __slots__ = ("_check", "_done", "_finish", "kind", "view")
+    __slots__ = ("__weakref__", "_check", "_done", "_finish", "kind", "view")
 
     def __init__(
         self,
@@ -114,6 +118,14 @@ class View:
         self._finish(exc_type is None)
         if not intact and exc_type is None:
             raise Overwritten("a publisher overwrote this message while it was being read: it counts as lost")
+
+    def end_unused(self) -> None:
+        """End the block as an exception would: the message stays (``close()`` does this)."""
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(BufferError):
+                self.view.release()
+            self._finish(False)
 
     def __del__(self) -> None:
         if not self._done:

@@ -357,7 +357,7 @@ def test_reopen_disk_queue_after_semaphores_vanished(disk_path: str, procs: Any)
     assert _recv(rx, writer) == list(range(10))
     _join_ok(writer)
 
-    for role in ("head", "tail", "items", "space", "slots"):
+    for role in ("items", "space", "slots"):
         posix_ipc.unlink_semaphore(f"/shmbus.{bus_id}.{role}")
 
     rx, tx = procs.ctx.Pipe(duplex=False)

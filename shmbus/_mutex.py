@@ -1,0 +1,181 @@
+"""Robust process-shared mutexes in the bus file: the only module that calls ``pthread_mutex_*``.
+
+Rule: a bus lock is a glibc ``pthread_mutex_t`` stored in the header,
+initialized ``PTHREAD_PROCESS_SHARED``, ``PTHREAD_MUTEX_ROBUST`` and
+``PTHREAD_MUTEX_ERRORCHECK``. Why a mutex and not a semaphore: taking a
+semaphore and writing down who took it are two steps, and a signal, a
+``SIGSTOP`` or a ``SIGKILL`` can land between them, leaving a lock held by
+nobody (or a paused holder that looks dead). A robust mutex records its owner
+in the same atomic instruction that takes it (the owner's thread id in the
+futex word), and the kernel marks it ``OWNER_DIED`` when the owner dies,
+however it dies, so the next taker gets ``EOWNERDEAD`` and repairs (the
+design of LMDB's lock file). A stopped or slow owner keeps its lock: it is
+never mistaken for a dead one.
+
+Because the owner is in the lock word, "do I hold it?" can always be answered
+(``owned``), so a Python caller interrupted by a signal handler's exception at
+any instruction can still release exactly what it holds.
+
+The calls go through ``ctypes`` (they release the GIL while they wait); the C
+fast path (``_cfast.c``) calls the same glibc functions on the same memory.
+Linux with glibc only: musl and macOS lack what this needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import threading
+import time
+from typing import Final
+
+__all__ = [
+    "MUTEX_SIZE",
+    "INIT_BYTES",
+    "KIND_WORD",
+    "TID_MASK",
+    "OWNER_DIED",
+    "EOWNERDEAD",
+    "ENOTRECOVERABLE",
+    "Mutex",
+    "owner_of",
+]
+
+MUTEX_SIZE: Final = 64  # room for a pthread_mutex_t (40 bytes on x86-64, 48 on arm64)
+TID_MASK: Final = 0x3FFFFFFF  # the futex word: owner's thread id in the low bits (futex(2))
+OWNER_DIED: Final = 0x40000000  # set by the kernel when the owner died holding it
+EOWNERDEAD: Final = errno.EOWNERDEAD
+_INCONSISTENT: Final = 0x7FFFFFFF  # glibc's __owner (u32 index 2) after EOWNERDEAD, until consistent()
+_NOT_RECOVERABLE: Final = 0x7FFFFFFE  # glibc's __owner once unlocked without consistent()
+ENOTRECOVERABLE: Final = errno.ENOTRECOVERABLE
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=False)
+_P = [ctypes.c_void_p]
+_trylock = _libc.pthread_mutex_trylock
+_unlock = _libc.pthread_mutex_unlock
+_consistent = _libc.pthread_mutex_consistent
+for _f in (_trylock, _unlock, _consistent):
+    _f.argtypes, _f.restype = _P, ctypes.c_int
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_clocklock = getattr(_libc, "pthread_mutex_clocklock", None)  # glibc 2.30+
+if _clocklock is not None:
+    _clocklock.argtypes, _clocklock.restype = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], ctypes.c_int
+_CLOCK_MONOTONIC: Final = 1
+# A wait sleeps at most this long between two looks at Python's signal flags:
+# a signal handler's exception must come out of a wait within 50 ms.
+WAIT_SLICE: Final = 0.02
+
+
+def _init_bytes() -> bytes:
+    """The bytes of a freshly initialized robust, process-shared, error-checking mutex."""
+    attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t is 4 bytes on glibc
+    buf = ctypes.create_string_buffer(MUTEX_SIZE)
+    lib = _libc
+    if (
+        lib.pthread_mutexattr_init(attr)
+        or lib.pthread_mutexattr_setpshared(attr, 1)  # PTHREAD_PROCESS_SHARED
+        or lib.pthread_mutexattr_setrobust(attr, 1)  # PTHREAD_MUTEX_ROBUST
+        or lib.pthread_mutexattr_settype(attr, 2)  # PTHREAD_MUTEX_ERRORCHECK
+        or lib.pthread_mutex_init(buf, attr)
+    ):
+        raise OSError("this C library cannot make robust process-shared mutexes (shmbus needs glibc)")
+    lib.pthread_mutexattr_destroy(attr)
+    return bytes(buf.raw)
+
+
+INIT_BYTES: Final = _init_bytes()
+# The mutex's kind word (offset 16 in glibc's layout): checked before a mutex
+# read from a file is used, so a damaged one is refused rather than run.
+KIND_WORD: Final = int.from_bytes(INIT_BYTES[16:20], "little")
+
+
+def owner_of(word: int) -> tuple[int, bool]:
+    """``(owner thread id or 0, owner died)`` from a lock's futex word."""
+    return word & TID_MASK, bool(word & OWNER_DIED)
+
+
+class Mutex:
+    """One robust mutex at ``offset`` in a writable mapping ``mm``.
+
+    Return codes are glibc's: 0, ``EBUSY``, ``ETIMEDOUT``, ``EOWNERDEAD``
+    (taken, the last owner died: repair, then ``consistent()``),
+    ``ENOTRECOVERABLE``, ``EDEADLK`` (this thread holds it already).
+    """
+
+    __slots__ = ("_anchor", "_h32", "_view", "addr")
+
+    def __init__(self, mm: mmap.mmap, offset: int) -> None:
+        # The ctypes object pins the mapping: it cannot be unmapped under a wait.
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(mm, offset)
+        self.addr = ctypes.c_void_p(ctypes.addressof(self._anchor))
+        self._view = memoryview(mm)[offset : offset + MUTEX_SIZE]
+        self._h32 = self._view.cast("I")
+
+    def word(self) -> int:
+        """The futex word now (a snapshot)."""
+        return int(self._h32[0])
+
+    def owned(self) -> bool:
+        """True if the calling thread holds the lock (the kernel-visible owner field says so)."""
+        return self._h32[0] & TID_MASK == threading.get_native_id()
+
+    def inconsistent(self) -> bool:
+        """True while a taker that got EOWNERDEAD has not called ``consistent`` (glibc's owner field)."""
+        return self._h32[2] == _INCONSISTENT
+
+    def unrecoverable(self) -> bool:
+        """True once a holder unlocked it after EOWNERDEAD without ``consistent`` (glibc's owner field)."""
+        return self._h32[2] == _NOT_RECOVERABLE
+
+    def trylock(self) -> int:
+        return int(_trylock(self.addr))
+
+    def lock_until(self, end: float) -> int:
+        """Wait for the lock until ``end`` (``time.monotonic()``), at most one ``WAIT_SLICE``.
+
+        Returns ETIMEDOUT at the end of the slice; the caller looks at its
+        deadline and at signals (Python runs handlers on return) and calls again.
+        """
+        rc = int(_trylock(self.addr))
+        if rc != errno.EBUSY:
+            return rc
+        left = min(end - time.monotonic(), WAIT_SLICE)
+        if left <= 0:
+            return errno.ETIMEDOUT
+        if _clocklock is None:  # an old glibc: poll
+            time.sleep(min(left, 0.001))
+            return int(_trylock(self.addr))
+        ts = _Timespec()
+        at = time.monotonic() + left
+        ts.tv_sec = int(at)
+        ts.tv_nsec = int((at - ts.tv_sec) * 1e9)
+        return int(_clocklock(self.addr, _CLOCK_MONOTONIC, ctypes.byref(ts)))
+
+    def unlock(self) -> int:
+        return int(_unlock(self.addr))
+
+    def consistent(self) -> int:
+        """Mark a mutex taken with EOWNERDEAD usable again; EINVAL if it was not inconsistent."""
+        return int(_consistent(self.addr))
+
+    def reset(self) -> None:
+        """Re-initialize the mutex in place (``shmbus recover --force``: nobody may be using it)."""
+        assert self._anchor is not None
+        ctypes.memmove(self.addr, INIT_BYTES, len(INIT_BYTES))
+
+    def kind_ok(self) -> bool:
+        """True if the mutex's kind word is what shmbus writes (a damaged file may hold anything)."""
+        return self._view[16:20] == INIT_BYTES[16:20]
+
+    def close(self) -> None:
+        """Drop the pin on the mapping."""
+        self._h32.release()
+        self._view.release()
+        self._anchor = None
