@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 from . import _sync
 from ._codec import Encoded
 from ._errors import BusClosed, Empty, Full
+from ._recovery import NOT_TAKEN
 
 if TYPE_CHECKING:
     from ._queue import Queue
@@ -254,7 +255,9 @@ class QueueAio(_Helper):
             # One token held: take the record now, with no await (no cancellation point) before it.
             got = q._take1()
             if got is not None:
-                return q._finish(*got)
+                msg = q._finish(*got)
+                q._in_hand = []
+                return msg
 
     async def get_many(self, max_messages: int, timeout: float | None) -> list[Any]:
         """1 to ``max_messages`` messages, as ``Queue.aget_many``."""
@@ -273,7 +276,9 @@ class QueueAio(_Helper):
                 k += 1
             got = q._take(k)
             if got:
-                return q._codec.finish_many(got)
+                msgs = q._codec.finish_many(got)
+                q._in_hand = []
+                return msgs
 
     def _claim(self) -> None:
         q = self._q
@@ -440,12 +445,8 @@ class QueueAio(_Helper):
     def _put_now(self, batch: list[Encoded]) -> int:
         """Put what fits now, waiting for nothing (not even the producer lock); return how many."""
         q = self._q
-        if not q._head_lock.try_acquire():
-            return 0
-        try:
-            return q._write(batch, 0.0)
-        finally:
-            q._head_lock.release()
+        sent = q._head_lock.run(0.0, q._write, batch, 0.0)
+        return 0 if sent is NOT_TAKEN else sent  # type: ignore[return-value]
 
     def _run_puts(self) -> None:
         cond = self._cond

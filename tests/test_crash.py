@@ -3,12 +3,17 @@
 The rules held here (docs/guarantees.md, "When a process dies"):
 
 * A process killed while holding the head, tail or subs lock never wedges the
-  bus: a process waiting for that lock frees it after one recovery interval
-  (``_sync.SLICE``, 0.25 s). Bound in these tests, measured from the kill (an
-  instant the child sends just *before* it starts the fatal operation, so the
-  bound is never flattered) to the end of the operations that needed the
-  lock: ``RECOVERY_BOUND`` = interval + 1 s. Under the random killer, with
-  six busy processes on two cores, ``LOADED_BOUND`` = 2.5 s.
+  bus: the lock is a robust mutex, so the next process to take it gets it at
+  once (the kernel marked it when its holder died) and mends what the holder
+  left half-done; there is no grace period and no recovery interval on that
+  path (``test_holder_killed_the_instant_after_taking_the_lock``). What a dead
+  consumer held besides a lock (its items tokens) is given back after one
+  recovery interval (``_sync.SLICE``, 0.25 s) of waiting. Bound in these
+  tests, measured from the kill (an instant the child sends just *before* it
+  starts the fatal operation, so the bound is never flattered) to the end of
+  the operations that needed the lock: ``RECOVERY_BOUND`` = interval + 1 s.
+  Under the random killer, with six busy processes on two cores,
+  ``LOADED_BOUND`` = 2.5 s.
 * Queue: a message whose ``put`` returned is delivered exactly once to a
   ``get`` that returns, except what a consumer killed inside ``get`` after its
   lock round committed had taken (at most once for that consumer). Never a
@@ -18,20 +23,24 @@ The rules held here (docs/guarantees.md, "When a process dies"):
   queue and is delivered.
 * Topic: whoever dies, each surviving subscriber has received + lost ==
   published since it subscribed, in increasing sequence order, intact.
+* At rest every lock is consistent and unlocked: no owner thread, no
+  OWNER_DIED mark, no repair pending (``soundness_problems``); a lock left by
+  a dead holder is repaired exactly once (``Q_RECOVERIES``).
 
 Three kinds of tests:
 
 1. ``test_queue_crash_at_step`` / ``test_topic_*_crash_at_step``: a child arms
    one step of ``shmbus._faults.STEPS`` and SIGKILLs itself there; the parent
    then checks timing, the exact message accounting of that step, the
-   recovery warning it logged, and the bus's soundness (``shmbus._check``).
+   recovery warnings it logged, and the bus's soundness (``shmbus._check``).
    Kills at instants no named step marks are simulated by wrapping a method
    in the child so that it SIGKILLs itself there.
 2. ``test_queue_random_killer`` / ``test_topic_random_killer``: a killer loop
    SIGKILLs random workers at random instants and replaces them. The
    scenario engines (``queue_killer_round``, ``topic_killer_round``) are also
    what ``benchmarks/soak.py`` runs, for thousands of kills.
-3. Concurrent recoverers never free a lock twice.
+3. Concurrent takers and recoverers repair a dead holder's lock once, and
+   never take a lock a live (paused or slow) process holds.
 
 Several tests reproduce bugs found while writing this file (a recovery that
 freed a live process's lock, a lock-order deadlock, leaked maxsize slots...):
@@ -50,6 +59,7 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 import time
 import traceback
@@ -68,12 +78,12 @@ from conftest import run as _run
 from conftest import wait_until_blocked as _wait_until_blocked
 
 import shmbus
-from shmbus import _accel, _faults, _recovery, _sync
+from shmbus import _accel, _faults, _mutex, _recovery, _sync
 from shmbus._format import (
-    I_HEAD_HOLDER,
     I_SPACE_WAITING,
-    I_SUBS_HOLDER,
-    I_TAIL_HOLDER,
+    M_HEAD,
+    M_SUBS,
+    M_TAIL,
     P_PID_STATE,
     PARTICIPANT_SIZE,
     Q_HEAD,
@@ -247,15 +257,24 @@ def bounded(seconds: float, what: str) -> Iterator[None]:
             )
 
 
-def _recovery_warnings(caplog: Any, pid: int) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "shmbus"
-        and r.levelno == logging.WARNING
-        and "recovered from dead process" in r.getMessage()
-        and str(pid) in r.getMessage()
-    ]
+def _warnings(caplog: Any) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "shmbus" and r.levelno == logging.WARNING]
+
+
+_REPAIRING = re.compile(r"^(?P<path>.*): the (?P<role>\w+) lock(?:'s holder died holding it| .*); repairing$")
+_FREED = re.compile(r"^(?P<path>.*): freed what dead process\(es\) \[(?P<pids>[\d, ]*)\] held$")
+
+
+def lock_repairs(messages: list[str], path: str) -> list[str]:
+    """The roles of the locks of ``path`` that were found left by a dead holder and repaired, in order."""
+    found = (_REPAIRING.match(m) for m in messages)
+    return [f["role"] for f in found if f is not None and f["path"] == path]
+
+
+def frees_of(messages: list[str], pid: int) -> list[str]:
+    """The warnings that say what dead process ``pid`` held (its items tokens, its slots) was freed."""
+    found = ((m, _FREED.match(m)) for m in messages)
+    return [m for m, f in found if f is not None and str(pid) in f["pids"].split(", ")]
 
 
 # -- soundness ------------------------------------------------------------------------
@@ -275,8 +294,17 @@ def participant_slot(bus: Any, pid: int) -> int | None:
     return None
 
 
+MUTEX_AT = {"head": M_HEAD, "tail": M_TAIL, "subs": M_SUBS}  # each lock's byte offset
+
+
 def locks_of(bus: Any) -> dict[str, _recovery.Lock]:
     return {lk.role: lk for lk in bus._locks}
+
+
+def lock_picture(lk: _recovery.Lock) -> str:
+    tid, died, pending = lk.state()
+    died_mark = " (died)" if died else ""
+    return f"{lk.role}: word={lk.mutex.word():#x} owner={tid}{died_mark} repair={int(pending)}"
 
 
 def describe(bus: Any) -> str:
@@ -286,8 +314,7 @@ def describe(bus: Any) -> str:
         f"head={h[Q_HEAD]} tail={h[Q_TAIL]} next_seq={h[Q_NEXT_SEQ]} tail_seq={h[Q_TAIL_SEQ]}",
         f"recoveries={h[Q_RECOVERIES]}",
     ]
-    for role, lk in locks_of(bus).items():
-        parts.append(f"{role}: value={lk.sem.value} holder={lk.holder()}")
+    parts += [lock_picture(lk) for lk in bus._locks]
     if isinstance(bus, shmbus.Queue):
         parts.append(f"items={bus._items.value} space_waiting={h32[I_SPACE_WAITING]}")
     live = []
@@ -300,12 +327,16 @@ def describe(bus: Any) -> str:
     return "; ".join(parts)
 
 
+def lock_at_rest(lk: _recovery.Lock) -> bool:
+    """True if the lock is consistent and unlocked: no owner, no OWNER_DIED, no waiter, no repair pending."""
+    m = lk.mutex
+    at_rest = lk.state() == (0, False, False) and m.word() == 0
+    return at_rest and not m.inconsistent() and not m.unrecoverable()
+
+
 def soundness_problems(bus: Any) -> list[str]:
-    """What is wrong with a bus at rest: every lock free once, counters and records agree."""
-    problems = []
-    for role, lk in locks_of(bus).items():
-        if lk.sem.value != 1 or lk.holder() != 0:
-            problems.append(f"{role} lock at rest: value {lk.sem.value}, holder {lk.holder()}")
+    """What is wrong with a bus at rest: every lock consistent and free, counters and records agree."""
+    problems = [f"lock not at rest: {lock_picture(lk)}" for lk in bus._locks if not lock_at_rest(lk)]
     st = bus.stats()
     if isinstance(bus, shmbus.Queue) and st.put_count - st.get_count != bus.qsize():
         problems.append(f"put_count {st.put_count} - get_count {st.get_count} != qsize {bus.qsize()}")
@@ -371,11 +402,12 @@ def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, 
     assert took < RECOVERY_BOUND, f"{took:.2f} s from the kill to the last operation"
 
     role = "head" if step.startswith("put:") else None if step == "get:after-token" else "tail"
-    warnings = _recovery_warnings(caplog, child.pid)
-    assert len(warnings) == 1, f"recovery warnings in this process: {warnings}"
-    if role:
-        assert f"'{role}'" in warnings[0]
-    assert q._h64[Q_RECOVERIES] == (1 if role else 0)  # a lock was freed once, or none was held
+    messages = _warnings(caplog)
+    # The lock the child died holding was found by its next taker and repaired once.
+    assert lock_repairs(messages, q.path) == ([role] if role else []), messages
+    # A consumer claims a participant slot (for its items tokens); a producer claims none.
+    assert len(frees_of(messages, child.pid)) == (1 if op.startswith("get") else 0), messages
+    assert q._h64[Q_RECOVERIES] == (1 if role else 0)  # a lock was repaired once, or none was held
     assert soundness_problems(q) == [], describe(q)
     assert q.qsize() == 0
     q.close()
@@ -433,8 +465,9 @@ def test_topic_publish_crash_at_step(bus_name: str, procs: Any, caplog: Any, ste
     assert got_lag[-len(after) :] == after
     assert lag.lost > 0  # the prefill and the crash evicted what it had not read
 
-    warnings = _recovery_warnings(caplog, child.pid)
-    assert len(warnings) == 1 and "'head'" in warnings[0], warnings
+    messages = _warnings(caplog)
+    assert lock_repairs(messages, t.path) == ["head"], messages
+    assert frees_of(messages, child.pid) == [], messages  # a publisher claims no participant slot
     assert t._h64[Q_RECOVERIES] == 1
     lag.close()
     live.close()
@@ -490,7 +523,8 @@ def test_topic_subscribe_crash_at_step(bus_name: str, procs: Any, caplog: Any) -
     for m in second:
         t.publish(m)
     assert live.get_many(10, timeout=1) == first + second
-    assert t._h64[Q_RECOVERIES] == 0 and t._subs_lock.sem.value == 0  # still held by the dead
+    assert t._h64[Q_RECOVERIES] == 0
+    assert t._subs_lock.state() == (0, True, False), describe(t)  # left by the dead, marked by the kernel
 
     # Two subscribers at once (a child asleep on the subs lock, then this process): both get in.
     go.set()
@@ -510,9 +544,10 @@ def test_topic_subscribe_crash_at_step(bus_name: str, procs: Any, caplog: Any) -
     assert mine.get(timeout=1) == last
     assert other_msg == last
     assert live.get(timeout=1) == last
-    # Exactly one of the two recovered (and said so); the lock was freed once.
-    warnings = _recovery_warnings(caplog, child.pid) + [w for w in other_warnings if str(child.pid) in w]
-    assert len(warnings) == 1 and "'subs'" in warnings[0], warnings
+    # Exactly one of the two (its next taker) repaired the lock, and said so; its slot was freed at most once.
+    messages = _warnings(caplog) + other_warnings
+    assert lock_repairs(messages, t.path) == ["subs"], messages
+    assert len(frees_of(messages, child.pid)) <= 1, messages
     assert t._h64[Q_RECOVERIES] == 1
     mine.close()
     live.close()
@@ -527,67 +562,150 @@ def test_every_crash_step_is_tested() -> None:
     assert tested == set(_faults.STEPS)
 
 
-# -- a holder killed between taking the semaphore and naming itself ------------------
+# -- a holder killed the instant after taking the lock ---------------------------------------
+# (Format 1 had a window between taking a lock's semaphore and naming its holder, which
+# recovery covered with a grace period. Taking a robust mutex names its owner in the same
+# instruction, so the window is gone: these tests prove that its next taker needs no grace.)
 
 
-def _take_lock_unrecorded(conn: Connection, path: str, role: str) -> None:
+def _take_the_mutex_and_die(conn: Connection, path: str, role: str, go: Any = None) -> None:
+    """Child: take the lock's mutex with nothing after it, and die (with ``go``: once told)."""
     q = shmbus.Queue.open(path)
-    assert q._part is not None
-    q._part.claim(q.recover)
-    conn.send(time.monotonic())
-    locks_of(q)[role].sem.acquire(None)  # the semaphore, and no holder field
-    _die()
+    lock = locks_of(q)[role]
+    if go is None:
+        conn.send(time.monotonic())
+    rc = lock.mutex.trylock()  # the lock, its owner in the futex word: one atomic step
+    if rc == 0 and go is None:
+        _die()
+    conn.send(rc)
+    if rc == 0:
+        assert go.wait(CHILD_TIMEOUT)
+        conn.send(time.monotonic())
+        _die()
 
 
 @pytest.mark.parametrize("role", ["head", "tail"])
-def test_holder_killed_before_naming_itself(bus_name: str, procs: Any, caplog: Any, role: str) -> None:
+def test_holder_killed_the_instant_after_taking_the_lock(
+    bus_name: str, procs: Any, caplog: Any, role: str
+) -> None:
     caplog.set_level(logging.WARNING, logger="shmbus")
     q = shmbus.Queue.create(bus_name, capacity="64KiB")
     msgs = [make_msg(0, n) for n in range(3)]
     q.put_many(msgs)
-    child, t_kill = _crash(procs, _take_lock_unrecorded, q.path, role)
-    assert locks_of(q)[role].holder() == 0 and locks_of(q)[role].sem.value == 0
-    q.put(make_msg(2, 0), timeout=CHILD_TIMEOUT)
-    got = _drain(q, 4, timeout=2 * RECOVERY_BOUND)
-    took = time.monotonic() - t_kill
+    _claim(q)  # now: the get below runs no recover() first, its own take of the lock finds the death
+    child, _ = _crash(procs, _take_the_mutex_and_die, q.path, role)
+    lock = locks_of(q)[role]
+    # The kernel marked the lock before the child could be reaped: no owner, OWNER_DIED.
+    assert lock.state() == (0, True, False), describe(q)
+    assert _check is not None
+    assert [p.offset for p in _check.check(q.path) if "died" in p.message] == [MUTEX_AT[role]], describe(q)
+    t0 = time.monotonic()
+    if role == "head":
+        q.put(make_msg(2, 0), timeout=CHILD_TIMEOUT)  # the ordinary path (C if built) is the next taker
+        first = []
+    else:
+        first = [q.get(timeout=CHILD_TIMEOUT)]
+    took = time.monotonic() - t0
+    assert took < INTERVAL, f"{took:.3f} s to take a dead holder's lock: no grace, no recovery interval"
+    assert lock_repairs(_warnings(caplog), q.path) == [role]
+    assert frees_of(_warnings(caplog), child.pid) == []  # it held nothing else
+    assert q._h64[Q_RECOVERIES] == 1
+    if role == "tail":
+        q.put(make_msg(2, 0), timeout=CHILD_TIMEOUT)
+    got = first + _drain(q, 4 - len(first), timeout=2 * RECOVERY_BOUND)
     assert got[:3] == msgs and ids(got[3:]) == [(2, 0)]
-    assert took < RECOVERY_BOUND + _recovery.UNRECORDED_GRACE
-    warnings = _recovery_warnings(caplog, child.pid)
-    assert len(warnings) == 1 and f"'{role}'" in warnings[0], warnings
-    assert soundness_problems(q) == []
+    assert soundness_problems(q) == [], describe(q)
+    q.close()
+
+
+def _wait_for_the_lock(path: str, role: str, blocking: Any) -> tuple[float, Any]:
+    """Child: put (head) or get (tail), which waits for the lock another process holds."""
+    q = shmbus.Queue.open(path)
+    _accel.drop_fast_path(q)  # the Python path waits on the mutex itself (C only tries it)
+    _claim(q)
+    blocking.set()
+    if role == "head":
+        q.put(make_msg(3, 0), timeout=CHILD_TIMEOUT)
+        return time.monotonic(), None
+    got = q.get(timeout=CHILD_TIMEOUT)
+    return time.monotonic(), got
+
+
+@pytest.mark.parametrize("role", ["head", "tail"])
+def test_a_waiter_gets_a_dead_holders_lock_within_a_fraction_of_the_recovery_interval(
+    bus_name: str, procs: Any, role: str
+) -> None:
+    q = shmbus.Queue.create(bus_name, capacity="64KiB")
+    msgs = [make_msg(0, n) for n in range(3)]
+    q.put_many(msgs)
+    go, blocking = procs.ctx.Event(), procs.ctx.Event()
+    rx_h, tx_h = procs.ctx.Pipe(duplex=False)
+    holder = procs.start(_take_the_mutex_and_die, tx_h, q.path, role, go)
+    assert _recv(rx_h, holder) == 0
+    rx_w, tx_w = procs.ctx.Pipe(duplex=False)
+    waiter = procs.start(_run, tx_w, _wait_for_the_lock, q.path, role, blocking)
+    assert blocking.wait(CHILD_TIMEOUT)
+    _wait_until_blocked(waiter.pid)  # asleep on the mutex
+    go.set()
+    t_kill = _recv(rx_h, holder)
+    holder.join(CHILD_TIMEOUT)
+    assert holder.exitcode == -signal.SIGKILL
+    procs.procs.remove(holder)
+    t_done, got = _result(rx_w, waiter)
+    procs.join_all()
+    # Woken by the kernel at the death (a robust futex's waiters are), not by any recovery loop.
+    assert t_done - t_kill < INTERVAL, f"{t_done - t_kill:.3f} s from the kill to the waiter's operation"
+    assert q._h64[Q_RECOVERIES] == 1
+    rest = _drain(q, 4, timeout=1)
+    if role == "head":
+        assert rest == [*msgs, make_msg(3, 0)]
+    else:
+        assert [got, *rest] == msgs
+    assert soundness_problems(q) == [], describe(q)
     q.close()
 
 
 # -- bugs: kills at instants no named step marks, and maxsize ------------------------------
 
 
-def _recover_and_die_after_free(conn: Connection, path: str) -> None:
-    """Child: run recovery, dying just after it freed the dead participant's slot."""
-    q = shmbus.Queue.open(path)
-    assert q._part is not None
-    part_cls = type(q._part)
-    free = part_cls.free
+def _recover_and_die_in_the_repair(conn: Connection, path: str, when: str) -> None:
+    """Child: run recovery, dying in the head lock's repair: before it, or after it (the word still set)."""
+    repair = shmbus.Queue._repair
 
-    def free_then_die(self: Any, slot: int) -> None:
-        free(self, slot)
+    def repair_then_die(self: Any, role: str) -> bool:
+        if when == "after":
+            repair(self, role)
         _die()
+        return False
 
-    part_cls.free = free_then_die  # type: ignore[method-assign]
+    shmbus.Queue._repair = repair_then_die  # type: ignore[method-assign]  # this child only
+    q = shmbus.Queue.open(path)
     conn.send(time.monotonic())
     q.recover()
 
 
-def test_recoverer_killed_between_freeing_the_slot_and_the_lock(bus_name: str, procs: Any) -> None:
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_repairer_killed_in_the_repair_leaves_it_to_the_next_taker(
+    bus_name: str, procs: Any, caplog: Any, when: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger="shmbus")
     q = shmbus.Queue.create(bus_name, capacity="64KiB")
-    _crash(procs, _kill_at_step, q.path, "queue", "put:after-lock", "put")
-    _, t_kill = _crash(procs, _recover_and_die_after_free, q.path)
+    q.put(make_msg(0, 0))
+    _crash(procs, _kill_at_step, q.path, "queue", "put:mid-publish", "put")  # next_seq stored, head not
+    _, t_kill = _crash(procs, _recover_and_die_in_the_repair, q.path, when)
+    # The repairer died holding the lock, its repair word set: the kernel marked the lock again.
+    assert q._head_lock.state() == (0, True, True), describe(q)
+    assert q._h64[Q_RECOVERIES] == 0  # no repair was completed
     try:
         q.put(make_msg(2, 0), timeout=3 * RECOVERY_BOUND)
     except shmbus.Full:
         raise AssertionError(f"head lock never recovered: {describe(q)}") from None
     assert time.monotonic() - t_kill < RECOVERY_BOUND
-    assert ids(_drain(q, 1, timeout=1)) == [(2, 0)]
-    assert soundness_problems(q) == []
+    assert lock_repairs(_warnings(caplog), q.path) == ["head"]
+    assert q._h64[Q_RECOVERIES] == 1
+    assert ids(_drain(q, 2, timeout=1)) == [(0, 0), (2, 0)]  # the dead put rolled back, once
+    assert q._h64[Q_NEXT_SEQ] == q._h64[Q_TAIL_SEQ] == 2
+    assert soundness_problems(q) == [], describe(q)
     q.close()
 
 
@@ -724,72 +842,70 @@ def test_topic_subscriber_joining_before_recovery_misses_nothing(bus_name: str, 
     t.close()
 
 
-def _release_in_two_steps(path: str, held: Any, go: Any) -> int:
-    """Take the head lock, then release it as Lock.release does, pausing between its two steps."""
+def _hold_the_head_lock(path: str, held: Any, go: Any) -> tuple[list[str], int]:
+    """Child: take the head lock, say so, hold it until told (it is SIGSTOPped meanwhile), release it.
+
+    Returns the warnings it logged and what ``Q_NEXT_SEQ`` read after taking it.
+    """
+    handler = _ListHandler()
+    logging.getLogger("shmbus").addHandler(handler)
     q = shmbus.Queue.open(path)
-    q._head_lock.acquire(None)
-    q._h32[I_HEAD_HOLDER] = 0  # Lock.release, step 1: clear the holder field
-    held.set()
-    assert go.wait(CHILD_TIMEOUT)
-    q._head_lock.release()  # the rest of Lock.release (clearing the field again is harmless)
-    return 0
+    lock = q._head_lock
+    try:
+        assert lock.acquire(None)
+        held.set()
+        assert go.wait(CHILD_TIMEOUT)
+        assert lock.owned(), "the head lock was taken from its live holder"
+        seq = q._h64[Q_NEXT_SEQ]
+    finally:
+        lock.release()
+    q.close()
+    return handler.messages, seq
 
 
-def _acquire_in_two_steps(path: str, ready: Any, go: Any, held: Any, done: Any) -> int:
-    """Take the head lock as Lock.acquire does, pausing between its two steps; return the value seen."""
-    q = shmbus.Queue.open(path)
-    _claim(q)
-    ready.set()
-    assert go.wait(CHILD_TIMEOUT)
-    q._head_lock.sem.acquire(None)  # Lock.acquire, step 1: the semaphore
-    held.set()
-    assert done.wait(CHILD_TIMEOUT)
-    value = q._head_lock.sem.value  # 0 unless someone else freed the lock we hold
-    q._h32[I_HEAD_HOLDER] = q._part.me if q._part else 0  # step 2: name ourselves
-    q._head_lock.release()
-    return value
+@pytest.mark.parametrize("how", ["paused", "slow"])
+def test_recovery_never_frees_a_lock_a_live_process_holds(
+    bus_name: str, procs: Any, caplog: Any, how: str
+) -> None:
+    """A holder that is paused (SIGSTOP) or just slow keeps its lock through every recovery.
 
-
-def _recover_pausing_in_grace(path: str, sampled: Any, go: Any) -> int:
-    """``recover()``, pausing in its UNRECORDED_GRACE sleep until told to go on."""
-    q = shmbus.Queue.open(path)
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        if not sampled.is_set():  # the first sleep of the grace: pause there
-            sampled.set()
-            assert go.wait(CHILD_TIMEOUT)
-        real_sleep(seconds)
-
-    time.sleep = sleep  # type: ignore[assignment]  # this child sleeps only in recover's grace
-    return q.recover()
-
-
-def test_recovery_never_frees_a_lock_a_live_process_holds(bus_name: str, procs: Any) -> None:
+    A dead participant is there too, so recovery has work to do; waiters call it after every
+    recovery interval, and ``recover --force`` runs as well: none of them takes the lock.
+    """
+    caplog.set_level(logging.WARNING, logger="shmbus")
     q = shmbus.Queue.create(bus_name, capacity="64KiB")
-    ready_b, go_b, held_b, done, held_a, go_a, sampled, go_r = (procs.ctx.Event() for _ in range(8))
-    rx_a, tx_a = procs.ctx.Pipe(duplex=False)
-    rx_b, tx_b = procs.ctx.Pipe(duplex=False)
-    rx_r, tx_r = procs.ctx.Pipe(duplex=False)
-    acquirer = procs.start(_run, tx_b, _acquire_in_two_steps, q.path, ready_b, go_b, held_b, done)
-    assert ready_b.wait(CHILD_TIMEOUT)  # B has claimed its slot
-    releaser = procs.start(_run, tx_a, _release_in_two_steps, q.path, held_a, go_a)
-    assert held_a.wait(CHILD_TIMEOUT)  # A is between clearing the holder field and posting
-    _crash(procs, _claim_and_die, q.path)  # a participant dies holding nothing: recovery looks at every lock
-    recoverer = procs.start(_run, tx_r, _recover_pausing_in_grace, q.path, sampled, go_r)
-    assert sampled.wait(CHILD_TIMEOUT)  # R's first look: head held, no holder (A's window)
-    go_a.set()
-    _result(rx_a, releaser)  # A posted: the lock was free
-    go_b.set()
-    assert held_b.wait(CHILD_TIMEOUT)  # B took the semaphore, has not named itself yet
-    go_r.set()
-    assert _result(rx_r, recoverer) == 1  # R's second look: held, no holder again (B's window)
-    done.set()
-    seen_by_b = _result(rx_b, acquirer)
+    q.put(make_msg(0, 0))
+    held, go = procs.ctx.Event(), procs.ctx.Event()
+    rx, tx = procs.ctx.Pipe(duplex=False)
+    holder = procs.start(_run, tx, _hold_the_head_lock, q.path, held, go)
+    assert held.wait(CHILD_TIMEOUT)
+    dead, _ = _crash(procs, _claim_and_die, q.path)  # a participant dies holding nothing
+    if how == "paused":
+        os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        assert q._head_lock.state() == (holder.pid, False, False), describe(q)
+        assert q.recover() == 1  # the dead participant, and nothing of the live holder
+        assert q.recover(force=True) == 0
+        assert _check is not None and _check.check(q.path) == []  # a live holder is no problem
+        t0 = time.monotonic()
+        with pytest.raises(shmbus.Full):
+            q.put(make_msg(2, 0), timeout=3 * INTERVAL)  # waits through recovery intervals
+        assert time.monotonic() - t0 >= 3 * INTERVAL
+        assert not q._head_lock.try_acquire()
+        assert q._head_lock.state() == (holder.pid, False, False), describe(q)
+    finally:
+        if how == "paused":
+            os.kill(holder.pid, signal.SIGCONT)
+    go.set()
+    holder_warnings, _ = _result(rx, holder)
     procs.join_all()
-    assert seen_by_b == 0, "the head lock was posted while B held it: two holders at once"
-    assert q._head_lock.sem.value == 1, "the head semaphore ended above 1"
+    messages = _warnings(caplog) + holder_warnings
+    assert lock_repairs(messages, q.path) == [], messages
+    assert len(frees_of(messages, dead.pid)) == 1, messages
     assert q._h64[Q_RECOVERIES] == 0  # the dead process held no lock
+    q.put(make_msg(2, 1), timeout=CHILD_TIMEOUT)
+    assert ids(_drain(q, 2, timeout=1)) == [(0, 0), (2, 1)]
+    assert soundness_problems(q) == [], describe(q)
     q.close()
 
 
@@ -862,7 +978,7 @@ def test_healing_tokens_and_recovering_a_producer_do_not_deadlock(bus_name: str,
     q.close()
 
 
-# == 3 (item 4 of the brief). Concurrent recoverers ======================================
+# == 3 (item 4 of the brief). Concurrent takers and recoverers ======================================
 
 
 def _put_stream(path: str, g: int, n: int, ready: Any, go: Any, blocking: Any) -> int:
@@ -892,19 +1008,27 @@ def _recover_at_once(path: str, ready: Any, go: Any, g: int, n: int) -> int:
     return found
 
 
-def _watch_values(q: shmbus.Queue, conns: list[Connection], children: list[Any]) -> tuple[list[Any], int]:
-    """Sample the lock semaphores until every child reported; return the reports and the max value."""
-    highest = 0
+def _watch_owners(
+    q: shmbus.Queue, conns: list[Connection], children: list[Any]
+) -> tuple[list[Any], set[int]]:
+    """Sample the locks' owners until every child reported; return the reports and any stranger seen.
+
+    A stranger is an owner thread that is none of ``children`` (each runs on its
+    main thread, whose id is its pid): a lock taken over by anyone else, or a
+    garbage word, would show one.
+    """
+    allowed = {0} | {p.pid for p in children}
+    strangers: set[int] = set()
     results: dict[int, Any] = {}
     deadline = time.monotonic() + CHILD_TIMEOUT
     while len(results) < len(conns):
-        highest = max(highest, q._head_lock.sem.value, q._tail_lock.sem.value)
+        strangers |= {lk.state()[0] for lk in (q._head_lock, q._tail_lock)} - allowed
         for i, c in enumerate(conns):
             if i not in results and c.poll():
                 results[i] = _result(c, children[i])
         assert time.monotonic() < deadline, f"children stuck: {describe(q)}"
         wait([*conns, *(p.sentinel for p in children)], 0.0005)
-    return [results[i] for i in range(len(conns))], highest
+    return [results[i] for i in range(len(conns))], strangers
 
 
 def _check_streams(q: shmbus.Queue, before: list[Any], writers: list[int], n: int) -> None:
@@ -921,7 +1045,7 @@ def _check_streams(q: shmbus.Queue, before: list[Any], writers: list[int], n: in
     assert soundness_problems(q) == [], describe(q)
 
 
-def test_three_waiters_free_a_dead_head_holders_lock_once(bus_name: str, procs: Any) -> None:
+def test_three_waiters_repair_a_dead_head_holders_lock_once(bus_name: str, procs: Any) -> None:
     q = shmbus.Queue.create(bus_name, capacity="4MiB")
     before = [make_msg(0, n) for n in range(5)]
     q.put_many(before)
@@ -935,21 +1059,29 @@ def test_three_waiters_free_a_dead_head_holders_lock_once(bus_name: str, procs: 
         children.append(procs.start(_run, tx, _put_stream, q.path, g, n, ready, go, blocking[-1]))
         conns.append(rx)
         assert ready.wait(CHILD_TIMEOUT)
-    _crash(procs, _kill_at_step, q.path, "queue", "put:after-lock", "put")
+    die = procs.ctx.Event()
+    rx_h, tx_h = procs.ctx.Pipe(duplex=False)
+    holder = procs.start(_take_the_mutex_and_die, tx_h, q.path, "head", die)
+    assert _recv(rx_h, holder) == 0  # it holds the head lock
     go.set()
     for p, b in zip(children, blocking):
         assert b.wait(CHILD_TIMEOUT)
-        _wait_until_blocked(p.pid)  # all three asleep on the dead producer's head lock
-    results, highest = _watch_values(q, conns, children)
+        _wait_until_blocked(p.pid)  # all three asleep on the head lock
+    die.set()  # its holder dies: the kernel wakes a waiter, which repairs
+    _recv(rx_h, holder)
+    holder.join(CHILD_TIMEOUT)
+    assert holder.exitcode == -signal.SIGKILL
+    procs.procs.remove(holder)
+    results, strangers = _watch_owners(q, conns, children)
     procs.join_all()
     assert results == [n] * 3
-    assert highest <= 1, "a lock semaphore went above 1: freed twice"
-    assert q._h64[Q_RECOVERIES] == 1
+    assert strangers == set(), "a lock was seen held by a thread that is none of the writers"
+    assert q._h64[Q_RECOVERIES] == 1  # one of the three took it first and repaired it; the others did not
     _check_streams(q, before, writers, n)
     q.close()
 
 
-def test_simultaneous_recover_calls_free_the_lock_once(bus_name: str, procs: Any) -> None:
+def test_simultaneous_recover_calls_repair_each_lock_once(bus_name: str, procs: Any) -> None:
     q = shmbus.Queue.create(bus_name, capacity="4MiB")
     before = [make_msg(0, n) for n in range(5)]
     q.put_many(before)
@@ -964,10 +1096,10 @@ def test_simultaneous_recover_calls_free_the_lock_once(bus_name: str, procs: Any
         conns.append(rx)
         assert ready.wait(CHILD_TIMEOUT)
     go.set()
-    found, highest = _watch_values(q, conns, children)
+    found, strangers = _watch_owners(q, conns, children)
     procs.join_all()
     assert sorted(found) == [0, 0, 2], "one recoverer finds both dead processes, the others none"
-    assert highest <= 1, "a lock semaphore went above 1: freed twice"
+    assert strangers == set(), "a lock was seen held by a thread that is none of the recoverers"
     assert q._h64[Q_RECOVERIES] == 2  # head and tail, once each
     _check_streams(q, before, writers, n)
     q.close()
@@ -1228,20 +1360,24 @@ def _killer(
 ) -> None:
     """Kill a random worker at a random instant, ``kills`` times, replacing each one.
 
-    After a kill the header says whether the victim held a lock (its
-    participant slot in a holder field); if so, the killer measures the time
-    to the next operation under that lock, by any process, before the next
-    kill.
+    After a kill the lock word says whether the victim held a lock (the
+    kernel marked it OWNER_DIED; only the killer kills, and it waits for each
+    such lock's recovery before the next kill); if so, the killer measures the
+    time to the next operation under that lock, by any process, before the
+    next kill. Meanwhile it watches that no lock is held by a thread that does
+    not exist (a lock no kernel would ever mark dead).
     """
     h = bus._h64
-    holders = {"head": I_HEAD_HOLDER, "tail": I_TAIL_HOLDER, "subs": I_SUBS_HOLDER}
+    locks = {lk.role: lk for lk in bus._locks}
     last, last_change = (h[Q_NEXT_SEQ], h[Q_TAIL], h[Q_HEAD]), time.monotonic()
     while res.kills < kills and not res.problems:
         strike = time.monotonic() + rng.uniform(0.0, max_delay)
         while True:  # fault timing: a random instant to strike; meanwhile, watch the locks
             for lk in bus._locks:
-                if lk.sem.value > 1:
-                    res.problems.append(f"{lk.role} semaphore at {lk.sem.value}: a lock was freed twice")
+                word = lk.mutex.word()
+                tid, died = _mutex.owner_of(word)
+                if tid and not died and not os.path.exists(f"/proc/{tid}") and lk.mutex.word() == word:
+                    res.problems.append(f"{lk.role} lock held by thread {tid}, which does not exist")
             if res.problems or time.monotonic() >= strike:
                 break
             time.sleep(0.002)
@@ -1265,10 +1401,7 @@ def _killer(
         crew.killed.add(victim.gen)
         res.kills += 1
         res.kills_by_role[role[0]] = res.kills_by_role.get(role[0], 0) + 1
-        slot = participant_slot(bus, victim.pid)
-        held = [
-            r for r, i in holders.items() if slot is not None and r in guarded and bus._h32[i] == slot + 1
-        ]
+        held = [r for r in guarded if locks[r].state()[1]]  # OWNER_DIED: the victim died holding it
         probes = {r: guarded[r](victim.pid) for r in held}
         before = {r: probe() for r, probe in probes.items()}
         crew.start(role)
