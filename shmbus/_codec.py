@@ -38,11 +38,9 @@ _BYTES_TYPES: Final = (bytes, bytearray, memoryview)
 _PLAIN_TYPES: Final = frozenset((dict, list, tuple, str, int, float, bool, type(None)))
 
 
-def _no_ext(code: int, data: bytes) -> Any:
-    raise DecodeError(
-        f"message uses msgpack ext type {code}, which shmbus does not decode by default: "
-        "pass Codec(unpack_options={'ext_hook': ...}) to accept it"
-    )
+# An ext type comes back as the msgpack.ExtType(code, data) that was put: inert data (nothing is
+# looked up or run), and put accepts it, so get must return it. A codec's ext_hook overrides this.
+_EXT: Final = msgpack.ExtType
 
 
 def _bin_header(n: int) -> bytes:
@@ -59,7 +57,7 @@ def _finish_many(codec: Codec, items: list[tuple[int, Payload]]) -> list[Any]:
         # small dict); on any failure the loop below redoes it, keeping the good ones.
         try:
             return [
-                _unpackb(p, strict_map_key=False, ext_hook=_no_ext) if k == REC_MSGPACK and type(p) is bytes
+                _unpackb(p, strict_map_key=False, ext_hook=_EXT) if k == REC_MSGPACK and type(p) is bytes
                 else codec.finish(k, p)
                 for k, p in items
             ]  # fmt: skip
@@ -144,8 +142,9 @@ class Codec:
             ``{"default": fn}`` to encode your own types, ``{"datetime": True}``).
         unpack_options: keyword arguments for ``msgpack.unpackb`` (e.g.
             ``{"use_list": False}`` to get tuples back, ``{"ext_hook": fn}`` to
-            accept ext types: all but msgpack's own timestamp are refused by
-            default). Map keys of any type are accepted (``strict_map_key``
+            turn ext types into your objects: by default one comes back as
+            the ``msgpack.ExtType(code, data)`` that was put, and msgpack's
+            own timestamp as a ``msgpack.Timestamp``). Map keys of any type are accepted (``strict_map_key``
             is off), so a dict with int keys round-trips, and a tuple key
             comes back a tuple (a list cannot be a key).
 
@@ -169,7 +168,7 @@ class Codec:
         self._unpack_kw: dict[str, Any] = {
             "raw": False,
             "strict_map_key": False,
-            "ext_hook": _no_ext,
+            "ext_hook": _EXT,
             **self.unpack_options,
         }
         self._plain = not self.unpack_options
@@ -223,7 +222,7 @@ class Codec:
         ``unpack_options``, decoding stays here, in ``finish``.
         """
         unpack = _unpackb if self._plain else None
-        return self._packb, unpack, {"strict_map_key": False, "ext_hook": _no_ext}
+        return self._packb, unpack, {"strict_map_key": False, "ext_hook": _EXT}
 
     def finish_many(self, items: list[tuple[int, Payload]]) -> list[Any]:
         """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``."""
@@ -239,7 +238,7 @@ class Codec:
             return _ndarray.decode(payload)  # type: ignore[arg-type]
         try:
             if self._plain:  # keyword expansion costs ~150 ns a message: skip it when we can
-                return _unpackb(payload, strict_map_key=False, ext_hook=_no_ext)
+                return _unpackb(payload, strict_map_key=False, ext_hook=_EXT)
             return _unpackb(payload, **self._unpack_kw)
         except DecodeError:
             raise

@@ -103,7 +103,7 @@ class EncodeError(ShmbusError, TypeError):
 
 
 class DecodeError(CorruptBus):
-    """A message cannot be decoded: bad msgpack, an ext type no ``ext_hook`` accepts, an unreadable array.
+    """A message cannot be decoded: bad msgpack, an ext type the ``ext_hook`` refuses, an unreadable array.
 
     An array message is unreadable where numpy cannot be imported, or when
     its header is malformed.
