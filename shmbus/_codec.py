@@ -244,7 +244,7 @@ class Codec:
             raise
         except Exception as e:  # msgpack raises several unrelated types on bad input
             try:
-                return _unpack_again(payload, self._unpack_kw)
+                return _unpack_again(payload, self._unpack_kw)  # type: ignore[arg-type]
             except DecodeError:
                 raise
             except Exception:  # not what put writes: report the first reason
