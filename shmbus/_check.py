@@ -263,9 +263,9 @@ class _Walk:
                 try:
                     _LENIENT.finish(kind, extract(ring, off + RECORD_SIZE, n, kind))
                 except DecodeError as e:
-                    return Problem(ro + off, f"record at ring offset {off} (seq {rseq}): {e}")
-                except ImportError:
-                    pass  # an array, and numpy is not installed here: its payload cannot be judged
+                    # An array, and numpy is not installed here: its payload cannot be judged.
+                    if not isinstance(e.__cause__, ImportError):
+                        return Problem(ro + off, f"record at ring offset {off} (seq {rseq}): {e}")
             seq = rseq + 1
             self.messages += 1
             self.payload_bytes += n

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ._bus import Bus, Stats, read_layout_of
-from ._errors import ShmbusError
+from ._errors import DecodeError, ShmbusError
 from ._format import KIND_QUEUE, parse_size
 from ._lines import cmd_recv, cmd_send, dumps, from_json, to_json
 from ._queue import Queue
@@ -202,7 +202,13 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     with Topic.open(args.path) as topic, topic.subscribe(start=args.start) as sub:
         n = 0
         while args.count is None or n < args.count:
-            for msg in sub.get_many(args.count - n if args.count else 256):
+            try:
+                batch = sub.get_many(args.count - n if args.count else 256)
+            except DecodeError as e:  # print the batch's others before reporting the one that failed
+                for msg in e.decoded:
+                    print(dumps(msg), flush=True)
+                raise
+            for msg in batch:
                 print(dumps(msg), flush=True)
                 n += 1
     return 0

@@ -38,11 +38,9 @@ _BYTES_TYPES: Final = (bytes, bytearray, memoryview)
 _PLAIN_TYPES: Final = frozenset((dict, list, tuple, str, int, float, bool, type(None)))
 
 
-def _no_ext(code: int, data: bytes) -> Any:
-    raise DecodeError(
-        f"message uses msgpack ext type {code}, which shmbus does not decode by default: "
-        "pass Codec(unpack_options={'ext_hook': ...}) to accept it"
-    )
+# An ext type comes back as the msgpack.ExtType(code, data) that was put: inert data (nothing is
+# looked up or run), and put accepts it, so get must return it. A codec's ext_hook overrides this.
+_EXT: Final = msgpack.ExtType
 
 
 def _bin_header(n: int) -> bytes:
@@ -59,7 +57,7 @@ def _finish_many(codec: Codec, items: list[tuple[int, Payload]]) -> list[Any]:
         # small dict); on any failure the loop below redoes it, keeping the good ones.
         try:
             return [
-                _unpackb(p, strict_map_key=False, ext_hook=_no_ext) if k == REC_MSGPACK and type(p) is bytes
+                _unpackb(p, strict_map_key=False, ext_hook=_EXT) if k == REC_MSGPACK and type(p) is bytes
                 else codec.finish(k, p)
                 for k, p in items
             ]  # fmt: skip
@@ -76,6 +74,50 @@ def _finish_many(codec: Codec, items: list[tuple[int, Payload]]) -> list[Any]:
         failed.decoded = out
         raise failed
     return out
+
+
+def _key(k: Any) -> Any:
+    """A map key as it was put: msgpack turned a tuple key into a list, which cannot be a key."""
+    return tuple(_key(x) for x in k) if type(k) is list else k
+
+
+def _pairs_to_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    return {_key(k): v for k, v in pairs}
+
+
+def _unpack_again(payload: bytes, kw: dict[str, Any]) -> Any:
+    """Decode what the plain ``unpackb`` call refused but ``put`` accepts (the slow path: rare).
+
+    Two things ``put`` writes that ``unpackb`` refuses: a map with tuple keys
+    (read back as lists, unhashable: here they become tuples again, unless
+    the codec has its own object hook), and a message nested one level deeper
+    than msgpack decodes (its packer allows 1025 levels, its unpacker 1024:
+    here the outermost container is read by hand, its items by an Unpacker).
+    """
+    if "object_hook" not in kw and "object_pairs_hook" not in kw:
+        kw = {**kw, "object_pairs_hook": _pairs_to_dict}
+    head, n, start = payload[0] if payload else 0, -1, 0
+    if 0x90 <= head <= 0x9F or 0x80 <= head <= 0x8F:
+        n, start = head & 0x0F, 1
+    elif head in (0xDC, 0xDE):
+        n, start = int.from_bytes(payload[1:3], "big"), 3
+    elif head in (0xDD, 0xDF):
+        n, start = int.from_bytes(payload[1:5], "big"), 5
+    if n < 0 or len(payload) < start:
+        return _unpackb(payload, **kw)
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(payload), 1), **kw)
+    unpacker.feed(payload[start:])
+    is_map = head < 0x90 or head in (0xDE, 0xDF)
+    items = [unpacker.unpack() for _ in range(2 * n if is_map else n)]  # each item is >= 1 byte
+    if unpacker.tell() != len(payload) - start:
+        raise ValueError("extra data after the message")
+    if is_map:
+        pairs = list(zip(items[::2], items[1::2]))
+        if "object_pairs_hook" in kw:
+            return kw["object_pairs_hook"](pairs)
+        return kw["object_hook"](dict(pairs))
+    out: Any = items if kw.get("use_list", True) else tuple(items)
+    return kw["list_hook"](out) if "list_hook" in kw else out
 
 
 def as_bytes_view(data: Any) -> bytes | memoryview:
@@ -100,9 +142,11 @@ class Codec:
             ``{"default": fn}`` to encode your own types, ``{"datetime": True}``).
         unpack_options: keyword arguments for ``msgpack.unpackb`` (e.g.
             ``{"use_list": False}`` to get tuples back, ``{"ext_hook": fn}`` to
-            accept ext types: all but msgpack's own timestamp are refused by
-            default). Map keys of any type are accepted (``strict_map_key``
-            is off), so a dict with int keys round-trips.
+            turn ext types into your objects: by default one comes back as
+            the ``msgpack.ExtType(code, data)`` that was put, and msgpack's
+            own timestamp as a ``msgpack.Timestamp``). Map keys of any type are accepted (``strict_map_key``
+            is off), so a dict with int keys round-trips, and a tuple key
+            comes back a tuple (a list cannot be a key).
 
     Example::
 
@@ -124,7 +168,7 @@ class Codec:
         self._unpack_kw: dict[str, Any] = {
             "raw": False,
             "strict_map_key": False,
-            "ext_hook": _no_ext,
+            "ext_hook": _EXT,
             **self.unpack_options,
         }
         self._plain = not self.unpack_options
@@ -178,7 +222,7 @@ class Codec:
         ``unpack_options``, decoding stays here, in ``finish``.
         """
         unpack = _unpackb if self._plain else None
-        return self._packb, unpack, {"strict_map_key": False, "ext_hook": _no_ext}
+        return self._packb, unpack, {"strict_map_key": False, "ext_hook": _EXT}
 
     def finish_many(self, items: list[tuple[int, Payload]]) -> list[Any]:
         """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``."""
@@ -194,11 +238,17 @@ class Codec:
             return _ndarray.decode(payload)  # type: ignore[arg-type]
         try:
             if self._plain:  # keyword expansion costs ~150 ns a message: skip it when we can
-                return _unpackb(payload, strict_map_key=False, ext_hook=_no_ext)
+                return _unpackb(payload, strict_map_key=False, ext_hook=_EXT)
             return _unpackb(payload, **self._unpack_kw)
         except DecodeError:
             raise
         except Exception as e:  # msgpack raises several unrelated types on bad input
+            try:
+                return _unpack_again(payload, self._unpack_kw)  # type: ignore[arg-type]
+            except DecodeError:
+                raise
+            except Exception:  # not what put writes: report the first reason
+                pass
             raise DecodeError(f"a message is not valid msgpack ({type(e).__name__}: {e})") from e
 
 

@@ -103,7 +103,10 @@ class EncodeError(ShmbusError, TypeError):
 
 
 class DecodeError(CorruptBus):
-    """A record's payload is not valid msgpack, or uses an ext type no ``ext_hook`` accepts.
+    """A message cannot be decoded: bad msgpack, an ext type the ``ext_hook`` refuses, an unreadable array.
+
+    An array message is unreadable where numpy cannot be imported, or when
+    its header is malformed.
 
     From ``get_many``, ``decoded`` holds the batch's other messages, in order,
     so that one bad message does not lose the rest.

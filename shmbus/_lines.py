@@ -6,8 +6,11 @@ stand for them, in both directions:
 
 * ``{"$bytes": "<base64>"}`` is ``bytes`` (standard, padded base64);
 * ``{"$float": "nan"}``, ``"inf"`` or ``"-inf"`` is that float;
+* ``{"$msgpack": "<base64>"}`` is the message encoded with msgpack: what
+  ``dumps`` prints for a message it cannot render as JSON (nested too
+  deep for the JSON encoder), so that it is printed, never dropped;
 * ``{"$dict": {...}}`` is a dict that would otherwise read as a tag: one
-  whose only key is ``$bytes``, ``$float`` or ``$dict``.
+  whose only key is ``$bytes``, ``$float``, ``$msgpack`` or ``$dict``.
 
 So ``from_json(to_json(m)) == m`` for every message of str-keyed maps, lists
 and scalars, and ``to_json(from_json(j)) == j`` for every JSON value ``j``
@@ -39,14 +42,15 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any, Callable
 
 from ._bus import read_layout_of, resolve_path
-from ._errors import Empty, EncodeError, MessageTooLarge, ShmbusError
-from ._format import KIND_QUEUE
+from ._codec import DEFAULT_CODEC
+from ._errors import DecodeError, Empty, EncodeError, MessageTooLarge, ShmbusError
+from ._format import KIND_QUEUE, REC_MSGPACK
 from ._queue import Queue
 from ._topic import Topic
 
 __all__ = ["to_json", "from_json", "dumps", "cmd_send", "cmd_recv"]
 
-_TAGS = ("$bytes", "$float", "$dict")
+_TAGS = ("$bytes", "$float", "$msgpack", "$dict")
 _SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _SLICE = 0.1  # seconds recv waits at a time before looking for a Ctrl-C
 
@@ -62,7 +66,7 @@ def to_json(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return {"$float": repr(obj)}  # 'nan', 'inf' or '-inf'
     if isinstance(obj, dict):
-        out = {k if isinstance(k, str) else dumps(k): to_json(v) for k, v in obj.items()}
+        out = {k if isinstance(k, str) else _strict_dumps(k): to_json(v) for k, v in obj.items()}
         return {"$dict": out} if _is_tag(obj) else out
     if isinstance(obj, (list, tuple)):
         return [to_json(v) for v in obj]
@@ -82,11 +86,16 @@ def from_json(obj: Any) -> Any:
         if _is_tag(obj):
             ((tag, value),) = obj.items()
             if tag == "$bytes":
-                return _unbase64(value)
+                return _unbase64(value, tag)
             if tag == "$float":
                 if value not in _SPECIAL:
                     raise ValueError(f'"$float" holds "nan", "inf" or "-inf", not {json.dumps(value)}')
                 return _SPECIAL[value]
+            if tag == "$msgpack":
+                try:
+                    return DEFAULT_CODEC.finish(REC_MSGPACK, _unbase64(value, tag))
+                except DecodeError as e:
+                    raise ValueError(f'"$msgpack" holds base64 of a msgpack message ({e})') from None
             if not isinstance(value, dict) or not _is_tag(value):
                 raise ValueError('"$dict" wraps only an object that reads as a tag, such as {"$bytes": ""}')
             return {k: from_json(v) for k, v in value.items()}
@@ -96,8 +105,8 @@ def from_json(obj: Any) -> Any:
     return obj
 
 
-def _unbase64(value: Any) -> bytes:
-    bad = ValueError('"$bytes" holds standard padded base64, such as "AP8="')
+def _unbase64(value: Any, tag: str) -> bytes:
+    bad = ValueError(f'"{tag}" holds standard padded base64, such as "AP8="')
     if not isinstance(value, str):
         raise bad
     try:
@@ -109,9 +118,33 @@ def _unbase64(value: Any) -> bytes:
     return data
 
 
-def dumps(obj: Any) -> str:
-    """One message as one line of JSON (strict: no NaN, which ``jq`` and most parsers refuse)."""
+def _strict_dumps(obj: Any) -> str:
     return json.dumps(to_json(obj), allow_nan=False)
+
+
+def dumps(obj: Any) -> str:
+    """One message as one line of JSON (strict: no NaN, which ``jq`` and most parsers refuse).
+
+    Never fails: a message nested too deep for the JSON encoder prints as
+    ``{"$msgpack": "<base64>"}``, and one msgpack cannot encode either as
+    ``{"$repr": "..."}``.
+    """
+    try:
+        return _strict_dumps(obj)
+    except (RecursionError, ValueError, TypeError):
+        pass
+    try:
+        kind, prefix, body, _ = DEFAULT_CODEC.encode(obj)
+        if kind == REC_MSGPACK:
+            data = prefix + bytes(body) if body is not None else prefix
+            return json.dumps({"$msgpack": base64.b64encode(data).decode("ascii")})
+    except EncodeError:
+        pass
+    try:
+        text = repr(obj)
+    except RecursionError:
+        text = f"<a {type(obj).__name__} nested too deep to print>"
+    return json.dumps({"$repr": text})
 
 
 def _open(path: str) -> Queue | Topic:

@@ -36,28 +36,57 @@ def is_ndarray(obj: object) -> bool:
 
 
 def encode(arr: Any) -> tuple[bytes, memoryview | bytes]:
-    """The header and the data of an array: ``(prefix, body)``, body without a copy when contiguous."""
+    """The header and the data of an array: ``(prefix, body)``, body without a copy when contiguous.
+
+    Raises ``EncodeError`` for an array that could not come back equal: one
+    of Python objects, or a structured dtype whose fields overlap or are out
+    of order (numpy cannot describe its layout as a field list).
+    """
     if arr.dtype.hasobject:
         raise EncodeError("an array of Python objects cannot travel without pickle: convert it first")
     from numpy.lib.format import dtype_to_descr  # numpy is loaded: we hold one of its arrays
 
-    meta = msgpack.packb([dtype_to_descr(arr.dtype), list(arr.shape)])
+    try:
+        meta = msgpack.packb([dtype_to_descr(arr.dtype), list(arr.shape)])
+    except (ValueError, TypeError, OverflowError) as e:
+        raise EncodeError(
+            f"cannot send an array of dtype {arr.dtype} ({e}): give it a dtype whose fields are "
+            "in order and do not overlap, such as numpy.lib.recfunctions.repack_fields(arr)"
+        ) from e
     size = (_LEN.size + len(meta) + 15) & ~15
+    if size > 0xFFFF:
+        raise EncodeError(f"the description of dtype {arr.dtype} is too long to send ({size} bytes)")
     prefix = (_LEN.pack(size, len(meta)) + meta).ljust(size, b"\0")
-    body = memoryview(arr).cast("B") if arr.flags.c_contiguous and arr.size else arr.tobytes()
-    return prefix, body
+    if arr.flags.c_contiguous and arr.size:
+        try:
+            return prefix, memoryview(arr).cast("B")
+        except (ValueError, TypeError):  # datetime64/timedelta64 have no buffer format: copy them
+            pass
+    return prefix, arr.tobytes()
+
+
+def _field(field: list[Any]) -> tuple[Any, ...]:
+    """One ``[name, descr]`` or ``[name, descr, shape]`` field back as the tuple numpy expects.
+
+    A titled field's name is ``[title, name]``; a nested structure's descr a list of fields.
+    """
+    name, descr, *shape = field
+    out = (tuple(name) if isinstance(name, list) else name, _tuples(descr))
+    return (*out, tuple(shape[0])) if shape else out
 
 
 def _tuples(descr: Any) -> Any:
     """msgpack turns the tuples of a structured dtype's description into lists: turn them back."""
     if isinstance(descr, list):
-        return [tuple(_tuples(x) for x in field) if isinstance(field, list) else field for field in descr]
+        return [_field(field) if isinstance(field, list) else field for field in descr]
     return descr
 
 
 def _parse(buf: Any) -> tuple[Any, Any, int]:
-    from numpy.lib.format import descr_to_dtype
-
+    try:
+        from numpy.lib.format import descr_to_dtype
+    except ImportError as e:
+        raise DecodeError(f"an array message needs numpy, which cannot be imported here ({e})") from e
     try:
         size, m = _LEN.unpack_from(buf)
         if _LEN.size + m > size:
@@ -74,17 +103,32 @@ def _parse(buf: Any) -> tuple[Any, Any, int]:
             raise ValueError("a negative dimension")
         if count * dtype.itemsize != len(buf) - size:
             raise ValueError("array data length does not match its shape")
-    except (ValueError, TypeError, KeyError, struct.error, msgpack.UnpackException) as e:
-        raise DecodeError(f"an array message is malformed ({e})") from e
+    except DecodeError:
+        raise
+    except Exception as e:  # a hostile header reaches numpy, which raises many unrelated types
+        raise DecodeError(f"an array message is malformed ({type(e).__name__}: {e})") from e
     return dtype, shape, size
 
 
-def decode(buf: bytearray) -> Any:
-    """A writable array over ``buf`` (the payload copied out of the ring once)."""
-    import numpy as np
-
+def _array(buf: Any) -> Any:
     dtype, shape, size = _parse(buf)
-    return np.frombuffer(buf, dtype=dtype, offset=size).reshape(shape)
+    import numpy as np  # _parse imported it
+
+    try:
+        if dtype.itemsize == 0:  # no data to wrap (frombuffer refuses it)
+            return np.zeros(shape, dtype)
+        return np.frombuffer(buf, dtype=dtype, offset=size).reshape(shape)
+    except Exception as e:  # e.g. more dimensions than numpy allows
+        raise DecodeError(f"an array message is malformed ({type(e).__name__}: {e})") from e
+
+
+def decode(buf: bytearray) -> Any:
+    """A writable array over ``buf`` (the payload copied out of the ring once).
+
+    Raises ``DecodeError`` for every problem: a malformed header, or numpy
+    missing in this process.
+    """
+    return _array(buf)
 
 
 def array_view(buf: memoryview) -> Any:
@@ -94,8 +138,7 @@ def array_view(buf: memoryview) -> Any:
 
         with q.get_view() as buf:
             total = shmbus.array_view(buf).sum()
-    """
-    import numpy as np
 
-    dtype, shape, size = _parse(buf)
-    return np.frombuffer(buf, dtype=dtype, offset=size).reshape(shape)
+    Raises ``DecodeError`` if ``buf`` is not a well-formed array message.
+    """
+    return _array(buf)

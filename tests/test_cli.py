@@ -481,3 +481,46 @@ def test_recover_frees_a_dead_holders_lock(bus_name: str, capsys: pytest.Capture
         assert q._head_lock.sem.value == 1
         q.put_nowait("flows again")
         assert q.get_nowait() == "flows again"
+
+
+def _deep(depth: int) -> object:
+    x: object = {"leaf": b"\x00"}
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("depth", [600, 1023])
+def test_recv_and_tail_print_a_message_too_deep_for_json_in_the_fallback_form(
+    bus_name: str, capsys: pytest.CaptureFixture[str], depth: int
+) -> None:
+    import msgpack
+
+    msg = _deep(depth)
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        q.put_many(["before", msg, "after"])
+        capsys.readouterr()
+        assert main(["recv", bus_name, "--timeout", "0"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        q.unlink()
+    assert len(lines) == 3 and json.loads(lines[0]) == "before" and json.loads(lines[2]) == "after"
+    fallback = json.loads(lines[1])
+    assert list(fallback) == ["$msgpack"]
+    assert msgpack.packb(from_json(fallback)) == msgpack.packb(msg)  # (== itself overflows at this depth)
+
+    assert main(["create", bus_name, "--topic", "--capacity", "64KiB"]) == 0
+    with shmbus.Topic.open(bus_name) as t:
+        t.publish_many(["before", msg, "after"])
+        capsys.readouterr()
+        assert main(["tail", bus_name, "--from", "earliest", "--count", "3"]) == 0
+        assert capsys.readouterr().out.splitlines() == lines
+        t.unlink()
+
+
+def test_tuple_keys_print_as_their_json_text(bus_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        q.put({(1, 2): "a"})
+        capsys.readouterr()
+        assert main(["recv", bus_name, "--count", "1"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"[1, 2]": "a"}
+        q.unlink()

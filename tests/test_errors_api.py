@@ -447,10 +447,15 @@ def test_an_object_msgpack_cannot_encode_raises_encode_error(bus_name: str, bad:
     assert_intact(bus_name, msgs)
 
 
-def test_an_ext_type_nobody_accepts_raises_decode_error_for_that_message_only(
+def _refuse_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"ext type {code}: no ext_hook accepts it")
+
+
+def test_an_ext_type_the_codec_refuses_raises_decode_error_for_that_message_only(
     bus_name: str,
 ) -> None:
-    with Queue.create(bus_name, capacity=CAP) as q:
+    codec = shmbus.Codec(unpack_options={"ext_hook": _refuse_ext})
+    with Queue.create(bus_name, capacity=CAP, codec=codec) as q:
         q.put("before")
         q.put(msgpack.ExtType(42, b"opaque"))
         q.put("after")
