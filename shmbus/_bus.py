@@ -46,6 +46,7 @@ from ._format import (
     BOOT_ID,
     HEADER_MIN,
     KIND_NAMES,
+    LOCKS,
     MAGIC,
     Q_BYTES_IN,
     Q_BYTES_OUT,
@@ -314,8 +315,6 @@ class Bus:
     _part: _recovery.Participant | None = None
     _locks: tuple[_recovery.Lock, ...] = ()
     _mutexes: dict[str, _mutex.Mutex] = {}  # noqa: RUF012 - replaced per instance, never mutated
-    # (role, byte offset) of each lock this kind of bus has
-    _MUTEXES: ClassVar[tuple[tuple[str, int], ...]] = ()
     _views: tuple[memoryview, ...] = ()
     _sems: dict[str, _sync.Sem] = {}  # noqa: RUF012 - replaced per instance, never mutated
     path = ""
@@ -430,7 +429,7 @@ class Bus:
         self._ring = mv[layout.ring_offset :]
         self._views = (self._h64, self._h32, self._ring, h, mv)
         self._part = _recovery.Participant(real, self._fd, self._h64, layout)
-        self._mutexes = {role: _mutex.Mutex(self._mm, off) for role, off in self._MUTEXES}
+        self._mutexes = {role: _mutex.Mutex(self._mm, off) for role, off, _ in LOCKS[layout.kind]}
         self._check_locks()
 
     def _check_locks(self) -> None:
@@ -459,6 +458,10 @@ class Bus:
                 log.warning("%s: last used in an earlier boot; resetting its locks", self.path)
                 for m in self._mutexes.values():
                     m.reset()
+                # A holder may have been cut off mid-section by the crash: the
+                # next holder of each lock checks the counters.
+                for _, _, repair in LOCKS[self._layout.kind]:
+                    self._h32[repair] = 1
                 mm[BOOT_ID : BOOT_ID + 16] = boot
 
     def _open_sems(self) -> dict[str, _sync.Sem]:
@@ -517,10 +520,13 @@ class Bus:
     def _setup(self) -> None:
         """Bind the per-instance fast-path attributes (after the mapping and semaphores)."""
 
-    def _lock(self, role: str, repair_index: int) -> _recovery.Lock:
-        return _recovery.Lock(
-            role, self.path, self._mutexes[role], self._h32, repair_index, self._repair, self._count_recovery
-        )
+    def _make_locks(self) -> tuple[_recovery.Lock, ...]:
+        """This kind's locks, in ``LOCKS`` order (the head lock first)."""
+        return tuple(
+            _recovery.Lock(role, self.path, self._mutexes[role], self._h32, repair, self._repair,
+                           self._count_recovery)
+            for role, _, repair in LOCKS[self._KIND]
+        )  # fmt: skip
 
     def _count_recovery(self) -> None:
         """A lock's repair is done: count it (a statistic: wraps)."""

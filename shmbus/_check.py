@@ -35,15 +35,9 @@ from ._errors import CorruptBus, DecodeError
 from ._format import (
     ALIGN,
     BOOT_ID,
-    I_HEAD_REPAIR,
-    I_SUBS_REPAIR,
-    I_TAIL_REPAIR,
     KIND_NAMES,
-    KIND_QUEUE,
     KIND_TOPIC,
-    M_HEAD,
-    M_SUBS,
-    M_TAIL,
+    LOCKS,
     Q_BYTES_IN,
     Q_BYTES_OUT,
     Q_HEAD,
@@ -154,12 +148,6 @@ def _what(e: CorruptBus, path: str) -> str:
     return message[len(prefix) :] if message.startswith(prefix) else message
 
 
-_LOCKS: Final = {
-    KIND_QUEUE: (("head", M_HEAD, I_HEAD_REPAIR), ("tail", M_TAIL, I_TAIL_REPAIR)),
-    KIND_TOPIC: (("head", M_HEAD, I_HEAD_REPAIR), ("subs", M_SUBS, I_SUBS_REPAIR)),
-}
-
-
 def lock_state(hb: memoryview, off: int, repair: int) -> str | None:
     """What is wrong with the lock at byte ``off`` of header bytes ``hb`` (None: nothing), as a phrase.
 
@@ -223,7 +211,7 @@ class _Walk:
         """Each lock: intact, not left by a dead holder, not held by a thread that does not exist."""
         if bytes(hb[BOOT_ID : BOOT_ID + 16]) != current_boot_id():
             return None  # words of an earlier boot: the next open resets them
-        for role, off, repair in _LOCKS[self.layout.kind]:
+        for role, off, repair in LOCKS[self.layout.kind]:
             what = lock_state(hb, off, repair)
             if what is not None:
                 return Problem(off, f"the {role} lock {what}")

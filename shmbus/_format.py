@@ -46,7 +46,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
     -- recovery line (256..319) --
        256     4  reserved           -                 zero
        260     4  subs_repair u32    subscribers       1 while what a dead subs holder left needs mending
-       264     8  recoveries u64     recoverers        dead lock holders recovered, ever
+       264     8  recoveries u64     lock holders      lock repairs done, ever (dead or cut-short holders)
        272     8  last_recovery_ns   recoverers        when, ns since the epoch
        280    40  reserved           -                 zero
        320     8  scratch u64        Queue consumers   where a consumer with no participant slot
@@ -174,6 +174,7 @@ __all__ = [
     "I_TAIL_REPAIR",
     "I_SUBS_REPAIR",
     "BOOT_ID",
+    "LOCKS",
     "current_boot_id",
     "Q_RECOVERIES",
     "Q_LAST_RECOVERY",
@@ -259,6 +260,11 @@ I_HEAD_REPAIR: Final = 156 // 4
 I_TAIL_REPAIR: Final = 220 // 4
 I_SUBS_REPAIR: Final = 260 // 4
 BOOT_ID: Final = 336  # 16 bytes
+# The locks each kind of bus has: (role, mutex byte offset, repair word u32 index).
+LOCKS: Final = {
+    1: (("head", M_HEAD, I_HEAD_REPAIR), ("tail", M_TAIL, I_TAIL_REPAIR)),  # Queue
+    2: (("head", M_HEAD, I_HEAD_REPAIR), ("subs", M_SUBS, I_SUBS_REPAIR)),  # Topic
+}
 Q_RECOVERIES: Final = 264 // 8
 Q_LAST_RECOVERY: Final = 272 // 8
 I_SPACE_WAITING: Final = 224 // 4

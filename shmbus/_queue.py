@@ -3,9 +3,9 @@
 Rule: every message put is taken by exactly one ``get``, in the order the
 puts committed. The locking protocol (also in ``docs/format.md``):
 
-* ``head`` (binary semaphore) serializes producers; under it a producer
+* ``head`` (robust mutex in the header, see ``_mutex``) serializes producers; under it a producer
   places, writes and commits records and advances ``head``/``next_seq``.
-* ``tail`` (binary semaphore) serializes consumers; under it a consumer copies
+* ``tail`` (robust mutex in the header, see ``_mutex``) serializes consumers; under it a consumer copies
   records out and advances ``tail``/``tail_seq``.
 * ``items`` counts committed records no consumer has claimed yet. A producer
   posts it once per record *after* publishing ``head`` (still under the head
@@ -40,11 +40,7 @@ from ._bus import Bus
 from ._codec import Codec
 from ._consumer import _Consuming
 from ._format import (
-    I_HEAD_REPAIR,
-    I_TAIL_REPAIR,
     KIND_QUEUE,
-    M_HEAD,
-    M_TAIL,
     Q_HEAD,
     Q_NEXT_SEQ,
     Q_TAIL,
@@ -82,7 +78,6 @@ class Queue(_Producing, _Consuming, Bus):
 
     _KIND = KIND_QUEUE
     _ROLES = ("items", "space")
-    _MUTEXES = (("head", M_HEAD), ("tail", M_TAIL))
     _aio: QueueAio | None = None  # asyncio threads, started by the first async call that waits
     _fast: Any = None  # the C fast path (_accel), when built and usable for this handle
 
@@ -146,9 +141,8 @@ class Queue(_Producing, _Consuming, Bus):
         self._kept = []
         self._in_hand = []
         s = self._sems
-        self._head_lock = self._lock("head", I_HEAD_REPAIR)
-        self._tail_lock = self._lock("tail", I_TAIL_REPAIR)
-        self._locks = (self._head_lock, self._tail_lock)
+        self._locks = self._make_locks()
+        self._head_lock, self._tail_lock = self._locks
         self._items = s["items"]
         self._space = s["space"]
         self._slots = s.get("slots")

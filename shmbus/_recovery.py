@@ -140,7 +140,7 @@ class Participant:
         self._h64 = h64
         self._layout = layout
         self.slot = -1
-        self.me = 0  # slot + 1, the value stored in holder fields; 0 = not claimed
+        self.me = 0  # slot + 1, the value a subscriber slot's owner field stores; 0 = not claimed
         self.tokens_index = 0  # u64 index of our slot's tokens field
         self._fd = -1
         self._pid = 0
@@ -186,8 +186,9 @@ class Participant:
     def claim(self, reap: Callable[[], object]) -> int:
         """Claim a free slot (reaping dead ones first through ``reap``); return slot + 1.
 
-        Returns 0 when the table is full: the process still works, but a lock
-        it dies holding can then only be freed by ``shmbus recover``.
+        Returns 0 when the table is full (or its recovery byte stays locked):
+        the process still works; items tokens it dies holding are healed by
+        the consumers (``Queue._heal``) instead of given back at once.
         """
         if self.me:
             return self.me

@@ -39,11 +39,7 @@ from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty, TooManySubscribers
 from ._format import (
-    I_HEAD_REPAIR,
-    I_SUBS_REPAIR,
     KIND_TOPIC,
-    M_HEAD,
-    M_SUBS,
     MAX_SUBSCRIBERS,
     Q_BYTES_IN,
     Q_HEAD,
@@ -91,7 +87,6 @@ class Topic(Bus):
 
     _KIND = KIND_TOPIC
     _ROLES: tuple[str, ...] = ()  # the wake-up semaphores sub<i> are added per layout
-    _MUTEXES = (("head", M_HEAD), ("subs", M_SUBS))
 
     @classmethod
     def create(
@@ -145,9 +140,8 @@ class Topic(Bus):
         return max(h[Q_NEXT_SEQ] - h[Q_TAIL_SEQ], 0)
 
     def _setup(self) -> None:
-        self._head_lock = self._lock("head", I_HEAD_REPAIR)
-        self._subs_lock = self._lock("subs", I_SUBS_REPAIR)
-        self._locks = (self._head_lock, self._subs_lock)
+        self._locks = self._make_locks()
+        self._head_lock, self._subs_lock = self._locks
         self._cap = self._layout.capacity
         self._max_payload = max_payload(self._cap)
         self._encode = self._codec.encode
@@ -280,12 +274,6 @@ class Topic(Bus):
         """
         self._check_open()
         self._check_sizes((nbytes,))
-        lock = self._head_lock
-        try:
-            lock.acquire(None)
-        except BaseException:
-            lock.release()
-            raise
 
         def abandon() -> None:
             h = self._h64
@@ -294,6 +282,7 @@ class Topic(Bus):
 
         return self._reservation(
             nbytes,
+            None,
             lambda: self._make_room(nbytes),
             lambda seq, new_head: self._commit_record(seq, nbytes, new_head),
             abandon,

@@ -102,7 +102,7 @@ import msgpack  # noqa: E402
 from shmbus import _live  # noqa: E402
 from shmbus._bus import oldest_age, record_time  # noqa: E402
 from shmbus._cli import _parser, from_json  # noqa: E402
-from shmbus._format import Q_TIME_SAMPLES, SAMPLE_WRITING, TIME_SAMPLES  # noqa: E402
+from shmbus._format import Q_RECOVERIES, Q_TIME_SAMPLES, SAMPLE_WRITING, TIME_SAMPLES  # noqa: E402
 
 # JSON values that must come out of `send | recv` as the very same text.
 ROUND_TRIP = [
@@ -389,18 +389,18 @@ def test_stats_topic_subscribers(
 
 def test_stats_and_ls_count_live_processes_only(bus_name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
-        code = "import sys, shmbus; q = shmbus.Queue.open(sys.argv[1]); q.put(1); print(flush=True); input()"
+        code = "import sys, shmbus; q = shmbus.Queue.open(sys.argv[1]); q.put(1); q.get(); print(flush=True); input()"
         with subprocess.Popen([sys.executable, "-c", code, bus_name], stdin=PIPE, stdout=PIPE) as child:
             try:
                 assert child.stdout is not None
-                child.stdout.readline()  # it has taken the head lock: it is a participant
+                child.stdout.readline()  # it has got a message: a consumer is a participant (items tokens)
                 assert main(["stats", bus_name, "--count", "1"]) == 0
                 assert _field(capsys.readouterr().out, "processes") == f"1: {child.pid}"
                 assert main(["ls", "--json"]) == 0
                 (row,) = [b for b in json.loads(capsys.readouterr().out)["buses"] if b["path"] == q.path]
                 assert row["participants"] == 1
             finally:
-                child.kill()  # its slot stays marked live, but its lock is gone with it
+                child.kill()  # its slot stays marked live, but its OFD lock is gone with it
                 child.wait()
         assert main(["stats", bus_name, "--count", "1"]) == 0
         assert _field(capsys.readouterr().out, "processes") == "0"
@@ -475,10 +475,15 @@ def test_recover_frees_a_dead_holders_lock(bus_name: str, capsys: pytest.Capture
         p = mp.get_context("fork").Process(target=_die_holding_the_head_lock, args=(q.path,))
         p.start()
         p.join(30)
-        assert p.exitcode == -9 and q._head_lock.sem.value == 0
+        assert p.exitcode == -9 and q._head_lock.state() == (0, True, False)  # marked by the kernel
+        assert main(["check", bus_name]) == 1
+        assert "the head lock was held by a process that died" in capsys.readouterr().out
         assert main(["recover", bus_name]) == 0
-        assert "1 dead process(es)" in capsys.readouterr().out
-        assert q._head_lock.sem.value == 1
+        out, err = capsys.readouterr()
+        assert f"{bus_name}: 0 dead process(es) found" in out and err == ""  # a producer claims no slot
+        assert q._head_lock.state() == (0, False, False) and q._head_lock.mutex.word() == 0
+        assert q._h64[Q_RECOVERIES] == 1
+        assert main(["check", bus_name]) == 0
         q.put_nowait("flows again")
         assert q.get_nowait() == "flows again"
 

@@ -8,11 +8,16 @@ from typing import Any
 
 import pytest
 
+import shmbus
 from shmbus import CorruptBus, IncompatibleBus, NotABus
 from shmbus._format import (
+    BOOT_ID,
     HEADER_MIN,
     KIND_QUEUE,
     KIND_TOPIC,
+    M_HEAD,
+    M_SUBS,
+    M_TAIL,
     MAGIC,
     MAX_SUBSCRIBERS,
     PAGE,
@@ -24,11 +29,13 @@ from shmbus._format import (
     Layout,
     align_up,
     build_header,
+    current_boot_id,
     max_payload,
     parse_header,
     parse_size,
     peek_ids,
 )
+from shmbus._mutex import INIT_BYTES
 
 BUS_ID = "0123456789abcdef"
 
@@ -153,7 +160,12 @@ def test_build_then_parse_header_round_trips(overrides: dict[str, Any]) -> None:
     header = build_header(lay)
     assert len(header) == HEADER_MIN
     assert header.startswith(MAGIC)
-    assert header[128:] == bytes(HEADER_MIN - 128)  # counters and reserved space start at zero
+    # Counters and reserved space start at zero, the three locks are fresh mutexes, the boot id is ours.
+    expected = bytearray(HEADER_MIN - 128)
+    for off in (M_HEAD, M_TAIL, M_SUBS):
+        expected[off - 128 : off - 128 + len(INIT_BYTES)] = INIT_BYTES
+    expected[BOOT_ID - 128 : BOOT_ID - 128 + 16] = current_boot_id()
+    assert header[128:] == bytes(expected)
     assert parse(header, layout=lay) == lay
 
 
@@ -188,7 +200,7 @@ def test_wrong_magic_on_a_valid_header_is_not_a_bus() -> None:
         parse(bytes(header))
 
 
-@pytest.mark.parametrize("version", [0, 2, VERSION + 1, 0xFFFFFFFF])
+@pytest.mark.parametrize("version", [0, 1, VERSION + 1, 0xFFFFFFFF])
 def test_other_version_is_incompatible(version: int) -> None:
     header = with_field(build_header(make_layout()), F_VERSION, version)
     with pytest.raises(IncompatibleBus, match=rf"version {version}\b") as info:
@@ -196,9 +208,25 @@ def test_other_version_is_incompatible(version: int) -> None:
     assert info.value.path == "/x/bus"
 
 
+def test_a_version_1_file_is_refused_at_open(bus_name: str) -> None:
+    """Format 1 had semaphore locks and no mutexes at 832..1023: opening one must not use those bytes."""
+    q = shmbus.Queue.create(bus_name, capacity=16 * PAGE)
+    path = q.path
+    q.close()
+    with open(path, "r+b") as f:
+        head = bytearray(f.read(HEADER_MIN))
+        head[832:1024] = bytes(192)  # a format 1 file had nothing there
+        f.seek(0)
+        f.write(with_field(bytes(head), F_VERSION, 1))
+    for opener in (shmbus.Queue.open, shmbus.Topic.open):
+        with pytest.raises(IncompatibleBus, match=r"version 1\b") as info:
+            opener(path)
+        assert info.value.path == path
+
+
 def test_other_version_is_incompatible_even_with_a_stale_crc() -> None:
     # A future version may lay out its header differently: the version decides first.
-    header = with_field(build_header(make_layout()), F_VERSION, 2, fix_crc=False)
+    header = with_field(build_header(make_layout()), F_VERSION, VERSION + 1, fix_crc=False)
     with pytest.raises(IncompatibleBus):
         parse(header)
 
