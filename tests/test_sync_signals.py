@@ -1,0 +1,266 @@
+"""Signals during semaphore waits (``shmbus._sync``): real child processes, C and pure Python.
+
+A child blocks in a wait (an empty Queue's get, a put on a full ring, a put
+on a queue at its maxsize, a Topic subscription's get) with a handler that
+raises: SystemExit from SIGTERM (``sys.exit``), a custom exception from
+SIGALRM (``signal.setitimer``), KeyboardInterrupt from SIGINT. The child
+measures the time from the handler's entry to the exception being caught
+(the requirement is 50 ms), and checks that the exception came out of the
+semaphore wait (its traceback passes through ``_sync``). The parent
+then checks that the bus is consistent: it still puts and gets, the message
+counts add up, and ``shmbus check`` passes.
+
+Children are separate interpreters (``subprocess``), so that
+``SHMBUS_PURE_PYTHON`` and ``SHMBUS_SEM_WAIT`` take effect at import. The
+parent sends a signal only once the child is asleep in a futex wait (polled
+in ``/proc``, see conftest.wait_until_blocked); no test sleeps to
+synchronise. The SIGALRM timer is armed by the child just before it blocks,
+half a second ahead: the traceback check says whether it landed in the wait.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until_blocked
+
+import shmbus
+from shmbus import _sync
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+BOUND = 0.050  # handler entry to exception caught, measured in the child
+CHILD_WAIT = 30.0  # only a hang reaches it
+
+CHILD = r"""
+import json, os, signal, sys, time, traceback
+import shmbus
+from shmbus import _accel, _sync
+
+path, scenario, how = sys.argv[1:4]
+out = os.fdopen(1, "w", buffering=1)
+
+class Watchdog(Exception):
+    pass
+
+entered = []
+
+def raising(signum, frame):
+    entered.append(time.monotonic())
+    if how == "term":
+        sys.exit(3)
+    if how == "int":
+        raise KeyboardInterrupt
+    raise Watchdog
+
+calls = []
+
+def returning(signum, frame):
+    calls.append(time.monotonic())
+
+def report(**kw):
+    kw.update(c=_accel.ENABLED, wait=getattr(_sync, "WAIT_KIND", "posix_ipc"))
+    out.write(json.dumps(kw) + "\n")
+
+if scenario == "topic":
+    t = shmbus.Topic.open(path)
+    sub = t.subscribe()
+    op = sub.get
+    closer = t
+else:
+    q = shmbus.Queue.open(path)
+    closer = q
+    if scenario == "get":
+        op = q.get
+    else:
+        op = lambda: q.put_bytes(b"x" * 1000)
+
+if how == "returning":  # a handler that returns must not end a timed wait early
+    signal.signal(signal.SIGALRM, returning)
+    signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+    t0 = time.monotonic()
+    try:
+        if scenario == "topic":
+            sub.get(timeout=0.3)
+        elif scenario == "get":
+            q.get(timeout=0.3)
+        else:
+            q.put_bytes(b"x" * 1000, timeout=0.3)
+        outcome = "returned"
+    except (shmbus.Empty, shmbus.Full) as e:
+        outcome = type(e).__name__
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    report(outcome=outcome, elapsed=time.monotonic() - t0, calls=len(calls))
+else:
+    sig = {"term": signal.SIGTERM, "int": signal.SIGINT, "alrm": signal.SIGALRM}[how]
+    signal.signal(sig, raising)
+    report(ready=True)
+    try:
+        if how == "alrm":
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+        op()
+        report(outcome="returned")
+    except (SystemExit, KeyboardInterrupt, Watchdog) as e:
+        caught = time.monotonic()
+        in_wait = any(f.f_code.co_filename.endswith("_sync.py") for f, _ in traceback.walk_tb(e.__traceback__))
+        report(outcome=type(e).__name__, dt=caught - entered[0], in_wait=in_wait)
+closer.close()
+"""
+
+
+class Child:
+    """One child interpreter running CHILD, reporting JSON lines on its stdout."""
+
+    def __init__(self, path: str, scenario: str, how: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, path, scenario, how],
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        self._buf = b""
+
+    def line(self, timeout: float = CHILD_WAIT) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        end = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise AssertionError(f"child {self.proc.pid} sent nothing in {timeout} s")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise AssertionError(f"child {self.proc.pid} exited ({self.proc.wait()}) without a report")
+            self._buf += chunk
+        raw, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(raw)  # type: ignore[no-any-return]
+
+    def finish(self) -> None:
+        assert self.proc.wait(CHILD_WAIT) == 0
+
+    def reap(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """Start ``Child`` processes; every one is killed (if need be) and reaped at the end."""
+    children: list[Child] = []
+
+    def start(path: str, scenario: str, how: str, pure: bool, wait: str = "") -> Child:
+        env = dict(os.environ, PYTHONPATH=ROOT, SHMBUS_PURE_PYTHON="1" if pure else "0", SHMBUS_SEM_WAIT=wait)
+        c = Child(path, scenario, how, env)
+        children.append(c)
+        return c
+
+    yield start
+    for c in children:
+        c.reap()
+
+
+MODES = [pytest.param(False, id="c"), pytest.param(True, id="pure")]
+SIGNALS = ["term", "alrm", "int"]
+SCENARIOS = ["get", "put_full", "put_slots", "topic"]
+_SIGNUM = {"term": signal.SIGTERM, "int": signal.SIGINT}
+
+
+def _make(scenario: str, path: str) -> tuple[Any, int]:
+    """The bus a child will block on, and how many messages the parent left in it."""
+    if scenario == "topic":
+        return shmbus.Topic.create(path, capacity=4096), 0
+    if scenario == "put_slots":
+        q = shmbus.Queue.create(path, capacity=65536, maxsize=3)
+    else:
+        q = shmbus.Queue.create(path, capacity=4096)
+    n = 0
+    if scenario != "get":
+        while True:  # until the ring (or maxsize) has no room for the child's 1000 bytes
+            try:
+                q.put_bytes(b"p" * 1000, block=False)
+            except shmbus.Full:
+                break
+            n += 1
+    return q, n
+
+
+def _check_cli(path: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "shmbus", "check", path],
+        env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, capture_output=True, text=True, timeout=CHILD_WAIT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _consistent(scenario: str, bus: Any, left: int, path: str) -> None:
+    """The parent still puts and gets, and gets back exactly what it put (nothing from the child)."""
+    if scenario == "topic":
+        sub = bus.subscribe()
+        bus.publish({"after": 1})
+        assert sub.get(timeout=5) == {"after": 1}
+        with pytest.raises(shmbus.Empty):
+            sub.get(block=False)
+        sub.close()
+    else:
+        got = [bus.get(timeout=5) for _ in range(left)]
+        assert got == [b"p" * 1000] * left
+        bus.put({"after": 1})
+        assert bus.get(timeout=5) == {"after": 1}
+        with pytest.raises(shmbus.Empty):
+            bus.get(block=False)
+    _check_cli(path)
+
+
+@pytest.mark.parametrize("pure", MODES)
+@pytest.mark.parametrize("how", SIGNALS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_handler_exception_leaves_wait(spawn: Any, bus_name: str, scenario: str, how: str, pure: bool) -> None:
+    """A handler's exception ends the wait within 50 ms, taking nothing; the bus stays sound."""
+    bus, left = _make(scenario, bus_name)
+    try:
+        child = spawn(bus_name, scenario, how, pure)
+        ready = child.line()
+        assert ready["c"] is (not pure)
+        if how in _SIGNUM:
+            wait_until_blocked(child.proc.pid)
+            os.kill(child.proc.pid, _SIGNUM[how])
+        rep = child.line()
+        child.finish()
+        exc = {"term": "SystemExit", "int": "KeyboardInterrupt", "alrm": "Watchdog"}[how]
+        assert rep["outcome"] == exc
+        assert rep["in_wait"], "the signal did not land in the semaphore wait"
+        assert rep["dt"] < BOUND, f"{rep['dt'] * 1e3:.1f} ms from handler entry to exception"
+        _consistent(scenario, bus, left, bus_name)
+    finally:
+        bus.close()
+        shmbus.unlink(bus_name)
+
+
+@pytest.mark.parametrize("pure", MODES)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_returning_handler_keeps_waiting(spawn: Any, bus_name: str, scenario: str, pure: bool) -> None:
+    """SIGALRM every 10 ms with a handler that returns: a 0.3 s wait still times out at 0.3 s."""
+    bus, left = _make(scenario, bus_name)
+    try:
+        child = spawn(bus_name, scenario, "returning", pure)
+        rep = child.line()
+        child.finish()
+        assert rep["outcome"] == ("Empty" if scenario in ("get", "topic") else "Full")
+        assert rep["calls"] >= 5, rep  # the handler really ran during the wait
+        assert 0.3 <= rep["elapsed"] < 2.0, rep
+        _consistent(scenario, bus, left, bus_name)
+    finally:
+        bus.close()
+        shmbus.unlink(bus_name)
