@@ -20,6 +20,8 @@ half a second ahead: the traceback check says whether it landed in the wait.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import select
@@ -56,6 +58,7 @@ entered = []
 
 def raising(signum, frame):
     entered.append(time.monotonic())
+    os.write(1, b'{"entered": true}\n')  # not ``out``: a handler must not re-enter its buffer
     if how == "term":
         sys.exit(3)
     if how == "int":
@@ -111,7 +114,8 @@ else:
         report(outcome="returned")
     except (SystemExit, KeyboardInterrupt, Watchdog) as e:
         caught = time.monotonic()
-        in_wait = any(f.f_code.co_filename.endswith("_sync.py") for f, _ in traceback.walk_tb(e.__traceback__))
+        frames = traceback.walk_tb(e.__traceback__)
+        in_wait = any(f.f_code.co_filename.endswith("_sync.py") for f, _ in frames)
         report(outcome=type(e).__name__, dt=caught - entered[0], in_wait=in_wait)
 closer.close()
 """
@@ -143,6 +147,11 @@ class Child:
             self._buf += chunk
         raw, self._buf = self._buf.split(b"\n", 1)
         return json.loads(raw)  # type: ignore[no-any-return]
+
+    def outcome(self) -> dict[str, Any]:
+        """The next report past the handler's "entered" line."""
+        rep = self.line()
+        return self.line() if rep.get("entered") else rep
 
     def finish(self) -> None:
         assert self.proc.wait(CHILD_WAIT) == 0
@@ -226,7 +235,9 @@ def _consistent(scenario: str, bus: Any, left: int, path: str) -> None:
 @pytest.mark.parametrize("pure", MODES)
 @pytest.mark.parametrize("how", SIGNALS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_handler_exception_leaves_wait(spawn: Any, bus_name: str, scenario: str, how: str, pure: bool) -> None:
+def test_handler_exception_leaves_wait(
+    spawn: Any, bus_name: str, scenario: str, how: str, pure: bool
+) -> None:
     """A handler's exception ends the wait within 50 ms, taking nothing; the bus stays sound."""
     bus, left = _make(scenario, bus_name)
     try:
@@ -236,7 +247,7 @@ def test_handler_exception_leaves_wait(spawn: Any, bus_name: str, scenario: str,
         if how in _SIGNUM:
             wait_until_blocked(child.proc.pid)
             os.kill(child.proc.pid, _SIGNUM[how])
-        rep = child.line()
+        rep = child.outcome()
         child.finish()
         exc = {"term": "SystemExit", "int": "KeyboardInterrupt", "alrm": "Watchdog"}[how]
         assert rep["outcome"] == exc
@@ -264,3 +275,94 @@ def test_returning_handler_keeps_waiting(spawn: Any, bus_name: str, scenario: st
     finally:
         bus.close()
         shmbus.unlink(bus_name)
+
+
+@pytest.mark.parametrize("wait", ["timedwait", "posix_ipc"])
+def test_fallback_waits(spawn: Any, bus_name: str, wait: str) -> None:
+    """Without sem_clockwait: sem_timedwait still lets the exception out; posix_ipc (last resort) loses it."""
+    if wait == "timedwait" and _sync.WAIT_KIND != "clockwait":
+        pytest.skip(f"this libc's waits are already {_sync.WAIT_KIND}")
+    q, _ = _make("get", bus_name)
+    try:
+        child = spawn(bus_name, "get", "term", False, wait)
+        assert child.line()["wait"] == wait
+        wait_until_blocked(child.proc.pid)
+        os.kill(child.proc.pid, signal.SIGTERM)
+        if wait == "timedwait":
+            rep = child.outcome()
+            assert rep["outcome"] == "SystemExit" and rep["in_wait"], rep
+            assert rep["dt"] < BOUND, rep
+            child.finish()
+        else:
+            # The documented limitation: posix_ipc drops the handler's SystemExit, the get
+            # blocks on; a message put once the handler ran ends it.
+            assert child.line() == {"entered": True}
+            q.put_bytes(b"wake")
+            rep = child.line()
+            assert rep["outcome"] == "returned", rep
+            child.finish()
+        _consistent("get", q, 0, bus_name)
+    finally:
+        q.close()
+        shmbus.unlink(bus_name)
+
+
+# -- the clock ------------------------------------------------------------------------
+#
+# A wall-clock step cannot be made in a test without changing the machine's clock,
+# and a time namespace (unshare --time) offsets only CLOCK_MONOTONIC and
+# CLOCK_BOOTTIME, never CLOCK_REALTIME. So these tests look at the call: which
+# clock the sleep names, and which deadline it passes.
+
+
+class _Recorder:
+    """Stands in for libc's sem_clockwait / sem_timedwait: records the call, sleeps to its end, times out."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int | None, float]] = []
+
+    def clockwait(self, h: int, clock: int, ts: Any) -> int:
+        at = ts.tv_sec + ts.tv_nsec / 1e9
+        self.calls.append((clock, at))
+        time.sleep(max(at - time.clock_gettime(clock), 0.0))  # what the real one would sleep
+        ctypes.set_errno(errno.ETIMEDOUT)
+        return -1
+
+    def timedwait(self, h: int, ts: Any) -> int:
+        at = ts.tv_sec + ts.tv_nsec / 1e9
+        self.calls.append((None, at - time.time()))
+        time.sleep(max(at - time.time(), 0.0))
+        ctypes.set_errno(errno.ETIMEDOUT)
+        return -1
+
+
+@pytest.fixture
+def sem() -> Iterator[_sync.Sem]:
+    s = _sync.create_sems(f"{os.getpid() & 0xFFFF:04x}{os.urandom(6).hex()}", {"items": 0}, 0o600)["items"]
+    yield s
+    s.unlink()
+    s.close()
+
+
+@pytest.mark.skipif(_sync.WAIT_KIND != "clockwait", reason="libc has no sem_clockwait")
+def test_deadline_is_on_the_monotonic_clock(sem: _sync.Sem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sleep names CLOCK_MONOTONIC and the caller's time.monotonic() deadline, at most a nap ahead."""
+    rec = _Recorder()
+    monkeypatch.setattr(_sync, "_clockwait", rec.clockwait)
+    deadline = time.monotonic() + 0.2
+    assert sem.acquire(deadline) is False
+    assert {c for c, _ in rec.calls} == {time.CLOCK_MONOTONIC}
+    assert rec.calls[-1][1] == pytest.approx(deadline, abs=1e-6)  # the caller's deadline, unchanged
+    assert all(at <= deadline + 1e-6 for _, at in rec.calls)
+    assert len(rec.calls) >= 0.2 / _sync.SIGNAL_SLICE  # in naps of SIGNAL_SLICE
+
+
+def test_realtime_fallback_naps_are_short(sem: _sync.Sem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sem_timedwait's CLOCK_REALTIME deadline is one nap ahead at most: a clock step stretches one nap."""
+    rec = _Recorder()
+    monkeypatch.setattr(_sync, "WAIT_KIND", "timedwait")
+    monkeypatch.setattr(_sync, "_timedwait", rec.timedwait)
+    deadline = time.monotonic() + 0.2
+    assert sem.acquire(deadline) is False
+    assert len(rec.calls) >= 0.2 / _sync.SIGNAL_SLICE
+    assert all(ahead <= _sync.SIGNAL_SLICE + 0.005 for _, ahead in rec.calls)  # seconds past "now"
