@@ -116,7 +116,9 @@ else:
         caught = time.monotonic()
         frames = traceback.walk_tb(e.__traceback__)
         in_wait = any(f.f_code.co_filename.endswith("_sync.py") for f, _ in frames)
-        report(outcome=type(e).__name__, dt=caught - entered[0], in_wait=in_wait)
+        # A subscription that no longer waits must not ask publishers to post it.
+        flag = t._mm[sub._flag] if scenario == "topic" else 0
+        report(outcome=type(e).__name__, dt=caught - entered[0], in_wait=in_wait, flag=flag)
 closer.close()
 """
 
@@ -253,6 +255,7 @@ def test_handler_exception_leaves_wait(
         assert rep["outcome"] == exc
         assert rep["in_wait"], "the signal did not land in the semaphore wait"
         assert rep["dt"] < BOUND, f"{rep['dt'] * 1e3:.1f} ms from handler entry to exception"
+        assert rep["flag"] == 0
         _consistent(scenario, bus, left, bus_name)
     finally:
         bus.close()
