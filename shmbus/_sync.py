@@ -43,6 +43,7 @@ import ctypes
 import errno
 import os
 import re
+import struct
 import time
 from typing import Any, Callable, Final
 
@@ -83,8 +84,9 @@ _monotonic = time.monotonic
 _map = map
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+# A struct timespec, packed into bytes: ctypes passes a bytes object's buffer as
+# a pointer, without building a Structure per sleep (a third of its cost).
+_timespec = struct.Struct("@ll").pack
 
 
 def _bind_libc() -> tuple[str, Any, Any, Any, Any]:
@@ -100,10 +102,11 @@ def _bind_libc() -> tuple[str, Any, Any, Any, Any]:
         return "posix_ipc", None, None, None, None
     sem_open.argtypes, sem_open.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_void_p
     sem_close.argtypes, sem_close.restype = [ctypes.c_void_p], ctypes.c_int
-    timedwait.argtypes, timedwait.restype = [ctypes.c_void_p, ctypes.POINTER(_Timespec)], ctypes.c_int
+    # The waits get no argtypes: they are called with a c_void_p, an int and bytes,
+    # which ctypes passes as they are, faster than through argtypes (~0.2 us).
+    timedwait.restype = ctypes.c_int
     clockwait = getattr(libc, "sem_clockwait", None)  # glibc >= 2.30
     if clockwait is not None:
-        clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
         clockwait.restype = ctypes.c_int
     kind = "clockwait" if clockwait is not None else "timedwait"
     asked = os.environ.get("SHMBUS_SEM_WAIT", "")
@@ -118,14 +121,14 @@ _get_errno = ctypes.get_errno
 _EINTR, _ETIMEDOUT = errno.EINTR, errno.ETIMEDOUT
 
 
-def _libc_handle(name: str) -> int | None:
+def _libc_handle(name: str) -> ctypes.c_void_p | None:
     """A libc ``sem_t*`` on the existing semaphore ``name``, or None (then posix_ipc sleeps)."""
     if WAIT_KIND == "posix_ipc":
         return None
     h = _sem_open(os.fsencode(name), 0)
     if not h or h == ctypes.c_void_p(-1).value:  # SEM_FAILED: 0 in glibc and musl, -1 elsewhere
         return None
-    return int(h)
+    return ctypes.c_void_p(h)
 
 
 def sem_name(bus_id: str, role: str) -> str:
@@ -174,23 +177,21 @@ class Sem:
         h = self._h
         if h is None:
             return self._sleep_posix_ipc(end)
-        ts = _Timespec()
         handle = (h,)
+        clockwait = _clockwait is not None and WAIT_KIND == "clockwait"
         while True:
             now = _monotonic()
             stop = now + SIGNAL_SLICE
             if end is not None and end < stop:
                 stop = end
             got: list[int] = []
-            if _clockwait is not None and WAIT_KIND == "clockwait":
-                ts.tv_sec = sec = int(stop)
-                ts.tv_nsec = int((stop - sec) * 1e9)
-                call = _map(_clockwait, handle, _MONOTONIC, (ts,))
+            if clockwait:
+                sec = int(stop)
+                call = _map(_clockwait, handle, _MONOTONIC, (_timespec(sec, int((stop - sec) * 1e9)),))
             else:  # CLOCK_REALTIME, for one nap only: a clock step stretches no more
                 at = time.time() + max(stop - now, 0.0)
-                ts.tv_sec = sec = int(at)
-                ts.tv_nsec = int((at - sec) * 1e9)
-                call = _map(_timedwait, handle, (ts,))
+                sec = int(at)
+                call = _map(_timedwait, handle, (_timespec(sec, int((at - sec) * 1e9)),))
             try:
                 # extend stores the result before Python looks for a signal.
                 got.extend(call)

@@ -26,6 +26,7 @@ import json
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -324,15 +325,17 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[int | None, float]] = []
 
-    def clockwait(self, h: int, clock: int, ts: Any) -> int:
-        at = ts.tv_sec + ts.tv_nsec / 1e9
+    def clockwait(self, h: int, clock: int, ts: bytes) -> int:
+        sec, nsec = struct.unpack("@ll", ts)
+        at = sec + nsec / 1e9
         self.calls.append((clock, at))
         time.sleep(max(at - time.clock_gettime(clock), 0.0))  # what the real one would sleep
         ctypes.set_errno(errno.ETIMEDOUT)
         return -1
 
-    def timedwait(self, h: int, ts: Any) -> int:
-        at = ts.tv_sec + ts.tv_nsec / 1e9
+    def timedwait(self, h: int, ts: bytes) -> int:
+        sec, nsec = struct.unpack("@ll", ts)
+        at = sec + nsec / 1e9
         self.calls.append((None, at - time.time()))
         time.sleep(max(at - time.time(), 0.0))
         ctypes.set_errno(errno.ETIMEDOUT)
