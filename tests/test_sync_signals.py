@@ -372,3 +372,54 @@ def test_realtime_fallback_naps_are_short(sem: _sync.Sem, monkeypatch: pytest.Mo
     assert sem.acquire(deadline) is False
     assert len(rec.calls) >= 0.2 / _sync.SIGNAL_SLICE
     assert all(ahead <= _sync.SIGNAL_SLICE + 0.005 for _, ahead in rec.calls)  # seconds past "now"
+
+
+# -- a handler that raises just as the semaphore is taken -----------------------------
+
+
+class _Raised(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["clockwait", "timedwait"])
+def test_taken_then_raised_posts_back(sem: _sync.Sem, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The sleep returns 0 (taken) with a signal pending: the handler's exception leaves, the token goes back.
+
+    libc's ``raise(sig)`` stands in for the sleep: C code that returns 0 with
+    the signal already caught by Python's C-level handler, so the Python
+    handler runs as soon as the call is back, the instant a plain call would
+    lose the result. The handle is the signal number (raise's only argument).
+    """
+    if _sync.WAIT_KIND == "posix_ipc":
+        pytest.skip("no libc waits here")
+    libc = ctypes.CDLL(None, use_errno=True)
+    fake = libc["raise"]
+    fake.restype = ctypes.c_int
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Raised
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    real = sem._h
+    try:
+        monkeypatch.setattr(_sync, "WAIT_KIND", kind)
+        monkeypatch.setattr(_sync, "_clockwait" if kind == "clockwait" else "_timedwait", fake)
+        sem._h = ctypes.c_void_p(signal.SIGUSR1)
+        assert sem.value == 0
+        with pytest.raises(_Raised):
+            sem.acquire(None)
+        assert sem.value == 1  # the token the "sleep" took was posted back
+    finally:
+        sem._h = real
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_close_is_idempotent(sem: _sync.Sem) -> None:
+    """close() releases the libc handle once; a second close does nothing."""
+    other = _sync.open_sems(sem.name.split(".")[1], ["items"])[0]["items"]
+    assert (other._h is None) == (_sync.WAIT_KIND == "posix_ipc")
+    other.close()
+    other.close()
+    assert other._h is None
+    sem.release()
+    assert sem.acquire(time.monotonic() + 1)  # the bus's own handle still works
