@@ -5,17 +5,47 @@ its header (``/shmbus.<bus_id>.<role>``, which Linux shows as
 ``/dev/shm/sem.shmbus.<bus_id>.<role>``). They are created exclusively with the
 bus, so a name squatted by someone else makes ``create`` fail instead of
 adopting a foreign semaphore. Waits take an absolute deadline
-(``time.monotonic()`` based, ``None`` for ever) and are restarted after a
-signal handler returns, as PEP 475 does for system calls.
+(``time.monotonic()`` based, ``None`` for ever).
+
+Sleeping waits and signals. ``posix_ipc`` creates, opens, unlinks, posts and
+try-takes; it does not sleep for us, because on EINTR it runs the Python
+signal handler and then *discards* whatever exception the handler raised
+(anything but KeyboardInterrupt), raising its own ``SignalError``: a SIGTERM
+handler's ``SystemExit`` was lost and ``get()`` went on blocking. Its
+timeouts are also absolute CLOCK_REALTIME deadlines, stretched by a
+wall-clock step back. So each ``Sem`` also opens the same named semaphore
+through libc (``sem_open(name, 0)``: glibc maps the same /dev/shm file) and
+sleeps there with ctypes, which releases the GIL:
+
+* ``sem_clockwait(sem, CLOCK_MONOTONIC, abstime)`` (glibc 2.30+): the
+  deadline is on ``time.monotonic()``'s clock, so a clock step changes nothing;
+* elsewhere ``sem_timedwait`` (CLOCK_REALTIME) in naps of ``SIGNAL_SLICE``:
+  a clock step can stretch one nap, not the wait;
+* where libc cannot be reached (no ``sem_open`` through ctypes), the old
+  ``posix_ipc`` wait, whose handler exceptions are lost (docs/guarantees.md).
+
+On EINTR control comes back to Python, which runs the handler: an exception
+it raises propagates out of the wait; if it returns, the wait goes on for
+what is left (PEP 475). The call's result is stored in a list before Python
+can run a handler (``list.extend(map(...))``: no signal check in between),
+so a handler that raises just after the semaphore was taken finds it taken
+and the wait posts it back: a wait either returns True holding the token or
+raises holding nothing. A signal that lands in the microseconds between
+Python's last signal check and the start of the sleep cannot interrupt it;
+each sleep therefore lasts at most ``SIGNAL_SLICE`` (40 ms), the bound on
+that rare delay.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import re
+import struct
 import time
-from typing import Callable, Final
+from typing import Any, Callable, Final
 
 import posix_ipc
 
@@ -31,6 +61,8 @@ __all__ = [
     "SEM_PREFIX",
     "SLICE",
     "SPIN_DEFAULT",
+    "SIGNAL_SLICE",
+    "WAIT_KIND",
     "SemPermissionError",
     "SemExistsError",
 ]
@@ -45,6 +77,58 @@ _BusyError = posix_ipc.BusyError
 SemPermissionError = posix_ipc.PermissionsError
 SemExistsError = posix_ipc.ExistentialError
 _SignalError = posix_ipc.SignalError
+# The longest one sleep lasts: the bound on how late a handler runs when its
+# signal lands just before the sleep starts (see the module docstring).
+SIGNAL_SLICE: Final = float(os.environ.get("SHMBUS_SIGNAL_SLICE", "0.04"))
+_monotonic = time.monotonic
+_map = map
+
+
+# A struct timespec, packed into bytes: ctypes passes a bytes object's buffer as
+# a pointer, without building a Structure per sleep (a third of its cost).
+_timespec = struct.Struct("@ll").pack
+
+
+def _bind_libc() -> tuple[str, Any, Any, Any, Any]:
+    """How waits sleep here: ``(kind, sem_open, sem_close, sem_clockwait, sem_timedwait)``.
+
+    ``kind`` is "clockwait", "timedwait" or "posix_ipc" (no usable libc);
+    ``SHMBUS_SEM_WAIT`` may ask for a weaker one (tests use it).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sem_open, sem_close, timedwait = libc.sem_open, libc.sem_close, libc.sem_timedwait
+    except (OSError, AttributeError):
+        return "posix_ipc", None, None, None, None
+    sem_open.argtypes, sem_open.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_void_p
+    sem_close.argtypes, sem_close.restype = [ctypes.c_void_p], ctypes.c_int
+    # The waits get no argtypes: they are called with a c_void_p, an int and bytes,
+    # which ctypes passes as they are, faster than through argtypes (~0.2 us).
+    timedwait.restype = ctypes.c_int
+    clockwait = getattr(libc, "sem_clockwait", None)  # glibc >= 2.30
+    if clockwait is not None:
+        clockwait.restype = ctypes.c_int
+    kind = "clockwait" if clockwait is not None else "timedwait"
+    asked = os.environ.get("SHMBUS_SEM_WAIT", "")
+    if asked == "posix_ipc" or (asked == "timedwait" and kind == "clockwait"):
+        kind = asked
+    return kind, sem_open, sem_close, clockwait, timedwait
+
+
+WAIT_KIND, _sem_open, _sem_close, _clockwait, _timedwait = _bind_libc()
+_MONOTONIC: Final = (time.CLOCK_MONOTONIC,)
+_get_errno = ctypes.get_errno
+_EINTR, _ETIMEDOUT = errno.EINTR, errno.ETIMEDOUT
+
+
+def _libc_handle(name: str) -> ctypes.c_void_p | None:
+    """A libc ``sem_t*`` on the existing semaphore ``name``, or None (then posix_ipc sleeps)."""
+    if WAIT_KIND == "posix_ipc":
+        return None
+    h = _sem_open(os.fsencode(name), 0)
+    if not h or h == ctypes.c_void_p(-1).value:  # SEM_FAILED: 0 in glibc and musl, -1 elsewhere
+        return None
+    return ctypes.c_void_p(h)
 
 
 def sem_name(bus_id: str, role: str) -> str:
@@ -56,44 +140,87 @@ class Sem:
     """One named semaphore, with deadline-based waits.
 
     ``acquire`` returns False on timeout instead of raising, because every
-    caller turns a timeout into its own error (``Empty``, ``Full``).
+    caller turns a timeout into its own error (``Empty``, ``Full``). An
+    exception a signal handler raises during a wait propagates, with the
+    semaphore not taken.
     """
 
-    __slots__ = ("_acq", "_rel", "name", "sem")
+    __slots__ = ("_acq", "_h", "_rel", "name", "sem")
 
     def __init__(self, sem: posix_ipc.Semaphore) -> None:
         self.sem = sem
         self.name: str = sem.name
         self._acq = sem.acquire
         self._rel = sem.release
+        self._h = _libc_handle(sem.name)
 
     def acquire(self, deadline: float | None, on_slice: Callable[[], object] | None = None) -> bool:
         """Take the semaphore before ``deadline``; False if the deadline passed first.
 
-        With ``on_slice``, the wait is cut into slices of ``SLICE`` seconds and
-        ``on_slice()`` runs after each one that ends empty-handed (crash
-        recovery looks for a dead holder there).
+        With ``on_slice``, ``on_slice()`` runs after every ``SLICE`` seconds
+        spent empty-handed (crash recovery looks for a dead holder there).
+        Raises whatever a signal handler raises meanwhile, holding nothing;
+        a handler that returns does not end the wait.
         """
+        if on_slice is None:
+            return self._sleep(deadline)
+        while True:
+            end = _monotonic() + SLICE
+            if deadline is not None and deadline <= end:
+                return self._sleep(deadline)
+            if self._sleep(end):
+                return True
+            on_slice()
+
+    def _sleep(self, end: float | None) -> bool:
+        """Sleep until the semaphore is ours (True) or ``end`` passes (False), in naps."""
+        h = self._h
+        if h is None:
+            return self._sleep_posix_ipc(end)
+        handle = (h,)
+        clockwait = _clockwait is not None and WAIT_KIND == "clockwait"
+        while True:
+            now = _monotonic()
+            stop = now + SIGNAL_SLICE
+            if end is not None and end < stop:
+                stop = end
+            got: list[int] = []
+            if clockwait:
+                sec = int(stop)
+                call = _map(_clockwait, handle, _MONOTONIC, (_timespec(sec, int((stop - sec) * 1e9)),))
+            else:  # CLOCK_REALTIME, for one nap only: a clock step stretches no more
+                at = time.time() + max(stop - now, 0.0)
+                sec = int(at)
+                call = _map(_timedwait, handle, (_timespec(sec, int((at - sec) * 1e9)),))
+            try:
+                # extend stores the result before Python looks for a signal.
+                got.extend(call)
+            except BaseException:
+                if got and got[0] == 0:  # taken, then a handler raised: give it back
+                    self._rel()
+                raise
+            if got[0] == 0:
+                return True
+            err = _get_errno()
+            if err == _ETIMEDOUT:
+                if end is not None and stop >= end:
+                    return False
+            elif err != _EINTR:  # EINTR: the handler ran and returned; sleep on
+                raise OSError(err, f"waiting on semaphore {self.name}: {os.strerror(err)}")
+
+    def _sleep_posix_ipc(self, end: float | None) -> bool:
+        """``_sleep`` without libc: posix_ipc's wait, whose handler exceptions are lost."""
         acq = self._acq
         while True:
-            if deadline is None:
-                timeout = None if on_slice is None else SLICE
-            else:
-                timeout = max(deadline - time.monotonic(), 0.0)
-                if on_slice is not None and timeout > SLICE:
-                    timeout = SLICE
+            timeout = None if end is None else max(end - _monotonic(), 0.0)
             try:
                 acq(timeout)
                 return True
             except _BusyError:
-                if deadline is not None and time.monotonic() >= deadline:
+                if end is not None and _monotonic() >= end:
                     return False
-                if on_slice is not None:
-                    on_slice()
             except _SignalError:
-                # The handler ran and returned (a raising handler propagates
-                # its own exception instead): wait again for what is left.
-                continue
+                continue  # posix_ipc ran the handler and dropped its exception
 
     def try_acquire(self) -> bool:
         """Take the semaphore if it is free now, without waiting."""
@@ -145,7 +272,10 @@ class Sem:
             self.sem.unlink()
 
     def close(self) -> None:
-        """Drop this process's handle; the semaphore itself stays."""
+        """Drop this process's handles; the semaphore itself stays. Idempotent."""
+        h, self._h = self._h, None
+        if h is not None:
+            _sem_close(h)
         with contextlib.suppress(posix_ipc.ExistentialError):
             self.sem.close()
 

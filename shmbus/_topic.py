@@ -704,27 +704,33 @@ class Subscription:
                 if h[Q_HEAD] > cursor:
                     return True
                 os.sched_yield()  # see Sem.spin_acquire: never starve the publisher
-        while True:
-            mm[self._flag] = 1
-            # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
-            # the flag store is visible before we load head (the publisher
-            # fences between storing head and loading the flags).
-            self._sem.release()
-            self._sem.try_acquire()
-            # ``>``, not ``!=``: while a publisher restarts an empty ring at the
-            # next lap, head is briefly behind a cursor that already jumped there.
-            if h[Q_HEAD] > cursor:
+        try:
+            while True:
+                mm[self._flag] = 1
+                # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
+                # the flag store is visible before we load head (the publisher
+                # fences between storing head and loading the flags).
+                self._sem.release()
+                self._sem.try_acquire()
+                # ``>``, not ``!=``: while a publisher restarts an empty ring at the
+                # next lap, head is briefly behind a cursor that already jumped there.
+                if h[Q_HEAD] > cursor:
+                    mm[self._flag] = 0
+                    return True
+                now = _monotonic()
+                if deadline is not None and now >= deadline:
+                    mm[self._flag] = 0
+                    return False
+                wait_until = now + _SAFETY_SLICE if deadline is None else min(deadline, now + _SAFETY_SLICE)
+                self._sem.acquire(wait_until)
                 mm[self._flag] = 0
-                return True
-            now = _monotonic()
-            if deadline is not None and now >= deadline:
-                mm[self._flag] = 0
-                return False
-            wait_until = now + _SAFETY_SLICE if deadline is None else min(deadline, now + _SAFETY_SLICE)
-            self._sem.acquire(wait_until)
+                if h[Q_HEAD] > cursor:
+                    return True
+        except BaseException:
+            # A signal handler's exception out of the wait (or anything else): we no
+            # longer wait, so publishers must not keep posting our semaphore.
             mm[self._flag] = 0
-            if h[Q_HEAD] > cursor:
-                return True
+            raise
 
     # -- lifecycle -------------------------------------------------------------
 
