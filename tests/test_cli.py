@@ -354,7 +354,8 @@ def test_stats_queue_rates_fill_backlog_and_age(
         assert _field(first, "Queue").startswith(q.path)
         assert _field(first, "in") == "- msg/s - MB/s (total 1 messages, 1000 bytes)"
         assert _field(first, "waiting").startswith("1 messages, oldest ")
-        assert _field(first, "processes") == "1: " + str(os.getpid())  # this process took the locks
+        assert _field(first, "processes") == "0"  # it has only put: a producer claims no participant slot
+        assert _field(second, "processes") == "1: " + str(os.getpid())  # its get claimed one
         assert _field(second, "in") == "250 msg/s 0.25 MB/s (total 501 messages, 501000 bytes)"
         assert _field(second, "out") == "100 msg/s 0.10 MB/s (total 200 messages, 200000 bytes)"
         used = 301 * 1024  # 16-byte record header, 1000 bytes, padding to 16
@@ -389,8 +390,8 @@ def test_stats_topic_subscribers(
 
 def test_stats_and_ls_count_live_processes_only(bus_name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
-        code = "import sys, shmbus; q = shmbus.Queue.open(sys.argv[1]); q.put(1); q.get(); print(flush=True); input()"
-        with subprocess.Popen([sys.executable, "-c", code, bus_name], stdin=PIPE, stdout=PIPE) as child:
+        code = "import sys, shmbus; q = shmbus.Queue.open(sys.argv[1]); q.put(1); q.get(); print(); input()"
+        with subprocess.Popen([sys.executable, "-u", "-c", code, bus_name], stdin=PIPE, stdout=PIPE) as child:
             try:
                 assert child.stdout is not None
                 child.stdout.readline()  # it has got a message: a consumer is a participant (items tokens)
