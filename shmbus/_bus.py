@@ -47,6 +47,7 @@ from ._format import (
     HEADER_MIN,
     KIND_NAMES,
     LOCKS,
+    M_RECOVERY,
     MAGIC,
     Q_BYTES_IN,
     Q_BYTES_OUT,
@@ -428,8 +429,9 @@ class Bus:
         self._h32 = h.cast("I")
         self._ring = mv[layout.ring_offset :]
         self._views = (self._h64, self._h32, self._ring, h, mv)
-        self._part = _recovery.Participant(real, self._fd, self._h64, layout)
         self._mutexes = {role: _mutex.Mutex(self._mm, off) for role, off, _ in LOCKS[layout.kind]}
+        self._mutexes["recovery"] = _mutex.Mutex(self._mm, M_RECOVERY)
+        self._part = _recovery.Participant(real, self._fd, self._h64, layout, self._mutexes["recovery"])
         self._check_locks()
 
     def _check_locks(self) -> None:
@@ -438,7 +440,7 @@ class Bus:
         A lock word is only meaningful in the boot that wrote it: a disk bus
         whose machine crashed may hold a lock word naming a thread of the last
         boot, which no kernel will ever mark dead. The first opener in a new
-        boot resets the mutexes (under the recovery byte, so once) and stores
+        boot resets the mutexes (under the boot byte, so once) and stores
         the boot id; nobody of the old boot can still be using them.
         """
         for role, m in self._mutexes.items():
@@ -453,7 +455,7 @@ class Bus:
         assert mm is not None and self._part is not None
         if boot == b"\0" * 16 or mm[BOOT_ID : BOOT_ID + 16] == boot:
             return
-        with self._part.recovery_lock() as held:
+        with self._part.boot_lock() as held:
             if held and mm[BOOT_ID : BOOT_ID + 16] != boot:
                 log.warning("%s: last used in an earlier boot; resetting its locks", self.path)
                 for m in self._mutexes.values():
@@ -639,6 +641,10 @@ class Bus:
             for lk in self._locks:
                 if lk.force_reset():
                     log.warning("%s: the %s lock was re-initialized by force", self.path, lk.role)
+            rec = self._mutexes["recovery"]
+            if rec.ghost() or rec.unrecoverable():
+                rec.reset()  # it guards no counters: nothing to mend after it
+                log.warning("%s: the recovery lock was re-initialized by force", self.path)
         for lk in self._locks:
             tid, died, pending = lk.state()
             if (died or (pending and not tid)) and not lk.owned():

@@ -38,6 +38,7 @@ from ._format import (
     KIND_NAMES,
     KIND_TOPIC,
     LOCKS,
+    M_RECOVERY,
     Q_BYTES_IN,
     Q_BYTES_OUT,
     Q_HEAD,
@@ -148,7 +149,7 @@ def _what(e: CorruptBus, path: str) -> str:
     return message[len(prefix) :] if message.startswith(prefix) else message
 
 
-def lock_state(hb: memoryview, off: int, repair: int) -> str | None:
+def lock_state(hb: memoryview, off: int, repair: int | None) -> str | None:
     """What is wrong with the lock at byte ``off`` of header bytes ``hb`` (None: nothing), as a phrase.
 
     A lock held by a live thread is not wrong (it may be paused: that is not
@@ -160,7 +161,7 @@ def lock_state(hb: memoryview, off: int, repair: int) -> str | None:
         return "has damaged bytes (not a robust process-shared mutex): recreate the bus"
     (word,) = u32("<I", hb, off)
     (owner,) = u32("<I", hb, off + 8)
-    (pending,) = u32("<I", hb, repair * 4)
+    (pending,) = u32("<I", hb, repair * 4) if repair is not None else (0,)
     tid, died = owner_of(word)
     if owner == _NOT_RECOVERABLE:
         return "was released unrepaired and is unusable: run `shmbus recover --force` once no process uses it"
@@ -211,7 +212,7 @@ class _Walk:
         """Each lock: intact, not left by a dead holder, not held by a thread that does not exist."""
         if bytes(hb[BOOT_ID : BOOT_ID + 16]) != current_boot_id():
             return None  # words of an earlier boot: the next open resets them
-        for role, off, repair in LOCKS[self.layout.kind]:
+        for role, off, repair in (*LOCKS[self.layout.kind], ("recovery", M_RECOVERY, None)):
             what = lock_state(hb, off, repair)
             if what is not None:
                 return Problem(off, f"the {role} lock {what}")

@@ -53,7 +53,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
                                                    counts its items tokens (read by nobody)
        328     8  reserved           -                 zero
        336    16  boot_id            openers           the boot (Linux boot_id) the locks were last
-                                                   used in; set under the recovery byte
+                                                   used in; set under the boot byte
        352    32  reserved           -                 zero
     -- time samples (384..511), for ``shmbus stats``: 8 entries of 16 bytes --
        384   128  samples            producers         entry i at 384 + 16 i: seq u64, time_ns u64:
@@ -62,9 +62,9 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
                                                    time_ns 0 = empty entry. Unordered: see below.
     -- 512..767: Topic wait flags, one byte per subscriber slot: 1 while that
        subscriber sleeps (or is about to) on its semaphore sub<i> --
-    -- 768: the recovery byte: an OFD lock on it serializes recovery and
-       participant claims (the kernel drops it if its holder dies) --
-    -- 769..831: reserved, zero --
+    -- 768: the recovery mutex (64 bytes, like the locks below): it serializes
+       participant claims and the recovery of what dead participants held.
+       An OFD write lock on byte 768 (the boot byte) serializes the boot reset --
     -- 832, 896, 960: the head, tail and subs locks, 64 bytes each: a glibc
        pthread_mutex_t, robust, process-shared, error-checking (see below) --
     -- participant table at participants_offset: max_participants x 32 bytes --
@@ -128,7 +128,7 @@ a repairer that dies too leaves the job to the next holder. A reader of the
 format in another language uses glibc's ``pthread_mutex_*`` on these bytes.
 A lock word from an earlier boot (a disk bus after a crash) is stale: the
 first opener in a new boot re-initializes the three mutexes under the
-recovery byte and stores the new ``boot_id``.
+boot byte and stores the new ``boot_id``.
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ __all__ = [
     "P_PID_STATE",
     "P_ATTACHED",
     "P_TOKENS",
-    "RECOVERY_BYTE",
+    "M_RECOVERY",
+    "BOOT_BYTE",
     "I_SPACE_WAITING",
     "Q_SCRATCH",
     "Q_TIME_SAMPLES",
@@ -243,7 +244,8 @@ S_OWNER: Final = 6
 P_PID_STATE: Final = 0  # pid in the low half, state in the high half
 P_ATTACHED: Final = 1
 P_TOKENS: Final = 2
-RECOVERY_BYTE: Final = 768
+M_RECOVERY: Final = 768  # the recovery mutex
+BOOT_BYTE: Final = 768  # an OFD write lock on it serializes the boot reset
 
 # Indices into the header viewed as u64 (offset // 8) and as u32 (offset // 4).
 Q_HEAD: Final = 128 // 8
@@ -417,7 +419,7 @@ def build_header(layout: Layout) -> bytes:
         b"",
     )
     head = bytearray((static + _CRC.pack(zlib.crc32(static))).ljust(HEADER_MIN, b"\0"))
-    for off in (M_HEAD, M_TAIL, M_SUBS):
+    for off in (M_RECOVERY, M_HEAD, M_TAIL, M_SUBS):
         head[off : off + len(INIT_BYTES)] = INIT_BYTES
     head[BOOT_ID : BOOT_ID + 16] = current_boot_id()
     return bytes(head)

@@ -27,9 +27,12 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import os
 import threading
 import time
 from typing import Final
+
+from ._errors import BusClosed
 
 __all__ = [
     "MUTEX_SIZE",
@@ -124,7 +127,18 @@ class Mutex:
 
     def owned(self) -> bool:
         """True if the calling thread holds the lock (the kernel-visible owner field says so)."""
-        return self._h32[0] & TID_MASK == threading.get_native_id()
+        return self._anchor is not None and self._h32[0] & TID_MASK == threading.get_native_id()
+
+    def ghost(self) -> bool:
+        """True if held by a thread id that does not exist here (nothing but a reset frees it)."""
+        tid, died = owner_of(self.word())
+        return bool(tid) and not died and not os.path.exists(f"/proc/{tid}")
+
+    def _pin(self) -> ctypes.c_char:
+        anchor = self._anchor
+        if anchor is None:
+            raise BusClosed("this handle was closed: open the bus again")
+        return anchor
 
     def inconsistent(self) -> bool:
         """True while a taker that got EOWNERDEAD has not called ``consistent`` (glibc's owner field)."""
@@ -135,7 +149,10 @@ class Mutex:
         return self._h32[2] == _NOT_RECOVERABLE
 
     def trylock(self) -> int:
-        return int(_trylock(self.addr))
+        pin = self._pin()  # (held by this frame: the mapping stays for the call)
+        rc = int(_trylock(self.addr))
+        del pin
+        return rc
 
     def lock_until(self, end: float) -> int:
         """Wait for the lock until ``end`` (``time.monotonic()``), at most one ``WAIT_SLICE``.
@@ -143,6 +160,7 @@ class Mutex:
         Returns ETIMEDOUT at the end of the slice; the caller looks at its
         deadline and at signals (Python runs handlers on return) and calls again.
         """
+        pin = self._pin()  # (held by this frame: the mapping stays for the call)
         rc = int(_trylock(self.addr))
         if rc != errno.EBUSY:
             return rc
@@ -156,19 +174,28 @@ class Mutex:
         at = time.monotonic() + left
         ts.tv_sec = int(at)
         ts.tv_nsec = int((at - ts.tv_sec) * 1e9)
-        return int(_clocklock(self.addr, _CLOCK_MONOTONIC, ctypes.byref(ts)))
+        rc = int(_clocklock(self.addr, _CLOCK_MONOTONIC, ctypes.byref(ts)))
+        del pin
+        return rc
 
     def unlock(self) -> int:
-        return int(_unlock(self.addr))
+        pin = self._pin()
+        rc = int(_unlock(self.addr))
+        del pin
+        return rc
 
     def consistent(self) -> int:
         """Mark a mutex taken with EOWNERDEAD usable again; EINVAL if it was not inconsistent."""
-        return int(_consistent(self.addr))
+        pin = self._pin()
+        rc = int(_consistent(self.addr))
+        del pin
+        return rc
 
     def reset(self) -> None:
         """Re-initialize the mutex in place (``shmbus recover --force``: nobody may be using it)."""
-        assert self._anchor is not None
+        pin = self._pin()
         ctypes.memmove(self.addr, INIT_BYTES, len(INIT_BYTES))
+        del pin
 
     def kind_ok(self) -> bool:
         """True if the mutex's kind word is what shmbus writes (a damaged file may hold anything)."""

@@ -17,9 +17,12 @@ Rule: this module owns the participant table, the OFD locks, the bus locks
   who can only read the file can place read locks, never write locks, so
   cannot make a dead participant look alive.
 * Recovery of what a dead participant held besides locks (its items tokens,
-  its Topic subscriber slots) is serialized by an OFD lock on the recovery
-  byte (768), taken with a bounded wait: a stranger's read lock there delays
-  that bookkeeping, never hangs a caller.
+  its Topic subscriber slots), and participant claims, are serialized by the
+  recovery mutex (768), a robust mutex like the locks: nobody who can only
+  read the file can hold it, and a dead recoverer's is taken over at once.
+  The boot reset is serialized by an OFD write lock on the same byte, with a
+  bounded wait: a stranger's read lock there delays that reset, never hangs
+  an open.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, Callable, Final, TypeVar
 
 from . import _mutex, _sync
 from ._errors import CorruptBus, ShmbusError
-from ._format import P_ATTACHED, P_PID_STATE, P_TOKENS, PARTICIPANT_SIZE, RECOVERY_BYTE, Layout
+from ._format import BOOT_BYTE, P_ATTACHED, P_PID_STATE, P_TOKENS, PARTICIPANT_SIZE, Layout
 
 __all__ = [
     "RECOVERY_INTERVAL",
@@ -134,8 +137,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class Participant:
     """This process's slot in one bus's participant table, claimed on first use."""
 
-    def __init__(self, path: str, bus_fd: int, h64: memoryview, layout: Layout) -> None:
+    def __init__(self, path: str, bus_fd: int, h64: memoryview, layout: Layout, mutex: _mutex.Mutex) -> None:
         self.path = path
+        self._mutex = mutex  # the recovery mutex
         self._bus_fd = bus_fd
         self._h64 = h64
         self._layout = layout
@@ -162,26 +166,58 @@ class Participant:
         return self._fd
 
     @contextlib.contextmanager
-    def recovery_lock(self, wait: float = RECOVERY_LOCK_WAIT) -> Iterator[bool]:
-        """Hold the recovery byte: one recoverer (or claimer) at a time, released on death.
+    def boot_lock(self, wait: float = RECOVERY_LOCK_WAIT) -> Iterator[bool]:
+        """Hold an OFD write lock on the boot byte (768): one boot reset at a time.
 
         Yields False (holding nothing) if it stayed locked for ``wait``
-        seconds: a stranger's read lock must delay bookkeeping, never hang us.
+        seconds: a user who can read the file can place a read lock there,
+        which must delay a reset, never hang an open.
         """
         fd = self.fd()
         end = time.monotonic() + wait
         delay = 0.0005
-        while not _try_lock(fd, RECOVERY_BYTE):
+        while not _try_lock(fd, BOOT_BYTE):
             if time.monotonic() >= end:
-                log.warning("%s: the recovery byte stayed locked for %.1f s; skipping", self.path, wait)
+                log.warning("%s: the boot byte stayed locked for %.1f s; not resetting", self.path, wait)
                 yield False
                 return
-            time.sleep(delay)  # a recoverer holds it for microseconds to milliseconds
+            time.sleep(delay)  # an opener holds it for microseconds
             delay = min(delay * 2, 0.02)
         try:
             yield True
         finally:
-            _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, RECOVERY_BYTE)
+            _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, BOOT_BYTE)
+
+    @contextlib.contextmanager
+    def recovery_lock(self, wait: float = RECOVERY_LOCK_WAIT) -> Iterator[bool]:
+        """Hold the recovery mutex: one recoverer (or claimer) at a time, released on death.
+
+        A robust mutex in the header, so nobody who cannot write the file can
+        hold it. Yields False (holding nothing) if a live holder kept it for
+        ``wait`` seconds. A recoverer that died in the middle leaves at worst
+        a token posted twice (harmless: a token without a record is dropped).
+        """
+        mutex = self._mutex
+        end = time.monotonic() + wait
+        got = False
+        try:
+            while True:
+                rc = mutex.lock_until(end)
+                if rc == 0 or rc == _mutex.EOWNERDEAD:
+                    got = True
+                    break
+                if rc == errno.ETIMEDOUT and time.monotonic() < end:
+                    continue
+                if rc == _mutex.ENOTRECOVERABLE:
+                    mutex.reset()  # it guards no counters of its own: start afresh
+                    continue
+                log.warning("%s: the recovery lock stayed busy; skipping this round", self.path)
+                break
+            yield got
+        finally:
+            if mutex.owned():
+                mutex.consistent()
+                mutex.unlock()
 
     def claim(self, reap: Callable[[], object]) -> int:
         """Claim a free slot (reaping dead ones first through ``reap``); return slot + 1.
@@ -431,9 +467,7 @@ class Lock:
         unrecoverable. The repair word is set, so the next holder mends the
         counters. Only ``recover(force=True)`` calls this.
         """
-        tid, died = _mutex.owner_of(self._mutex.word())
-        gone = tid and not died and not os.path.exists(f"/proc/{tid}")
-        if not gone and not self._mutex.unrecoverable():
+        if not self._mutex.ghost() and not self._mutex.unrecoverable():
             return False
         self._h32[self._repair_index] = 1
         self._mutex.reset()

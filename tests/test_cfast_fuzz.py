@@ -414,7 +414,7 @@ def test_take_many_hands_back_the_token_it_was_given_when_it_raises(bus_name: st
         assert fast is not None and part is not None
         assert items.try_acquire()  # the token a blocking get_many waited for
         with pytest.raises(TypeError):
-            fast.take_many(part.me, "not an index", 1, 1, 0.0)
+            fast.take_many("not an index", 1, 1, 0.0)  # (tokens_index, have, max, spin)
         assert items.value == 1 and q._h64[part.tokens_index] == 0
         assert q.get_nowait() == "m"
         q.unlink()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
 import stat
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
 
 import pytest
 
 import shmbus
+from shmbus import _faults
 
 CAP = 8192
 
@@ -81,3 +89,73 @@ def test_no_pickle_anywhere() -> None:
     for py in src.rglob("*.py"):  # subpackages (shmbus/_bench/) too
         text = py.read_text()
         assert "import pickle" not in text and "pickle.loads" not in text, py.name
+
+
+# -- a user who can only read the file ---------------------------------------------------
+
+READER_UID = 64123  # a user of its own: no one else on the machine runs as it
+
+
+def _read_locker(conn: Any, path: str, upto: int) -> None:
+    """Child, as another user with read access only: read-lock every byte of the header it can.
+
+    On each "again" it tries the bytes it could not lock before (those of
+    participants that have died since); on "stop" it exits.
+    """
+    os.setgid(READER_UID)
+    os.setuid(READER_UID)
+    fd = os.open(path, os.O_RDONLY)
+    with pytest.raises(PermissionError):
+        os.open(path, os.O_RDWR)  # it really can only read
+    flock = struct.Struct("hhqqi4x")
+    todo = set(range(upto))
+    while True:
+        for byte in sorted(todo):
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
+                todo.discard(byte)
+            except OSError:
+                pass  # a live participant's write lock: try again later
+        conn.send(len(todo))
+        if conn.recv() == "stop":
+            return
+
+
+def _die_holding_a_token(path: str, ready: Any) -> None:
+    q = shmbus.Queue.open(path, allow_shared=True)
+    q._part.claim(q.recover)  # a participant slot, before the reader locks the free ones
+    ready.set()
+    _faults.arm("get:after-token")
+    q.get(timeout=30)  # dies once it took the token for the message the test puts
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_a_user_who_can_only_read_cannot_fake_or_block_liveness(bus_name: str, procs: Any) -> None:
+    """Read locks everywhere: a dead participant still counts as dead, nothing hangs, nothing is lost."""
+    q = shmbus.Queue.create(bus_name, capacity=CAP, mode=0o644)
+    ready = procs.ctx.Event()
+    victim = procs.start(_die_holding_a_token, q.path, ready)
+    assert ready.wait(30)
+    parent, child = procs.ctx.Pipe()
+    reader = procs.start(_read_locker, child, q.path, q.layout.ring_offset)
+    assert parent.recv() >= 1  # the victim's slot byte, at least, is write-locked
+    q.put("precious")
+    victim.join(30)
+    assert victim.exitcode == -signal.SIGKILL  # died holding the message's token
+    parent.send("again")
+    assert parent.recv() == 0  # now every byte of the header is read-locked, the dead one's too
+    started = time.monotonic()
+    assert q.get(timeout=10) == "precious"  # its token given back: the read lock did not fake life
+    assert q.recover() == 0  # reaped already; returns at once
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmbus", "recover", q.path], capture_output=True, text=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    q.put("more", timeout=1)
+    assert q.get(timeout=1) == "more"
+    assert time.monotonic() - started < 10
+    parent.send("stop")
+    reader.join(30)
+    assert reader.exitcode == 0
+    q.close()
