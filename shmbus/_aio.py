@@ -446,7 +446,7 @@ class QueueAio(_Helper):
         """Put what fits now, waiting for nothing (not even the producer lock); return how many."""
         q = self._q
         sent = q._head_lock.run(0.0, q._write, batch, 0.0)
-        return 0 if sent is NOT_TAKEN else sent  # type: ignore[return-value]
+        return 0 if sent is NOT_TAKEN else sent
 
     def _run_puts(self) -> None:
         cond = self._cond

@@ -204,6 +204,7 @@ class Stats:
     bytes_in: int
     bytes_out: int
     created_ns: int
+    recoveries: int = 0  # lock repairs done since create (a holder died, or was cut short)
 
     @property
     def fill(self) -> float:
@@ -229,6 +230,7 @@ def header_stats(path: str, lay: Layout, h: memoryview) -> Stats:
         bytes_in=h[Q_BYTES_IN],
         bytes_out=h[Q_BYTES_OUT],
         created_ns=lay.created_ns,
+        recoveries=h[Q_RECOVERIES],
     )
 
 

@@ -132,9 +132,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_recover(args: argparse.Namespace) -> int:
     with open_any(args.path) as bus:
+        before = bus.stats().recoveries
         dead = bus.recover(force=args.force)
         st = bus.stats()
-    print(f"{args.path}: {dead} dead process(es) found and cleaned up; {st.messages} messages in the bus")
+    print(
+        f"{args.path}: {dead} dead process(es) found and cleaned up, {st.recoveries - before} lock(s) "
+        f"repaired; {st.messages} messages in the bus"
+    )
     from ._check import examine
 
     left = [p for p in examine(args.path).problems if "lock" in p.message]

@@ -165,6 +165,10 @@ class _Consuming(_QueueBase):
         self._in_hand = []
         return data
 
+    def _finish_kept(self, rec: tuple[int, Any]) -> Any:
+        """A kept record as get returns it."""
+        return rec[1] if rec[0] == _DECODED else self._finish(*rec)
+
     def _kept_payload(self, rec: tuple[int, Any]) -> Payload:
         """The payload of a kept record (a decoded one is encoded again, as get_bytes returns msgpack)."""
         kind, payload = rec

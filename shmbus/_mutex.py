@@ -112,12 +112,17 @@ class Mutex:
     ``ENOTRECOVERABLE``, ``EDEADLK`` (this thread holds it already).
     """
 
-    __slots__ = ("_anchor", "_h32", "_view", "addr")
+    __slots__ = ("_anchor", "_h32", "_takers", "_view", "addr")
 
     def __init__(self, mm: mmap.mmap, offset: int) -> None:
         # The ctypes object pins the mapping: it cannot be unmapped under a wait.
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(mm, offset)
         self.addr = ctypes.c_void_p(ctypes.addressof(self._anchor))
+        # Threads of this process that may hold the mutex: added before each
+        # lock call, removed after an unlock. The lock word alone is not proof:
+        # anyone who can write the file can put our thread id in it, and
+        # unlocking a mutex this thread did not lock corrupts glibc's list.
+        self._takers: set[int] = set()
         self._view = memoryview(mm)[offset : offset + MUTEX_SIZE]
         self._h32 = self._view.cast("I")
 
@@ -127,7 +132,12 @@ class Mutex:
 
     def owned(self) -> bool:
         """True if the calling thread holds the lock (the kernel-visible owner field says so)."""
-        return self._anchor is not None and self._h32[0] & TID_MASK == threading.get_native_id()
+        tid = threading.get_native_id()
+        return tid in self._takers and self._anchor is not None and self._h32[0] & TID_MASK == tid
+
+    def expect(self) -> None:
+        """Note that the calling thread is about to take the mutex (here, or in C)."""
+        self._takers.add(threading.get_native_id())
 
     def ghost(self) -> bool:
         """True if held by a thread id that does not exist here (nothing but a reset frees it)."""
@@ -150,6 +160,7 @@ class Mutex:
 
     def trylock(self) -> int:
         pin = self._pin()  # (held by this frame: the mapping stays for the call)
+        self._takers.add(threading.get_native_id())
         rc = int(_trylock(self.addr))
         del pin
         return rc
@@ -161,6 +172,7 @@ class Mutex:
         deadline and at signals (Python runs handlers on return) and calls again.
         """
         pin = self._pin()  # (held by this frame: the mapping stays for the call)
+        self._takers.add(threading.get_native_id())
         rc = int(_trylock(self.addr))
         if rc != errno.EBUSY:
             return rc
@@ -181,6 +193,7 @@ class Mutex:
     def unlock(self) -> int:
         pin = self._pin()
         rc = int(_unlock(self.addr))
+        self._takers.discard(threading.get_native_id())
         del pin
         return rc
 

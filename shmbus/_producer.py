@@ -156,6 +156,7 @@ class _Producing(_QueueBase):
         if fast is not None and not _faults.armed:
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
             deadline = _deadline(block, timeout)  # before C may leave the lock held
+            self._head_lock.mutex.expect()  # C may hand it over held (PUT_HELD)
             r = fast.put_many(encoded)
             if r & 3 == _accel.PUT_DONE:
                 return
@@ -284,7 +285,9 @@ class _Producing(_QueueBase):
         """
         while True:
             # The tail lock is held only for copies, even by a non-blocking put.
-            start, head = self._tail_lock.run(None, self._room_or_flag, head, n)
+            got = self._tail_lock.run(None, self._room_or_flag, head, n)
+            assert got is not NOT_TAKEN  # (no deadline)
+            start, head = got
             if start >= 0:
                 return start, head
             # Sleep one slice at most, then look again: the consumer that should

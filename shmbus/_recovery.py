@@ -28,6 +28,7 @@ Rule: this module owns the participant table, the OFD locks, the bus locks
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import logging
@@ -36,7 +37,7 @@ import struct
 import time
 import weakref
 from collections.abc import Iterator
-from typing import Any, Callable, Final, TypeVar
+from typing import Any, Callable, Final, Literal, TypeVar
 
 from . import _mutex, _sync
 from ._errors import CorruptBus, ShmbusError
@@ -62,14 +63,13 @@ _FOREVER: Final = float("inf")
 _T = TypeVar("_T")
 
 
-class _NotTaken:
+class _NotTaken(enum.Enum):
     """``Lock.run``'s result when the lock did not come in time."""
 
-    def __repr__(self) -> str:
-        return "NOT_TAKEN"
+    NOT_TAKEN = 0
 
 
-NOT_TAKEN: Final = _NotTaken()
+NOT_TAKEN: Final = _NotTaken.NOT_TAKEN
 
 
 def _ofd(fd: int, cmd: int, ltype: int, offset: int) -> int:
@@ -350,7 +350,9 @@ class Lock:
             else:
                 self._refuse(rc)
 
-    def run(self, deadline: float | None, fn: Callable[..., _T], *args: Any) -> _T | _NotTaken:
+    def run(
+        self, deadline: float | None, fn: Callable[..., _T], *args: Any
+    ) -> _T | Literal[_NotTaken.NOT_TAKEN]:
         """Take the lock (before ``deadline``), run ``fn(*args)`` holding it, release it.
 
         Returns what ``fn`` returned, or ``NOT_TAKEN`` if the lock did not come
@@ -393,6 +395,13 @@ class Lock:
             h32[i] = 1
             self._mutex.consistent()
             log.warning("%s: the %s lock's holder died holding it; repairing", self.path, self.role)
+        elif h32[i]:
+            # Left by a holder cut short (abandon), a repairer that could not finish,
+            # or the C fast path, which hands a dead holder's lock over this way.
+            log.warning(
+                "%s: the %s lock was left needing repair (its holder died or was cut short); repairing",
+                self.path, self.role,
+            )  # fmt: skip
         if h32[i]:
             if not self._repair(self.role):
                 return False
@@ -407,8 +416,14 @@ class Lock:
                 "without repairing): run `shmbus recover --force` once no process uses the bus",
                 path=self.path,
             )
-        if rc == errno.EDEADLK:
+        if rc == errno.EDEADLK and self._mutex.owned():
             raise RuntimeError(f"this thread already holds the {self.role} lock of {self.path}")
+        if rc == errno.EDEADLK:
+            raise CorruptBus(
+                f"{self.path}: the {self.role} lock's word names this thread, which does not hold it: "
+                "run `shmbus check`, then `shmbus recover --force` once no process uses the bus",
+                path=self.path,
+            )
         raise OSError(rc, f"{self.role} lock of {self.path}: {os.strerror(rc)}")
 
     def owned(self) -> bool:

@@ -86,7 +86,7 @@ class Topic(Bus):
     """
 
     _KIND = KIND_TOPIC
-    _ROLES: tuple[str, ...] = ()  # the wake-up semaphores sub<i> are added per layout
+    _ROLES = ()  # the wake-up semaphores sub<i> are added per layout
 
     @classmethod
     def create(

@@ -714,7 +714,7 @@ def _get_and_die_before_recording_the_token(conn: Connection, path: str) -> None
     # The C fast path has the same window (between sem_trywait and storing the
     # count) but no place to die in it: take the Python path to die there.
     _accel.drop_fast_path(q)
-    q._take1 = lambda: _die()  # type: ignore[method-assign]  # the token is taken, not yet recorded
+    q._take1 = lambda *a: _die()  # type: ignore[method-assign]  # the token is taken, not yet recorded
     conn.send(time.monotonic())
     q.get(timeout=CHILD_TIMEOUT)
 

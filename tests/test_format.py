@@ -16,6 +16,7 @@ from shmbus._format import (
     KIND_QUEUE,
     KIND_TOPIC,
     M_HEAD,
+    M_RECOVERY,
     M_SUBS,
     M_TAIL,
     MAGIC,
@@ -160,9 +161,10 @@ def test_build_then_parse_header_round_trips(overrides: dict[str, Any]) -> None:
     header = build_header(lay)
     assert len(header) == HEADER_MIN
     assert header.startswith(MAGIC)
-    # Counters and reserved space start at zero, the three locks are fresh mutexes, the boot id is ours.
+    # Counters and reserved space start at zero, the locks and the recovery mutex are fresh
+    # mutexes, the boot id is ours.
     expected = bytearray(HEADER_MIN - 128)
-    for off in (M_HEAD, M_TAIL, M_SUBS):
+    for off in (M_RECOVERY, M_HEAD, M_TAIL, M_SUBS):
         expected[off - 128 : off - 128 + len(INIT_BYTES)] = INIT_BYTES
     expected[BOOT_ID - 128 : BOOT_ID - 128 + 16] = current_boot_id()
     assert header[128:] == bytes(expected)
