@@ -51,6 +51,12 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        264     8  recoveries u64     recoverers        dead lock holders recovered, ever
        272     8  last_recovery_ns   recoverers        when, ns since the epoch
        280     4  subs_releases u32  subscribers       subs lock releases, mod 2**32
+       296     8  sems_dev u64       create, reopener  st_dev of the file that made the semaphores
+       304     8  sems_ino u64       create, reopener  st_ino of that file: a copy (another inode)
+                                                   or look-alike never owns its id's semaphores
+       312     1  sems byte          -                 no data: an OFD write lock on it serializes
+                                                   recreating missing semaphores
+       313     7  reserved           -                 zero
        320     8  scratch u64        Queue consumers   where a consumer with no participant slot
                                                    counts its items tokens (read by nobody)
        328    56  reserved           -                 zero
@@ -164,6 +170,9 @@ __all__ = [
     "P_ATTACHED",
     "P_TOKENS",
     "RECOVERY_BYTE",
+    "IDENTITY",
+    "IDENTITY_OFFSET",
+    "SEMS_BYTE",
     "I_SPACE_WAITING",
     "Q_SCRATCH",
     "Q_TIME_SAMPLES",
@@ -225,6 +234,11 @@ P_PID_STATE: Final = 0  # pid in the low half, state in the high half
 P_ATTACHED: Final = 1
 P_TOKENS: Final = 2
 RECOVERY_BYTE: Final = 768
+# Which file the semaphores belong to: (st_dev, st_ino) of the file that made
+# them, written at create and when an opener recreates missing ones; 0 = unknown.
+IDENTITY: Final = struct.Struct("<QQ")
+IDENTITY_OFFSET: Final = 296
+SEMS_BYTE: Final = 312  # an OFD lock, no data: one recreator of missing semaphores at a time
 
 # Indices into the header viewed as u64 (offset // 8) and as u32 (offset // 4).
 Q_HEAD: Final = 128 // 8
