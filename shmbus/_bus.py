@@ -159,7 +159,10 @@ def unlink(path: str | os.PathLike[str]) -> list[str]:
     ``NotABus`` if the file is not a bus (it is then left alone).
     """
     real = resolve_path(path)
-    fd = _open_fd(real, os.O_RDONLY)
+    try:
+        fd = _open_fd(real, os.O_RDWR)  # write access: to take turns with other removers (_semlife)
+    except PermissionError:
+        fd = _open_fd(real, os.O_RDONLY)
     try:
         st = os.fstat(fd)
         head = os.pread(fd, HEADER_MIN, 0) if stat.S_ISREG(st.st_mode) else b""

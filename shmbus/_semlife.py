@@ -13,7 +13,8 @@ bus's id. So:
   is not the semaphores' owner.
 * A semaphore is removed only when no process has it open: ``_sync.unlink_unused``
   proves it with a write lease. Processes that still have it keep it; the
-  last of them to close a removed bus removes it (``remove_if_unlinked``).
+  last of them to close a removed bus removes it. Removers of one bus take
+  turns on the OFD lock of ``SEMS_BYTE`` (``remove_sems``).
 * Missing semaphores (a disk bus after a reboot) are recreated by one opener
   at a time, under an OFD write lock on ``SEMS_BYTE``, taken with a deadline:
   a lock on that byte held by someone who never lets go (a reader can place
@@ -39,11 +40,20 @@ from . import _sync
 from ._errors import BusNotFound
 from ._format import IDENTITY, IDENTITY_OFFSET, SEMS_BYTE
 
-__all__ = ["RECREATE_TIMEOUT", "record_identity", "owns_sems", "recreation_lock", "remove_sems"]
+__all__ = [
+    "RECREATE_TIMEOUT",
+    "REMOVE_TIMEOUT",
+    "record_identity",
+    "owns_sems",
+    "sems_lock",
+    "recreation_lock",
+    "remove_sems",
+]
 
 log = logging.getLogger("shmbus")
 
 RECREATE_TIMEOUT: Final = 10.0  # seconds an opener waits for another to finish recreating
+REMOVE_TIMEOUT: Final = 1.0  # seconds a remover (close() included) waits for its turn, then keeps them
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
 
 
@@ -67,38 +77,46 @@ def _ofd(fd: int, cmd: int, ltype: int) -> None:
 
 
 @contextlib.contextmanager
-def recreation_lock(fd: int, path: str, timeout: float | None = None) -> Iterator[None]:
+def sems_lock(fd: int, path: str, timeout: float, ltype: int = fcntl.F_WRLCK) -> Iterator[None]:
     """Hold the sems byte of the bus open at ``fd`` (an OFD lock: the kernel drops it on death).
 
     Polled, never a blocking wait: raises ``TimeoutError`` after ``timeout``
-    seconds (default ``RECREATE_TIMEOUT``), and ``BusNotFound`` if the file was removed meanwhile (its
-    semaphores must then not be made again: nobody would remove them).
+    seconds, naming the byte.
     """
-    if timeout is None:
-        timeout = RECREATE_TIMEOUT
     deadline = time.monotonic() + timeout
     pause = 0.0005
     while True:
         try:
-            _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK)
+            _ofd(fd, fcntl.F_OFD_SETLK, ltype)
             break
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
         if time.monotonic() >= deadline:
             raise TimeoutError(
-                errno.ETIMEDOUT, f"cannot recreate the semaphores of {path}: another process has "
-                f"held a lock on its byte {SEMS_BYTE} for {timeout:.0f} s; try again, or find it "
-                "with `fuser` / /proc/locks", path,
+                errno.ETIMEDOUT, f"another process has held a lock on byte {SEMS_BYTE} of {path} for "
+                f"{timeout:.1f} s; try again, or find it in /proc/locks", path,
             )  # fmt: skip
         time.sleep(pause)  # a back-off, not a synchronisation: the lock is re-tried until the deadline
         pause = min(pause * 2, 0.02)
     try:
-        if os.fstat(fd).st_nlink == 0:
-            raise BusNotFound(f"{path} was removed while it was being opened", path=path)
         yield
     finally:
         _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK)
+
+
+@contextlib.contextmanager
+def recreation_lock(fd: int, path: str, timeout: float | None = None) -> Iterator[None]:
+    """``sems_lock`` for an opener about to recreate missing semaphores.
+
+    Waits at most ``timeout`` seconds (default ``RECREATE_TIMEOUT``), and
+    raises ``BusNotFound`` if the file was removed meanwhile: its semaphores
+    must then not be made again, nobody would remove them.
+    """
+    with sems_lock(fd, path, RECREATE_TIMEOUT if timeout is None else timeout):
+        if os.fstat(fd).st_nlink == 0:
+            raise BusNotFound(f"{path} was removed while it was being opened", path=path)
+        yield
 
 
 def remove_sems(fd: int, header: bytes, bus_id: str, roles: list[str], path: str) -> list[str]:
@@ -106,14 +124,24 @@ def remove_sems(fd: int, header: bytes, bus_id: str, roles: list[str], path: str
 
     Nothing is removed unless this very file made them (``owns_sems``), and
     only those owned by the file's owner: a copy or a look-alike carrying
-    another bus's id never gets that bus's semaphores removed.
+    another bus's id never gets that bus's semaphores removed. Removers of
+    one bus take turns on the sems byte (a write lock if ``fd`` may write,
+    else a read lock, which still excludes the closing handles): two last
+    users closing at once would otherwise each take the other's lease for a
+    use and both keep the semaphores.
     """
+    existing = [f for b, role, f in _sync.list_sems() if b == bus_id and role in roles]
     if not owns_sems(fd, header):
         log.warning(
             "%s did not make the semaphores of bus id %s (a copy, a look-alike, or moved): kept them; "
             "`shmbus gc` removes them once no process uses them and no bus file carries the id",
             path, bus_id,
         )  # fmt: skip
-        return [f for b, role, f in _sync.list_sems() if b == bus_id and role in roles]
-    _, kept = _sync.unlink_unused(bus_id, roles, owner=os.fstat(fd).st_uid)
-    return kept
+        return existing
+    writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    try:
+        with sems_lock(fd, path, REMOVE_TIMEOUT, fcntl.F_WRLCK if writable else fcntl.F_RDLCK):
+            return _sync.unlink_unused(bus_id, roles, owner=os.fstat(fd).st_uid)[1]
+    except TimeoutError as e:
+        log.warning("kept the semaphores of %s: %s", path, e.strerror)
+        return existing

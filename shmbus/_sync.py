@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import signal
@@ -49,6 +50,8 @@ __all__ = [
     "SemPermissionError",
     "SemExistsError",
 ]
+
+log = logging.getLogger("shmbus")
 
 SEM_PREFIX: Final = "shmbus."
 _yield = os.sched_yield
@@ -292,15 +295,9 @@ def unlink_unused(bus_id: str, roles: list[str], owner: int | None = None) -> tu
         path = _sem_file(sem_name(bus_id, role))
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            kept.append(path)
-            continue
-        if (owner is not None and st.st_uid != owner) or not _stat.S_ISREG(st.st_mode):
-            kept.append(path)
-            continue
-        try:
+            if (owner is not None and st.st_uid != owner) or not _stat.S_ISREG(st.st_mode):
+                kept.append(path)
+                continue
             fd = _lease(path)
         except FileNotFoundError:
             continue
@@ -314,16 +311,40 @@ def unlink_unused(bus_id: str, roles: list[str], owner: int | None = None) -> tu
             held = os.fstat(fd)
             if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
                 kept.append(path)  # replaced since the lstat: judge it another time
-                continue
-            os.unlink(path)
-            removed.append(path)
+            elif _remove_leased(fd, path, f"{_SEM_DIR}/sem.{SEM_PREFIX}{bus_id}.gone{role}"):
+                removed.append(path)
+            else:
+                kept.append(path)
         except FileNotFoundError:
             pass
         except OSError:
             kept.append(path)
         finally:
-            os.close(fd)
+            os.close(fd)  # drops the lease
     return removed, kept
+
+
+def _remove_leased(fd: int, path: str, aside: str) -> bool:
+    """Remove ``path``, whose lease ``fd`` holds, unless someone opened it meanwhile; True if removed.
+
+    An ``open`` that began after the lease was taken is blocked until the
+    lease goes, and then gets the inode it looked up. So the name is first
+    moved aside (it still leads to the inode); if the lease is being broken
+    by then, the name is put back for that opener. ``aside`` matches
+    ``list_sems`` (role ``gone<role>``), so a remover killed in between leaves
+    an orphan that ``gc`` finds, never a stray file.
+    """
+    os.rename(path, aside)
+    if fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK:
+        os.unlink(aside)
+        return True
+    try:
+        os.link(aside, path)  # an opener is waiting for this inode: give it back its name
+    except FileExistsError:
+        # Recreated meanwhile, under the opener: that one now has another semaphore.
+        log.warning("semaphore %s was opened and recreated while being removed", path)
+    os.unlink(aside)
+    return False
 
 
 # Linux keeps the named semaphore "/x" as the file "/dev/shm/sem.x" (sem_overview(7)).

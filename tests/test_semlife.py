@@ -291,7 +291,12 @@ def scenario_live_users() -> None:
         k.start()
     ready.wait(WAIT)
     assert _sync.unlink_unused(bus_id, list(before))[0] == []  # refused: in use
-    assert main(["rm", path]) == 0
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["rm", path]) == 0
+    assert f"kept {len(before)} of its semaphores: in use" in out.getvalue()
     assert not os.path.exists(path)
     assert main(["gc", "--min-age", "0"]) == 0
     assert _sem_files(bus_id) == before, "semaphores removed under live users"
@@ -333,7 +338,52 @@ def scenario_reader_stalls_recreation() -> None:
     print("a reader's lock delays nobody beyond the deadline")
 
 
+def _open_sem(name: str, go: Any, conn: Any) -> None:
+    import posix_ipc
+
+    go.wait(WAIT)
+    s = posix_ipc.Semaphore(name)  # blocks while the remover holds its lease
+    conn.send(_mapped())
+    s.close()
+
+
+def scenario_opened_while_being_removed() -> None:
+    """An open that races with the removal keeps its semaphore: the name is put back for it."""
+    import fcntl
+    import time
+
+    import posix_ipc
+
+    name = _sync.sem_name("0123456789abcdef", "items")
+    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, 0)
+    sem.close()
+    path = f"{SHM}/sem.{name[1:]}"
+    ino = os.lstat(path).st_ino
+    ctx = mp.get_context("fork")
+    rx, tx = ctx.Pipe(duplex=False)
+    go = ctx.Event()
+    kid = ctx.Process(target=_open_sem, args=(name, go, tx), daemon=True)
+    kid.start()  # before the lease: a child holding a copy of its fd would keep it alive
+    fd = _sync._lease(path)
+    assert fd is not None
+    go.set()
+    deadline = time.monotonic() + WAIT
+    while fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK:  # the kernel's word: the child is in open
+        assert time.monotonic() < deadline, "the child never opened the semaphore"
+        os.sched_yield()
+    assert not _sync._remove_leased(fd, path, f"{SHM}/sem.shmbus.0123456789abcdef.goneitems")
+    assert os.lstat(path).st_ino == ino
+    os.close(fd)
+    assert rx.poll(WAIT)
+    assert ino in rx.recv()
+    kid.join(WAIT)
+    assert _sync.unlink_unused("0123456789abcdef", ["items"]) == ([path], [])
+    assert sorted(os.listdir(SHM)) == [n for n in sorted(os.listdir(SHM)) if not n.startswith("sem.shmbus")]
+    print("the racing opener kept its semaphore")
+
+
 SCENARIOS: dict[str, Callable[..., None]] = {
+    "opened_while_being_removed": scenario_opened_while_being_removed,
     "openers": scenario_openers,
     "lookalikes": scenario_lookalikes,
     "live_users": scenario_live_users,
@@ -364,6 +414,10 @@ def test_rm_of_lookalikes_and_gc_spare_a_live_bus(private_shm: Callable[..., str
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
 def test_semaphores_are_kept_under_live_users(private_shm: Callable[..., str], pure: bool) -> None:
     private_shm("live_users", pure=pure)
+
+
+def test_an_open_racing_with_a_removal_keeps_its_semaphore(private_shm: Callable[..., str]) -> None:
+    private_shm("opened_while_being_removed")
 
 
 def test_a_read_lock_on_the_sems_byte_cannot_hang_an_open(private_shm: Callable[..., str]) -> None:
