@@ -45,7 +45,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        224     4  space_waiting u32  both            1 while a producer sleeps for space
        228     4  tail_releases u32  consumers         tail lock releases, mod 2**32
        232    24  reserved
-    -- recovery line (256..319) --
+    -- recovery line (256..319); 296..319 were reserved (zero) before --
        256     4  reserved           -                 zero
        260     4  subs_holder        subscribers       participant slot + 1 holding it (0 = none)
        264     8  recoveries u64     recoverers        dead lock holders recovered, ever
