@@ -244,7 +244,12 @@ def chmod_sem(sem: Sem, mode: int) -> None:
 
 
 def unlink_sems(bus_id: str, roles: list[str]) -> None:
-    """Remove the named semaphores of ``roles``; those already gone are skipped."""
+    """Remove the named semaphores of ``roles`` unconditionally; those already gone are skipped.
+
+    Whoever uses them is not asked: only for names nobody else can know (a
+    create that failed before its file appeared) and for tests. Everything
+    else removes through ``unlink_unused``.
+    """
     for role in roles:
         with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_semaphore(sem_name(bus_id, role))
