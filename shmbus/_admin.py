@@ -6,20 +6,22 @@ It reads bus files with ``pread`` (it never opens them as buses, which could
 recreate a missing semaphore), follows no symbolic link, opens nothing but
 regular files, and removes nothing but ``sem.shmbus.*`` names.
 
-A bus's semaphores are named from the id in its header, so a semaphore is an
-orphan when no bus file carries its id. But ``gc`` only knows the buses it can
-see: the files in ``/dev/shm`` and the paths it is given. A bus file kept on
-disk elsewhere owns semaphores in ``/dev/shm`` too, and unless its path is
-passed they look exactly like orphans (removing them is not fatal, the next
-``open`` recreates them, but a process that has the bus open keeps the old
-ones, so producers and consumers would stop waking each other). Hence every
-function here takes extra ``paths``. Two more guards keep ``gc`` from removing
-what is not an orphan:
+A semaphore is an orphan when it is provably unused: no process has it open
+(``_sync.unlink_unused`` proves that with a write lease, and holds the lease
+across the removal) and no bus file that ``gc`` can see carries its id. ``gc``
+sees the files in ``/dev/shm`` and the paths it is given; a disk bus kept
+elsewhere is protected by the first rule while any process uses it, and
+when none does its semaphores may go: the next ``open`` recreates them, with
+nobody holding old ones. Two more guards keep ``gc`` from removing what is not
+an orphan:
 
 * ``create`` makes the semaphores before the file appears, so a semaphore
   younger than ``min_age`` seconds (default ``GRACE``) is never an orphan;
 * a semaphore whose owner also owns a file in ``/dev/shm`` that we may not
   read is not one either: it may be that file's.
+
+A semaphore whose use cannot be judged (another user's, without root) is
+never an orphan.
 """
 
 from __future__ import annotations
@@ -84,11 +86,11 @@ def list_buses(paths: Iterable[str] | None = None) -> list[BusInfo]:
 
 
 def orphan_semaphores(paths: Iterable[str] | None = None, *, min_age: float = GRACE) -> list[str]:
-    """The files in ``/dev/shm`` of the shmbus semaphores whose bus file is gone.
+    """The files in ``/dev/shm`` of the shmbus semaphores that no process uses and no bus file names.
 
     Only the buses in ``/dev/shm`` and at ``paths`` are known (see the module
-    docstring: pass the paths of your disk-backed buses). Semaphores younger
-    than ``min_age`` seconds are left out: their bus may be being created.
+    docstring). Semaphores younger than ``min_age`` seconds are left out:
+    their bus may be being created.
     """
     return [f for _, _, f in _orphans(paths, min_age)]
 
@@ -97,7 +99,8 @@ def gc(paths: Iterable[str] | None = None, dry_run: bool = False, *, min_age: fl
     """Remove the orphan semaphores (see ``orphan_semaphores``); return their files.
 
     With ``dry_run`` nothing is removed and the list says what would be. A
-    semaphore we may not remove (another user's) is kept, with a warning.
+    semaphore that a process opens meanwhile, or that we may not remove
+    (another user's), is kept, with a warning.
 
     Example::
 
@@ -106,10 +109,8 @@ def gc(paths: Iterable[str] | None = None, dry_run: bool = False, *, min_age: fl
     removed = []
     for bus_id, role, f in _orphans(paths, min_age):
         if not dry_run:
-            try:
-                _sync.unlink_sems(bus_id, [role])
-            except (_sync.SemPermissionError, PermissionError):
-                log.warning("cannot remove orphan semaphore %s: permission denied (run as its owner)", f)
+            if not _sync.unlink_unused(bus_id, [role])[0]:
+                log.warning("kept semaphore %s: in use, or not ours to remove (run as its owner)", f)
                 continue
             log.debug("removed orphan semaphore %s", f)
         removed.append(f)
@@ -133,6 +134,8 @@ def _orphans(paths: Iterable[str] | None, min_age: float) -> list[tuple[str, str
             continue  # removed meanwhile
         if st.st_uid in hidden_owners or now - max(st.st_mtime, st.st_ctime) < min_age:
             continue
+        if _sync.in_use(f) is not False:
+            continue  # a process has it open (a disk bus we were not told of), or we cannot tell
         out.append((bus_id, role, f))
     return sorted(out, key=lambda o: o[2])
 

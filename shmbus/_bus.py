@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
 
-from . import _mutex, _recovery, _ring, _sync
+from . import _mutex, _recovery, _ring, _semlife, _sync
 from ._codec import DEFAULT_CODEC, Codec
 from ._errors import (
     BusClosed,
@@ -103,6 +103,8 @@ def resolve_path(path: str | os.PathLike[str]) -> str:
     p = os.fspath(path)
     if not isinstance(p, str) or not p:
         raise ValueError(f"a bus path must be a non-empty str or path, got {path!r}")
+    if "\0" in p:
+        raise ValueError(f"a bus path cannot contain a NUL byte, got {p!r}")
     if "/" not in p:
         if p in (".", ".."):
             raise ValueError(f"{p!r} is not a bus name")
@@ -155,31 +157,39 @@ def read_layout_of(path: str | os.PathLike[str]) -> Layout:
         os.close(fd)
 
 
-def unlink(path: str | os.PathLike[str]) -> None:
-    """Remove the bus at ``path``: its file and its semaphores.
+def unlink(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the bus at ``path``: its file, and its semaphores once no process uses them.
 
-    Processes that have it open keep working on their mapping until they close
-    it; nobody can open it again. Raises ``BusNotFound`` if there is no file and
+    Processes that have it open keep working on their mapping and semaphores
+    until they close it (the last one to close removes the semaphores); nobody
+    can open it again. Semaphores are removed only if this very file made them
+    (not a copy, nor a file that merely carries the same bus id). Returns the
+    semaphore files kept. Raises ``BusNotFound`` if there is no file and
     ``NotABus`` if the file is not a bus (it is then left alone).
     """
     real = resolve_path(path)
-    fd = _open_fd(real, os.O_RDONLY)
+    try:
+        fd = _open_fd(real, os.O_RDWR)  # write access: to take turns with other removers (_semlife)
+    except PermissionError:
+        fd = _open_fd(real, os.O_RDONLY)
     try:
         st = os.fstat(fd)
         head = os.pread(fd, HEADER_MIN, 0) if stat.S_ISREG(st.st_mode) else b""
+        if head[: len(MAGIC)] != MAGIC:
+            raise NotABus(f"{real} is not a shmbus bus; refusing to remove it", path=real)
+        # The file goes first: once it is gone nobody can open the bus and
+        # take up a semaphore we are about to judge unused.
+        os.unlink(real)
+        kept: list[str] = []
+        ids = peek_ids(head)  # a corrupt header may still name its semaphores
+        if ids is not None:
+            bus_id, max_subs = ids
+            roles = ALL_ROLES + [f"sub{i}" for i in range(max_subs)]
+            kept = _semlife.remove_sems(fd, head, bus_id, roles, real)
     finally:
         os.close(fd)
-    if head[: len(MAGIC)] != MAGIC:
-        raise NotABus(f"{real} is not a shmbus bus; refusing to remove it", path=real)
-    # A corrupt header may still name its semaphores: remove what can be named.
-    # The file goes first: once it is gone nobody can open the bus and create
-    # a semaphore we would then miss.
-    os.unlink(real)
-    ids = peek_ids(head)
-    if ids is not None:
-        bus_id, max_subs = ids
-        _sync.unlink_sems(bus_id, ALL_ROLES + [f"sub{i}" for i in range(max_subs)])
-    log.debug("unlinked bus %s", real)
+    log.debug("unlinked bus %s%s", real, f"; kept {len(kept)} semaphores in use" if kept else "")
+    return kept
 
 
 @dataclass(frozen=True)
@@ -340,11 +350,13 @@ class Bus:
             bus_id=bus_id,
             creator_uid=os.getuid(),
         )
+        # The temporary name fits NAME_MAX whatever the final name's length.
+        stem = os.fsdecode(os.fsencode(os.path.basename(real))[:200])
+        tmp = os.path.join(os.path.dirname(real), f".{stem}.{bus_id}.tmp")
         sems = _sync.create_sems(bus_id, cls._initial_sems(layout, 0), mode)
-        _chmod_sems(sems, mode)
-        tmp = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.{bus_id}.tmp")
         linked = False
         try:
+            _chmod_sems(sems, mode)
             _write_new_file(tmp, layout, mode)
             try:
                 os.link(tmp, real)
@@ -356,17 +368,25 @@ class Bus:
                         "pass exist_ok=True, or remove it with `shmbus rm`",
                         path=real,
                     ) from None
+        except BusExists:
+            raise
         except PermissionError as e:
             raise PermissionError(
                 e.errno, f"permission denied creating bus {real}: choose a directory you can "
                 "write to", real,
             ) from None  # fmt: skip
+        except OSError as e:
+            # Name the path the user gave, not the hidden temporary file.
+            raise type(e)(e.errno, f"cannot create the bus: {e.strerror}", real) from None
         finally:
-            _unlink_quiet(tmp)
-            if not linked:
-                for s in sems.values():
-                    s.sem.unlink()
-                    s.close()
+            try:
+                _unlink_quiet(tmp)
+            finally:
+                if not linked:
+                    # Nobody else can know these: the file that names them never appeared.
+                    for s in sems.values():
+                        s.unlink()
+                        s.close()
         if not linked:
             return cls.open(real, codec=codec)
         bus = cls._attach(real, codec, sems=sems, allow_shared=True)  # our own new file, our chosen mode
@@ -478,21 +498,12 @@ class Bus:
                 "ask its owner to share it (mode=0o660 and a common group)", self.path,
             ) from e  # fmt: skip
         if missing:
-            # Semaphores live in /dev/shm and vanish on reboot while a disk file
-            # survives: rebuild them from the header's counters.
-            log.warning("bus %s: semaphores %s were missing; recreating them", self.path, missing)
-            initial = self._initial_sems(self._layout, self._queued())
             try:
-                sems.update(_sync.create_sems(bus_id, {r: initial[r] for r in missing}, 0o600))
-            except _sync.SemExistsError:
-                # Another process recreated them first: use theirs.
-                more, still = _sync.open_sems(bus_id, missing)
-                if still:
-                    raise CorruptBus(
-                        f"cannot recreate the semaphores of {self.path}", path=self.path
-                    ) from None
-                sems.update(more)
-            _chmod_sems({r: sems[r] for r in missing}, self._mode)
+                self._recreate(sems, missing)
+            except BaseException:
+                for s in sems.values():
+                    s.close()
+                raise
         if not self._allow_shared:
             # A stranger could have made these names first (after a reboot, say):
             # the same rule as for the file.
@@ -507,6 +518,26 @@ class Bus:
                         path=self.path,
                     )
         return sems
+
+    def _recreate(self, sems: dict[str, _sync.Sem], missing: list[str]) -> None:
+        """Make the missing semaphores (a disk bus after a reboot), one opener at a time.
+
+        Under the sems byte, an opener first takes up what an earlier one made,
+        then makes the rest from the header's counters. Nothing is removed on
+        this path, even on failure: another opener may already use it.
+        """
+        bus_id = self._layout.bus_id
+        with _semlife.recreation_lock(self._fd, self.path):
+            more, missing = _sync.open_sems(bus_id, missing)
+            sems.update(more)
+            if not missing:
+                return
+            log.warning("bus %s: semaphores %s were missing; recreating them", self.path, missing)
+            initial = self._initial_sems(self._layout, self._queued())
+            made = _sync.create_missing(bus_id, {r: initial[r] for r in missing}, 0o600)
+            sems.update(made)
+            _chmod_sems(made, self._mode)
+            _semlife.record_identity(self._fd)
 
     # -- hooks for subclasses ----------------------------------------------
 
@@ -729,10 +760,17 @@ class Bus:
             self._mm = None
         for s in self._sems.values():
             s.close()
+        roles = list(self._sems)
         self._sems = {}
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                if roles and os.fstat(self._fd).st_nlink == 0:
+                    # The bus was removed while we used it: the last user out removes its semaphores.
+                    head = os.pread(self._fd, HEADER_MIN, 0)
+                    _semlife.remove_sems(self._fd, head, self._layout.bus_id, roles, self.path)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
     def unlink(self) -> None:
         """Remove the bus file and its semaphores, for every process.
@@ -803,6 +841,7 @@ def _write_new_file(tmp: str, layout: Layout, mode: int) -> None:
         os.fchmod(fd, mode)  # the umask must not narrow a mode the caller chose on purpose
         os.ftruncate(fd, layout.file_size)  # sparse: pages cost memory only once touched
         os.pwrite(fd, build_header(layout), 0)
+        _semlife.record_identity(fd)  # the link keeps the inode: this file owns the semaphores
     finally:
         os.close(fd)
 

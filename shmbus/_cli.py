@@ -109,8 +109,13 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     from ._bus import unlink
 
     for p in args.path:
-        unlink(p)
+        kept = unlink(p)
         print(f"removed {p}")
+        if kept:
+            print(
+                f"kept {len(kept)} of its semaphores: in use (the last process to close the bus removes "
+                "them), or not made by this file (`shmbus gc` removes them once unused)"
+            )
     return 0
 
 

@@ -48,7 +48,13 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        260     4  subs_repair u32    subscribers       1 while what a dead subs holder left needs mending
        264     8  recoveries u64     lock holders      lock repairs done, ever (dead or cut-short holders)
        272     8  last_recovery_ns   recoverers        when, ns since the epoch
-       280    40  reserved           -                 zero
+       280    16  reserved           -                 zero
+       296     8  sems_dev u64       create, reopener  st_dev of the file that made the semaphores
+       304     8  sems_ino u64       create, reopener  st_ino of that file: a copy (another inode)
+                                                   or look-alike never owns its id's semaphores
+       312     1  sems byte          -                 no data: an OFD write lock on it serializes
+                                                   recreating missing semaphores
+       313     7  reserved           -                 zero
        320     8  scratch u64        Queue consumers   where a consumer with no participant slot
                                                    counts its items tokens (read by nobody)
        328     8  reserved           -                 zero
@@ -184,6 +190,9 @@ __all__ = [
     "P_TOKENS",
     "M_RECOVERY",
     "BOOT_BYTE",
+    "IDENTITY",
+    "IDENTITY_OFFSET",
+    "SEMS_BYTE",
     "I_SPACE_WAITING",
     "Q_SCRATCH",
     "Q_TIME_SAMPLES",
@@ -246,6 +255,11 @@ P_ATTACHED: Final = 1
 P_TOKENS: Final = 2
 M_RECOVERY: Final = 768  # the recovery mutex
 BOOT_BYTE: Final = 768  # an OFD write lock on it serializes the boot reset
+# Which file the semaphores belong to: (st_dev, st_ino) of the file that made
+# them, written at create and when an opener recreates missing ones; 0 = unknown.
+IDENTITY: Final = struct.Struct("<QQ")
+IDENTITY_OFFSET: Final = 296
+SEMS_BYTE: Final = 312  # an OFD lock, no data: one recreator of missing semaphores at a time
 
 # Indices into the header viewed as u64 (offset // 8) and as u32 (offset // 4).
 Q_HEAD: Final = 128 // 8

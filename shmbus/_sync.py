@@ -34,6 +34,15 @@ raises holding nothing. A signal that lands in the microseconds between
 Python's last signal check and the start of the sleep cannot interrupt it;
 each sleep therefore lasts at most ``SIGNAL_SLICE`` (40 ms), the bound on
 that rare delay.
+
+
+A semaphore is removed only when no process has it open (``unlink_unused``):
+glibc maps a named semaphore's file for as long as a process has it open, and
+the kernel refuses a write lease (``F_SETLEASE``, fcntl(2)) on a file that
+anyone holds open for writing, mappings included. The lease is held across
+the ``unlink``, so an ``open`` racing with it waits for the lease to go and
+then finds the name gone. A user who can merely read a bus file cannot fake
+this: only a process that could open the semaphore itself shows up.
 """
 
 from __future__ import annotations
@@ -41,8 +50,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import logging
 import os
 import re
+import signal
+import stat as _stat
 import struct
 import time
 from typing import Any, Callable, Final
@@ -53,8 +66,11 @@ __all__ = [
     "Sem",
     "sem_name",
     "create_sems",
+    "create_missing",
     "open_sems",
     "unlink_sems",
+    "unlink_unused",
+    "in_use",
     "list_sems",
     "sem_owner",
     "chmod_sem",
@@ -66,6 +82,8 @@ __all__ = [
     "SemPermissionError",
     "SemExistsError",
 ]
+
+log = logging.getLogger("shmbus")
 
 SEM_PREFIX: Final = "shmbus."
 _yield = os.sched_yield
@@ -295,6 +313,28 @@ def create_sems(bus_id: str, initial: dict[str, int], mode: int) -> dict[str, Se
     return made
 
 
+def create_missing(bus_id: str, initial: dict[str, int], mode: int) -> dict[str, Sem]:
+    """Create each role's semaphore exclusively, or open it if it exists; never remove any.
+
+    For recreating a bus's missing semaphores: another process may already
+    have opened one made here, so a failure part-way leaves what was made (the
+    next opener finishes the job) instead of deleting it.
+    """
+    made: dict[str, Sem] = {}
+    try:
+        for role, value in initial.items():
+            name = sem_name(bus_id, role)
+            try:
+                made[role] = Sem(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, value))
+            except posix_ipc.ExistentialError:
+                made[role] = Sem(posix_ipc.Semaphore(name))
+    except BaseException:
+        for sem in made.values():
+            sem.close()
+        raise
+    return made
+
+
 def open_sems(bus_id: str, roles: list[str]) -> tuple[dict[str, Sem], list[str]]:
     """Open the existing semaphores of ``roles``; also return the roles that do not exist."""
     found: dict[str, Sem] = {}
@@ -307,10 +347,18 @@ def open_sems(bus_id: str, roles: list[str]) -> tuple[dict[str, Sem], list[str]]
     return found, missing
 
 
+def _sem_file(name: str) -> str:
+    return f"{_SEM_DIR}/sem.{name.lstrip('/')}"
+
+
 def sem_owner(sem: Sem) -> int | None:
-    """The uid owning a semaphore (Linux keeps it as a file in /dev/shm), or None if unknown."""
+    """The uid owning a semaphore (Linux keeps it as a file in /dev/shm), or None if unknown.
+
+    ``lstat``: a symbolic link planted at the name is judged as itself, never
+    by what it points to.
+    """
     try:
-        return os.stat(f"/dev/shm/sem.{sem.name.lstrip('/')}").st_uid
+        return os.lstat(_sem_file(sem.name)).st_uid
     except OSError:
         return None
 
@@ -318,14 +366,120 @@ def sem_owner(sem: Sem) -> int | None:
 def chmod_sem(sem: Sem, mode: int) -> None:
     """Give a semaphore ``mode`` despite the umask (best effort: Linux keeps it in /dev/shm)."""
     with contextlib.suppress(OSError):
-        os.chmod(f"/dev/shm/sem.{sem.name.lstrip('/')}", mode)
+        fd = os.open(_sem_file(sem.name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
 
 def unlink_sems(bus_id: str, roles: list[str]) -> None:
-    """Remove the named semaphores of ``roles``; those already gone are skipped."""
+    """Remove the named semaphores of ``roles`` unconditionally; those already gone are skipped.
+
+    Whoever uses them is not asked: only for names nobody else can know (a
+    create that failed before its file appeared) and for tests. Everything
+    else removes through ``unlink_unused``.
+    """
     for role in roles:
         with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_semaphore(sem_name(bus_id, role))
+
+
+def _lease(path: str) -> int | None:
+    """An fd of ``path`` holding a write lease, or None if some process has the file open.
+
+    Raises ``OSError`` when it cannot tell (not our file and no CAP_LEASE, a
+    link, gone). A lease break (someone opening the file meanwhile) is
+    signalled to the holder; SIGURG, ignored by default, keeps SIGIO's
+    default action (exit) away from us.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.EAGAIN:
+            return None
+        raise
+    return fd
+
+
+def in_use(path: str) -> bool | None:
+    """True if some process has the semaphore file ``path`` open, False if none; None if unknown."""
+    try:
+        fd = _lease(path)
+    except OSError:
+        return None
+    if fd is None:
+        return True
+    os.close(fd)  # closing drops the lease
+    return False
+
+
+def unlink_unused(bus_id: str, roles: list[str], owner: int | None = None) -> tuple[list[str], list[str]]:
+    """Remove the semaphores of ``roles`` that no process has open and ``owner`` (if given) owns.
+
+    Returns ``(removed, kept)``, as semaphore file paths: kept are those in
+    use, of another owner, or that we may not judge or remove. Missing ones
+    are in neither list.
+    """
+    removed: list[str] = []
+    kept: list[str] = []
+    for role in roles:
+        path = _sem_file(sem_name(bus_id, role))
+        try:
+            st = os.lstat(path)
+            if (owner is not None and st.st_uid != owner) or not _stat.S_ISREG(st.st_mode):
+                kept.append(path)
+                continue
+            fd = _lease(path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            kept.append(path)
+            continue
+        if fd is None:
+            kept.append(path)
+            continue
+        try:
+            held = os.fstat(fd)
+            if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+                kept.append(path)  # replaced since the lstat: judge it another time
+            elif _remove_leased(fd, path, f"{_SEM_DIR}/sem.{SEM_PREFIX}{bus_id}.gone{role}"):
+                removed.append(path)
+            else:
+                kept.append(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            kept.append(path)
+        finally:
+            os.close(fd)  # drops the lease
+    return removed, kept
+
+
+def _remove_leased(fd: int, path: str, aside: str) -> bool:
+    """Remove ``path``, whose lease ``fd`` holds, unless someone opened it meanwhile; True if removed.
+
+    An ``open`` that began after the lease was taken is blocked until the
+    lease goes, and then gets the inode it looked up. So the name is first
+    moved aside (it still leads to the inode); if the lease is being broken
+    by then, the name is put back for that opener. ``aside`` matches
+    ``list_sems`` (role ``gone<role>``), so a remover killed in between leaves
+    an orphan that ``gc`` finds, never a stray file.
+    """
+    os.rename(path, aside)
+    if fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK:
+        os.unlink(aside)
+        return True
+    try:
+        os.link(aside, path)  # an opener is waiting for this inode: give it back its name
+    except FileExistsError:
+        # Recreated meanwhile, under the opener: that one now has another semaphore.
+        log.warning("semaphore %s was opened and recreated while being removed", path)
+    os.unlink(aside)
+    return False
 
 
 # Linux keeps the named semaphore "/x" as the file "/dev/shm/sem.x" (sem_overview(7)).

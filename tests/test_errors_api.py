@@ -772,14 +772,15 @@ def test_unlink_removes_the_file_and_the_semaphores(bus_name: str, maxsize: int)
     q.put("still readable")
     q.unlink()
     assert not os.path.exists(real(bus_name))
-    assert sem_roles(bus_id) == set()
-    # The open handle works on until closed; nobody can open the bus again.
+    # The open handle works on until closed, on the same semaphores; nobody can open the bus again.
+    assert sem_roles(bus_id) == roles
     assert q.get(timeout=5) == "still readable"
     with pytest.raises(shmbus.BusNotFound):
         Queue.open(bus_name)
     with pytest.raises(shmbus.BusNotFound):
         shmbus.unlink(bus_name)
-    q.close()
+    q.close()  # the last user out removes the semaphores
+    assert sem_roles(bus_id) == set()
 
 
 def test_module_unlink_on_a_disk_bus(disk_path: str) -> None:

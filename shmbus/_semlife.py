@@ -1,0 +1,147 @@
+"""When a bus's semaphores may be made and removed, and by whom.
+
+Rule: this module owns the semaphores' life beyond ``create``. A bus file and
+its semaphores are bound by name only (the ``bus_id`` in the header), and a
+name can be copied: ``cp`` of a bus file, or a look-alike that carries another
+bus's id. So:
+
+* The header records which file made the semaphores: ``(st_dev, st_ino)`` at
+  ``IDENTITY_OFFSET``, written at create and by an opener that recreates
+  missing ones. A file whose own identity differs (a copy, a look-alike, a
+  file moved to another filesystem) is not their owner, and removing it
+  (``unlink``, ``shmbus rm``) leaves them alone. So does one whose owner (uid)
+  is not the semaphores' owner.
+* A semaphore is removed only when no process has it open: ``_sync.unlink_unused``
+  proves it with a write lease. Processes that still have it keep it; the
+  last of them to close a removed bus removes it. Removers of one bus take
+  turns on the OFD lock of ``SEMS_BYTE`` (``remove_sems``).
+* Missing semaphores (a disk bus after a reboot) are recreated by one opener
+  at a time, under an OFD write lock on ``SEMS_BYTE``, taken with a deadline:
+  a lock on that byte held by someone who never lets go (a reader can place
+  one) makes ``open`` fail with ``TimeoutError`` instead of hanging. Under
+  the lock an opener first opens what a previous one made; nothing is ever
+  removed on that path, so no opener can take up a semaphore that another
+  then deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterator
+from typing import Final
+
+from . import _sync
+from ._errors import BusNotFound
+from ._format import IDENTITY, IDENTITY_OFFSET, SEMS_BYTE
+
+__all__ = [
+    "RECREATE_TIMEOUT",
+    "REMOVE_TIMEOUT",
+    "record_identity",
+    "owns_sems",
+    "sems_lock",
+    "recreation_lock",
+    "remove_sems",
+]
+
+log = logging.getLogger("shmbus")
+
+RECREATE_TIMEOUT: Final = 10.0  # seconds an opener waits for another to finish recreating
+REMOVE_TIMEOUT: Final = 1.0  # seconds a remover (close() included) waits for its turn, then keeps them
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
+
+
+def record_identity(fd: int) -> None:
+    """Write the identity of the file open at ``fd`` as the owner of the bus's semaphores."""
+    st = os.fstat(fd)
+    os.pwrite(fd, IDENTITY.pack(st.st_dev, st.st_ino), IDENTITY_OFFSET)
+
+
+def owns_sems(fd: int, header: bytes) -> bool:
+    """True if the file open at ``fd``, whose header is ``header``, made its id's semaphores."""
+    if len(header) < IDENTITY_OFFSET + IDENTITY.size:
+        return False
+    dev, ino = IDENTITY.unpack_from(header, IDENTITY_OFFSET)
+    st = os.fstat(fd)
+    return ino != 0 and (dev, ino) == (st.st_dev, st.st_ino)
+
+
+def _ofd(fd: int, cmd: int, ltype: int) -> None:
+    fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, SEMS_BYTE, 1, 0))
+
+
+@contextlib.contextmanager
+def sems_lock(fd: int, path: str, timeout: float, ltype: int = fcntl.F_WRLCK) -> Iterator[None]:
+    """Hold the sems byte of the bus open at ``fd`` (an OFD lock: the kernel drops it on death).
+
+    Polled, never a blocking wait: raises ``TimeoutError`` after ``timeout``
+    seconds, naming the byte.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
+    while True:
+        try:
+            _ofd(fd, fcntl.F_OFD_SETLK, ltype)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                errno.ETIMEDOUT, f"another process has held a lock on byte {SEMS_BYTE} of {path} for "
+                f"{timeout:.1f} s; try again, or find it in /proc/locks", path,
+            )  # fmt: skip
+        time.sleep(pause)  # a back-off, not a synchronisation: the lock is re-tried until the deadline
+        pause = min(pause * 2, 0.02)
+    try:
+        yield
+    finally:
+        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK)
+
+
+@contextlib.contextmanager
+def recreation_lock(fd: int, path: str, timeout: float | None = None) -> Iterator[None]:
+    """``sems_lock`` for an opener about to recreate missing semaphores.
+
+    Waits at most ``timeout`` seconds (default ``RECREATE_TIMEOUT``), and
+    raises ``BusNotFound`` if the file was removed meanwhile: its semaphores
+    must then not be made again, nobody would remove them.
+    """
+    with sems_lock(fd, path, RECREATE_TIMEOUT if timeout is None else timeout):
+        if os.fstat(fd).st_nlink == 0:
+            raise BusNotFound(f"{path} was removed while it was being opened", path=path)
+        yield
+
+
+def remove_sems(fd: int, header: bytes, bus_id: str, roles: list[str], path: str) -> list[str]:
+    """Remove the semaphores of the bus file open at ``fd`` that no process uses; return those kept.
+
+    Nothing is removed unless this very file made them (``owns_sems``), and
+    only those owned by the file's owner: a copy or a look-alike carrying
+    another bus's id never gets that bus's semaphores removed. Removers of
+    one bus take turns on the sems byte (a write lock if ``fd`` may write,
+    else a read lock, which still excludes the closing handles): two last
+    users closing at once would otherwise each take the other's lease for a
+    use and both keep the semaphores.
+    """
+    existing = [f for b, role, f in _sync.list_sems() if b == bus_id and role in roles]
+    if not owns_sems(fd, header):
+        log.warning(
+            "%s did not make the semaphores of bus id %s (a copy, a look-alike, or moved): kept them; "
+            "`shmbus gc` removes them once no process uses them and no bus file carries the id",
+            path, bus_id,
+        )  # fmt: skip
+        return existing
+    writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    try:
+        with sems_lock(fd, path, REMOVE_TIMEOUT, fcntl.F_WRLCK if writable else fcntl.F_RDLCK):
+            return _sync.unlink_unused(bus_id, roles, owner=os.fstat(fd).st_uid)[1]
+    except TimeoutError as e:
+        log.warning("kept the semaphores of %s: %s", path, e.strerror)
+        return existing
