@@ -27,6 +27,7 @@ from ._errors import ForeignBus as ForeignBus
 from ._errors import Full as Full
 from ._errors import IncompatibleBus as IncompatibleBus
 from ._errors import MessageTooLarge as MessageTooLarge
+from ._errors import NoSpace as NoSpace
 from ._errors import NotABus as NotABus
 from ._errors import Overwritten as Overwritten
 from ._errors import ShmbusError as ShmbusError
@@ -67,6 +68,7 @@ __all__ = [
     "Overwritten",
     "Empty",
     "Full",
+    "NoSpace",
 ]
 
 # Public names report the public module, so reprs, docs and pickles say ``shmbus.X``.

@@ -39,6 +39,7 @@ from ._errors import (
     Full,
     IncompatibleBus,
     MessageTooLarge,
+    NoSpace,
     NotABus,
     ShmbusError,
 )
@@ -337,7 +338,7 @@ class Bus:
     @classmethod
     def _create(
         cls: type[B], path: str | os.PathLike[str], *, capacity: int, maxsize: int,
-        max_subscribers: int, exist_ok: bool, mode: int, codec: Codec | None,
+        max_subscribers: int, exist_ok: bool, mode: int, codec: Codec | None, preallocate: bool = False,
     ) -> B:  # fmt: skip
         real = resolve_path(path)
         bus_id = secrets.token_hex(8)
@@ -357,7 +358,7 @@ class Bus:
         linked = False
         try:
             _chmod_sems(sems, mode)
-            _write_new_file(tmp, layout, mode)
+            _write_new_file(tmp, layout, mode, real, preallocate)
             try:
                 os.link(tmp, real)
                 linked = True
@@ -368,7 +369,7 @@ class Bus:
                         "pass exist_ok=True, or remove it with `shmbus rm`",
                         path=real,
                     ) from None
-        except BusExists:
+        except (BusExists, NoSpace):
             raise
         except PermissionError as e:
             raise PermissionError(
@@ -835,15 +836,44 @@ class Bus:
         return ""
 
 
-def _write_new_file(tmp: str, layout: Layout, mode: int) -> None:
+def _write_new_file(tmp: str, layout: Layout, mode: int, real: str, preallocate: bool) -> None:
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)  # the umask must not narrow a mode the caller chose on purpose
         os.ftruncate(fd, layout.file_size)  # sparse: pages cost memory only once touched
+        _reserve_space(fd, layout.file_size, real, preallocate)
         os.pwrite(fd, build_header(layout), 0)
         _semlife.record_identity(fd)  # the link keeps the inode: this file owns the semaphores
     finally:
         os.close(fd)
+
+
+def _reserve_space(fd: int, size: int, real: str, preallocate: bool) -> None:
+    """Back every page of a new bus now (``preallocate``), or warn if the file system could not.
+
+    A page of a sparse file that the file system cannot back (a full tmpfs)
+    kills the process that first touches it with SIGBUS, long after create.
+    """
+    st = os.fstatvfs(fd)
+    free = st.f_bavail * st.f_frsize
+    if preallocate:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG):
+                raise
+            raise NoSpace(
+                f"cannot create {real}: it needs {size} bytes and its file system has {free} free: "
+                "free some space, choose a smaller capacity, or put the bus on another file system",
+                path=real, size=size, free=free,
+            ) from None  # fmt: skip
+    elif free < size:
+        log.warning(
+            "%s: its file system has %d bytes free, less than the %d this bus may use: a put that "
+            "reaches a page beyond that dies of SIGBUS; create it with preallocate=True to reserve "
+            "the space now, or choose a smaller capacity",
+            real, free, size,
+        )  # fmt: skip
 
 
 def _chmod_sems(sems: dict[str, _sync.Sem], mode: int) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "Overwritten",
     "Empty",
     "Full",
+    "NoSpace",
 ]
 
 
@@ -152,3 +153,18 @@ class Full(ShmbusError, queue.Full):
     def __init__(self, message: str = "the bus is full", *, path: str | None = None, sent: int = 0) -> None:
         super().__init__(message, path=path)
         self.sent = sent
+
+
+class NoSpace(ShmbusError, OSError):
+    """``create(..., preallocate=True)`` found too little room on the file system for the bus.
+
+    ``size`` is the bytes the bus needs, ``free`` what the file system had.
+    Without ``preallocate`` a bus file is sparse, and the first put that
+    reaches a page the file system cannot back kills its process with
+    ``SIGBUS``: preallocating turns that into this error, at create.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, size: int = 0, free: int = 0) -> None:
+        super().__init__(message, path=path)
+        self.size = size
+        self.free = free

@@ -91,6 +91,7 @@ class Queue(_Producing, _Consuming, Bus):
         mode: int = 0o600,
         *,
         codec: Codec | None = None,
+        preallocate: bool = False,
     ) -> Queue:
         """Create a new queue and open it.
 
@@ -105,8 +106,12 @@ class Queue(_Producing, _Consuming, Bus):
             mode: permission bits of the file and semaphores (0o660 to share
                 with your group).
             codec: msgpack options for this handle (see ``Codec``).
+            preallocate: reserve the file's space now (``posix_fallocate``):
+                a full file system then fails here with ``NoSpace`` instead of
+                killing a later put with SIGBUS. Without it, a file system with
+                less room than the bus logs a warning.
 
-        Raises ``BusExists`` (unless ``exist_ok``), ``PermissionError``, and
+        Raises ``BusExists`` (unless ``exist_ok``), ``NoSpace``, ``PermissionError``, and
         ``ValueError`` for a bad capacity or maxsize.
         """
         cap = ring_capacity(capacity)
@@ -114,7 +119,7 @@ class Queue(_Producing, _Consuming, Bus):
             raise ValueError(f"maxsize must be an int from 0 to 2**31-1, got {maxsize!r}")
         return cls._create(
             path, capacity=cap, maxsize=maxsize, max_subscribers=0,
-            exist_ok=exist_ok, mode=mode, codec=codec,
+            exist_ok=exist_ok, mode=mode, codec=codec, preallocate=preallocate,
         )  # fmt: skip
 
     # -- Bus hooks -------------------------------------------------------------

@@ -98,6 +98,7 @@ class Topic(Bus):
         *,
         max_subscribers: int = 32,
         codec: Codec | None = None,
+        preallocate: bool = False,
     ) -> Topic:
         """Create a new topic and open it.
 
@@ -110,8 +111,12 @@ class Topic(Bus):
             mode: permission bits of the file and semaphores.
             max_subscribers: subscriber slots (1 to 256), fixed at create.
             codec: msgpack options for this handle (see ``Codec``).
+            preallocate: reserve the file's space now (``posix_fallocate``):
+                a full file system then fails here with ``NoSpace`` instead of
+                killing a later put with SIGBUS. Without it, a file system with
+                less room than the bus logs a warning.
 
-        Raises ``BusExists`` (unless ``exist_ok``), ``PermissionError``, and
+        Raises ``BusExists`` (unless ``exist_ok``), ``NoSpace``, ``PermissionError``, and
         ``ValueError`` for a bad capacity or slot count.
         """
         cap = ring_capacity(capacity)
@@ -119,7 +124,7 @@ class Topic(Bus):
             raise ValueError(f"max_subscribers must be from 1 to {MAX_SUBSCRIBERS}, got {max_subscribers!r}")
         return cls._create(
             path, capacity=cap, maxsize=0, max_subscribers=max_subscribers,
-            exist_ok=exist_ok, mode=mode, codec=codec,
+            exist_ok=exist_ok, mode=mode, codec=codec, preallocate=preallocate,
         )  # fmt: skip
 
     # -- Bus hooks -------------------------------------------------------------

@@ -19,8 +19,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
-from conftest import result as _result
-from conftest import run as _run
 
 import shmbus
 from shmbus import _check, _mutex
@@ -54,7 +52,9 @@ def _hold_and_exit(conn: Connection, path: str, role: str, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["kill", "exit", "sys.exit"])
 @pytest.mark.parametrize("role", ["head", "tail"])
-def test_a_dead_holder_s_lock_is_taken_and_mended_at_once(bus_name: str, procs: Any, role: str, how: str) -> None:
+def test_a_dead_holder_s_lock_is_taken_and_mended_at_once(
+    bus_name: str, procs: Any, role: str, how: str
+) -> None:
     q = shmbus.Queue.create(bus_name, capacity="64KiB")
     q.put_many(range(5))
     rx, tx = procs.ctx.Pipe(duplex=False)
@@ -66,7 +66,8 @@ def test_a_dead_holder_s_lock_is_taken_and_mended_at_once(bus_name: str, procs: 
     tid, died, _ = lock.state()
     assert (tid, died) == (0, True), "the kernel marks the lock of a process that ended holding it"
     assert [p.message for p in _check.check(q.path)] == [
-        f"the {role} lock was held by a process that died: run `shmbus recover` (its next taker also mends it)"
+        f"the {role} lock was held by a process that died: run `shmbus recover` "
+        "(its next taker also mends it)"
     ]
     # No grace period, no recovery slice: the next taker gets it now.
     q.put(5, timeout=0)
