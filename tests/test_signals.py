@@ -287,11 +287,16 @@ def _steady_consumer(path: str, logdir: Path, g: int, ready: Any, stop: Any) -> 
 def _stack(logdir: Path, pid: int) -> str:
     """Where worker ``pid`` is now: its innermost frames, as faulthandler writes them on SIGUSR1."""
     f = logdir / f"stack-{pid}"
-    os.kill(pid, signal.SIGUSR1)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return "(gone)"
     deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline and "File" not in f.read_text():
+    text = ""
+    while time.monotonic() < deadline and "File" not in text:
         time.sleep(0.01)  # a poll of the file faulthandler writes, with a deadline
-    frames = [ln.strip() for ln in f.read_text().splitlines() if "File" in ln]
+        text = f.read_text() if f.exists() else ""
+    frames = [ln.strip() for ln in text.splitlines() if "File" in ln]
     return " < ".join(fr.split("/")[-1] for fr in frames[:4])
 
 
@@ -961,6 +966,41 @@ def _report(name: str, res: dict[str, Any]) -> None:
     print(f"\n[{name}] {json.dumps(keep, default=str)[:1500]}")
 
 
+def storm_verdict(
+    res: dict[str, Any], sig: str, target: str, count: int, check: tuple[int, str]
+) -> list[str]:
+    """What a storm's summary (``storm``) and ``shmbus check`` after it show against the rules; [] if none.
+
+    A consumer loses at most one message per signal that reached it (see
+    ``test_sigterm_storm``); nobody loses any when only producers are signalled.
+    """
+    out = list(res["problems"])
+    if res["ignored"]:
+        out.append(f"{res['ignored']} signals not acted on in {TERM_GRACE} s")
+    if res["rounds"] != count:
+        out.append(f"{res['rounds']} of {count} rounds")
+    if sig == "TERM" and res["exits"] != {"0": res["rounds"]}:
+        out.append(f"SIGTERMed workers' exit statuses: {res['exits']}")
+    if check[0] != 0:
+        out.append(f"shmbus check exited {check[0]}: {check[1]}")
+    if res["duplicates"] or res["torn"]:
+        out.append(f"{res['duplicates']} duplicates {res['duplicate_examples']}, {res['torn']} torn")
+    allowed = res["rounds"] if target == "consumer" else 0
+    if res["lost"] > allowed:
+        out.append(f"{res['lost']} returned puts never received (allowed {allowed}): {res['lost_examples']}")
+    return out
+
+
+def paused_verdict(res: dict[str, Any], rounds: int, check: tuple[int, str]) -> list[str]:
+    """The same for ``paused``."""
+    out = list(res["problems"])
+    if res["rounds"] != rounds:
+        out.append(f"{res['rounds']} of {rounds} rounds")
+    if check[0] != 0:
+        out.append(f"shmbus check exited {check[0]}: {check[1]}")
+    return out
+
+
 # == The tests ===================================================================================
 
 STORM_CASES = [
@@ -1008,14 +1048,7 @@ def test_sigterm_storm(bus_name: str, workdir: str, mode: str, target: str, comp
         competing=competing, count=TERM_ROUNDS, seed=random.randrange(1 << 30), budget=60.0,
     )  # fmt: skip
     _report(f"sigterm {mode} {target} competing={competing}", res)
-    code, said = check_exit(path)
-    assert res["problems"] == [], res
-    assert res["ignored"] == 0, f"{res['ignored']} SIGTERMs did not end their worker in {TERM_GRACE} s"
-    assert res["rounds"] == TERM_ROUNDS and res["exits"] == {"0": TERM_ROUNDS}, res["exits"]
-    assert code == 0, f"shmbus check after the storm: {said}"
-    assert res["duplicates"] == 0 and res["torn"] == 0, res
-    allowed = TERM_ROUNDS if target == "consumer" else 0
-    assert res["lost"] <= allowed, f"{res['lost']} returned puts never received (allowed {allowed}): {res}"
+    assert storm_verdict(res, "TERM", target, TERM_ROUNDS, check_exit(path)) == [], res
 
 
 @pytest.mark.timeout(240)
@@ -1036,13 +1069,7 @@ def test_sigint_storm(bus_name: str, workdir: str, mode: str, target: str, compe
         competing=competing, count=INT_COUNT, seed=random.randrange(1 << 30), budget=60.0,
     )  # fmt: skip
     _report(f"sigint {mode} {target} competing={competing}", res)
-    code, said = check_exit(path)
-    assert res["problems"] == [], res
-    assert res["rounds"] == INT_COUNT
-    assert code == 0, f"shmbus check after the storm: {said}"
-    assert res["duplicates"] == 0 and res["torn"] == 0, res
-    allowed = INT_COUNT if target == "consumer" else 0
-    assert res["lost"] <= allowed, f"{res['lost']} returned puts never received (allowed {allowed}): {res}"
+    assert storm_verdict(res, "INT", target, INT_COUNT, check_exit(path)) == [], res
 
 
 PAUSE_ROUNDS = 8  # per case: 3 kinds x 2 modes = 48 rounds (soak: --pause-rounds)
@@ -1057,10 +1084,7 @@ def test_paused_holder_is_not_dead(bus_name: str, mode: str, kind: str) -> None:
         mode, "paused", timeout=150, path=path, kind=kind, rounds=PAUSE_ROUNDS, seed=random.randrange(1 << 30)
     )
     _report(f"paused {mode} {kind}", res)
-    code, said = check_exit(path)
-    assert res["problems"] == [], res
-    assert res["rounds"] == PAUSE_ROUNDS
-    assert code == 0, f"shmbus check: {said}"
+    assert paused_verdict(res, PAUSE_ROUNDS, check_exit(path)) == [], res
 
 
 def _create(bus_name: str, kind: str, capacity: str = "64KiB") -> str:
