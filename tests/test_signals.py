@@ -587,11 +587,11 @@ def _in_child(procs: Procs, fn: Callable[..., Any], *args: Any, timeout: float =
     child = procs.start(_run, tx, fn, *args)
     try:
         return _result(rx, child, timeout)
+    except AssertionError:
+        child.kill()  # hung (or failed): no more waiting for it
+        raise
     finally:
         child.join(5)
-        if child.is_alive():
-            child.kill()
-            child.join(5)
         procs.procs.remove(child)
 
 
