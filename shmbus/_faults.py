@@ -1,10 +1,13 @@
-"""Fault injection for the crash tests: kill this process at a named step.
+"""Fault injection for the crash tests: kill (or stop) this process at a named step.
 
 Rule: production code only calls ``hit(name)`` behind ``if _faults.armed``,
 which costs one attribute load when nothing is armed. A test arms a step in a
 child process (``arm("put:after-write")``); when the child reaches that step it
-SIGKILLs itself, exactly as a supervisor's kill would land there. The steps
-are listed in ``STEPS`` (and in docs/guarantees.md).
+SIGKILLs itself, exactly as a supervisor's kill would land there. Armed with
+another signal (``arm("put:after-lock", sig=signal.SIGSTOP)``) it sends itself
+that signal once and disarms: a SIGSTOPped child sits at the step, its locks
+held, until the test sends SIGCONT, then carries on (a paused process is not a
+dead one). The steps are listed in ``STEPS`` (and in docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -37,23 +40,31 @@ STEPS: Final = (
 
 armed = False
 _step = ""
+_sig = signal.SIGKILL
 
 
-def arm(step: str) -> None:
-    """Make this process kill itself with SIGKILL when it reaches ``step``."""
-    global armed, _step
+def arm(step: str, sig: int = signal.SIGKILL) -> None:
+    """Make this process send itself ``sig`` (SIGKILL by default) when it reaches ``step``.
+
+    Any signal but SIGKILL fires once: the step is disarmed as it is hit, so a
+    process stopped there with SIGSTOP goes on normally after SIGCONT.
+    """
+    global armed, _step, _sig
     if step not in STEPS:
         raise ValueError(f"unknown crash step {step!r}; known: {', '.join(STEPS)}")
-    armed, _step = True, step
+    armed, _step, _sig = True, step, sig
 
 
 def disarm() -> None:
     """Forget any armed step."""
-    global armed, _step
-    armed, _step = False, ""
+    global armed, _step, _sig
+    armed, _step, _sig = False, "", signal.SIGKILL
 
 
 def hit(step: str) -> None:
-    """Called at ``step``: die here if this is the armed step."""
+    """Called at ``step``: die (or stop, or whatever the armed signal does) here if it is armed."""
     if step == _step:
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = _sig
+        if sig != signal.SIGKILL:
+            disarm()
+        os.kill(os.getpid(), sig)
