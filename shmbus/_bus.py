@@ -96,6 +96,8 @@ SHM_DIR = "/dev/shm"
 ALL_ROLES = ["items", "space", "slots", "head", "tail", "subs"]
 
 B = TypeVar("B", bound="Bus")
+# Mappings whose locks a thread of this process held when their handle closed.
+_PINNED: list[object] = []
 _Block = TypeVar("_Block", Reservation, View)
 
 
@@ -688,24 +690,34 @@ class Bus:
                     lk.release()
         part = self._part
         assert part is not None
-        with part.recovery_lock() as held:
-            dead = part.dead_slots() if held else []
-            if not dead:
-                return 0
-            pids = [part.pid_of(slot) for slot in dead]
-            for slot in dead:
-                self._reap(slot)
-                part.free(slot)
-            log.warning("%s: freed what dead process(es) %s held", self.path, pids)
+        dead = part.under_recovery_lock(self._reap_dead)
+        return 0 if dead is _recovery.NOT_TAKEN else dead
+
+    def _reap_dead(self) -> int:
+        """Under the recovery mutex: give back what dead participants held, free their slots."""
+        part = self._part
+        assert part is not None
+        dead = part.dead_slots()
+        if not dead:
+            return 0
+        pids = [part.pid_of(slot) for slot in dead]
+        for slot in dead:
+            self._reap(slot)
+            part.free(slot)
+        log.warning("%s: freed what dead process(es) %s held", self.path, pids)
         return len(dead)
 
-    def _resync(self, *, fix_next: bool, gaps: bool = False) -> None:
+    def _resync(self, *, fix_next: bool, gaps: bool = False, own_tail: bool = True) -> None:
         """Rebuild ``tail_seq`` (and with ``fix_next``, ``next_seq`` and an interrupted rebase).
 
         The writers store these counters one at a time; a writer killed between
         two stores leaves them apart. The records themselves carry their
         sequence numbers, so the counters are read back from them. The caller
         holds (or has inherited from the dead) the locks guarding what it fixes.
+        Without ``own_tail`` (a Queue producer's repair, which does not hold the
+        tail lock) ``tail_seq`` is left to the consumers: the records from a
+        snapshot of ``tail`` to ``head`` cannot change under us, since only a
+        producer overwrites records and we hold the producer lock.
         """
         h, cap = self._h64, self._layout.capacity
         head, tail = h[Q_HEAD], h[Q_TAIL]
@@ -714,7 +726,8 @@ class Bus:
         try:
             _ring.check_positions(head, tail, cap)
             if tail < head:
-                h[Q_TAIL_SEQ] = _ring.read(self._ring, cap, tail, head)[2]
+                if own_tail:
+                    h[Q_TAIL_SEQ] = _ring.read(self._ring, cap, tail, head)[2]
                 if fix_next:
                     last = _ring.last_seq(self._ring, cap, tail, head)
                     assert last is not None
@@ -725,7 +738,7 @@ class Bus:
                     # that saw it counts it as lost instead of missing a message.
                     h[Q_NEXT_SEQ] = max(h[Q_NEXT_SEQ], last + 1) if gaps else last + 1
             elif fix_next:
-                if gaps:
+                if gaps and own_tail:
                     h[Q_TAIL_SEQ] = h[Q_NEXT_SEQ]
                 else:
                     h[Q_NEXT_SEQ] = h[Q_TAIL_SEQ]
@@ -749,8 +762,18 @@ class Bus:
         if self._part is not None:
             self._part.release()
             self._part = None
-        for m in self._mutexes.values():
-            m.close()
+        if any(m.held_here() for m in self._mutexes.values()):
+            # Unmapping a robust mutex that a thread of this process holds would
+            # blind the kernel, which frees it at that thread's exit through a
+            # list of addresses in this mapping, and would leave the holder
+            # unable to release it: keep the mapping and the mutexes for as long
+            # as the process lives (one mapping per handle closed at such an instant).
+            log.warning("%s: closed while this process holds one of its locks; keeping it mapped", self.path)
+            _PINNED.append((self._mm, self._mutexes))
+            self._mm = None
+        else:
+            for m in self._mutexes.values():
+                m.close()
         self._mutexes = {}
         for v in self._views:
             v.release()

@@ -415,6 +415,7 @@ class _Consuming(_QueueBase):
     def _take_locked(self, tokens: int, k: int) -> list[tuple[int, Payload]]:
         h = self._h64
         out: list[tuple[int, Payload]] = []
+        before = self._in_hand  # records an earlier step of this call committed (C's, say)
         taken = 0
         new_tail = -1
         try:
@@ -451,7 +452,7 @@ class _Consuming(_QueueBase):
             if _faults.armed:
                 _faults.hit("get:mid-commit")
             h[Q_TAIL] = tail
-            self._in_hand = self._in_hand + out
+            self._in_hand = before + out
             h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & _U64  # after the commit, as in _take1
             h[tokens] = 0
             if _faults.armed:
@@ -460,7 +461,7 @@ class _Consuming(_QueueBase):
                 self._h32[I_SPACE_WAITING] = 0
                 self._space.release()
         except BaseException:
-            self._after_take_error(tokens, k, new_tail, self._in_hand + out)
+            self._after_take_error(tokens, k, new_tail, before + out)
             raise
         return out
 

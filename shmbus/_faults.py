@@ -40,7 +40,7 @@ STEPS: Final = (
 
 armed = False
 _step = ""
-_sig = signal.SIGKILL
+_sig: int = signal.SIGKILL
 
 
 def arm(step: str, sig: int = signal.SIGKILL) -> None:

@@ -135,6 +135,13 @@ class Mutex:
         tid = threading.get_native_id()
         return tid in self._takers and self._anchor is not None and self._h32[0] & TID_MASK == tid
 
+    def held_here(self) -> bool:
+        """True if some thread of this process may hold the mutex now (its word names one of them)."""
+        if self._anchor is None:
+            return False
+        tid = self._h32[0] & TID_MASK
+        return tid in self._takers and os.path.exists(f"/proc/self/task/{tid}")
+
     def expect(self) -> None:
         """Note that the calling thread is about to take the mutex (here, or in C)."""
         self._takers.add(threading.get_native_id())

@@ -157,11 +157,15 @@ class _Producing(_QueueBase):
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
             deadline = _deadline(block, timeout)  # before C may leave the lock held
             self._head_lock.mutex.expect()  # C may hand it over held (PUT_HELD)
-            r = fast.put_many(encoded)
-            if r & 3 == _accel.PUT_DONE:
-                return
-            if r & 3 == _accel.PUT_HELD:
-                sent = self._finish_fast_put(r >> 2, encoded, deadline)
+            try:
+                r = fast.put_many(encoded)
+                if r & 3 == _accel.PUT_DONE:
+                    return
+                sent = self._finish_fast_put(r >> 2, encoded, deadline) if r & 3 == _accel.PUT_HELD else -1
+            except BaseException:
+                self._release_after_c()  # a handler's exception as C returned the lock to us
+                raise
+            if sent >= 0:
                 if sent < len(encoded):
                     raise Full(f"{self.path} is full: no space freed in time", path=self.path, sent=sent)
                 return

@@ -38,7 +38,7 @@ from . import _accel, _ring
 from ._aio import QueueAio
 from ._bus import Bus
 from ._codec import Codec
-from ._consumer import _Consuming
+from ._consumer import _DECODED, _Consuming
 from ._format import (
     KIND_QUEUE,
     Q_HEAD,
@@ -57,7 +57,7 @@ __all__ = ["Queue"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
-_REPAIR_WAIT = 2.0  # seconds recovery waits for a live tail holder before giving up this round
+_REPAIR_WAIT = 2.0  # seconds healing waits for a live tail holder before giving up this round
 
 
 class Queue(_Producing, _Consuming, Bus):
@@ -233,8 +233,32 @@ class Queue(_Producing, _Consuming, Bus):
         aio, self._aio = self._aio, None
         if aio is not None:
             aio.close()
+        if self.__dict__.get("_kept") and not self._closed:
+            self._give_back_kept()
         _accel.drop_fast_path(self)  # it holds the mapping: before the mapping closes
         super().close()
+
+    def _give_back_kept(self) -> None:
+        """Put the messages this handle kept (see ``get``) back in the queue, at its end, before closing.
+
+        They were removed by a get that a signal handler's exception
+        interrupted, and nobody got them: a handle that closes must not take
+        them with it. They go to the end of the queue (the front cannot be
+        written): their order relative to the messages queued since changes.
+        """
+        kept, self._kept = self._kept, []
+        batch = []
+        for kind, payload in kept:
+            if kind == _DECODED or type(payload) is tuple:  # decoded, or a bytes message's data
+                batch.append(self._encode(payload[0] if type(payload) is tuple else payload))
+            else:
+                batch.append((kind, b"", payload, len(payload)))
+        try:
+            self._put(batch, _monotonic() + 1.0)
+        except Exception as e:  # said in the log, and close goes on
+            log.warning(
+                "%s: %d kept message(s) could not go back to the queue at close: %s", self.path, len(batch), e
+            )
 
     # -- crash recovery hooks ------------------------------------------------
 
@@ -243,25 +267,20 @@ class Queue(_Producing, _Consuming, Bus):
             self._resync(fix_next=False)
             return True
         # A producer died under the head lock (or was cut short): counters may be
-        # half-stored and records published without their items tokens. Mend both
-        # under the tail lock too, so no consumer moves meanwhile; bounded, so a
-        # paused tail holder delays the repair instead of hanging us.
-        tail = self._tail_lock
-        try:
-            if not tail.acquire(_monotonic() + _REPAIR_WAIT):
-                log.warning("%s: tail lock busy; the head lock's repair waits for the next holder", self.path)
-                return False
-            self._resync(fix_next=True)
-            self._reconcile_tokens()
-        finally:
-            tail.release()
+        # half-stored and records published without their items tokens. Only
+        # producer fields are mended, so no tail lock is needed: a consumer
+        # paused while holding it must not hold up every producer.
+        self._resync(fix_next=True, own_tail=False)
+        self._reconcile_tokens()
         return True
 
     def _reconcile_tokens(self) -> None:
-        """Post the items tokens that records lack (under both locks, in recovery).
+        """Post the items tokens that records lack (under the head lock, in a repair).
 
-        Live consumers between taking tokens and recording them make this
-        over-count, which is harmless: a token without a record is dropped.
+        Live consumers between taking tokens and recording them, or taking
+        records meanwhile, make this over-count, which is harmless: a token
+        without a record is dropped. It never under-counts: a consumer takes
+        a token before it records it, and records one before it commits.
         """
         assert self._part is not None
         records = self._queued()
@@ -296,21 +315,18 @@ class Queue(_Producing, _Consuming, Bus):
             return
         part = self._part
         assert part is not None
-        # Recovery lock first, then the tail lock: the order claim() and recover() use.
-        with part.recovery_lock() as held:
-            if not held:
-                return
-            tail = self._tail_lock
-            try:
-                if not tail.acquire(_monotonic() + _REPAIR_WAIT):
-                    return
-                missing = self._queued() - part.live_tokens() - self._items.value
-                if missing > 0:
-                    log.warning("%s: %d messages had no items token; healing", self.path, missing)
-                    for _ in range(missing):
-                        self._items.release()
-            finally:
-                tail.release()
+        # Recovery mutex first, then the tail lock: the order claim() and recover() use.
+        part.under_recovery_lock(self._tail_lock.run, _monotonic() + _REPAIR_WAIT, self._heal_tokens)
+
+    def _heal_tokens(self) -> None:
+        """Under the recovery mutex and the tail lock: post the items tokens records lack."""
+        part = self._part
+        assert part is not None
+        missing = self._queued() - part.live_tokens() - self._items.value
+        if missing > 0:
+            log.warning("%s: %d messages had no items token; healing", self.path, missing)
+            for _ in range(missing):
+                self._items.release()
 
     def _reap(self, slot: int) -> None:
         assert self._part is not None

@@ -188,35 +188,35 @@ class Participant:
         finally:
             _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, BOOT_BYTE)
 
-    @contextlib.contextmanager
-    def recovery_lock(self, wait: float = RECOVERY_LOCK_WAIT) -> Iterator[bool]:
-        """Hold the recovery mutex: one recoverer (or claimer) at a time, released on death.
+    def under_recovery_lock(self, fn: Callable[..., _T], *args: Any) -> _T | Literal[_NotTaken.NOT_TAKEN]:
+        """Run ``fn(*args)`` holding the recovery mutex: one recoverer (or claimer) at a time.
 
         A robust mutex in the header, so nobody who cannot write the file can
-        hold it. Yields False (holding nothing) if a live holder kept it for
-        ``wait`` seconds. A recoverer that died in the middle leaves at worst
-        a token posted twice (harmless: a token without a record is dropped).
+        hold it, and a dead holder's is taken over at once. Returns
+        ``NOT_TAKEN`` if a live holder kept it for ``RECOVERY_LOCK_WAIT``
+        seconds. A plain ``try``/``finally``, not a context manager: a
+        generator's ``__enter__`` could be interrupted by a signal handler's
+        exception after taking the mutex, leaving it to the garbage collector.
+        A recoverer that died in the middle leaves at worst a token posted
+        twice (harmless: a token without a record is dropped).
         """
         mutex = self._mutex
-        end = time.monotonic() + wait
-        got = False
+        end = time.monotonic() + RECOVERY_LOCK_WAIT
         try:
             while True:
                 rc = mutex.lock_until(end)
                 if rc == 0 or rc == _mutex.EOWNERDEAD:
-                    got = True
-                    break
+                    return fn(*args)
                 if rc == errno.ETIMEDOUT and time.monotonic() < end:
                     continue
                 if rc == _mutex.ENOTRECOVERABLE:
                     mutex.reset()  # it guards no counters of its own: start afresh
                     continue
                 log.warning("%s: the recovery lock stayed busy; skipping this round", self.path)
-                break
-            yield got
+                return NOT_TAKEN
         finally:
             if mutex.owned():
-                mutex.consistent()
+                mutex.consistent()  # (EINVAL, ignored, unless it was taken with EOWNERDEAD)
                 mutex.unlock()
 
     def claim(self, reap: Callable[[], object]) -> int:
@@ -229,22 +229,27 @@ class Participant:
         if self.me:
             return self.me
         reap()
-        fd = self.fd()
-        h = self._h64
-        with self.recovery_lock() as held:
-            for slot in range(self._layout.max_participants if held else 0):
-                i = self._index(slot)
-                if h[i + P_PID_STATE] >> 32 == 0 and _try_lock(fd, self._byte(slot)):
-                    h[i + P_ATTACHED] = time.time_ns()
-                    h[i + P_TOKENS] = 0
-                    h[i + P_PID_STATE] = _LIVE | os.getpid()
-                    self.slot, self.me, self.tokens_index = slot, slot + 1, i + P_TOKENS
-                    return self.me
+        if self.under_recovery_lock(self._claim_free_slot):
+            return self.me
         log.warning(
             "%s: no free participant slot; items tokens this process dies holding are healed by consumers",
             self.path,
         )
         return 0
+
+    def _claim_free_slot(self) -> bool:
+        """Under the recovery mutex: take the first free slot we can write-lock; False if none."""
+        fd = self.fd()
+        h = self._h64
+        for slot in range(self._layout.max_participants):
+            i = self._index(slot)
+            if h[i + P_PID_STATE] >> 32 == 0 and _try_lock(fd, self._byte(slot)):
+                h[i + P_ATTACHED] = time.time_ns()
+                h[i + P_TOKENS] = 0
+                h[i + P_PID_STATE] = _LIVE | os.getpid()
+                self.slot, self.me, self.tokens_index = slot, slot + 1, i + P_TOKENS
+                return True
+        return False
 
     def dead_slots(self) -> list[int]:
         """Slots marked live whose OFD lock is gone (call under the recovery lock)."""
@@ -347,6 +352,11 @@ class Lock:
             elif rc == errno.ETIMEDOUT or rc == errno.EBUSY:
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
+            elif rc == errno.EDEADLK and mutex.owned():
+                # This thread kept it: a section an exception cut short at an
+                # instant no ``finally`` covered. Hand it on for repair, take it again.
+                log.warning("%s: this thread still held the %s lock; repairing", self.path, self.role)
+                self.abandon()
             else:
                 self._refuse(rc)
 
@@ -384,6 +394,10 @@ class Lock:
             return False
         if rc == errno.EBUSY:
             return False
+        if rc == errno.EDEADLK and mutex.owned():
+            log.warning("%s: this thread still held the %s lock; repairing", self.path, self.role)
+            self.abandon()
+            return self.try_acquire()
         self._refuse(rc)
         return False  # not reached
 

@@ -236,3 +236,37 @@ def test_the_initial_mutex_bytes_are_what_the_format_says() -> None:
     assert len(_mutex.INIT_BYTES) == _mutex.MUTEX_SIZE
     assert _mutex.KIND_WORD == 0x92  # ERRORCHECK | ROBUST | PSHARED, in glibc's kind word
     assert _mutex.INIT_BYTES[:16] == bytes(16) and _mutex.INIT_BYTES[20:] == bytes(44)
+
+
+def _interrupted_get(q: shmbus.Queue) -> None:
+    """What a get does when a signal handler's exception lands right after it removed a message."""
+    fast = q._fast
+    if fast is not None:
+        assert fast.get_obj(q._part.tokens_index or 0, 0.0) == "a" or q._part.tokens_index == 0
+    if fast is None or not q._part.tokens_index:
+        q._begin(True, None)
+        assert q._items.try_acquire()
+        assert q._take1() is not None
+        fast = None
+    q._keep(fast)
+
+
+def test_a_message_an_interrupted_get_removed_comes_back_first(bus_name: str) -> None:
+    q = shmbus.Queue.create(bus_name, capacity="64KiB")
+    q._begin(True, None)  # a participant slot, as any get claims
+    q.put_many(["a", "b"])
+    _interrupted_get(q)
+    assert q.qsize() == 1 and len(q._kept) == 1
+    assert q.get(timeout=1) == "a"
+    assert q.get(timeout=1) == "b"
+    q.close()
+
+
+def test_a_closing_handle_gives_its_kept_messages_back(bus_name: str) -> None:
+    q = shmbus.Queue.create(bus_name, capacity="64KiB")
+    q._begin(True, None)
+    q.put_many(["a", "b"])
+    _interrupted_get(q)
+    q.close()  # "a" goes back, at the end
+    with shmbus.Queue.open(bus_name) as q2:
+        assert q2.get_many(5, timeout=1) == ["b", "a"]

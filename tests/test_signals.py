@@ -319,12 +319,19 @@ def _probe_body(path: str, mark: Any) -> dict[str, Any]:
     """Put a marker and get everything up to it, with timeouts; what was drained, and how long it took."""
     t0 = time.monotonic()
     with shmbus.Queue.open(path) as q:
+        drained = []
         try:
             q.put(mark, timeout=PROBE_TIMEOUT)
         except shmbus.Full:
-            return {"error": f"put(timeout={PROBE_TIMEOUT}) raised Full: the bus is wedged", "drained": []}
+            # A full ring is not a wedge when a get still takes from it (the storm
+            # may end with no consumer left and the ring full): make room, try again.
+            try:
+                drained.append(list(struct.unpack("<qqB", _rec(q.get(timeout=PROBE_TIMEOUT)))))
+                q.put(mark, timeout=PROBE_TIMEOUT)
+            except (shmbus.Full, shmbus.Empty) as e:
+                error = f"put(timeout={PROBE_TIMEOUT}) raised Full and then {e!r}: the bus is wedged"
+                return {"error": error, "drained": drained}
         t_put = time.monotonic() - t0
-        drained = []
         while True:
             try:
                 m = q.get(timeout=PROBE_TIMEOUT)
