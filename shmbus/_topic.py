@@ -730,7 +730,7 @@ class Subscription:
         t = self._topic
         h, mm, cursor = t._h64, t._mm, self._cursor
         assert mm is not None
-        if self.spin > 0:
+        if self.spin > 0 and not self._closed:
             end = _monotonic() + self.spin
             while _monotonic() < end:
                 if h[Q_HEAD] > cursor:
@@ -738,6 +738,8 @@ class Subscription:
                 os.sched_yield()  # see Sem.spin_acquire: never starve the publisher
         try:
             while True:
+                if self._closed:  # closed by another thread (or a signal handler) while we wait
+                    self._check_open()
                 mm[self._flag] = 1
                 # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
                 # the flag store is visible before we load head (the publisher
@@ -767,7 +769,12 @@ class Subscription:
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        """Leave the topic and free the slot (a pending ``aget`` raises ``BusClosed``). Idempotent."""
+        """Leave the topic and free the slot; idempotent.
+
+        A call waiting on the subscription in another thread (``get``,
+        ``get_many``, ``get_view``, ``aget``) raises ``BusClosed`` within
+        ``_SAFETY_SLICE``.
+        """
         if self._closed:
             return
         self._closed = True
