@@ -71,7 +71,8 @@ class _Consuming(_QueueBase):
                 finally:
                     self._leave()
             except Exception as e:  # a lock this thread holds (close in a signal handler), say
-                log.warning("%s: could not put back %d undelivered messages on close: %r", self.path, len(kept), e)
+                log.warning("%s: could not put back %d undelivered messages on close: %r",
+                            self.path, len(kept), e)  # fmt: skip
             else:
                 sent = 0 if sent is NOT_TAKEN else sent
                 if sent < len(batch):

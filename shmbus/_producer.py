@@ -79,9 +79,9 @@ class _Producing(_QueueBase):
             users = self._users
             users.append(None)  # (Bus._enter, inline: see there)
             try:
-                if not self._closed and (
-                    self._head_lock.run(0.0, self._put_locked, enc, _deadline(block, timeout)) is not NOT_TAKEN
-                ):
+                deadline = _deadline(block, timeout)
+                run = self._head_lock.run
+                if not self._closed and run(0.0, self._put_locked, enc, deadline) is not NOT_TAKEN:
                     return
             finally:
                 users.pop()  # (Bus._leave, inline)
