@@ -253,7 +253,13 @@ class QueueAio(_Helper):
             if not self._items.try_acquire() and not await self._token(deadline):
                 raise Empty(f"{q.path} is empty", path=q.path)
             # One token held: take the record now, with no await (no cancellation point) before it.
-            got = q._take1()
+            # (A close() that lands between the token and _enter strands the token
+            # until a consumer's wait heals it: this handle can no longer post it.)
+            q._enter()
+            try:
+                got = q._take1()
+            finally:
+                q._leave()
             if got is not None:
                 msg = q._finish(*got)
                 q._in_hand = []
@@ -274,7 +280,11 @@ class QueueAio(_Helper):
             k = 1
             while k < max_messages and try_acquire():
                 k += 1
-            got = q._take(k)
+            q._enter()  # (as in get)
+            try:
+                got = q._take(k)
+            finally:
+                q._leave()
             if got:
                 msgs = q._codec.finish_many(got)
                 q._in_hand = []
@@ -282,11 +292,14 @@ class QueueAio(_Helper):
 
     def _claim(self) -> None:
         q = self._q
-        q._check_open()
-        part = q._part
-        assert part is not None
-        if not part.me:
-            part.claim(q.recover)
+        q._enter()
+        try:
+            part = q._part
+            assert part is not None
+            if not part.me:
+                part.claim(q.recover)
+        finally:
+            q._leave()
 
     async def _token(self, deadline: float | None) -> bool:
         """Wait for the waiter thread to hand us one items token; False at the deadline."""
@@ -382,8 +395,13 @@ class QueueAio(_Helper):
 
     def _heal(self) -> None:
         """As a blocking get does after each empty slice: free dead holders, post lost tokens."""
+        q = self._q
         try:
-            self._q._heal()
+            q._enter()
+            try:
+                q._heal()
+            finally:
+                q._leave()
         except Exception as e:
             # (CorruptBus, say): the waiting calls raise it, as a blocking get would.
             with self._cond:
@@ -445,7 +463,11 @@ class QueueAio(_Helper):
     def _put_now(self, batch: list[Encoded]) -> int:
         """Put what fits now, waiting for nothing (not even the producer lock); return how many."""
         q = self._q
-        sent = q._head_lock.run(0.0, q._write, batch, 0.0)
+        q._enter()
+        try:
+            sent = q._head_lock.run(0.0, q._write, batch, 0.0)
+        finally:
+            q._leave()
         return 0 if sent is NOT_TAKEN else sent
 
     def _run_puts(self) -> None:
@@ -550,7 +572,12 @@ class SubscriptionAio(_Helper):
         await checkpoint()
         while True:
             sub._check_open()
-            got = sub._read(max_messages)  # lock-free: no await between reading and returning
+            t = sub._topic
+            t._enter()
+            try:
+                got = sub._read(max_messages)  # lock-free: no await between reading and returning
+            finally:
+                t._leave()
             if got:
                 return sub._topic._codec.finish_many(got)
             if not await self._moved(deadline):
@@ -598,7 +625,13 @@ class SubscriptionAio(_Helper):
                         self._loop_gone()
                 if self._stop:
                     return
-            if not sub._wait(_monotonic() + _SLICE):
+            t = sub._topic
+            t._enter()  # (BusClosed once the topic is closed: the thread ends, its callers fail)
+            try:
+                moved = sub._wait(_monotonic() + _SLICE)
+            finally:
+                t._leave()
+            if not moved:
                 continue
             with cond:
                 loop = self._loop

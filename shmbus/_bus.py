@@ -22,6 +22,7 @@ import mmap
 import os
 import secrets
 import stat
+import threading
 import time
 import weakref
 from collections.abc import Iterable
@@ -333,6 +334,10 @@ class Bus:
     _mutexes: dict[str, _mutex.Mutex] = {}  # noqa: RUF012 - replaced per instance, never mutated
     _views: tuple[memoryview, ...] = ()
     _sems: dict[str, _sync.Sem] = {}  # noqa: RUF012 - replaced per instance, never mutated
+    # One entry per call in progress on this handle (and per open zero-copy block):
+    # close() leaves the mapping, mutexes and semaphores to the last one out.
+    _users: list[None] = []  # noqa: RUF012 - replaced per instance (an empty shared one is never grown for long)
+    _unreleased: list[None] = []  # noqa: RUF012 - [None] per instance until _release pops it
     path = ""
 
     # -- construction -------------------------------------------------------
@@ -420,6 +425,8 @@ class Bus:
         allow_shared: bool = False,
     ) -> B:  # fmt: skip
         self = cls.__new__(cls)
+        self._users = []
+        self._unreleased = [None]
         self.path = real
         self._codec = codec or DEFAULT_CODEC
         self._allow_shared = allow_shared
@@ -590,6 +597,7 @@ class Bus:
         was not free by ``lock_deadline``.
         """
         lock = self._locks[0]
+        self._enter()  # left when the block ends: close() waits for it
         try:
             if not lock.acquire(lock_deadline):
                 raise Full(f"{self.path}: timed out waiting for the producer lock", path=self.path)
@@ -599,37 +607,68 @@ class Bus:
 
             def commit() -> None:
                 try:
-                    publish(seq, _ring.commit(ring, cap, start, REC_RAW, seq, nbytes))
-                except ShmbusError:
+                    try:
+                        publish(seq, _ring.commit(ring, cap, start, REC_RAW, seq, nbytes))
+                    except ShmbusError:
+                        lock.release()
+                        raise
+                    except BaseException:
+                        lock.abandon()
+                        raise
                     lock.release()
-                    raise
-                except BaseException:
-                    lock.abandon()
-                    raise
-                lock.release()
-                if after is not None:
-                    after()
+                    if after is not None and not self._closed:
+                        after()
+                finally:
+                    self._leave()
 
             def drop() -> None:
                 try:
-                    abandon()
-                except BaseException:
-                    lock.abandon()
-                    raise
-                lock.release()
+                    try:
+                        abandon()
+                    except BaseException:
+                        lock.abandon()
+                        raise
+                    lock.release()
+                finally:
+                    self._leave()
 
             return self._track(Reservation(ring[off : off + nbytes], commit, drop))
         except ShmbusError:  # ours: raised before any store
-            lock.release()
+            try:
+                lock.release()
+            finally:
+                self._leave()
             raise
         except BaseException:  # from anywhere (a signal handler): the next holder checks the counters
-            lock.abandon()
+            try:
+                lock.abandon()
+            finally:
+                self._leave()
             raise
 
+    def _enter(self) -> None:
+        """Count a call in progress on this handle; raise ``BusClosed`` if it is closed.
+
+        Pair it with ``_leave`` in a ``finally``. Between the two, ``close()``
+        from another thread (or a signal handler) only interrupts the waits:
+        the views, mutexes and semaphores stay until the last call leaves.
+        """
+        self._users.append(None)  # before the look at _closed: close() sees us, or we see it
+        if self._closed:
+            self._leave()
+            self._check_open()
+
+    def _leave(self) -> None:
+        """The end of a call counted by ``_enter``: the last one out of a closed handle releases it."""
+        users = self._users
+        users.pop()
+        if not users and self._closed:
+            self._release()
+
     def _track(self, block: _Block) -> _Block:
-        """Remember an open zero-copy block, so that ``close()`` can end it first."""
-        blocks = self.__dict__.setdefault("_blocks", weakref.WeakSet())
-        blocks.add(block)
+        """Remember an open zero-copy block and its thread, so that ``close()`` can end it first."""
+        blocks = self.__dict__.setdefault("_blocks", weakref.WeakKeyDictionary())
+        blocks[block] = threading.get_ident()
         return block
 
     def _check_sizes(self, sizes: Iterable[int]) -> None:
@@ -672,7 +711,13 @@ class Bus:
         this PID namespace, or one released unrepaired. Only for a bus that
         no process uses: a holder in another PID namespace would lose its lock.
         """
-        self._check_open()
+        self._enter()
+        try:
+            return self._recover(force)
+        finally:
+            self._leave()
+
+    def _recover(self, force: bool) -> int:
         if force:
             for lk in self._locks:
                 if lk.force_reset():
@@ -750,15 +795,40 @@ class Bus:
     def close(self) -> None:
         """Release this handle (mapping, semaphores, file descriptor); the bus stays.
 
-        Idempotent. A ``reserve()`` or ``get_view()`` block still open on this
-        handle is ended first, as an exception would end it (the reservation
-        abandoned, the message left in the queue), so no lock stays held; a
-        slice of the ring the caller kept keeps the mapping alive until it goes.
+        Idempotent, and safe from any thread or a signal handler. A call
+        waiting on this handle in another thread (for a message, for space,
+        for a lock) raises ``BusClosed`` within 50 ms, having removed or
+        written nothing (a ``put_many`` says how many went in, in ``sent``);
+        a call that starts afterwards raises ``BusClosed`` at once. The
+        mapping and semaphores are released when the last call in progress
+        returns, so nothing is unmapped under a thread still using it.
+
+        A ``reserve()`` or ``get_view()`` block this thread left open is ended
+        first, as an exception would end it (the reservation abandoned, the
+        message left in the queue), so no lock stays held; a block open in
+        another thread is ended by that thread (its lock is its own), and the
+        release waits for it. A slice of the ring the caller kept keeps the
+        mapping alive until it goes.
         """
-        for block in list(self.__dict__.get("_blocks", ())):
-            with contextlib.suppress(Exception):
-                block.end_unused()
-        self._closed = True
+        me = threading.get_ident()
+        for block, tid in list(self.__dict__.get("_blocks", {}).items()):
+            if tid == me:
+                with contextlib.suppress(Exception):
+                    block.end_unused()
+        self._closed = True  # before the look at _users (see _enter)
+        for s in self._sems.values():
+            s.interrupt()
+        for m in self._mutexes.values():
+            m.interrupt()
+        if not self._users:
+            self._release()
+
+    def _release(self) -> None:
+        """Release the mapping, mutexes, semaphores and descriptor: once, with no call in progress."""
+        try:
+            self._unreleased.pop()
+        except IndexError:
+            return
         if self._part is not None:
             self._part.release()
             self._part = None
@@ -815,9 +885,12 @@ class Bus:
 
     def flush(self) -> None:
         """Write the mapped pages back to the file (``msync``): a disk-backed bus survives a power cut."""
-        self._check_open()
-        assert self._mm is not None
-        self._mm.flush()
+        self._enter()
+        try:
+            assert self._mm is not None
+            self._mm.flush()
+        finally:
+            self._leave()
 
     @property
     def capacity(self) -> int:
@@ -831,8 +904,11 @@ class Bus:
 
     def stats(self) -> Stats:
         """A snapshot of the header: fill level and the message and byte counters."""
-        self._check_open()
-        return header_stats(self.path, self._layout, self._h64)
+        self._enter()
+        try:
+            return header_stats(self.path, self._layout, self._h64)
+        finally:
+            self._leave()
 
     def __enter__(self: B) -> B:
         return self
@@ -851,9 +927,14 @@ class Bus:
 
     def __repr__(self) -> str:
         name = type(self).__name__
-        if self._closed:
+        try:
+            self._enter()
+        except BusClosed:
             return f"<shmbus.{name} {self.path!r} closed>"
-        return f"<shmbus.{name} {self.path!r} capacity={self.capacity} {self._describe()}>"
+        try:
+            return f"<shmbus.{name} {self.path!r} capacity={self.capacity} {self._describe()}>"
+        finally:
+            self._leave()
 
     def _describe(self) -> str:
         return ""

@@ -9,12 +9,13 @@ its tokens back, so no message is stranded.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 from . import _accel, _faults, _ring
 from ._bus import _U64
-from ._codec import Payload, extract, extract_range
-from ._errors import CorruptBus, Empty, ShmbusError
+from ._codec import Encoded, Payload, extract, extract_range
+from ._errors import BusClosed, CorruptBus, Empty, ShmbusError
 from ._format import (
     I_SPACE_WAITING,
     Q_BYTES_OUT,
@@ -23,6 +24,7 @@ from ._format import (
     Q_SCRATCH,
     Q_TAIL,
     Q_TAIL_SEQ,
+    REC_RAW,
     RECORD_SIZE,
 )
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
@@ -34,6 +36,8 @@ __all__ = ["_Consuming"]
 log = logging.getLogger("shmbus")
 _NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's "no message"
 _DECODED = -1  # the "kind" of a kept message that C had already decoded
+_REQUEUE_GRACE = 0.05  # seconds close() waits for the producer lock to put kept messages back
+_monotonic = time.monotonic
 
 
 def _as_bytes(payload: Payload) -> bytes:
@@ -48,6 +52,45 @@ class _Consuming(_QueueBase):
     # Messages this handle removed but a signal handler's exception kept from
     # the caller: (kind, payload) records, handed out first by the next get.
     _kept: list[tuple[int, Any]]
+
+    def close(self) -> None:
+        """Put back what this handle removed but never delivered (``_kept``), then close.
+
+        A closed handle cannot deliver them, and dropping them would lose
+        them: they go back into the queue, at its end (so after messages put
+        since), if the producer lock is free now and they fit without
+        waiting; otherwise they are dropped with a warning saying how many.
+        """
+        kept, self._kept = self.__dict__.get("_kept") or [], []
+        if kept and not self._closed:
+            batch = [self._kept_record(rec) for rec in kept]
+            try:
+                self._enter()
+                try:
+                    sent = self._head_lock.run(_monotonic() + _REQUEUE_GRACE, self._write, batch, 0.0)
+                finally:
+                    self._leave()
+            except Exception as e:  # a lock this thread holds (close in a signal handler), say
+                log.warning("%s: could not put back %d undelivered messages on close: %r",
+                            self.path, len(kept), e)  # fmt: skip
+            else:
+                sent = 0 if sent is NOT_TAKEN else sent
+                if sent < len(batch):
+                    log.warning("%s: close dropped %d undelivered messages (no room to put them back)",
+                                self.path, len(batch) - sent)  # fmt: skip
+        super().close()
+
+    def _kept_record(self, rec: tuple[int, Any]) -> Encoded:
+        """A kept record as ``_write`` takes it."""
+        kind, payload = rec
+        if kind == _DECODED:
+            if type(payload) is bytes:  # a raw record's data: get returns bytes either way
+                return (REC_RAW, b"", payload, len(payload))
+            return self._encode(payload)
+        if type(payload) is tuple:  # a bytes message: encoded again as msgpack bin
+            return self._encode(payload[0])
+        data = bytes(payload)
+        return (kind, b"", data, len(data))
 
     # -- consuming ---------------------------------------------------------------
 
@@ -67,7 +110,11 @@ class _Consuming(_QueueBase):
             spin = self.spin if block and timeout is None else self._spin_for(block, timeout)
         else:
             fast = None
+        users = self._users
+        users.append(None)  # (Bus._enter, inline: see there)
         try:  # (from the C call on: _keep takes back what C handed out)
+            if self._closed:
+                self._check_open()
             if fast is not None:
                 # C: the whole get, decoding included, polling up to the spin first.
                 got = fast.get_obj(self._part.tokens_index, spin)  # type: ignore[union-attr]
@@ -92,6 +139,10 @@ class _Consuming(_QueueBase):
         except BaseException:  # a signal handler's, say: keep what was taken for the next get
             self._keep(fast)
             raise
+        finally:
+            users.pop()  # (Bus._leave, inline)
+            if not users and self._closed:
+                self._release()
         self._in_hand = []
         return got
 
@@ -141,6 +192,7 @@ class _Consuming(_QueueBase):
             spin = self._spin_for(block, timeout)
         else:
             fast = None
+        self._enter()
         try:
             if fast is not None:
                 recs, left = fast.take_many(self._part.tokens_index, 0, 1, spin)  # type: ignore[union-attr]
@@ -162,6 +214,8 @@ class _Consuming(_QueueBase):
         except BaseException:
             self._keep(fast)
             raise
+        finally:
+            self._leave()
         self._in_hand = []
         return data
 
@@ -235,6 +289,13 @@ class _Consuming(_QueueBase):
         if self._kept:
             kept, self._kept[:max_messages] = self._kept[:max_messages], []
             return [self._finish_kept(rec) for rec in kept]
+        self._enter()
+        try:
+            return self._get_many(max_messages, block, timeout)
+        finally:
+            self._leave()
+
+    def _get_many(self, max_messages: int, block: bool, timeout: float | None) -> list[Any]:
         deadline = self._begin(block, timeout)
         while True:
             fast = self._fast
@@ -281,9 +342,9 @@ class _Consuming(_QueueBase):
                 return got  # type: ignore[no-any-return]
             try:
                 return got + self._take(k, deadline)  # type: ignore[no-any-return]
-            except Empty:  # the consumer lock did not come in time: its tokens went back
+            except (Empty, BusClosed):  # the consumer lock did not come (in time): its tokens went back
                 if got:
-                    return got  # type: ignore[no-any-return]
+                    return got  # type: ignore[no-any-return]  # taken by C: delivered, not lost
                 raise
         if block:
             if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
@@ -310,6 +371,9 @@ class _Consuming(_QueueBase):
             got = self._tail_lock.run(deadline, self._take1_locked, tokens)
         except CorruptBus:
             got = None  # _take says what is wrong, and hands the token back
+        except BusClosed:  # closed while waiting for the tail lock: nothing taken
+            self._give_back(tokens, 1)
+            raise
         if got is NOT_TAKEN:
             self._lock_timed_out(tokens, 1)
         if got is not None:
@@ -317,11 +381,15 @@ class _Consuming(_QueueBase):
         taken = self._take(1, deadline)
         return taken[0] if taken else None
 
-    def _lock_timed_out(self, tokens: int, k: int) -> None:
-        """The tail lock did not come before the deadline: hand the tokens back, raise ``Empty``."""
+    def _give_back(self, tokens: int, k: int) -> None:
+        """Post back ``k`` items tokens this handle holds unused, and record that it holds none."""
         for _ in range(k):
             self._items.release()
         self._h64[tokens] = 0
+
+    def _lock_timed_out(self, tokens: int, k: int) -> None:
+        """The tail lock did not come before the deadline: hand the tokens back, raise ``Empty``."""
+        self._give_back(tokens, k)
         raise Empty(
             f"{self.path}: no message in time (another consumer held the consumer lock)", path=self.path
         )
@@ -401,7 +469,11 @@ class _Consuming(_QueueBase):
         h[tokens] = k
         if _faults.armed:
             _faults.hit("get:after-token")
-        out = self._tail_lock.run(deadline, self._take_locked, tokens, k)
+        try:
+            out = self._tail_lock.run(deadline, self._take_locked, tokens, k)
+        except BusClosed:  # closed while waiting for the tail lock: nothing taken
+            self._give_back(tokens, k)
+            raise
         if out is NOT_TAKEN:
             self._lock_timed_out(tokens, k)
         taken = len(out)  # type: ignore[arg-type]
@@ -485,6 +557,14 @@ class _Consuming(_QueueBase):
         queue. The consumer lock is held until the block ends, so keep it
         short. Raises ``Empty`` when nothing arrived in time.
         """
+        self._enter()  # left when the block ends: close() waits for it
+        try:
+            return self._get_view(block, timeout)
+        except BaseException:
+            self._leave()
+            raise
+
+    def _get_view(self, block: bool, timeout: float | None) -> View:
         deadline = self._begin(block, timeout)
         items, h = self._items, self._h64
         if not items.try_acquire() and (not block or not items.spin_acquire(deadline, self.spin, self._heal)):
@@ -493,7 +573,7 @@ class _Consuming(_QueueBase):
         h[tokens] = 1
         lock = self._tail_lock
         try:
-            lock.acquire(None)
+            lock.acquire(None)  # (a BusClosed from its wait: the token goes back below)
             tail, head, cap = h[Q_TAIL], h[Q_HEAD], self._cap
             _ring.check_positions(head, tail, cap)
             start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)
@@ -505,22 +585,25 @@ class _Consuming(_QueueBase):
 
             def finish(consume: bool) -> None:
                 try:
-                    if consume:
-                        h[Q_TAIL_SEQ] = rseq + 1
-                        h[Q_TAIL] = nxt
-                        h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64  # after the commit, as in _take1
-                        if self._h32[I_SPACE_WAITING]:
-                            self._h32[I_SPACE_WAITING] = 0
-                            self._space.release()
-                    else:
-                        items.release()
-                    h[tokens] = 0
-                except BaseException:
-                    lock.abandon()  # cut short between two stores: the next holder resyncs
-                    raise
-                lock.release()
-                if consume and self._slots is not None:
-                    self._slots.release()
+                    try:
+                        if consume:
+                            h[Q_TAIL_SEQ] = rseq + 1
+                            h[Q_TAIL] = nxt
+                            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64  # after the commit, as in _take1
+                            if self._h32[I_SPACE_WAITING]:
+                                self._h32[I_SPACE_WAITING] = 0
+                                self._space.release()
+                        else:
+                            items.release()
+                        h[tokens] = 0
+                    except BaseException:
+                        lock.abandon()  # cut short between two stores: the next holder resyncs
+                        raise
+                    lock.release()
+                    if consume and self._slots is not None:
+                        self._slots.release()
+                finally:
+                    self._leave()
 
             return self._track(View(view, view_kind(kind, got[2]), finish))
         except BaseException:  # nothing stored yet: only reads

@@ -121,7 +121,16 @@ class DecodeError(CorruptBus):
 
 
 class BusClosed(ShmbusError, ValueError):
-    """The handle was closed with ``close()``; the bus itself may still exist."""
+    """The handle was closed with ``close()``; the bus itself may still exist.
+
+    Also raised by a call that was waiting on the handle when another thread
+    (or a signal handler) closed it. ``sent`` says how many messages of a
+    ``put_many`` batch went in before that (always 0 for ``put``).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, sent: int = 0) -> None:
+        super().__init__(message, path=path)
+        self.sent = sent
 
 
 class TooManySubscribers(ShmbusError, RuntimeError):

@@ -112,7 +112,7 @@ class Mutex:
     ``ENOTRECOVERABLE``, ``EDEADLK`` (this thread holds it already).
     """
 
-    __slots__ = ("_anchor", "_h32", "_takers", "_view", "addr")
+    __slots__ = ("_anchor", "_closing", "_h32", "_takers", "_view", "addr")
 
     def __init__(self, mm: mmap.mmap, offset: int) -> None:
         # The ctypes object pins the mapping: it cannot be unmapped under a wait.
@@ -125,6 +125,7 @@ class Mutex:
         self._takers: set[int] = set()
         self._view = memoryview(mm)[offset : offset + MUTEX_SIZE]
         self._h32 = self._view.cast("I")
+        self._closing = False  # interrupt(): a wait for it raises BusClosed instead of sleeping
 
     def word(self) -> int:
         """The futex word now (a snapshot)."""
@@ -183,6 +184,8 @@ class Mutex:
         rc = int(_trylock(self.addr))
         if rc != errno.EBUSY:
             return rc
+        if self._closing:
+            raise BusClosed("the handle was closed while this call waited for a lock")
         left = min(end - time.monotonic(), WAIT_SLICE)
         if left <= 0:
             return errno.ETIMEDOUT
@@ -220,6 +223,14 @@ class Mutex:
     def kind_ok(self) -> bool:
         """True if the mutex's kind word is what shmbus writes (a damaged file may hold anything)."""
         return self._view[16:20] == INIT_BYTES[16:20]
+
+    def interrupt(self) -> None:
+        """From now on a wait for the mutex raises ``BusClosed`` (within a slice) instead of sleeping.
+
+        A free mutex can still be taken, and a held one released: a section
+        in progress finishes, and the handle's ``close()`` waits for it.
+        """
+        self._closing = True
 
     def close(self) -> None:
         """Drop the pin on the mapping."""

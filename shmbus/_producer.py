@@ -15,7 +15,7 @@ from typing import Any
 from . import _accel, _faults, _ring
 from ._bus import _U64, record_time
 from ._codec import Encoded, as_bytes_view
-from ._errors import CorruptBus, Full, ShmbusError
+from ._errors import BusClosed, CorruptBus, Full, ShmbusError
 from ._format import I_SPACE_WAITING, Q_BYTES_IN, Q_HEAD, Q_NEXT_SEQ, Q_TAIL, REC_RAW
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
@@ -75,13 +75,18 @@ class _Producing(_QueueBase):
         # Pure-Python fast path (measured ~0.6 us of 2.6 per put): the head lock
         # is free, no maxsize, and the record fits without a wrap. Anything
         # else, and every error, goes through _put, which checks and waits.
-        elif (
-            self._slots is None
-            and not self._closed
-            and enc[3] <= self._max_payload
-            and self._head_lock.run(0.0, self._put_locked, enc, _deadline(block, timeout)) is not NOT_TAKEN
-        ):
-            return
+        elif self._slots is None and enc[3] <= self._max_payload:
+            users = self._users
+            users.append(None)  # (Bus._enter, inline: see there)
+            try:
+                deadline = _deadline(block, timeout)
+                run = self._head_lock.run
+                if not self._closed and run(0.0, self._put_locked, enc, deadline) is not NOT_TAKEN:
+                    return
+            finally:
+                users.pop()  # (Bus._leave, inline)
+                if not users and self._closed:
+                    self._release()
         self._put([enc], _deadline(block, timeout))
 
     def _finish_fast_put(self, k: int, batch: list[Encoded], deadline: float | None) -> int:
@@ -99,6 +104,10 @@ class _Producing(_QueueBase):
             if k and (seq - 1) & 255 < k:  # as in _publish: a time sample is due
                 record_time(h, (seq - 1) & ~255)
             n = k + self._write(batch[k:], deadline) if k < len(batch) else k
+        except BusClosed as e:
+            e.sent += k  # C's records are in too
+            lock.release()
+            raise
         except ShmbusError:
             lock.release()
             raise
@@ -152,6 +161,13 @@ class _Producing(_QueueBase):
         encoded = [self._encode(o) for o in objs]
         if not encoded:
             return
+        self._enter()  # before C, which may hand the head lock over held
+        try:
+            self._put_many(encoded, block, timeout)
+        finally:
+            self._leave()
+
+    def _put_many(self, encoded: list[Encoded], block: bool, timeout: float | None) -> None:
         fast = self._fast
         if fast is not None and not _faults.armed:
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
@@ -183,7 +199,13 @@ class _Producing(_QueueBase):
         self._put_one((REC_RAW, b"", body, len(body)), block, timeout)
 
     def _put(self, batch: list[Encoded], deadline: float | None) -> None:
-        self._check_open()
+        self._enter()
+        try:
+            self._put_locking(batch, deadline)
+        finally:
+            self._leave()
+
+    def _put_locking(self, batch: list[Encoded], deadline: float | None) -> None:
         self._check_sizes(item[3] for item in batch)
         # A non-blocking put still waits a moment for the producer lock (another
         # producer's copy); a producer that holds it while sleeping for space
@@ -243,6 +265,9 @@ class _Producing(_QueueBase):
                 seq += 1
                 nbytes += n
                 sent += 1
+        except BusClosed as e:  # closed while waiting for a slot or space: these went in
+            e.sent = sent  # (published just below)
+            raise
         finally:
             # (``published`` is updated before each publish, so an interrupted
             # publish is never repeated: its missing tokens are healed by

@@ -340,8 +340,11 @@ class Queue(_Producing, _Consuming, Bus):
 
     def qsize(self) -> int:
         """Messages in the queue now (a snapshot: other processes change it at once)."""
-        self._check_open()
-        return self._queued()
+        self._enter()
+        try:
+            return self._queued()
+        finally:
+            self._leave()
 
     def empty(self) -> bool:
         """True if the queue holds no message now (a snapshot)."""
@@ -349,12 +352,15 @@ class Queue(_Producing, _Consuming, Bus):
 
     def full(self) -> bool:
         """True if a small message would not fit now: ``maxsize`` reached or no free bytes."""
-        self._check_open()
-        maxsize = self._layout.maxsize
-        if maxsize and self._queued() >= maxsize:
-            return True
-        h = self._h64
-        return _ring.place(h[Q_HEAD], h[Q_TAIL], self._cap, 1) < 0
+        self._enter()
+        try:
+            maxsize = self._layout.maxsize
+            if maxsize and self._queued() >= maxsize:
+                return True
+            h = self._h64
+            return _ring.place(h[Q_HEAD], h[Q_TAIL], self._cap, 1) < 0
+        finally:
+            self._leave()
 
     @property
     def spin_us(self) -> float:

@@ -48,3 +48,4 @@ class _QueueBase(Bus):
     _ro: int
     _fast: Any
     _in_hand: list[tuple[int, Any]]  # records a take committed that the caller has not got yet
+    _write: Callable[[list[Encoded], float | None], int]  # the producer side's (under the head lock)

@@ -36,6 +36,14 @@ each sleep therefore lasts at most ``SIGNAL_SLICE`` (40 ms), the bound on
 that rare delay.
 
 
+Closing under a waiter. ``sem_close`` unmaps the semaphore: a thread of the
+process still sleeping on it would then sleep on unmapped memory. A ``Sem``
+counts the threads sleeping on it (``list.append``/``pop``, atomic under the
+GIL); ``interrupt()`` (a handle's ``close()``) makes every sleeper raise
+``BusClosed`` at the end of its current nap (at most ``SIGNAL_SLICE``) and
+refuses new sleeps, and ``close()`` is carried out by the last sleeper out.
+
+
 A semaphore is removed only when no process has it open (``unlink_unused``):
 glibc maps a named semaphore's file for as long as a process has it open, and
 the kernel refuses a write lease (``F_SETLEASE``, fcntl(2)) on a file that
@@ -61,6 +69,8 @@ import time
 from typing import Any, Callable, Final
 
 import posix_ipc
+
+from ._errors import BusClosed
 
 __all__ = [
     "Sem",
@@ -163,7 +173,7 @@ class Sem:
     semaphore not taken.
     """
 
-    __slots__ = ("_acq", "_h", "_rel", "name", "sem")
+    __slots__ = ("_acq", "_closing", "_h", "_open", "_rel", "_sleepers", "name", "sem")
 
     def __init__(self, sem: posix_ipc.Semaphore) -> None:
         self.sem = sem
@@ -171,6 +181,9 @@ class Sem:
         self._acq = sem.acquire
         self._rel = sem.release
         self._h = _libc_handle(sem.name)
+        self._closing = False  # interrupt() or close() was called: sleeps raise BusClosed
+        self._sleepers: list[None] = []  # one entry per thread sleeping on it now
+        self._open = [None]  # popped by whoever carries out the close (once)
 
     def acquire(self, deadline: float | None, on_slice: Callable[[], object] | None = None) -> bool:
         """Take the semaphore before ``deadline``; False if the deadline passed first.
@@ -191,13 +204,32 @@ class Sem:
             on_slice()
 
     def _sleep(self, end: float | None) -> bool:
-        """Sleep until the semaphore is ours (True) or ``end`` passes (False), in naps."""
-        h = self._h
-        if h is None:
-            return self._sleep_posix_ipc(end)
-        handle = (h,)
+        """Sleep until the semaphore is ours (True) or ``end`` passes (False), in naps.
+
+        Raises ``BusClosed`` (holding nothing) once ``interrupt()`` was called.
+        """
+        sleepers = self._sleepers
+        sleepers.append(None)  # before the look at _closing: close() then sees us, or we see it
+        try:
+            if self._closing:
+                raise self._closed_error()
+            h = self._h
+            if h is None:
+                return self._sleep_posix_ipc(end)
+            return self._sleep_libc((h,), end)
+        finally:
+            sleepers.pop()
+            if self._closing and not sleepers:
+                self._close_now()
+
+    def _closed_error(self) -> BusClosed:
+        return BusClosed(f"the handle was closed while this call waited on semaphore {self.name}")
+
+    def _sleep_libc(self, handle: tuple[ctypes.c_void_p], end: float | None) -> bool:
         clockwait = _clockwait is not None and WAIT_KIND == "clockwait"
         while True:
+            if self._closing:
+                raise self._closed_error()
             now = _monotonic()
             stop = now + SIGNAL_SLICE
             if end is not None and end < stop:
@@ -230,7 +262,11 @@ class Sem:
         """``_sleep`` without libc: posix_ipc's wait, whose handler exceptions are lost."""
         acq = self._acq
         while True:
-            timeout = None if end is None else max(end - _monotonic(), 0.0)
+            if self._closing:
+                raise self._closed_error()
+            # In naps, so that interrupt() is noticed (posix_ipc's own handle is closed last).
+            stop = _monotonic() + SIGNAL_SLICE
+            timeout = max((stop if end is None else min(end, stop)) - _monotonic(), 0.0)
             try:
                 acq(timeout)
                 return True
@@ -289,8 +325,28 @@ class Sem:
         with contextlib.suppress(posix_ipc.ExistentialError):
             self.sem.unlink()
 
+    def interrupt(self) -> None:
+        """Make every sleep on this handle raise ``BusClosed`` within a nap, now and from now on.
+
+        Posts, try-takes and ``value`` still work until ``close()``.
+        """
+        self._closing = True
+
     def close(self) -> None:
-        """Drop this process's handles; the semaphore itself stays. Idempotent."""
+        """Drop this process's handles; the semaphore itself stays. Idempotent.
+
+        A thread sleeping on it meanwhile raises ``BusClosed`` within a nap,
+        and the last one out closes the handles: never under a sleeper.
+        """
+        self._closing = True
+        if not self._sleepers:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        try:
+            self._open.pop()  # whoever pops it closes; a racing second caller finds it empty
+        except IndexError:
+            return
         h, self._h = self._h, None
         if h is not None:
             _sem_close(h)

@@ -213,18 +213,21 @@ class Topic(Bus):
         self._publish([(REC_RAW, b"", body, len(body))])
 
     def _publish(self, batch: list[Encoded]) -> None:
-        self._check_open()
-        self._check_sizes(item[3] for item in batch)
-        lock = self._head_lock
+        self._enter()
         try:
-            lock.acquire(None)
-            self._write(batch)
-        except BaseException:
-            lock.abandon()  # cut short (a signal handler's exception): the next holder resyncs
-            raise
+            self._check_sizes(item[3] for item in batch)
+            lock = self._head_lock
+            try:
+                lock.acquire(None)  # (a BusClosed from its wait: nothing published)
+                self._write(batch)
+            except BaseException:
+                lock.abandon()  # cut short (a signal handler's exception): the next holder resyncs
+                raise
+            finally:
+                lock.release()  # a full fence: the new head is visible before we read the flags
+            self._wake_if_waiting()
         finally:
-            lock.release()  # a full fence: the new head is visible before we read the flags
-        self._wake_if_waiting()
+            self._leave()
 
     def _write(self, batch: list[Encoded]) -> None:
         if _faults.armed:
@@ -322,11 +325,14 @@ class Topic(Bus):
 
         Raises ``TooManySubscribers`` when every slot is taken by a live process.
         """
-        self._check_open()
         if start not in ("latest", "earliest"):
             raise ValueError(f"start must be 'latest' or 'earliest', got {start!r}")
-        slot = self._claim_slot()
-        sub = Subscription(self, slot, start, SPIN_DEFAULT if spin is None else spin / 1e6)
+        self._enter()
+        try:
+            slot = self._claim_slot()
+            sub = Subscription(self, slot, start, SPIN_DEFAULT if spin is None else spin / 1e6)
+        finally:
+            self._leave()
         self._subscriptions.append(sub)
         return sub
 
@@ -408,8 +414,11 @@ class Topic(Bus):
 
     def subscribers(self) -> list[dict[str, int]]:
         """The active subscriber slots: slot, pid, lag (messages behind), lost, received."""
-        self._check_open()
-        return subscriber_rows(self._h64, self._layout)
+        self._enter()
+        try:
+            return subscriber_rows(self._h64, self._layout)
+        finally:
+            self._leave()
 
 
 def subscriber_rows(h: memoryview, layout: Layout) -> list[dict[str, int]]:
@@ -537,14 +546,19 @@ class Subscription:
             raise ValueError("max_messages must be at least 1")
         if timeout is not None and timeout < 0:
             raise ValueError("'timeout' must be a non-negative number")
-        got = self._read(max_messages)
-        if not got and block:
-            deadline = None if timeout is None else _monotonic() + timeout
-            while not got:
-                if not self._wait(deadline):
-                    raise Empty(f"no new message on {self._topic.path}", path=self._topic.path)
-                got = self._read(max_messages)
-        return self._topic._codec.finish_many(got)
+        t = self._topic
+        t._enter()  # close() from another thread: the wait raises BusClosed, the mapping stays till then
+        try:
+            got = self._read(max_messages)
+            if not got and block:
+                deadline = None if timeout is None else _monotonic() + timeout
+                while not got:
+                    if not self._wait(deadline):
+                        raise Empty(f"no new message on {t.path}", path=t.path)
+                    got = self._read(max_messages)
+        finally:
+            t._leave()
+        return t._codec.finish_many(got)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -673,6 +687,16 @@ class Subscription:
         if timeout is not None and timeout < 0:
             raise ValueError("'timeout' must be a non-negative number")
         deadline = None if timeout is None else _monotonic() + timeout
+        t = self._topic
+        t._enter()  # left when the block ends (it reads the ring and saves the cursor)
+        try:
+            return self._get_view(block, deadline)
+        except BaseException:
+            t._leave()
+            raise
+
+    def _get_view(self, block: bool, deadline: float | None) -> View:
+        self._check_open()
         found = self._next_record()
         while found is None:
             if not block or not self._wait(deadline):
@@ -688,13 +712,16 @@ class Subscription:
             return t._h64[Q_TAIL] <= cursor
 
         def finish(_: bool) -> None:
-            if intact():
-                self.lost += rseq - self._next
-                self.received += 1
-            else:
-                self.lost += rseq + 1 - self._next
-            self._next, self._cursor = rseq + 1, after
-            self._save()
+            try:
+                if intact():
+                    self.lost += rseq - self._next
+                    self.received += 1
+                else:
+                    self.lost += rseq + 1 - self._next
+                self._next, self._cursor = rseq + 1, after
+                self._save()
+            finally:
+                t._leave()
 
         return View(view, view_kind(kind, is_bytes), finish, intact)
 
@@ -703,7 +730,7 @@ class Subscription:
         t = self._topic
         h, mm, cursor = t._h64, t._mm, self._cursor
         assert mm is not None
-        if self.spin > 0:
+        if self.spin > 0 and not self._closed:
             end = _monotonic() + self.spin
             while _monotonic() < end:
                 if h[Q_HEAD] > cursor:
@@ -711,6 +738,8 @@ class Subscription:
                 os.sched_yield()  # see Sem.spin_acquire: never starve the publisher
         try:
             while True:
+                if self._closed:  # closed by another thread (or a signal handler) while we wait
+                    self._check_open()
                 mm[self._flag] = 1
                 # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
                 # the flag store is visible before we load head (the publisher
@@ -740,7 +769,12 @@ class Subscription:
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        """Leave the topic and free the slot (a pending ``aget`` raises ``BusClosed``). Idempotent."""
+        """Leave the topic and free the slot; idempotent.
+
+        A call waiting on the subscription in another thread (``get``,
+        ``get_many``, ``get_view``, ``aget``) raises ``BusClosed`` within
+        ``_SAFETY_SLICE``.
+        """
         if self._closed:
             return
         self._closed = True
