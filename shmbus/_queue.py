@@ -38,7 +38,7 @@ from . import _accel, _ring
 from ._aio import QueueAio
 from ._bus import Bus
 from ._codec import Codec
-from ._consumer import _DECODED, _Consuming
+from ._consumer import _Consuming
 from ._format import (
     KIND_QUEUE,
     Q_HEAD,
@@ -233,32 +233,8 @@ class Queue(_Producing, _Consuming, Bus):
         aio, self._aio = self._aio, None
         if aio is not None:
             aio.close()
-        if self.__dict__.get("_kept") and not self._closed:
-            self._give_back_kept()
         _accel.drop_fast_path(self)  # it holds the mapping: before the mapping closes
         super().close()
-
-    def _give_back_kept(self) -> None:
-        """Put the messages this handle kept (see ``get``) back in the queue, at its end, before closing.
-
-        They were removed by a get that a signal handler's exception
-        interrupted, and nobody got them: a handle that closes must not take
-        them with it. They go to the end of the queue (the front cannot be
-        written): their order relative to the messages queued since changes.
-        """
-        kept, self._kept = self._kept, []
-        batch = []
-        for kind, payload in kept:
-            if kind == _DECODED or type(payload) is tuple:  # decoded, or a bytes message's data
-                batch.append(self._encode(payload[0] if type(payload) is tuple else payload))
-            else:
-                batch.append((kind, b"", payload, len(payload)))
-        try:
-            self._put(batch, _monotonic() + 1.0)
-        except Exception as e:  # said in the log, and close goes on
-            log.warning(
-                "%s: %d kept message(s) could not go back to the queue at close: %s", self.path, len(batch), e
-            )
 
     # -- crash recovery hooks ------------------------------------------------
 
