@@ -573,7 +573,9 @@ class _Consuming(_QueueBase):
         h[tokens] = 1
         lock = self._tail_lock
         try:
-            lock.acquire(None)  # (a BusClosed from its wait: the token goes back below)
+            if not lock.acquire(deadline):  # the timeout bounds the consumer lock's wait too
+                raise Empty(f"{self.path}: no message in time (another consumer held the consumer lock)",
+                            path=self.path)  # fmt: skip
             tail, head, cap = h[Q_TAIL], h[Q_HEAD], self._cap
             _ring.check_positions(head, tail, cap)
             start, kind, rseq, n, nxt = _ring.read(self._ring, cap, tail, head)

@@ -143,9 +143,30 @@ class Mutex:
         tid = self._h32[0] & TID_MASK
         return tid in self._takers and os.path.exists(f"/proc/self/task/{tid}")
 
-    def expect(self) -> None:
-        """Note that the calling thread is about to take the mutex (here, or in C)."""
-        self._takers.add(threading.get_native_id())
+    def expect(self) -> bool:
+        """Note that the calling thread is about to take the mutex (here, or in C); True if noted already.
+
+        Pass the result to ``settle`` if the call did not leave the mutex held.
+        """
+        tid = threading.get_native_id()
+        had = tid in self._takers
+        self._takers.add(tid)
+        return had
+
+    def settle(self, had: bool) -> None:
+        """Forget ``expect``'s note after a lock call that did not take the mutex (``had``: its result).
+
+        A failed call (EBUSY, ETIMEDOUT, or EDEADLK on a forged word naming
+        us) must not leave us among the takers: ``owned`` would then believe
+        the forged word, and unlocking a mutex we never locked crashes glibc.
+        """
+        if not had:
+            self._takers.discard(threading.get_native_id())
+
+    def _settled(self, rc: int, had: bool) -> int:
+        if rc != 0 and rc != EOWNERDEAD:
+            self.settle(had)
+        return rc
 
     def ghost(self) -> bool:
         """True if held by a thread id that does not exist here (nothing but a reset frees it)."""
@@ -168,8 +189,8 @@ class Mutex:
 
     def trylock(self) -> int:
         pin = self._pin()  # (held by this frame: the mapping stays for the call)
-        self._takers.add(threading.get_native_id())
-        rc = int(_trylock(self.addr))
+        had = self.expect()
+        rc = self._settled(int(_trylock(self.addr)), had)
         del pin
         return rc
 
@@ -180,23 +201,24 @@ class Mutex:
         deadline and at signals (Python runs handlers on return) and calls again.
         """
         pin = self._pin()  # (held by this frame: the mapping stays for the call)
-        self._takers.add(threading.get_native_id())
+        had = self.expect()
         rc = int(_trylock(self.addr))
         if rc != errno.EBUSY:
-            return rc
+            return self._settled(rc, had)
         if self._closing:
+            self.settle(had)
             raise BusClosed("the handle was closed while this call waited for a lock")
         left = min(end - time.monotonic(), WAIT_SLICE)
         if left <= 0:
-            return errno.ETIMEDOUT
+            return self._settled(errno.ETIMEDOUT, had)
         if _clocklock is None:  # an old glibc: poll
             time.sleep(min(left, 0.001))
-            return int(_trylock(self.addr))
+            return self._settled(int(_trylock(self.addr)), had)
         ts = _Timespec()
         at = time.monotonic() + left
         ts.tv_sec = int(at)
         ts.tv_nsec = int((at - ts.tv_sec) * 1e9)
-        rc = int(_clocklock(self.addr, _CLOCK_MONOTONIC, ctypes.byref(ts)))
+        rc = self._settled(int(_clocklock(self.addr, _CLOCK_MONOTONIC, ctypes.byref(ts))), had)
         del pin
         return rc
 

@@ -172,9 +172,11 @@ class _Producing(_QueueBase):
         if fast is not None and not _faults.armed:
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
             deadline = _deadline(block, timeout)  # before C may leave the lock held
-            self._head_lock.mutex.expect()  # C may hand it over held (PUT_HELD)
+            had = self._head_lock.mutex.expect()  # C may hand it over held (PUT_HELD)
             try:
                 r = fast.put_many(encoded)
+                if r & 3 != _accel.PUT_HELD:
+                    self._head_lock.mutex.settle(had)  # C released it, or never took it
                 if r & 3 == _accel.PUT_DONE:
                     return
                 sent = self._finish_fast_put(r >> 2, encoded, deadline) if r & 3 == _accel.PUT_HELD else -1

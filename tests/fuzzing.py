@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 import shmbus
-from shmbus import _ring, _sync
+from shmbus import _mutex, _ring, _sync
 from shmbus._bus import ALL_ROLES
 from shmbus._check import check, examine
 from shmbus._format import (
     ALIGN,
+    LOCKS,
+    M_RECOVERY,
     MAGIC,
     Q_BYTES_IN,
     Q_BYTES_OUT,
@@ -63,6 +65,13 @@ Mutation = tuple[str, int, Union[int, bytes]]
 U64 = (1 << 64) - 1
 COUNTERS = (Q_HEAD, Q_NEXT_SEQ, Q_BYTES_IN, Q_TAIL, Q_TAIL_SEQ, Q_BYTES_OUT)
 _FORMATS = {"u8": "<B", "u16": "<H", "u32": "<I", "u64": "<Q"}
+# The mutexes of a bus (any kind): the owner word (futex word, bytes 0..3 of
+# each) and glibc's __owner field (bytes 8..11) are left to tests/test_fuzz.py,
+# which forges them in a child process with every call timed: here a reader's
+# calls without a timeout (subscribe) would wait for ever on a word naming a
+# live thread, and a crash (a word naming us; an unrecoverable __owner, which
+# trylock leaves locked) would take pytest with it.
+MUTEXES = sorted({off for locks in LOCKS.values() for _, off, _ in locks} | {M_RECOVERY})
 # Fields of the STATIC tuple: 0 magic, 1 version, 2 kind, 3 capacity, 4 ring_offset,
 # 5 maxsize, 6 flags, 7 max_subscribers, 8 max_participants, 9 align,
 # 10 created_ns, 11 bus_id, 12 creator_uid, 13 participants_offset, 14 subscribers_offset.
@@ -260,10 +269,29 @@ def _byte(draw: Draw, o: Original, data: bytes) -> list[Mutation]:
     else:
         rec = _pick(draw, o.records)
         lo, hi = rec, rec + 15  # a record header
-    return [("u8", draw(lo, hi), draw(0, 255))]
+    at = draw(lo, hi)
+    for m in MUTEXES:
+        if m <= at < m + 12 and (at - m) // 4 != 1:
+            at = m + 4 + at % 4  # an owner word or __owner: the count field instead (see MUTEXES)
+    return [("u8", at, draw(0, 255))]
 
 
-_GENERATORS = (_byte, _counter, _record, _subscriber, _static, _byte, _record)
+def _lock(draw: Draw, o: Original, data: bytes) -> list[Mutation]:
+    """A lock's repair word (any u32), or its mutex's bytes other than the owner words (see MUTEXES)."""
+    locks = LOCKS[o.layout.kind]
+    role, off, repair = _pick(draw, [*locks, ("recovery", M_RECOVERY, None)])
+    part = draw(0, 3)
+    if part == 0 and repair is not None:
+        return [("u32", repair * 4, _pick(draw, [1, 2, 1 << 31, (1 << 32) - 1, draw(0, (1 << 32) - 1)]))]
+    if part == 1:  # the kind word: any other kind of mutex is refused at open
+        return [("u32", off + 16, _pick(draw, [0, 0x12, 0x21, 0x93, _mutex.KIND_WORD ^ 0x10,
+                                               draw(0, (1 << 32) - 1)]))]  # fmt: skip
+    if part == 2:  # count, nusers
+        return [("u32", off + _pick(draw, [4, 12]), _pick(draw, [1, (1 << 32) - 1, draw(0, (1 << 32) - 1)]))]
+    return [("u8", off + draw(20, 63), draw(0, 255))]  # spins, elision, robust list pointers
+
+
+_GENERATORS = (_byte, _counter, _record, _subscriber, _static, _byte, _record, _lock)
 
 
 def gen_mutations(o: Original, draw: Draw) -> list[Mutation]:

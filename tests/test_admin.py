@@ -65,11 +65,12 @@ def test_ls_finds_queue_topic_and_a_disk_bus_given_by_path(
     bus_name: str, disk_path: str, mine: set[str], stack: contextlib.ExitStack
 ) -> None:
     q = _queue(stack, bus_name, capacity="64KiB", mode=0o640)
-    q.put_many(["a", "b", {"c": 3}])
+    q.put_many(["gone", "a", "b", {"c": 3}])
+    assert q.get() == "gone"  # a consumer: it claims a participant slot for its items token
     t = shmbus.Topic.create(bus_name + "-topic", capacity="16KiB", max_subscribers=4)
     stack.callback(shmbus.unlink, t.path)
     stack.callback(t.close)
-    stack.enter_context(t.subscribe())  # head, subs and sub0..sub3: 6 semaphores, made with the topic
+    stack.enter_context(t.subscribe())  # sub0..sub3: 4 semaphores, made with the topic (locks are mutexes)
     t.publish("x")
     d = _queue(stack, disk_path, capacity="8KiB", maxsize=5)
     d.put(b"on disk")
@@ -77,13 +78,16 @@ def test_ls_finds_queue_topic_and_a_disk_bus_given_by_path(
 
     found = {b.path: b for b in _admin.list_buses([disk_path])}
 
-    for bus, kind, mode, sems in ((q, "Queue", 0o640, 4), (t, "Topic", 0o600, 6), (d, "Queue", 0o600, 5)):
+    # A Queue has items and space (and slots with a maxsize); the locks are mutexes in the file.
+    for bus, kind, mode, sems in ((q, "Queue", 0o640, 2), (t, "Topic", 0o600, 4), (d, "Queue", 0o600, 3)):
         info, st = found[bus.path], os.stat(bus.path)
         assert (info.kind, info.bus_id, info.mode, info.owner) == (kind, bus.layout.bus_id, mode, os.getuid())
         assert (info.size, info.capacity, info.semaphores) == (st.st_size, bus.capacity, sems)
         assert len(_sem_files(bus.layout.bus_id)) == sems
         assert (info.messages, info.fill) == (bus.stats().messages, bus.stats().fill)
-        assert info.problem is None and info.participants == 1  # this process, which took a lock
+        # Format 2: a participant is a Queue consumer (for its items tokens) or a Topic
+        # subscriber; a producer takes only mutexes, which record their holder themselves.
+        assert info.problem is None and info.participants == (0 if bus is d else 1)
     assert (found[q.path].messages, found[t.path].messages, found[d.path].messages) == (3, 1, 1)
     assert 0 < found[q.path].fill < 0.01
     # The disk bus is found only when named; a /dev/shm bus named again is listed once.
@@ -139,10 +143,10 @@ def test_a_corrupt_bus_is_listed_and_keeps_its_semaphores(
 
     (info,) = [b for b in _admin.list_buses() if b.path == q.path]
 
-    assert (info.kind, info.bus_id, info.semaphores, info.capacity) == ("corrupt", bus_id, 4, 0)
+    assert (info.kind, info.bus_id, info.semaphores, info.capacity) == ("corrupt", bus_id, 2, 0)
     assert info.problem is not None and "checksum" in info.problem
     assert _admin.gc(min_age=0) == []
-    assert len(_sem_files(bus_id)) == 4
+    assert len(_sem_files(bus_id)) == 2  # items and space
 
 
 # -- orphans and gc ---------------------------------------------------------------------
@@ -158,7 +162,7 @@ def test_gc_removes_the_semaphores_of_a_deleted_file_and_keeps_a_live_bus(
     os.unlink(dead.path)  # the file goes, its semaphores stay: what a crash before unlink leaves
     orphans = _sem_files(dead.layout.bus_id)
     kept = _sem_files(live.layout.bus_id)
-    assert len(orphans) == 4 and len(kept) == 4
+    assert len(orphans) == 2 and len(kept) == 2  # items and space
 
     assert _admin.orphan_semaphores(min_age=0) == orphans
     assert _admin.orphan_semaphores() == []  # too young to judge: their bus may be being created
@@ -242,7 +246,8 @@ def test_cli_ls_table_and_json(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     q = _queue(stack, bus_name, capacity="64KiB")
-    q.put_many([1, 2])
+    q.put_many([0, 1, 2])
+    assert q.get() == 0  # a consumer: it claims a participant slot
     d = _queue(stack, disk_path, capacity="4KiB")
     mine.update((q.layout.bus_id, d.layout.bus_id))
 
@@ -251,17 +256,17 @@ def test_cli_ls_table_and_json(
     rows = {b["path"]: b for b in out["buses"]}
     assert out["orphan_semaphores"] == []
     want = {"kind": "Queue", "mode": "0600", "owner": os.getuid(), "capacity": 65536, "messages": 2}
-    want["semaphores"] = 4
+    want["semaphores"] = 2  # items and space
     assert {k: rows[q.path][k] for k in want} == want
     assert rows[d.path]["size"] == os.stat(disk_path).st_size
-    assert (rows[q.path]["participants"], rows[d.path]["participants"]) == (1, 0)  # d: no lock taken yet
+    assert (rows[q.path]["participants"], rows[d.path]["participants"]) == (1, 0)  # d: no message taken yet
 
     assert main(["ls", disk_path]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["PATH", "KIND", "MODE", "OWNER", "SIZE", "FILL", "MESSAGES", "PROCS", "SEMS"]
     (line,) = [row for row in table if row.startswith(q.path + " ")]
     size = f"{os.stat(q.path).st_size / 1024:.1f}KiB"
-    assert line.split()[1:] == ["Queue", "0600", _user(), size, "0.1%", "2", "1", "4"]
+    assert line.split()[1:] == ["Queue", "0600", _user(), size, "0.1%", "2", "1", "2"]
 
     assert main(["ls", disk_path + "-missing"]) == 1
     err = capsys.readouterr().err

@@ -30,6 +30,7 @@ from shmbus._format import (
     S_STATE_PID,
     STATIC_SIZE,
     SUBSCRIBER_SIZE,
+    VERSION,
     build_header,
 )
 
@@ -288,9 +289,10 @@ def test_what_is_not_a_bus_raises(tmp_path: Path) -> None:
         check(str(tmp_path) + "/")
 
 
-def test_a_bus_of_another_version_raises_incompatible_bus(queue: str) -> None:
-    poke(queue, len(MAGIC), "<I", 2)  # the version follows the magic
-    with pytest.raises(shmbus.IncompatibleBus):
+@pytest.mark.parametrize("version", [VERSION - 1, VERSION + 1])
+def test_a_bus_of_another_version_raises_incompatible_bus(queue: str, version: int) -> None:
+    poke(queue, len(MAGIC), "<I", version)  # the version follows the magic (the crc is not redone)
+    with pytest.raises(shmbus.IncompatibleBus, match=f"version {version}"):
         check(queue)
 
 
