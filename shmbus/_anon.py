@@ -10,7 +10,9 @@ or when it exits (``weakref.finalize``, which also runs at exit); a process
 that received the queue by pickling, or inherited it through ``fork``,
 never does. A creator killed before it could remove the name leaves a bus
 that ``shmbus gc`` removes once ``creator_gone`` proves the creator dead and
-no live process is attached.
+no live participant (a consumer that has waited on it) is attached: a
+process that still uses it keeps its mapping either way, as when the
+creator exits normally.
 """
 
 from __future__ import annotations
