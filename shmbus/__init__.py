@@ -35,9 +35,9 @@ from ._errors import Overwritten as Overwritten
 from ._errors import ShmbusError as ShmbusError
 from ._errors import TooManySubscribers as TooManySubscribers
 from ._format import VERSION as FORMAT_VERSION
-from ._ndarray import array_view as array_view
 from ._mpqueues import JoinableQueue as JoinableQueue
 from ._mpqueues import SimpleQueue as SimpleQueue
+from ._ndarray import array_view as array_view
 from ._queue import Queue as Queue
 from ._topic import Subscription as Subscription
 from ._topic import Topic as Topic

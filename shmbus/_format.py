@@ -509,8 +509,8 @@ def parse_header(data: bytes, *, path: str, file_size: int) -> Layout:
             offset=file_size,
         )
     fields = STATIC.unpack_from(data)
-    (_, version, kind, capacity, ring_offset, maxsize, flags, max_subs, max_parts, align,
-     created_ns, bus_id, uid, parts_off, subs_off, creator_pid, creator_start, _reserved) = fields  # fmt: skip
+    (_, version, kind, capacity, ring_offset, maxsize, flags, max_subs, max_parts, align, created_ns,
+     bus_id, uid, parts_off, subs_off, creator_pid, creator_start, _reserved) = fields  # fmt: skip
     if version != VERSION:
         raise IncompatibleBus(
             f"{path} is a shmbus bus of format version {version}, this shmbus reads version "

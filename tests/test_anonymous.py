@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Procs
 
 import shmbus
 from shmbus import _admin
-
-from conftest import Procs
 
 METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -60,7 +59,9 @@ def test_pool_and_executor_initializers_take_an_anonymous_queue(method: str) -> 
     ctx = mp.get_context(method)
     with ctx.Pool(2, initializer=_remember, initargs=(q,)) as pool:
         pool.map(_put_pid, range(10))
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=_remember, initargs=(q,)) as ex:
+    with concurrent.futures.ProcessPoolExecutor(
+        2, mp_context=ctx, initializer=_remember, initargs=(q,)
+    ) as ex:
         list(ex.map(_put_pid, range(10, 20)))
     assert sorted(q.get(timeout=10) for _ in range(20)) == list(range(20))
     assert q.empty()
@@ -106,7 +107,10 @@ def test_the_creator_exiting_removes_the_queue_and_nothing_is_left() -> None:
 
 
 def test_a_killed_creator_leaves_a_bus_that_gc_removes_and_only_then() -> None:
-    code = "import os, shmbus; q = shmbus.Queue(); q.put(1); print(q.path, q.layout.bus_id, flush=True); os.kill(os.getpid(), 9)"
+    code = (
+        "import os, shmbus; q = shmbus.Queue(); q.put(1); print(q.path, q.layout.bus_id, flush=True); "
+        "os.kill(os.getpid(), 9)"
+    )
     path, bus_id = _run(code, expect=-signal.SIGKILL).split()
     try:
         assert os.path.exists(path)

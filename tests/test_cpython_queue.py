@@ -6,9 +6,9 @@ builds their test classes as that module's ``install_tests_in_module_dict``
 does (the test class, then ``ProcessesMixin``, then ``unittest.TestCase``),
 once per start method, with ``self.Queue``/``self.JoinableQueue`` and the
 ``multiprocessing.Queue``/``JoinableQueue``/``SimpleQueue`` attributes (and
-the context methods of those names) the tests call directly replaced by ``shmbus.Queue``, ``JoinableQueue`` and
-``SimpleQueue``. Nothing else changes: the tests' processes, events and
-assertions are the stdlib's.
+the context methods of those names) the tests call directly replaced by
+``shmbus.Queue``, ``JoinableQueue`` and ``SimpleQueue``. Nothing else
+changes: the tests' processes, events and assertions are the stdlib's.
 
 What runs: ``_TestQueue`` whole, the queue tests of ``_TestProcess``,
 ``TestSimpleQueue``, and the queue tests of ``TestStartMethod``; under
@@ -35,7 +35,9 @@ import pytest
 
 import shmbus
 
-tm: Any = pytest.importorskip("test._test_multiprocessing", reason="this Python ships without its test package")
+tm: Any = pytest.importorskip(
+    "test._test_multiprocessing", reason="this Python ships without its test package"
+)
 
 METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
 
@@ -75,7 +77,11 @@ PROCESS_QUEUE_TESTS = [
     "test_child_fd_inflation",
 ]
 START_METHOD_QUEUE_TESTS = ["test_mixed_startmethod", "test_nested_startmethod"]
-CONSTRUCTORS = {"Queue": shmbus.Queue, "JoinableQueue": shmbus.JoinableQueue, "SimpleQueue": shmbus.SimpleQueue}
+CONSTRUCTORS = {
+    "Queue": shmbus.Queue,
+    "JoinableQueue": shmbus.JoinableQueue,
+    "SimpleQueue": shmbus.SimpleQueue,
+}
 
 
 def _marked(f: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -107,8 +113,8 @@ class _Substituted:
     """Runs a test class under one start method with shmbus's constructors in ``multiprocessing``."""
 
     START_METHOD = "fork"
-    _saved: dict[str, Any]  # noqa: RUF012 - set per class in setUpClass
-    _saved_ctx: dict[str, Any]  # noqa: RUF012 - set per class in setUpClass
+    _saved: dict[str, Any]
+    _saved_ctx: dict[str, Any]
     _old_method: str | None = None
 
     @classmethod
@@ -149,7 +155,9 @@ class _Substituted:
             multiprocessing.set_start_method(cls._old_method, force=True)
 
 
-def _install(name: str, bases: tuple[type, ...], method: str, attrs: dict[str, Any], only: list[str] | None) -> None:
+def _install(
+    name: str, bases: tuple[type, ...], method: str, attrs: dict[str, Any], only: list[str] | None
+) -> None:
     ns: dict[str, Any] = {"START_METHOD": method, "__module__": __name__, "__qualname__": name, **attrs}
     for base in bases:
         for attr in dir(base):
@@ -177,16 +185,19 @@ for _m in METHODS:
     _install(f"With{_M}ShmbusTestQueue", (tm._TestQueue, *_mixin), _m, _SHMBUS_MIXIN, None)
     _install(f"With{_M}ShmbusTestProcess", (tm._TestProcess, *_mixin), _m, _SHMBUS_MIXIN,
              [t for t in PROCESS_QUEUE_TESTS if t != "test_process"])  # fmt: skip
-    _install(f"With{_M}ShmbusTuplesTestProcess", (tm._TestProcess, *_mixin), _m, _TUPLE_MIXIN, ["test_process"])
+    _install(
+        f"With{_M}ShmbusTuplesTestProcess", (tm._TestProcess, *_mixin), _m, _TUPLE_MIXIN, ["test_process"]
+    )
     _install(f"{_M}ShmbusTestSimpleQueue", (tm.TestSimpleQueue,), _m, {}, None)
     if hasattr(tm, "TestStartMethod"):
         queue_tests = [t for t in START_METHOD_QUEUE_TESTS if hasattr(tm.TestStartMethod, t)]
         _install(f"{_M}ShmbusTestStartMethod", (tm.TestStartMethod,), _m, {}, queue_tests)
 
 if "fork" in METHODS:
+    _joinable = staticmethod(shmbus.JoinableQueue)
     _install(
-        "WithForkShmbusJoinableAsQueueTestQueue", (tm._TestQueue, tm.ProcessesMixin, unittest.TestCase), "fork",
-        {"Queue": staticmethod(shmbus.JoinableQueue), "JoinableQueue": staticmethod(shmbus.JoinableQueue)}, None,
+        "WithForkShmbusJoinableAsQueueTestQueue", (tm._TestQueue, tm.ProcessesMixin, unittest.TestCase),
+        "fork", {"Queue": _joinable, "JoinableQueue": _joinable}, None,
     )  # fmt: skip
 
 
