@@ -121,7 +121,9 @@ def _class(name: str, cls: type) -> str:
         parts.append(_member(name, member, kind, obj, doc))
     base = _public_base(cls)
     if base is not None:
-        parts.append(f"And every member of [`shmbus.{base.__name__}`](#{_slug('shmbus.' + base.__name__)}).\n")
+        parts.append(
+            f"And every member of [`shmbus.{base.__name__}`](#{_slug('shmbus.' + base.__name__)}).\n"
+        )
     return "\n".join(parts)
 
 
