@@ -96,6 +96,8 @@ SHM_DIR = "/dev/shm"
 ALL_ROLES = ["items", "space", "slots", "head", "tail", "subs"]
 
 B = TypeVar("B", bound="Bus")
+# Mappings of handles collected while this process held one of their locks (see Bus.__del__).
+_PINNED: list[object] = []
 _Block = TypeVar("_Block", Reservation, View)
 
 
@@ -842,6 +844,13 @@ class Bus:
     def __del__(self) -> None:
         # An exported view keeps the mapping alive; the GC releases it later.
         with contextlib.suppress(Exception):
+            if any(lk.owned() for lk in self._locks):
+                # Dropped while this thread holds one of its locks (an exception cut a
+                # section short): closing would unmap a mutex on this thread's robust
+                # list, and its death would go unmarked. Keep the mapping for the
+                # process's life instead; the kernel then marks the lock when it ends.
+                _PINNED.append((self._mm, self._mutexes))
+                return
             self.close()
 
     def __repr__(self) -> str:
