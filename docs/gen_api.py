@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 API_MD = ROOT / "docs" / "api.md"
 
 # Classes users never construct themselves: shmbus hands them out
-# (Queue.create/open, Topic.subscribe, reserve, get_view).
-NOT_CONSTRUCTED = {"Queue", "Topic", "Subscription", "Reservation", "View"}
+# (Topic.create/open, Topic.subscribe, reserve, get_view).
+NOT_CONSTRUCTED = {"Topic", "Subscription", "Reservation", "View"}
 # Members listed first, in this order: Queue's methods live in mixins
 # (_producer, _consumer), and its page keeps the order of a reader's tour.
 MEMBER_ORDER = {
@@ -119,7 +119,17 @@ def _class(name: str, cls: type) -> str:
     members = sorted(_members(cls), key=lambda m: first.index(m[0]) if m[0] in first else len(first))
     for member, kind, obj, doc in members:
         parts.append(_member(name, member, kind, obj, doc))
+    base = _public_base(cls)
+    if base is not None:
+        parts.append(
+            f"And every member of [`shmbus.{base.__name__}`](#{_slug('shmbus.' + base.__name__)}).\n"
+        )
     return "\n".join(parts)
+
+
+def _public_base(cls: type) -> type | None:
+    """The nearest public shmbus class ``cls`` derives from (its members are listed there), or None."""
+    return next((k for k in cls.__mro__[1:] if k.__module__ == "shmbus"), None)
 
 
 def _error(name: str, cls: type) -> str:
@@ -146,6 +156,8 @@ def _members(cls: type) -> list[tuple[str, str, Any, str]]:
     seen: set[str] = set()
     out = []
     for klass in cls.__mro__:
+        if klass is _public_base(cls):
+            break  # listed on its own entry
         if not klass.__module__.startswith("shmbus"):
             continue
         attr_docs = _attribute_docs(klass)

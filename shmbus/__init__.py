@@ -3,10 +3,12 @@
 The public surface is this module alone::
 
     import shmbus
-    q = shmbus.Queue.create("jobs", capacity="64MiB")
+    q = shmbus.Queue()     # anonymous, as multiprocessing.Queue(); pass it to children
     q.put({"task": 1})
     q.get()                # {'task': 1}
-    q.close(); q.unlink()
+
+    jobs = shmbus.Queue.create("jobs", capacity="64MiB")   # named: Queue.open("jobs") elsewhere
+    jobs.close(); jobs.unlink()
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from ._errors import Overwritten as Overwritten
 from ._errors import ShmbusError as ShmbusError
 from ._errors import TooManySubscribers as TooManySubscribers
 from ._format import VERSION as FORMAT_VERSION
+from ._mpqueues import JoinableQueue as JoinableQueue
+from ._mpqueues import SimpleQueue as SimpleQueue
 from ._ndarray import array_view as array_view
 from ._queue import Queue as Queue
 from ._topic import Subscription as Subscription
@@ -44,6 +48,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Queue",
+    "JoinableQueue",
+    "SimpleQueue",
     "Topic",
     "Subscription",
     "Stats",

@@ -1,10 +1,16 @@
-"""Finding the buses on this machine, and the semaphores that crashed processes left behind.
+"""Finding the buses on this machine, and what crashed processes left behind.
 
 Rule: this module owns one question, "which shmbus resources exist here, and
-which semaphores belong to no bus?", and the one cleanup that follows from it.
+which belong to nobody?", and the one cleanup that follows from it.
 It reads bus files with ``pread`` (it never opens them as buses, which could
 recreate a missing semaphore), follows no symbolic link, opens nothing but
-regular files, and removes nothing but ``sem.shmbus.*`` names.
+regular files, and removes nothing but ``sem.shmbus.*`` names and orphaned
+anonymous buses.
+
+An anonymous bus (``Queue()``) is orphaned when its header's creator
+(pid and start time) provably exited (``_anon.creator_gone``) and no live
+process is attached: its creator would have removed it at exit, had it not
+been killed. ``gc`` removes it as ``shmbus.unlink`` would.
 
 A semaphore is an orphan when it is provably unused: no process has it open
 (``_sync.unlink_unused`` proves that with a write lease, and holds the lease
@@ -36,8 +42,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from . import _recovery, _sync
-from ._bus import SHM_DIR, _open_fd, header_stats, read_layout, resolve_path
+from . import _anon, _recovery, _sync
+from ._bus import SHM_DIR, _open_fd, header_stats, read_layout, resolve_path, unlink
 from ._errors import CorruptBus, IncompatibleBus, ShmbusError
 from ._format import HEADER_MIN, peek_ids
 
@@ -59,6 +65,8 @@ class BusInfo:
     size in bytes, ``semaphores`` how many of its semaphores exist now.
     ``participants`` counts the live processes attached (those that have
     taken one of its locks and not closed it); None for a corrupt bus.
+    ``orphaned`` is True for an anonymous bus whose creating process exited
+    and that no live process uses: ``gc`` removes it.
     """
 
     path: str
@@ -73,6 +81,7 @@ class BusInfo:
     semaphores: int
     problem: str | None = None
     participants: int | None = None
+    orphaned: bool = False
 
 
 def list_buses(paths: Iterable[str] | None = None) -> list[BusInfo]:
@@ -96,17 +105,30 @@ def orphan_semaphores(paths: Iterable[str] | None = None, *, min_age: float = GR
 
 
 def gc(paths: Iterable[str] | None = None, dry_run: bool = False, *, min_age: float = GRACE) -> list[str]:
-    """Remove the orphan semaphores (see ``orphan_semaphores``); return their files.
+    """Remove orphaned anonymous buses, then orphan semaphores (see ``orphan_semaphores``).
 
-    With ``dry_run`` nothing is removed and the list says what would be. A
-    semaphore that a process opens meanwhile, or that we may not remove
-    (another user's), is kept, with a warning.
+    Returns the files removed: the orphaned anonymous buses' files (see
+    ``BusInfo.orphaned``), then the semaphores. With ``dry_run`` nothing is
+    removed and the list says what would be. A semaphore that a process
+    opens meanwhile, or that we may not remove (another user's), is kept,
+    with a warning.
 
     Example::
 
         shmbus._admin.gc(["/var/lib/app/jobs.bus"])   # also keep that disk bus's semaphores
     """
     removed = []
+    for bus in list_buses():
+        if not bus.orphaned:
+            continue
+        if not dry_run:
+            try:
+                unlink(bus.path)  # its semaphores too, unless a process still has them open
+            except (ShmbusError, OSError) as e:
+                log.warning("kept orphaned anonymous bus %s: %s", bus.path, e)
+                continue
+            log.debug("removed orphaned anonymous bus %s", bus.path)
+        removed.append(bus.path)
     for bus_id, role, f in _orphans(paths, min_age):
         if not dry_run:
             if not _sync.unlink_unused(bus_id, [role])[0]:
@@ -192,4 +214,5 @@ def _read_bus(path: str, sem_counts: collections.Counter[str]) -> tuple[tuple[in
     return key, BusInfo(
         path, s.kind, s.bus_id, mode, st.st_uid, st.st_size, capacity=s.capacity, fill=s.fill,
         messages=s.messages, semaphores=sem_counts[s.bus_id], participants=len(pids),
+        orphaned=not pids and _anon.creator_gone(layout),
     )  # fmt: skip

@@ -97,7 +97,8 @@ SHM_DIR = "/dev/shm"
 ALL_ROLES = ["items", "space", "slots", "head", "tail", "subs"]
 
 B = TypeVar("B", bound="Bus")
-# Mappings whose locks a thread of this process held when their handle closed.
+# Mappings whose locks a thread of this process held when their handle closed
+# or was collected (see Bus.close and Bus.__del__).
 _PINNED: list[object] = []
 _Block = TypeVar("_Block", Reservation, View)
 
@@ -346,7 +347,9 @@ class Bus:
     def _create(
         cls: type[B], path: str | os.PathLike[str], *, capacity: int, maxsize: int,
         max_subscribers: int, exist_ok: bool, mode: int, codec: Codec | None, preallocate: bool = False,
+        creator: tuple[int, int] | None = None, into: B | None = None,
     ) -> B:  # fmt: skip
+        """Create the bus file and open it; ``creator`` makes it anonymous, ``into`` is the handle to fill."""
         real = resolve_path(path)
         bus_id = secrets.token_hex(8)
         layout = Layout.new(
@@ -357,6 +360,7 @@ class Bus:
             max_participants=64,
             bus_id=bus_id,
             creator_uid=os.getuid(),
+            creator=creator,
         )
         # The temporary name fits NAME_MAX whatever the final name's length.
         stem = os.fsdecode(os.fsencode(os.path.basename(real))[:200])
@@ -397,7 +401,7 @@ class Bus:
                         s.close()
         if not linked:
             return cls.open(real, codec=codec)
-        bus = cls._attach(real, codec, sems=sems, allow_shared=True)  # our own new file, our chosen mode
+        bus = cls._attach(real, codec, sems=sems, allow_shared=True, into=into)  # our own file, our mode
         log.debug("created %s %s (capacity %d)", cls.__name__, real, capacity)
         return bus
 
@@ -422,9 +426,9 @@ class Bus:
     @classmethod
     def _attach(
         cls: type[B], real: str, codec: Codec | None, sems: dict[str, _sync.Sem] | None,
-        allow_shared: bool = False,
+        allow_shared: bool = False, into: B | None = None,
     ) -> B:  # fmt: skip
-        self = cls.__new__(cls)
+        self = cls.__new__(cls) if into is None else into
         self._users = []
         self._unreleased = [None]
         self.path = real
@@ -566,12 +570,27 @@ class Bus:
         """Bind the per-instance fast-path attributes (after the mapping and semaphores)."""
 
     def _make_locks(self) -> tuple[_recovery.Lock, ...]:
-        """This kind's locks, in ``LOCKS`` order (the head lock first)."""
+        """This kind's locks, in ``LOCKS`` order (the head lock first).
+
+        The locks call back into the handle through a weak reference: a
+        reference cycle would keep a dropped handle alive until the cyclic
+        collector runs, and an anonymous queue is removed when its handle goes.
+        """
+        ref = weakref.ref(self)
+
+        def repair(role: str) -> bool:
+            bus = ref()
+            return bus is not None and bus._repair(role)
+
+        def count_recovery() -> None:
+            bus = ref()
+            if bus is not None:
+                bus._count_recovery()
+
         return tuple(
-            _recovery.Lock(role, self.path, self._mutexes[role], self._h32, repair, self._repair,
-                           self._count_recovery)
-            for role, _, repair in LOCKS[self._KIND]
-        )  # fmt: skip
+            _recovery.Lock(role, self.path, self._mutexes[role], self._h32, idx, repair, count_recovery)
+            for role, _, idx in LOCKS[self._KIND]
+        )
 
     def _count_recovery(self) -> None:
         """A lock's repair is done: count it (a statistic: wraps)."""
@@ -922,6 +941,8 @@ class Bus:
 
     def __del__(self) -> None:
         # An exported view keeps the mapping alive; the GC releases it later.
+        # (close keeps the mapping if a thread of this process holds one of its
+        # locks: see there.)
         with contextlib.suppress(Exception):
             self.close()
 

@@ -185,7 +185,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     for f in removed:
         print(f"{'would remove' if args.dry_run else 'removed'} {f}")
     if not removed:
-        print("no orphan semaphores")
+        print("no orphaned anonymous buses, no orphan semaphores")
     return 0
 
 
@@ -355,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_ls)
 
     g = sub.add_parser(
-        "gc", help="remove semaphores whose bus file is gone",
+        "gc", help="remove semaphores whose bus file is gone, and anonymous buses whose creator died",
         epilog="example: shmbus gc /var/lib/app/jobs.bus --dry-run  (PATHs: disk buses whose "
         "semaphores must be kept; only the buses in /dev/shm and at PATHs are known)",
     )  # fmt: skip

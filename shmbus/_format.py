@@ -14,10 +14,11 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
          0     8  magic              create            b"\\x93SHMBUS\\n"
          8     4  version  u32       create            format version (2)
         12     4  kind     u32       create            1 = Queue, 2 = Topic
-        16     8  capacity u64       create            ring size in bytes (multiple of 4096)
+        16     8  capacity u64       create            ring size in bytes (multiple of 4096, at least 4096)
         24     8  ring_offset u64    create            where the ring starts (multiple of 4096)
         32     8  maxsize  u64       create            Queue message bound, 0 = bytes only
-        40     4  flags    u32       create            reserved, 0
+        40     4  flags    u32       create            bit 0 (FLAG_ANONYMOUS): an anonymous bus, see
+                                                   creator_pid; other bits reserved, 0
         44     4  max_subscribers    create            Topic subscriber slots (0 for a Queue)
         48     4  max_participants   create            participant table slots
         52     4  align    u32       create            record alignment (16)
@@ -26,7 +27,10 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
         80     4  creator_uid u32    create            uid of the creating process
         84     4  participants_offset u32              byte offset of the participant table
         88     4  subscribers_offset u32               byte offset of the subscriber table
-        92    32  reserved           -                 zero
+        92     4  creator_pid u32    create            anonymous bus: pid of the creating process (else 0)
+        96     8  creator_start u64  create            anonymous bus: its start time, clock ticks after
+                                                   boot (/proc/PID/stat field 22; else 0)
+       104    20  reserved           -                 zero
        124     4  header_crc u32     create            zlib.crc32 of bytes 0..123
     -- producer line (guarded by the head semaphore) --
        128     8  head     u64       producers         position one past the last committed record
@@ -42,7 +46,10 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        216     4  reserved           -                 zero
        220     4  tail_repair u32    consumers         1 while what a dead tail holder left needs mending
        224     4  space_waiting u32  both            1 while a producer sleeps for space
-       228    28  reserved           -                 zero
+       228     4  reserved           -                 zero
+       232     8  tasks_done u64     consumers         task_done calls, ever (JoinableQueue); the
+                                                   unfinished tasks are next_seq - tasks_done
+       240    16  reserved           -                 zero
     -- recovery line (256..319) --
        256     4  reserved           -                 zero
        260     4  subs_repair u32    subscribers       1 while what a dead subs holder left needs mending
@@ -196,6 +203,9 @@ __all__ = [
     "I_SPACE_WAITING",
     "Q_SCRATCH",
     "Q_TIME_SAMPLES",
+    "Q_TASKS_DONE",
+    "FLAG_ANONYMOUS",
+    "MIN_CAPACITY",
     "TIME_SAMPLES",
     "SAMPLE_EVERY",
     "SAMPLE_WRITING",
@@ -227,9 +237,11 @@ KIND_NAMES: Final = {KIND_QUEUE: "Queue", KIND_TOPIC: "Topic"}
 
 PAGE: Final = 4096
 ALIGN: Final = 16
+MIN_CAPACITY: Final = PAGE  # the smallest ring: one page
+FLAG_ANONYMOUS: Final = 1  # flags bit 0: removed with its creator (creator_pid, creator_start)
 
 # The static block, field by field (see the table above).
-STATIC: Final = struct.Struct("<8sIIQQQIIIIQ16sIII32s")
+STATIC: Final = struct.Struct("<8sIIQQQIIIIQ16sIIIIQ20s")
 STATIC_SIZE: Final = 124  # header_crc follows at 124
 _CRC: Final = struct.Struct("<I")
 assert STATIC.size == STATIC_SIZE
@@ -285,6 +297,8 @@ Q_RECOVERIES: Final = 264 // 8
 Q_LAST_RECOVERY: Final = 272 // 8
 I_SPACE_WAITING: Final = 224 // 4
 Q_SCRATCH: Final = 320 // 8
+# JoinableQueue: task_done calls, ever, under the tail lock (unfinished = next_seq - tasks_done).
+Q_TASKS_DONE: Final = 232 // 8
 # Time samples: entries of (seq, time_ns) as u64 pairs from this index (see the docstring).
 Q_TIME_SAMPLES: Final = 384 // 8
 TIME_SAMPLES: Final = 8
@@ -351,10 +365,18 @@ def parse_size(value: int | str) -> int:
 def ring_capacity(value: int | str) -> int:
     """A ring size from the user (``parse_size`` rules), rounded up to a page and bounded.
 
-    Raises ``ValueError`` beyond 1 TiB, so a typo never creates a bus its own
-    header check would refuse.
+    Raises ``ValueError`` below one page (``MIN_CAPACITY``, 4096 bytes: a
+    smaller number is a mistake, such as a message count passed as a size,
+    never silently made a page) and beyond 1 TiB, so a typo never creates a
+    bus its own header check would refuse.
     """
-    cap = align_up(parse_size(value), PAGE)
+    n = parse_size(value)
+    if n < MIN_CAPACITY:
+        raise ValueError(
+            f"capacity {value!r} is below the minimum of {MIN_CAPACITY} bytes (one page); "
+            "capacity is a size in bytes (e.g. '16MiB'): to bound the number of messages, pass maxsize"
+        )
+    cap = align_up(n, PAGE)
     if cap > _MAX_CAPACITY:
         raise ValueError(f"capacity {value!r} is over the 1 TiB a bus may have")
     return cap
@@ -375,6 +397,14 @@ class Layout:
     creator_uid: int
     participants_offset: int
     subscribers_offset: int
+    flags: int = 0
+    creator_pid: int = 0
+    creator_start: int = 0
+
+    @property
+    def anonymous(self) -> bool:
+        """True for an anonymous bus (``Queue()``), which goes with its creating process."""
+        return bool(self.flags & FLAG_ANONYMOUS)
 
     @property
     def file_size(self) -> int:
@@ -392,8 +422,12 @@ class Layout:
         max_participants: int,
         bus_id: str,
         creator_uid: int,
+        creator: tuple[int, int] | None = None,
     ) -> Layout:
-        """Lay out a new bus: tables after the fixed header, the ring page-aligned after them."""
+        """Lay out a new bus: tables after the fixed header, the ring page-aligned after them.
+
+        ``creator`` (pid, start time in clock ticks) makes it an anonymous bus.
+        """
         participants_offset = HEADER_MIN
         subscribers_offset = participants_offset + max_participants * PARTICIPANT_SIZE
         ring_offset = align_up(subscribers_offset + max_subscribers * SUBSCRIBER_SIZE, PAGE)
@@ -409,6 +443,9 @@ class Layout:
             creator_uid=creator_uid,
             participants_offset=participants_offset,
             subscribers_offset=subscribers_offset,
+            flags=FLAG_ANONYMOUS if creator else 0,
+            creator_pid=creator[0] if creator else 0,
+            creator_start=creator[1] if creator else 0,
         )
 
 
@@ -421,7 +458,7 @@ def build_header(layout: Layout) -> bytes:
         layout.capacity,
         layout.ring_offset,
         layout.maxsize,
-        0,
+        layout.flags,
         layout.max_subscribers,
         layout.max_participants,
         ALIGN,
@@ -430,6 +467,8 @@ def build_header(layout: Layout) -> bytes:
         layout.creator_uid,
         layout.participants_offset,
         layout.subscribers_offset,
+        layout.creator_pid,
+        layout.creator_start,
         b"",
     )
     head = bytearray((static + _CRC.pack(zlib.crc32(static))).ljust(HEADER_MIN, b"\0"))
@@ -470,8 +509,8 @@ def parse_header(data: bytes, *, path: str, file_size: int) -> Layout:
             offset=file_size,
         )
     fields = STATIC.unpack_from(data)
-    (_, version, kind, capacity, ring_offset, maxsize, _flags, max_subs, max_parts, align,
-     created_ns, bus_id, uid, parts_off, subs_off, _reserved) = fields  # fmt: skip
+    (_, version, kind, capacity, ring_offset, maxsize, flags, max_subs, max_parts, align, created_ns,
+     bus_id, uid, parts_off, subs_off, creator_pid, creator_start, _reserved) = fields  # fmt: skip
     if version != VERSION:
         raise IncompatibleBus(
             f"{path} is a shmbus bus of format version {version}, this shmbus reads version "
@@ -495,6 +534,9 @@ def parse_header(data: bytes, *, path: str, file_size: int) -> Layout:
         creator_uid=uid,
         participants_offset=parts_off,
         subscribers_offset=subs_off,
+        flags=flags,
+        creator_pid=creator_pid,
+        creator_start=creator_start,
     )
 
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from . import _accel, _ring
+from . import _accel, _anon, _ring
 from ._aio import QueueAio
-from ._bus import Bus
+from ._bus import Bus, unlink
 from ._codec import Codec
 from ._consumer import _Consuming
 from ._format import (
@@ -53,27 +54,52 @@ from ._format import (
 from ._producer import _Producing
 from ._sync import SPIN_DEFAULT
 
-__all__ = ["Queue"]
+__all__ = ["Queue", "ANON_CAPACITY"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
 _REPAIR_WAIT = 2.0  # seconds healing waits for a live tail holder before giving up this round
+# The ring of an anonymous queue, ``Queue()``: sparse (memory is used as messages pass), large
+# enough for any everyday message, and four fit in the 64 MiB /dev/shm of a default container.
+ANON_CAPACITY = "16MiB"
 
 
 class Queue(_Producing, _Consuming, Bus):
     """A multi-producer, multi-consumer FIFO queue in a memory-mapped file.
 
-    Create it once with ``Queue.create``, open it anywhere with
-    ``Queue.open``; both accept a file path, or a bare name that lives in
-    ``/dev/shm``. Method names, ``block``/``timeout`` semantics and exceptions
-    follow ``multiprocessing.Queue``.
+    ``Queue(maxsize=0)`` makes an anonymous queue, as ``multiprocessing.Queue``
+    does: pass it to child processes (as an argument, or to a ``Pool``
+    initializer) with any start method. Its file lives in ``/dev/shm`` under
+    a private name, removed when this handle is garbage-collected in the
+    creating process or when that process exits; ``shmbus gc`` removes what
+    a creator killed outright left behind. Keep the handle while children
+    may still be starting: one that opens the queue after the name is gone
+    gets ``BusNotFound``.
+
+    A named queue is created once with ``Queue.create`` and opened anywhere
+    with ``Queue.open``; both accept a file path, or a bare name that lives
+    in ``/dev/shm``. Method names, ``block``/``timeout`` semantics and
+    exceptions follow ``multiprocessing.Queue`` (see docs/migrating.md).
+
+    Parameters:
+        maxsize: the most messages the queue holds at once (0: bounded only
+            by ``capacity``), as in ``multiprocessing.Queue(maxsize)``.
+        capacity: ring size in bytes (keyword-only; default ``"16MiB"``, at
+            least 4096, rounded up to a multiple of 4096): a message may be
+            at most ``capacity - 16`` bytes once encoded.
+        codec: msgpack options for this handle (see ``Codec``).
+
+    Raises ``ValueError`` for a bad maxsize or capacity, ``NoSpace`` or
+    ``OSError`` when ``/dev/shm`` cannot hold the file.
 
     Example::
 
-        with shmbus.Queue.create("jobs", capacity="16MiB") as q:
-            q.put({"task": 1})
-            assert q.get() == {"task": 1}
-            q.unlink()
+        q = shmbus.Queue()
+        q.put({"task": 1})
+        assert q.get() == {"task": 1}
+
+        with shmbus.Queue.create("jobs", capacity="16MiB") as named:
+            named.unlink()
     """
 
     _KIND = KIND_QUEUE
@@ -81,25 +107,41 @@ class Queue(_Producing, _Consuming, Bus):
     _aio: QueueAio | None = None  # asyncio threads, started by the first async call that waits
     _fast: Any = None  # the C fast path (_accel), when built and usable for this handle
 
+    _finalizer: weakref.finalize[Any, Any] | None = None  # an anonymous queue's remover
+
+    def __init__(self, maxsize: int = 0, *, capacity: int | str = ANON_CAPACITY,
+                 codec: Codec | None = None) -> None:  # fmt: skip
+        cap = ring_capacity(capacity)
+        _check_maxsize(maxsize)
+        name = _anon.new_name()
+        type(self)._create(
+            name, capacity=cap, maxsize=maxsize, max_subscribers=0, exist_ok=False, mode=0o600,
+            codec=codec, creator=_anon.identity(), into=self,
+        )  # fmt: skip
+        self._finalizer = weakref.finalize(self, _anon.remove_with_creator, self.path, os.getpid(), unlink)
+
     @classmethod
     def create(
         cls,
         path: str | os.PathLike[str],
+        *,
         capacity: int | str = "64MiB",
         maxsize: int = 0,
         exist_ok: bool = False,
         mode: int = 0o600,
-        *,
         codec: Codec | None = None,
         preallocate: bool = False,
     ) -> Queue:
-        """Create a new queue and open it.
+        """Create a new named queue and open it.
+
+        Every option is keyword-only: ``Queue.create("jobs", 6)`` is a
+        ``TypeError`` (a message count is ``maxsize=6``, a size ``capacity=``).
 
         Parameters:
             path: a file path, or a bare name (kept in ``/dev/shm``).
             capacity: ring size in bytes, an int or a string such as ``"64MiB"``;
-                rounded up to a multiple of 4096. A message may be at most
-                ``capacity - 16`` bytes once encoded.
+                at least 4096 (one page), rounded up to a multiple of 4096. A
+                message may be at most ``capacity - 16`` bytes once encoded.
             maxsize: the most messages the queue holds at once (0: bounded only
                 by ``capacity``), as in ``multiprocessing.Queue(maxsize)``.
             exist_ok: open the bus already at ``path`` instead of failing.
@@ -115,12 +157,29 @@ class Queue(_Producing, _Consuming, Bus):
         ``ValueError`` for a bad capacity or maxsize.
         """
         cap = ring_capacity(capacity)
-        if not isinstance(maxsize, int) or not 0 <= maxsize < 1 << 31:
-            raise ValueError(f"maxsize must be an int from 0 to 2**31-1, got {maxsize!r}")
+        _check_maxsize(maxsize)
         return cls._create(
             path, capacity=cap, maxsize=maxsize, max_subscribers=0,
             exist_ok=exist_ok, mode=mode, codec=codec, preallocate=preallocate,
         )  # fmt: skip
+
+    def join_thread(self) -> None:
+        """Do nothing: there is no feeder thread to wait for.
+
+        ``multiprocessing.Queue`` buffers puts in a background thread, and
+        ``join_thread()`` waits for it to flush. A shmbus ``put`` has written
+        the message into shared memory before it returns, so the usual
+        ``q.close(); q.join_thread()`` shutdown works unchanged and waits for
+        nothing.
+        """
+
+    def cancel_join_thread(self) -> None:
+        """Do nothing: there is no feeder thread, so nothing buffered can be lost at exit.
+
+        With ``multiprocessing.Queue`` this lets a process exit without
+        flushing its buffered puts (which are then lost). A shmbus ``put``
+        is in shared memory when it returns: a process may exit at once.
+        """
 
     # -- Bus hooks -------------------------------------------------------------
 
@@ -358,3 +417,8 @@ class Queue(_Producing, _Consuming, Bus):
     def maxsize(self) -> int:
         """The message bound set at create (0: bounded only by capacity)."""
         return self._layout.maxsize
+
+
+def _check_maxsize(maxsize: object) -> None:
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or not 0 <= maxsize < 1 << 31:
+        raise ValueError(f"maxsize must be an int from 0 to 2**31-1, got {maxsize!r}")

@@ -92,21 +92,23 @@ class Topic(Bus):
     def create(
         cls,
         path: str | os.PathLike[str],
+        *,
         capacity: int | str = "16MiB",
         exist_ok: bool = False,
         mode: int = 0o600,
-        *,
         max_subscribers: int = 32,
         codec: Codec | None = None,
         preallocate: bool = False,
     ) -> Topic:
         """Create a new topic and open it.
 
+        Every option is keyword-only, as in ``Queue.create``.
+
         Parameters:
             path: a file path, or a bare name (kept in ``/dev/shm``).
             capacity: ring size in bytes, an int or a string such as ``"16MiB"``;
-                rounded up to a multiple of 4096. It bounds how far behind a
-                subscriber may fall before it loses messages.
+                at least 4096 (one page), rounded up to a multiple of 4096. It
+                bounds how far behind a subscriber may fall before it loses messages.
             exist_ok: open the topic already at ``path`` instead of failing.
             mode: permission bits of the file and semaphores.
             max_subscribers: subscriber slots (1 to 256), fixed at create.

@@ -301,7 +301,7 @@ def test_cli_reports_and_collects_orphans(
     assert capsys.readouterr().out.splitlines() == [f"removed {f}" for f in orphans]
     assert _sem_files(dead.layout.bus_id) == []
     assert main(["gc", "--min-age", "0"]) == 0
-    assert capsys.readouterr().out == "no orphan semaphores\n"
+    assert capsys.readouterr().out == "no orphaned anonymous buses, no orphan semaphores\n"
 
 
 # -- crash cycles -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from shmbus._format import (
     parse_header,
     parse_size,
     peek_ids,
+    ring_capacity,
 )
 from shmbus._mutex import INIT_BYTES
 
@@ -154,6 +155,7 @@ def test_layout_is_frozen() -> None:
         {"kind": KIND_TOPIC, "max_subscribers": 256, "max_participants": 200},
         {"maxsize": 12345, "capacity": 1024 * PAGE},
         {"creator_uid": 0, "bus_id": "ffffffffffffffff"},
+        {"creator": (4194304, 1 << 40)},  # an anonymous bus: flags bit 0, creator pid and start
     ],
 )
 def test_build_then_parse_header_round_trips(overrides: dict[str, Any]) -> None:
@@ -381,3 +383,18 @@ def test_peek_ids_clamps_a_huge_subscriber_count() -> None:
 )
 def test_peek_ids_returns_none_for_what_it_cannot_trust(data: bytes) -> None:
     assert peek_ids(data) is None
+
+
+def test_an_anonymous_layout_carries_its_creator_in_the_static_block() -> None:
+    lay = make_layout(creator=(1234, 987654321))
+    assert lay.anonymous and (lay.flags, lay.creator_pid, lay.creator_start) == (1, 1234, 987654321)
+    fields = STATIC.unpack_from(build_header(lay))
+    assert (fields[F_FLAGS], fields[15], fields[16], fields[17]) == (1, 1234, 987654321, bytes(20))
+    assert not make_layout().anonymous and STATIC.unpack_from(build_header(make_layout()))[15:17] == (0, 0)
+
+
+@pytest.mark.parametrize("value", [1, 16, 4095, "4000", "1KiB"])
+def test_a_capacity_below_one_page_is_an_error_not_a_round_up(value: Any) -> None:
+    with pytest.raises(ValueError, match="below the minimum of 4096 bytes"):
+        ring_capacity(value)
+    assert ring_capacity(4096) == 4096 and ring_capacity(4097) == 8192
