@@ -279,7 +279,7 @@ def _byte(draw: Draw, o: Original, data: bytes) -> list[Mutation]:
 def _lock(draw: Draw, o: Original, data: bytes) -> list[Mutation]:
     """A lock's repair word (any u32), or its mutex's bytes other than the owner words (see MUTEXES)."""
     locks = LOCKS[o.layout.kind]
-    role, off, repair = _pick(draw, [*locks, ("recovery", M_RECOVERY, None)])
+    _role, off, repair = _pick(draw, [*locks, ("recovery", M_RECOVERY, None)])
     part = draw(0, 3)
     if part == 0 and repair is not None:
         return [("u32", repair * 4, _pick(draw, [1, 2, 1 << 31, (1 << 32) - 1, draw(0, (1 << 32) - 1)]))]

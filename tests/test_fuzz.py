@@ -182,7 +182,7 @@ def _writes(bus: Bus) -> dict[str, Callable[[Any], None]]:
 
 
 def _visible(bus: Bus) -> tuple[object, ...]:
-    """What readers, ``stats`` and ``check`` see: counters, time samples, live ring bytes, semaphores, locks."""
+    """What readers, ``stats`` and ``check`` see: counters, samples, live ring bytes, semaphores, locks."""
     h, cap = bus._h64, bus.capacity
     head, tail = h[Q_HEAD], h[Q_TAIL]
     ring = bytes(bus._ring)
@@ -359,7 +359,8 @@ def test_a_repair_word_of_any_value_is_mended_by_the_next_holder(
         assert repair is not None
         _poke(bus.path, repair * 4, "<I", value)
         (problem,) = check(bus.path)
-        assert problem.offset == _lock_at(kind, role)[0] and f"the {role} lock awaits the repair" in problem.message
+        assert problem.offset == _lock_at(kind, role)[0]
+        assert f"the {role} lock awaits the repair" in problem.message
         before = bus._h64[Q_RECOVERIES]
         _next_holder(bus, role)
         assert bus._h32[repair] == 0 and bus._h64[Q_RECOVERIES] == before + 1
