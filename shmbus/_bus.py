@@ -15,10 +15,12 @@ path is never overwritten.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import logging
 import mmap
+import multiprocessing.util
 import os
 import secrets
 import stat
@@ -101,6 +103,22 @@ B = TypeVar("B", bound="Bus")
 # or was collected (see Bus.close and Bus.__del__).
 _PINNED: list[object] = []
 _Block = TypeVar("_Block", Reservation, View)
+# Every open handle of this process, closed at its exit: a process that exits
+# without closing its handles would otherwise keep a removed bus's semaphores
+# (the last handle to close removes them: see _semlife).
+_OPEN: weakref.WeakSet[Bus] = weakref.WeakSet()
+
+
+def _close_open_handles() -> None:
+    for bus in list(_OPEN):
+        with contextlib.suppress(Exception):
+            bus.close()
+
+
+# At interpreter exit, and at the end of a multiprocessing child (which leaves
+# through os._exit, past atexit).
+atexit.register(_close_open_handles)
+multiprocessing.util.Finalize(None, _close_open_handles, exitpriority=0)
 
 
 def resolve_path(path: str | os.PathLike[str]) -> str:
@@ -442,6 +460,7 @@ class Bus:
         except BaseException:
             self.close()
             raise
+        _OPEN.add(self)
         return self
 
     def _map(self, real: str) -> None:
