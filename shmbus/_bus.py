@@ -115,10 +115,20 @@ def _close_open_handles() -> None:
             bus.close()
 
 
-# At interpreter exit, and at the end of a multiprocessing child (which leaves
-# through os._exit, past atexit).
+def _at_child_exit(_: object = None) -> None:
+    multiprocessing.util.Finalize(None, _close_open_handles, exitpriority=0)
+
+
+class _ForkHook:
+    """What ``register_after_fork`` hangs the child's exit hook on (it needs a live object)."""
+
+
+_FORK_HOOK = _ForkHook()
+# At interpreter exit; at the end of a multiprocessing child, which leaves through
+# os._exit past atexit; and in a forked child, whose start clears the finalizers.
 atexit.register(_close_open_handles)
-multiprocessing.util.Finalize(None, _close_open_handles, exitpriority=0)
+_at_child_exit()
+multiprocessing.util.register_after_fork(_FORK_HOOK, _at_child_exit)
 
 
 def resolve_path(path: str | os.PathLike[str]) -> str:
