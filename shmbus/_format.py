@@ -87,7 +87,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
 A participant slot (one per process that has taken a lock) is::
 
     0  u32 pid          the process (informational: liveness is the OFD lock)
-    4  u32 state        0 = free, 1 = live (claimed under the recovery byte)
+    4  u32 state        0 = free, 1 = live (claimed under the recovery mutex)
     8  u64 attached_ns  when it was claimed
    16  u64 tokens       Queue ``items`` tokens taken and not yet consumed
    24  8    reserved

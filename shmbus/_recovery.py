@@ -55,7 +55,7 @@ __all__ = [
 log = logging.getLogger("shmbus")
 
 RECOVERY_INTERVAL: Final = _sync.SLICE
-# The longest a process waits for the recovery byte before it gives up this round.
+# The longest a process waits for the recovery mutex (or the boot byte) before it gives up this round.
 RECOVERY_LOCK_WAIT: Final = 2.0
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
 _LIVE = 1 << 32  # state 1 in the high half of the pid/state word
@@ -222,7 +222,7 @@ class Participant:
     def claim(self, reap: Callable[[], object]) -> int:
         """Claim a free slot (reaping dead ones first through ``reap``); return slot + 1.
 
-        Returns 0 when the table is full (or its recovery byte stays locked):
+        Returns 0 when the table is full (or the recovery mutex stays busy):
         the process still works; items tokens it dies holding are healed by
         the consumers (``Queue._heal``) instead of given back at once.
         """
