@@ -99,6 +99,22 @@ INIT_BYTES: Final = _init_bytes()
 KIND_WORD: Final = int.from_bytes(INIT_BYTES[16:20], "little")
 
 
+_local = threading.local()
+
+
+def _tid() -> int:
+    """This thread's id as the kernel (and so a lock word) names it; cached: it is asked per lock call."""
+    try:
+        return _local.tid  # type: ignore[no-any-return]
+    except AttributeError:
+        tid = _local.tid = threading.get_native_id()
+        return tid
+
+
+# A forked child's one thread has a new id.
+os.register_at_fork(after_in_child=_local.__dict__.clear)
+
+
 def owner_of(word: int) -> tuple[int, bool]:
     """``(owner thread id or 0, owner died)`` from a lock's futex word."""
     return word & TID_MASK, bool(word & OWNER_DIED)
@@ -133,7 +149,7 @@ class Mutex:
 
     def owned(self) -> bool:
         """True if the calling thread holds the lock (the kernel-visible owner field says so)."""
-        tid = threading.get_native_id()
+        tid = _tid()
         return tid in self._takers and self._anchor is not None and self._h32[0] & TID_MASK == tid
 
     def held_here(self) -> bool:
@@ -148,7 +164,7 @@ class Mutex:
 
         Pass the result to ``settle`` if the call did not leave the mutex held.
         """
-        tid = threading.get_native_id()
+        tid = _tid()
         had = tid in self._takers
         self._takers.add(tid)
         return had
@@ -161,7 +177,7 @@ class Mutex:
         the forged word, and unlocking a mutex we never locked crashes glibc.
         """
         if not had:
-            self._takers.discard(threading.get_native_id())
+            self._takers.discard(_tid())
 
     def _settled(self, rc: int, had: bool) -> int:
         if rc != 0 and rc != EOWNERDEAD:
@@ -225,7 +241,7 @@ class Mutex:
     def unlock(self) -> int:
         pin = self._pin()
         rc = int(_unlock(self.addr))
-        self._takers.discard(threading.get_native_id())
+        self._takers.discard(_tid())
         del pin
         return rc
 

@@ -465,11 +465,13 @@ class Lock:
         # each one first looks at what the lock says, never at a Python flag.
         mutex = self._mutex
         if mutex.owned():
-            if mark or mutex.inconsistent():
-                # A section cut short, or a take with EOWNERDEAD interrupted before
-                # its repair: the next holder mends what was left.
+            if mutex.inconsistent():
+                # A take with EOWNERDEAD interrupted before its repair: the next
+                # holder mends what the dead one left (the word first, as in _taken).
                 self._h32[self._repair_index] = 1
-            mutex.consistent()  # EINVAL (ignored) unless it was inconsistent
+                mutex.consistent()
+            elif mark:  # a section cut short: the next holder mends what was left
+                self._h32[self._repair_index] = 1
             mutex.unlock()
 
     def abandon(self) -> None:
