@@ -657,11 +657,8 @@ class Bus:
                 try:
                     try:
                         publish(seq, _ring.commit(ring, cap, start, REC_RAW, seq, nbytes))
-                    except ShmbusError:
-                        lock.release()
-                        raise
-                    except BaseException:
-                        lock.abandon()
+                    except BaseException as e:
+                        lock.release_after(e)
                         raise
                     lock.release()
                     if after is not None and not self._closed:

@@ -133,11 +133,8 @@ class _Consuming(_QueueBase):
                 fast = None  # C handed nothing out: nothing of its to keep below
             kind, payload = self._get1(block, timeout, spun)
             got = self._finish(kind, payload)
-        except ShmbusError:  # ours (Empty, DecodeError...): what was taken is spent
-            self._in_hand = []
-            raise
-        except BaseException:  # a signal handler's, say: keep what was taken for the next get
-            self._keep(fast)
+        except BaseException as e:
+            self._after_get_error(e, fast)
             raise
         finally:
             users.pop()  # (Bus._leave, inline)
@@ -145,6 +142,17 @@ class _Consuming(_QueueBase):
                 self._release()
         self._in_hand = []
         return got
+
+    def _after_get_error(self, exc: BaseException, fast: Any) -> None:
+        """After a get that ``exc`` ended: keep what it took, unless ``exc`` is shmbus's own.
+
+        shmbus's own (Empty, DecodeError...) spends what was taken; any other
+        (a signal handler's, say) keeps it for the next get.
+        """
+        if isinstance(exc, ShmbusError):
+            self._in_hand = []
+        else:
+            self._keep(fast)
 
     def _keep(self, fast: Any) -> None:
         """After an exception that was not ours in a get: keep what it removed, for the next get.
@@ -208,11 +216,8 @@ class _Consuming(_QueueBase):
                 else:
                     spun = self._c_spun(spin)
             data = _as_bytes(self._get1(block, timeout, spun)[1])
-        except ShmbusError:
-            self._in_hand = []
-            raise
-        except BaseException:
-            self._keep(fast)
+        except BaseException as e:
+            self._after_get_error(e, fast)
             raise
         finally:
             self._leave()
@@ -312,11 +317,8 @@ class _Consuming(_QueueBase):
                     msgs = self._codec.finish_many(got)
                     self._in_hand = []
                     return msgs
-            except ShmbusError:
-                self._in_hand = []
-                raise
-            except BaseException:
-                self._keep(fast)
+            except BaseException as e:
+                self._after_get_error(e, fast)
                 raise
 
     def _take_some(
@@ -371,8 +373,8 @@ class _Consuming(_QueueBase):
             got = self._tail_lock.run(deadline, self._take1_locked, tokens)
         except CorruptBus:
             got = None  # _take says what is wrong, and hands the token back
-        except BusClosed:  # closed while waiting for the tail lock: nothing taken
-            self._give_back(tokens, 1)
+        except BaseException:  # BusClosed while waiting for the tail lock, say: nothing taken
+            self._give_back_unused(tokens)
             raise
         if got is NOT_TAKEN:
             self._lock_timed_out(tokens, 1)
@@ -386,6 +388,16 @@ class _Consuming(_QueueBase):
         for _ in range(k):
             self._items.release()
         self._h64[tokens] = 0
+
+    def _give_back_unused(self, tokens: int) -> None:
+        """Hand back the tokens still recorded after a take's lock wait raised: nothing used them.
+
+        (BusClosed, a lock no death frees, a handler's exception.) The field
+        is 0 once the locked part ran: that part commits or gives back itself.
+        """
+        k = self._h64[tokens]
+        if k:
+            self._give_back(tokens, min(k, self._cap // RECORD_SIZE))
 
     def _lock_timed_out(self, tokens: int, k: int) -> None:
         """The tail lock did not come before the deadline: hand the tokens back, raise ``Empty``."""
@@ -471,8 +483,8 @@ class _Consuming(_QueueBase):
             _faults.hit("get:after-token")
         try:
             out = self._tail_lock.run(deadline, self._take_locked, tokens, k)
-        except BusClosed:  # closed while waiting for the tail lock: nothing taken
-            self._give_back(tokens, k)
+        except BaseException:  # BusClosed while waiting for the tail lock, say: nothing taken
+            self._give_back_unused(tokens)
             raise
         if out is NOT_TAKEN:
             self._lock_timed_out(tokens, k)

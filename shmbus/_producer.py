@@ -15,7 +15,7 @@ from typing import Any
 from . import _accel, _faults, _ring
 from ._bus import _U64, record_time
 from ._codec import Encoded, as_bytes_view
-from ._errors import BusClosed, CorruptBus, Full, ShmbusError
+from ._errors import BusClosed, CorruptBus, Full
 from ._format import I_SPACE_WAITING, Q_BYTES_IN, Q_HEAD, Q_NEXT_SEQ, Q_TAIL, REC_RAW
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
@@ -104,15 +104,10 @@ class _Producing(_QueueBase):
             if k and (seq - 1) & 255 < k:  # as in _publish: a time sample is due
                 record_time(h, (seq - 1) & ~255)
             n = k + self._write(batch[k:], deadline) if k < len(batch) else k
-        except BusClosed as e:
-            e.sent += k  # C's records are in too
-            lock.release()
-            raise
-        except ShmbusError:
-            lock.release()
-            raise
-        except BaseException:
-            lock.abandon()
+        except BaseException as e:
+            if isinstance(e, BusClosed):
+                e.sent += k  # C's records are in too
+            lock.release_after(e)
             raise
         lock.release()
         return n
@@ -316,8 +311,11 @@ class _Producing(_QueueBase):
         """
         while True:
             # The tail lock is held only for copies, even by a non-blocking put.
-            got = self._tail_lock.run(None, self._room_or_flag, head, n)
-            assert got is not NOT_TAKEN  # (no deadline)
+            # (a non-blocking put still waits a moment: a consumer's copy is short)
+            lock_deadline = _monotonic() + _NOWAIT_GRACE if deadline == 0.0 else deadline
+            got = self._tail_lock.run(lock_deadline, self._room_or_flag, head, n)
+            if got is NOT_TAKEN:
+                return -1, head
             start, head = got
             if start >= 0:
                 return start, head

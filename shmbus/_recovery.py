@@ -343,13 +343,22 @@ class Lock:
         Call it inside the ``try`` whose ``finally`` calls ``release``.
         """
         mutex = self._mutex
+        end = _FOREVER if deadline is None else deadline
+        rc = mutex.trylock()  # (first without sleeping: a lock no death will free is refused at once)
         while True:
-            rc = mutex.lock_until(_FOREVER if deadline is None else deadline)
             if rc == 0 or rc == _mutex.EOWNERDEAD:
                 if self._taken(rc):
                     return True
                 mutex.unlock()  # the repair must wait for a lock another holds: not ours yet
             elif rc == errno.ETIMEDOUT or rc == errno.EBUSY:
+                if mutex.ghost():
+                    # Held by a thread that does not exist (a damaged file, or a
+                    # holder in another PID namespace): no death will ever free it.
+                    raise CorruptBus(
+                        f"{self.path}: the {self.role} lock is held by a thread that does not exist: "
+                        "run `shmbus check`, then `shmbus recover --force` once no process uses the bus",
+                        path=self.path,
+                    )
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
             elif rc == errno.EDEADLK and mutex.owned():
@@ -359,6 +368,7 @@ class Lock:
                 self.abandon()
             else:
                 self._refuse(rc)
+            rc = mutex.lock_until(end)
 
     def run(
         self, deadline: float | None, fn: Callable[..., _T], *args: Any
@@ -374,14 +384,23 @@ class Lock:
             if not self.acquire(deadline):
                 return NOT_TAKEN
             result = fn(*args)
-        except ShmbusError:
-            self.release()
-            raise
-        except BaseException:
-            self.abandon()
+        except BaseException as e:
+            self.release_after(e)
             raise
         self.release()
         return result
+
+    def release_after(self, exc: BaseException) -> None:
+        """Release after a critical section that ``exc`` ended: plainly if it is shmbus's own.
+
+        shmbus raises its own errors before any store, so nothing needs mending;
+        any other exception (a signal handler's, from any instruction) may have
+        cut the section between two stores: ``abandon``, and the next holder checks.
+        """
+        if isinstance(exc, ShmbusError):
+            self.release()
+        else:
+            self.abandon()
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free now (mending a dead holder's leftovers first)."""

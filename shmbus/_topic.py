@@ -37,7 +37,7 @@ from . import _faults, _ring
 from ._aio import SubscriptionAio, checkpoint
 from ._bus import Bus, record_time
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
-from ._errors import BusClosed, CorruptBus, Empty, ShmbusError, TooManySubscribers
+from ._errors import BusClosed, CorruptBus, Empty, TooManySubscribers
 from ._format import (
     KIND_TOPIC,
     MAX_SUBSCRIBERS,
@@ -222,13 +222,10 @@ class Topic(Bus):
             try:
                 lock.acquire(None)  # (a BusClosed from its wait: nothing published)
                 self._write(batch)
-            except ShmbusError:
-                raise  # raised before any store (CorruptBus past 2**64): the finally just releases
-            except BaseException:
-                lock.abandon()  # cut short (a signal handler's exception): the next holder resyncs
+            except BaseException as e:
+                lock.release_after(e)
                 raise
-            finally:
-                lock.release()  # a full fence: the new head is visible before we read the flags
+            lock.release()  # a full fence: the new head is visible before we read the flags
             self._wake_if_waiting()
         finally:
             self._leave()
