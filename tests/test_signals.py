@@ -1,4 +1,4 @@
-"""Signals, pauses, close with an open block, crowds: what production does to processes (issue 9).
+"""Signals, pauses, close with an open block, crowds: what production does to processes.
 
 The rules held here, through the public API and the CLI only (``shmbus
 check`` exit status, ``shmbus recover``), so that they hold before and after
@@ -1093,9 +1093,9 @@ def test_paused_holder_is_not_dead(bus_name: str, mode: str, kind: str) -> None:
     """A holder SIGSTOPped with its lock is left alone by recovery while others die; SIGCONT, it finishes.
 
     Deterministic: the holder stops itself at its after-lock step (holder
-    recorded). The window the issue saw (lock taken, holder not yet recorded)
-    has no named step; the lead's design removes it (taking and recording in
-    one step), and this test holds the rule at the step that remains.
+    recorded). The window format 1 had (lock taken, holder not yet recorded)
+    does not exist in format 2 (a robust mutex takes and records in one
+    step), and this test holds the rule at the step that remains.
     """
     path = _create(bus_name, "topic" if kind == "publisher" else "queue")
     res = in_mode(
