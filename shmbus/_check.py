@@ -26,7 +26,6 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Final
 
 from . import _ring
 from ._bus import _open_fd, read_layout, resolve_path
@@ -54,11 +53,9 @@ from ._format import (
     Layout,
     current_boot_id,
 )
-from ._mutex import INIT_BYTES, owner_of
+from ._mutex import NOT_RECOVERABLE, ghost_word, kind_ok_at, owner_of
 
 __all__ = ["Problem", "Report", "check", "examine", "lock_state"]
-
-_NOT_RECOVERABLE: Final = 0x7FFFFFFE  # glibc's __owner of a mutex unlocked without consistent()
 
 
 def _any_ext(code: int, data: bytes) -> tuple[int, bytes]:
@@ -157,17 +154,17 @@ def lock_state(hb: memoryview, off: int, repair: int | None) -> str | None:
     thread that does not exist are.
     """
     u32 = struct.unpack_from
-    if bytes(hb[off + 16 : off + 20]) != INIT_BYTES[16:20]:
+    if not kind_ok_at(hb, off):
         return "has damaged bytes (not a robust process-shared mutex): recreate the bus"
     (word,) = u32("<I", hb, off)
     (owner,) = u32("<I", hb, off + 8)
     (pending,) = u32("<I", hb, repair * 4) if repair is not None else (0,)
     tid, died = owner_of(word)
-    if owner == _NOT_RECOVERABLE:
+    if owner == NOT_RECOVERABLE:
         return "was released unrepaired and is unusable: run `shmbus recover --force` once no process uses it"
     if died:
         return "was held by a process that died: run `shmbus recover` (its next taker also mends it)"
-    if tid and not os.path.exists(f"/proc/{tid}"):
+    if ghost_word(word):
         return (
             f"is held by thread {tid}, which does not exist in this PID namespace: if no process uses "
             "the bus, run `shmbus recover --force`"

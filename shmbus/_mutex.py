@@ -44,6 +44,9 @@ __all__ = [
     "ENOTRECOVERABLE",
     "Mutex",
     "owner_of",
+    "ghost_word",
+    "kind_ok_at",
+    "NOT_RECOVERABLE",
 ]
 
 MUTEX_SIZE: Final = 64  # room for a pthread_mutex_t (40 bytes on x86-64, 48 on arm64)
@@ -51,7 +54,7 @@ TID_MASK: Final = 0x3FFFFFFF  # the futex word: owner's thread id in the low bit
 OWNER_DIED: Final = 0x40000000  # set by the kernel when the owner died holding it
 EOWNERDEAD: Final = errno.EOWNERDEAD
 _INCONSISTENT: Final = 0x7FFFFFFF  # glibc's __owner (u32 index 2) after EOWNERDEAD, until consistent()
-_NOT_RECOVERABLE: Final = 0x7FFFFFFE  # glibc's __owner once unlocked without consistent()
+NOT_RECOVERABLE: Final = 0x7FFFFFFE  # glibc's __owner once unlocked without consistent()
 ENOTRECOVERABLE: Final = errno.ENOTRECOVERABLE
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=False)
@@ -120,6 +123,22 @@ def owner_of(word: int) -> tuple[int, bool]:
     return word & TID_MASK, bool(word & OWNER_DIED)
 
 
+def ghost_word(word: int) -> bool:
+    """True if the futex ``word`` names a holder thread that does not exist here (and did not die).
+
+    A thread's death is marked in the word (OWNER_DIED) before its /proc
+    entry goes, so a missing thread that is not marked was never ours to see:
+    a damaged file, a holder in another PID namespace, or an earlier boot.
+    """
+    tid, died = owner_of(word)
+    return bool(tid) and not died and not os.path.exists(f"/proc/{tid}")
+
+
+def kind_ok_at(buf: memoryview | bytes, off: int) -> bool:
+    """True if the mutex at ``buf[off:]`` has the kind word shmbus writes (a damaged file may hold any)."""
+    return bytes(buf[off + 16 : off + 20]) == INIT_BYTES[16:20]
+
+
 class Mutex:
     """One robust mutex at ``offset`` in a writable mapping ``mm``.
 
@@ -186,8 +205,7 @@ class Mutex:
 
     def ghost(self) -> bool:
         """True if held by a thread id that does not exist here (nothing but a reset frees it)."""
-        tid, died = owner_of(self.word())
-        return bool(tid) and not died and not os.path.exists(f"/proc/{tid}")
+        return ghost_word(self.word())
 
     def _pin(self) -> ctypes.c_char:
         anchor = self._anchor
@@ -201,7 +219,7 @@ class Mutex:
 
     def unrecoverable(self) -> bool:
         """True once a holder unlocked it after EOWNERDEAD without ``consistent`` (glibc's owner field)."""
-        return self._h32[2] == _NOT_RECOVERABLE
+        return self._h32[2] == NOT_RECOVERABLE
 
     def trylock(self) -> int:
         pin = self._pin()  # (held by this frame: the mapping stays for the call)
@@ -260,7 +278,7 @@ class Mutex:
 
     def kind_ok(self) -> bool:
         """True if the mutex's kind word is what shmbus writes (a damaged file may hold anything)."""
-        return self._view[16:20] == INIT_BYTES[16:20]
+        return kind_ok_at(self._view, 0)
 
     def interrupt(self) -> None:
         """From now on a wait for the mutex raises ``BusClosed`` (within a slice) instead of sleeping.

@@ -136,11 +136,6 @@ class _Producing(_QueueBase):
         elif not self._write([enc], deadline):
             raise Full(f"{self.path} is full: no space freed in time", path=self.path)
 
-    def _release_after_c(self) -> None:
-        """After an exception from a put that went through C: free the head lock if C left it to us."""
-        if self._head_lock.owned():
-            self._head_lock.abandon()
-
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``: raises ``Full`` at once when there is no space."""
         self._put([self._encode(obj)], 0.0)
@@ -176,7 +171,9 @@ class _Producing(_QueueBase):
                     return
                 sent = self._finish_fast_put(r >> 2, encoded, deadline) if r & 3 == _accel.PUT_HELD else -1
             except BaseException:
-                self._release_after_c()  # a handler's exception as C returned the lock to us
+                # A handler's exception as C returned the lock to us: free it if we
+                # hold it (abandon does nothing otherwise), and the next holder checks.
+                self._head_lock.abandon()
                 raise
             if sent >= 0:
                 if sent < len(encoded):

@@ -50,6 +50,8 @@ __all__ = [
     "Lock",
     "NOT_TAKEN",
     "live_participants",
+    "ofd_lock_polled",
+    "ofd_unlock",
 ]
 
 log = logging.getLogger("shmbus")
@@ -77,14 +79,37 @@ def _ofd(fd: int, cmd: int, ltype: int, offset: int) -> int:
     return int(_FLOCK.unpack(res)[0])
 
 
-def _try_lock(fd: int, offset: int) -> bool:
+def _try_lock(fd: int, offset: int, ltype: int = fcntl.F_WRLCK) -> bool:
     try:
-        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, offset)
+        _ofd(fd, fcntl.F_OFD_SETLK, ltype, offset)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             return False
         raise
     return True
+
+
+def ofd_lock_polled(fd: int, offset: int, wait: float, ltype: int = fcntl.F_WRLCK) -> bool:
+    """Take an OFD lock on the byte at ``offset``, polling for at most ``wait`` seconds; False if not.
+
+    Never a blocking wait (``F_OFD_SETLKW``): anyone who can read the file can
+    hold a read lock on any byte, which must delay us, never hang us. The
+    holders we wait for keep these bytes for microseconds: the pause grows
+    from 0.5 ms to 20 ms.
+    """
+    end = time.monotonic() + wait
+    pause = 0.0005
+    while not _try_lock(fd, offset, ltype):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(pause)  # a back-off between tries, not a synchronisation
+        pause = min(pause * 2, 0.02)
+    return True
+
+
+def ofd_unlock(fd: int, offset: int) -> None:
+    """Drop this open file description's lock on the byte at ``offset``."""
+    _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, offset)
 
 
 def _locked_elsewhere(fd: int, offset: int) -> bool:
@@ -174,19 +199,14 @@ class Participant:
         which must delay a reset, never hang an open.
         """
         fd = self.fd()
-        end = time.monotonic() + wait
-        delay = 0.0005
-        while not _try_lock(fd, BOOT_BYTE):
-            if time.monotonic() >= end:
-                log.warning("%s: the boot byte stayed locked for %.1f s; not resetting", self.path, wait)
-                yield False
-                return
-            time.sleep(delay)  # an opener holds it for microseconds
-            delay = min(delay * 2, 0.02)
+        if not ofd_lock_polled(fd, BOOT_BYTE, wait):
+            log.warning("%s: the boot byte stayed locked for %.1f s; not resetting", self.path, wait)
+            yield False
+            return
         try:
             yield True
         finally:
-            _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, BOOT_BYTE)
+            ofd_unlock(fd, BOOT_BYTE)
 
     def under_recovery_lock(self, fn: Callable[..., _T], *args: Any) -> _T | Literal[_NotTaken.NOT_TAKEN]:
         """Run ``fn(*args)`` holding the recovery mutex: one recoverer (or claimer) at a time.
@@ -216,7 +236,8 @@ class Participant:
                 return NOT_TAKEN
         finally:
             if mutex.owned():
-                mutex.consistent()  # (EINVAL, ignored, unless it was taken with EOWNERDEAD)
+                if mutex.inconsistent():  # taken with EOWNERDEAD: it guards nothing to mend
+                    mutex.consistent()
                 mutex.unlock()
 
     def claim(self, reap: Callable[[], object]) -> int:

@@ -31,14 +31,13 @@ import errno
 import fcntl
 import logging
 import os
-import struct
-import time
 from collections.abc import Iterator
 from typing import Final
 
 from . import _sync
 from ._errors import BusNotFound
 from ._format import IDENTITY, IDENTITY_OFFSET, SEMS_BYTE
+from ._recovery import ofd_lock_polled, ofd_unlock
 
 __all__ = [
     "RECREATE_TIMEOUT",
@@ -54,7 +53,6 @@ log = logging.getLogger("shmbus")
 
 RECREATE_TIMEOUT: Final = 10.0  # seconds an opener waits for another to finish recreating
 REMOVE_TIMEOUT: Final = 1.0  # seconds a remover (close() included) waits for its turn, then keeps them
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
 
 
 def record_identity(fd: int) -> None:
@@ -72,10 +70,6 @@ def owns_sems(fd: int, header: bytes) -> bool:
     return ino != 0 and (dev, ino) == (st.st_dev, st.st_ino)
 
 
-def _ofd(fd: int, cmd: int, ltype: int) -> None:
-    fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, SEMS_BYTE, 1, 0))
-
-
 @contextlib.contextmanager
 def sems_lock(fd: int, path: str, timeout: float, ltype: int = fcntl.F_WRLCK) -> Iterator[None]:
     """Hold the sems byte of the bus open at ``fd`` (an OFD lock: the kernel drops it on death).
@@ -83,26 +77,15 @@ def sems_lock(fd: int, path: str, timeout: float, ltype: int = fcntl.F_WRLCK) ->
     Polled, never a blocking wait: raises ``TimeoutError`` after ``timeout``
     seconds, naming the byte.
     """
-    deadline = time.monotonic() + timeout
-    pause = 0.0005
-    while True:
-        try:
-            _ofd(fd, fcntl.F_OFD_SETLK, ltype)
-            break
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-        if time.monotonic() >= deadline:
-            raise TimeoutError(
-                errno.ETIMEDOUT, f"another process has held a lock on byte {SEMS_BYTE} of {path} for "
-                f"{timeout:.1f} s; try again, or find it in /proc/locks", path,
-            )  # fmt: skip
-        time.sleep(pause)  # a back-off, not a synchronisation: the lock is re-tried until the deadline
-        pause = min(pause * 2, 0.02)
+    if not ofd_lock_polled(fd, SEMS_BYTE, timeout, ltype):
+        raise TimeoutError(
+            errno.ETIMEDOUT, f"another process has held a lock on byte {SEMS_BYTE} of {path} for "
+            f"{timeout:.1f} s; try again, or find it in /proc/locks", path,
+        )  # fmt: skip
     try:
         yield
     finally:
-        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK)
+        ofd_unlock(fd, SEMS_BYTE)
 
 
 @contextlib.contextmanager
