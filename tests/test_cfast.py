@@ -4,8 +4,9 @@ The C code does only the common case of a single put and get, so the rest of
 the suite, run with it (the default when it is built), already holds it to
 every behaviour. Here: it is really in use; both paths read each other's
 records, across processes, through wraps and waits; closing a handle frees
-the mapping; and the whole suite passes again in pure Python
-(``SHMBUS_PURE_PYTHON=1``), which is what a machine without a compiler runs.
+the mapping. The whole suite passing again in pure Python
+(``SHMBUS_PURE_PYTHON=1``, what a machine without a compiler runs) is a step of
+its own in ``.ci/run``.
 """
 
 from __future__ import annotations
@@ -120,27 +121,6 @@ def test_each_path_reads_the_others_records_across_wraps_and_waits(
         assert stats.put_count == stats.get_count == n + 2
         assert stats.bytes_in == stats.bytes_out
         q.unlink()
-
-
-# Files whose tests run each scenario in both modes themselves (a child with
-# SHMBUS_PURE_PYTHON=1 and one without, or the fast path dropped): running them
-# again here would only repeat their pure-Python half.
-_BOTH = ("test_signals", "test_close", "test_sync_signals", "test_semlife", "test_roundtrip", "test_space")
-BOTH_MODES_ALREADY = [f"--ignore=tests/{name}.py" for name in _BOTH]
-
-
-@needs_c
-@pytest.mark.timeout(900)
-def test_the_whole_suite_passes_in_pure_python() -> None:
-    env = dict(os.environ, SHMBUS_PURE_PYTHON="1")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         "--ignore=tests/test_cfast.py", *BOTH_MODES_ALREADY, "tests"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=840, check=False,
-    )  # fmt: skip
-    tail = "\n".join(out.stdout.splitlines()[-30:])
-    assert out.returncode == 0, tail + out.stderr[-2000:]
-    assert " passed" in tail and " failed" not in tail
 
 
 def test_a_negative_timeout_is_refused_every_time_and_never_leaves_the_lock_held(bus_name: str) -> None:
