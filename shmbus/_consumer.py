@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable
 
 from . import _accel, _faults, _ring
-from ._bus import _U64
 from ._codec import Encoded, Payload, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty, ShmbusError
 from ._format import (
@@ -26,6 +25,7 @@ from ._format import (
     Q_TAIL_SEQ,
     REC_RAW,
     RECORD_SIZE,
+    U64_MAX,
 )
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
@@ -438,7 +438,7 @@ class _Consuming(_QueueBase):
             self._in_hand = [(kind, payload)]
             # Statistics after the commit: a consumer killed in between
             # undercounts, never counts a message twice.
-            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
+            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & U64_MAX
             h[tokens] = 0
             if _faults.armed:
                 _faults.hit("get:before-unlock")
@@ -537,7 +537,7 @@ class _Consuming(_QueueBase):
                 _faults.hit("get:mid-commit")
             h[Q_TAIL] = tail
             self._in_hand = before + out
-            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & _U64  # after the commit, as in _take1
+            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & U64_MAX  # after the commit, as in _take1
             h[tokens] = 0
             if _faults.armed:
                 _faults.hit("get:before-unlock")
@@ -603,7 +603,7 @@ class _Consuming(_QueueBase):
                         if consume:
                             h[Q_TAIL_SEQ] = rseq + 1
                             h[Q_TAIL] = nxt
-                            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64  # after the commit, as in _take1
+                            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & U64_MAX  # after the commit, as in _take1
                             if self._h32[I_SPACE_WAITING]:
                                 self._h32[I_SPACE_WAITING] = 0
                                 self._space.release()

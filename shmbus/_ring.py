@@ -24,7 +24,17 @@ from __future__ import annotations
 from typing import Final, Union
 
 from ._errors import CorruptBus
-from ._format import ALIGN, REC_MSGPACK, REC_NDARRAY, REC_RAW, REC_WRAP, RECORD, RECORD_SIZE, STATE_COMMITTED
+from ._format import (
+    ALIGN,
+    REC_MSGPACK,
+    REC_NDARRAY,
+    REC_RAW,
+    REC_WRAP,
+    RECORD,
+    RECORD_SIZE,
+    STATE_COMMITTED,
+    U64_MAX,
+)
 
 __all__ = [
     "Buffer",
@@ -51,7 +61,6 @@ Buffer = Union[bytearray, memoryview]
 _pack_into = RECORD.pack_into
 _unpack_from = RECORD.unpack_from
 _MASK = ALIGN - 1
-_U64 = (1 << 64) - 1
 _DAMAGED = "the header is damaged: remove the bus with `shmbus rm` and create it again"
 _MESSAGE_KINDS = (REC_MSGPACK, REC_RAW, REC_NDARRAY)
 
@@ -250,7 +259,7 @@ def check_positions(head: int, tail: int, capacity: int) -> None:
             f"ring positions out of range (head {head}, tail {tail}, capacity {capacity})",
             offset=None,
         )
-    if head > _U64 - 2 * capacity:
+    if head > U64_MAX - 2 * capacity:
         raise CorruptBus(
             f"ring positions within {2 * capacity} bytes of 2**64 (head {head}), which no bus reaches: "
             f"{_DAMAGED}",
@@ -271,13 +280,13 @@ def check_room(head: int, seq: int, capacity: int, sizes: list[int]) -> None:
     for n in sizes:
         count += 1
         span += (RECORD_SIZE + n + _MASK) & ~_MASK
-    if seq + count > _U64:
+    if seq + count > U64_MAX:
         raise CorruptBus(
             f"next_seq {seq} leaves no sequence number below 2**64 for {count} more message(s), "
             f"which no bus reaches: {_DAMAGED}",
             offset=None,
         )
-    if head + 2 * span > _U64 - 2 * capacity:
+    if head + 2 * span > U64_MAX - 2 * capacity:
         raise CorruptBus(
             f"ring positions within {2 * span + 2 * capacity} bytes of 2**64 (head {head}), "
             f"which no bus reaches: {_DAMAGED}",
