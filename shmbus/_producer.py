@@ -123,6 +123,7 @@ class _Producing(_QueueBase):
         kind, prefix, body, n = enc
         seq = h[Q_NEXT_SEQ]
         # Near 2**64 (a damaged header) it is _write's to refuse, before a byte is written.
+        # The positions: _ring.check_positions inline, but for alignment (test_ring ties the two).
         if (
             tail <= head <= tail + cap
             and head <= U64_MAX - 2 * cap
