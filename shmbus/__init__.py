@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import contextlib
 
-from ._bus import Stats as Stats
-from ._bus import unlink as unlink
 from ._codec import Codec as Codec
+from ._codec import array_view as array_view
 from ._errors import BusClosed as BusClosed
 from ._errors import BusExists as BusExists
 from ._errors import BusNotFound as BusNotFound
@@ -34,11 +33,12 @@ from ._errors import NotABus as NotABus
 from ._errors import Overwritten as Overwritten
 from ._errors import ShmbusError as ShmbusError
 from ._errors import TooManySubscribers as TooManySubscribers
+from ._file import unlink as unlink
 from ._format import VERSION as FORMAT_VERSION
 from ._mpqueues import JoinableQueue as JoinableQueue
 from ._mpqueues import SimpleQueue as SimpleQueue
-from ._ndarray import array_view as array_view
 from ._queue import Queue as Queue
+from ._stats import Stats as Stats
 from ._topic import Subscription as Subscription
 from ._topic import Topic as Topic
 from ._zerocopy import Reservation as Reservation

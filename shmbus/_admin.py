@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import _anon, _recovery, _sync
-from ._bus import SHM_DIR, _open_fd, header_stats, read_layout, resolve_path, unlink
 from ._errors import CorruptBus, IncompatibleBus, ShmbusError
+from ._file import SHM_DIR, open_fd, read_layout, resolve_path, unlink
 from ._format import HEADER_MIN, peek_ids
+from ._stats import header_stats
 
 __all__ = ["BusInfo", "list_buses", "orphan_semaphores", "gc", "GRACE"]
 
@@ -190,7 +191,7 @@ def _scan(paths: Iterable[str] | None, sems: list[tuple[str, str, str]]) -> tupl
 
 def _read_bus(path: str, sem_counts: collections.Counter[str]) -> tuple[tuple[int, int], BusInfo]:
     """Read the header of the file at ``path``; raises ``NotABus`` when it has no shmbus magic."""
-    fd = _open_fd(path, os.O_RDONLY)  # O_NOFOLLOW | O_NONBLOCK: a swapped-in link or FIFO fails fast
+    fd = open_fd(path, os.O_RDONLY)  # O_NOFOLLOW | O_NONBLOCK: a swapped-in link or FIFO fails fast
     try:
         st = os.fstat(fd)
         key, mode = (st.st_dev, st.st_ino), stat.S_IMODE(st.st_mode)

@@ -28,9 +28,9 @@ import struct
 from dataclasses import dataclass
 
 from . import _ring
-from ._bus import _open_fd, read_layout, resolve_path
 from ._codec import Codec, extract
 from ._errors import CorruptBus, DecodeError
+from ._file import open_fd, read_layout, resolve_path
 from ._format import (
     ALIGN,
     BOOT_ID,
@@ -122,7 +122,7 @@ def check(path: str | os.PathLike[str]) -> list[Problem]:
 def examine(path: str | os.PathLike[str]) -> Report:
     """``check``, returning also what the walk counted (for ``shmbus check``'s summary line)."""
     real = resolve_path(path)
-    fd = _open_fd(real, os.O_RDONLY)
+    fd = open_fd(real, os.O_RDONLY)
     try:
         try:
             layout = read_layout(fd, real)

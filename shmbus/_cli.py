@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from ._bus import Bus, Stats, read_layout_of
+from ._bus import Bus
 from ._errors import DecodeError, ShmbusError
+from ._file import read_layout_of
 from ._format import KIND_QUEUE, parse_size
 from ._lines import cmd_recv, cmd_send, dumps, from_json, to_json
 from ._queue import Queue
+from ._stats import Stats
 from ._topic import Topic
 
 __all__ = ["main", "to_json", "from_json"]
@@ -106,7 +108,7 @@ def _format_stats(st: Stats, subs: list[dict[str, int]] | None = None) -> str:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    from ._bus import unlink
+    from ._file import unlink
 
     for p in args.path:
         kept = unlink(p)

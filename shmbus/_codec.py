@@ -23,7 +23,16 @@ from . import _ndarray
 from ._errors import DecodeError, EncodeError
 from ._format import REC_MSGPACK, REC_NDARRAY, REC_RAW
 
-__all__ = ["Codec", "DEFAULT_CODEC", "Encoded", "Payload", "as_bytes_view", "extract", "extract_range"]
+__all__ = [
+    "Codec",
+    "DEFAULT_CODEC",
+    "Encoded",
+    "Payload",
+    "as_bytes_view",
+    "extract",
+    "extract_range",
+    "array_view",
+]
 
 # bytes is the payload still to decode; (value,) is already the final object.
 Payload = Union[bytes, tuple[Any]]
@@ -41,6 +50,29 @@ _PLAIN_TYPES: Final = frozenset((dict, list, tuple, str, int, float, bool, type(
 # An ext type comes back as the msgpack.ExtType(code, data) that was put: inert data (nothing is
 # looked up or run), and put accepts it, so get must return it. A codec's ext_hook overrides this.
 _EXT: Final = msgpack.ExtType
+
+
+def _pack_array_meta(meta: list[Any]) -> bytes:
+    """An array header's ``[descr, shape]`` description, for ``_ndarray`` (which leaves msgpack to us)."""
+    return msgpack.packb(meta)  # type: ignore[no-any-return]
+
+
+def _unpack_array_meta(data: bytes) -> Any:
+    """An array header's description back (the data is a hostile header's: ``_ndarray`` checks it)."""
+    return msgpack.unpackb(data)
+
+
+def array_view(buf: memoryview) -> Any:
+    """A read-only numpy array over an array message still in the ring, without a copy.
+
+    Use it inside a ``get_view()`` block (the array is valid only there)::
+
+        with q.get_view() as buf:
+            total = shmbus.array_view(buf).sum()
+
+    Raises ``DecodeError`` if ``buf`` is not a well-formed array message.
+    """
+    return _ndarray.decode(buf, _unpack_array_meta)
 
 
 def _bin_header(n: int) -> bytes:
@@ -201,7 +233,7 @@ class Codec:
                 raise _encode_error(obj, e) from e
             return REC_MSGPACK, data, None, len(data)
         if _ndarray.is_ndarray(obj):
-            prefix, body = _ndarray.encode(obj)
+            prefix, body = _ndarray.encode(obj, _pack_array_meta)
             return REC_NDARRAY, prefix, body, len(prefix) + len(body)
         if type(obj) in _BYTES_TYPES:
             body = obj if type(obj) is bytes else as_bytes_view(obj)
@@ -235,7 +267,7 @@ class Codec:
         if kind == REC_RAW:
             return payload
         if kind == REC_NDARRAY:
-            return _ndarray.decode(payload)  # type: ignore[arg-type]
+            return _ndarray.decode(payload, _unpack_array_meta)
         try:
             if self._plain:  # keyword expansion costs ~150 ns a message: skip it when we can
                 return _unpackb(payload, strict_map_key=False, ext_hook=_EXT)

@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable
 
 from . import _accel, _faults, _ring
-from ._bus import _U64
 from ._codec import Encoded, Payload, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty, ShmbusError
 from ._format import (
@@ -26,6 +25,7 @@ from ._format import (
     Q_TAIL_SEQ,
     REC_RAW,
     RECORD_SIZE,
+    U64_MAX,
 )
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
@@ -416,6 +416,8 @@ class _Consuming(_QueueBase):
             cap = self._cap
             tail = h[Q_TAIL]
             head = h[Q_HEAD]
+            # The positions: _ring.check_positions inline, for a non-empty ring (its top bound
+            # concerns writers); anything else goes the checked way, through _take.
             if not (
                 tail < head <= tail + cap
                 and not (head | tail) & 15
@@ -431,17 +433,7 @@ class _Consuming(_QueueBase):
             if _faults.armed:
                 _faults.hit("get:after-copy")
             nxt = end
-            h[Q_TAIL_SEQ] = seq + 1
-            if _faults.armed:
-                _faults.hit("get:mid-commit")
-            h[Q_TAIL] = nxt
-            self._in_hand = [(kind, payload)]
-            # Statistics after the commit: a consumer killed in between
-            # undercounts, never counts a message twice.
-            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64
-            h[tokens] = 0
-            if _faults.armed:
-                _faults.hit("get:before-unlock")
+            self._commit_take(seq + 1, nxt, n, tokens, [(kind, payload)])
             return kind, payload
         except CorruptBus:
             raise  # read before any store: _take1 keeps the token for _take, which says what is wrong
@@ -532,22 +524,39 @@ class _Consuming(_QueueBase):
             if _faults.armed:
                 _faults.hit("get:after-copy")
             new_tail = tail
-            h[Q_TAIL_SEQ] = seq
-            if _faults.armed:
-                _faults.hit("get:mid-commit")
-            h[Q_TAIL] = tail
-            self._in_hand = before + out
-            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & _U64  # after the commit, as in _take1
-            h[tokens] = 0
-            if _faults.armed:
-                _faults.hit("get:before-unlock")
-            if self._h32[I_SPACE_WAITING]:
-                self._h32[I_SPACE_WAITING] = 0
-                self._space.release()
+            self._commit_take(seq, tail, nbytes, tokens, before + out)
         except BaseException:
             self._after_take_error(tokens, k, new_tail, before + out)
             raise
         return out
+
+    def _commit_take(
+        self, tail_seq: int, tail: int, nbytes: int, tokens: int, recs: list[tuple[int, Payload]] | None
+    ) -> None:
+        """The consumer commit, under the tail lock: the records up to ``tail`` are consumed.
+
+        ``tail_seq`` first, then ``tail``, which makes it final: a consumer
+        killed between the two leaves them apart, and the next holder resyncs
+        ``tail_seq`` from the record at ``tail``. ``recs`` (the records copied
+        out) are in ``_in_hand`` from then on. Statistics come after the
+        commit (a consumer killed in between undercounts, never counts a
+        message twice), then the tokens field is cleared (every token used)
+        and a producer waiting for space is woken.
+        """
+        h = self._h64
+        h[Q_TAIL_SEQ] = tail_seq
+        if _faults.armed:
+            _faults.hit("get:mid-commit")
+        h[Q_TAIL] = tail
+        if recs is not None:
+            self._in_hand = recs
+        h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + nbytes) & U64_MAX
+        h[tokens] = 0
+        if _faults.armed:
+            _faults.hit("get:before-unlock")
+        if self._h32[I_SPACE_WAITING]:
+            self._h32[I_SPACE_WAITING] = 0
+            self._space.release()
 
     def _bad_seq(self, start: int, rseq: int, seq: int, last: int | None = None) -> CorruptBus:
         off = start % self._cap
@@ -601,15 +610,10 @@ class _Consuming(_QueueBase):
                 try:
                     try:
                         if consume:
-                            h[Q_TAIL_SEQ] = rseq + 1
-                            h[Q_TAIL] = nxt
-                            h[Q_BYTES_OUT] = (h[Q_BYTES_OUT] + n) & _U64  # after the commit, as in _take1
-                            if self._h32[I_SPACE_WAITING]:
-                                self._h32[I_SPACE_WAITING] = 0
-                                self._space.release()
+                            self._commit_take(rseq + 1, nxt, n, tokens, None)
                         else:
                             items.release()
-                        h[tokens] = 0
+                            h[tokens] = 0
                     except BaseException:
                         lock.abandon()  # cut short between two stores: the next holder resyncs
                         raise

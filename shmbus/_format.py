@@ -227,6 +227,7 @@ __all__ = [
     "ring_capacity",
     "align_up",
     "max_payload",
+    "U64_MAX",
 ]
 
 MAGIC: Final = b"\x93SHMBUS\n"
@@ -238,6 +239,9 @@ KIND_NAMES: Final = {KIND_QUEUE: "Queue", KIND_TOPIC: "Topic"}
 PAGE: Final = 4096
 ALIGN: Final = 16
 MIN_CAPACITY: Final = PAGE  # the smallest ring: one page
+# Positions, sequence numbers and counters are u64 fields: the first two never pass this (see
+# _ring), a statistic counter wraps at it (a damaged header may hold any value).
+U64_MAX: Final = (1 << 64) - 1
 FLAG_ANONYMOUS: Final = 1  # flags bit 0: removed with its creator (creator_pid, creator_start)
 
 # The static block, field by field (see the table above).

@@ -41,9 +41,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, Callable
 
-from ._bus import read_layout_of, resolve_path
 from ._codec import DEFAULT_CODEC
 from ._errors import DecodeError, Empty, EncodeError, MessageTooLarge, ShmbusError
+from ._file import read_layout_of, resolve_path
 from ._format import KIND_QUEUE, REC_MSGPACK
 from ._queue import Queue
 from ._topic import Topic

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import IO
 
 from . import _recovery
-from ._bus import Stats, _open_fd, header_stats, oldest_age, read_layout, resolve_path
+from ._file import open_fd, read_layout, resolve_path
 from ._format import KIND_TOPIC
-from ._topic import subscriber_rows
+from ._stats import Stats, header_stats, oldest_age, subscriber_rows
 
 __all__ = ["Snapshot", "snapshot", "render", "run"]
 
@@ -44,7 +44,7 @@ class Snapshot:
 def snapshot(path: str) -> Snapshot:
     """Read the bus at ``path`` once (read-only). Raises what ``read_layout`` raises."""
     real = resolve_path(path)
-    fd = _open_fd(real, os.O_RDONLY)
+    fd = open_fd(real, os.O_RDONLY)
     try:
         layout = read_layout(fd, real)
         data = os.pread(fd, layout.ring_offset, 0).ljust(layout.ring_offset, b"\0")

@@ -3,7 +3,8 @@
 Rule: the only module that knows numpy, and it never imports it at module
 level: numpy is loaded the first time an array is decoded, so shmbus costs
 nothing to users who never send one (encoding only needs the array's own
-attributes).
+attributes). The header's description is msgpack, which only ``_codec``
+calls: it hands its ``pack_meta``/``unpack_meta`` to ``encode``/``decode``.
 
 An array record's payload (kind 4) is::
 
@@ -18,13 +19,11 @@ An array record's payload (kind 4) is::
 from __future__ import annotations
 
 import struct
-from typing import Any
-
-import msgpack
+from typing import Any, Callable
 
 from ._errors import DecodeError, EncodeError
 
-__all__ = ["is_ndarray", "encode", "decode", "array_view"]
+__all__ = ["is_ndarray", "encode", "decode"]
 
 _LEN = struct.Struct("<HH")
 
@@ -35,8 +34,10 @@ def is_ndarray(obj: object) -> bool:
     return t.__name__ == "ndarray" and t.__module__ == "numpy"
 
 
-def encode(arr: Any) -> tuple[bytes, memoryview | bytes]:
+def encode(arr: Any, pack_meta: Callable[[list[Any]], bytes]) -> tuple[bytes, memoryview | bytes]:
     """The header and the data of an array: ``(prefix, body)``, body without a copy when contiguous.
+
+    ``pack_meta`` encodes the ``[descr, shape]`` description (``_codec``'s msgpack).
 
     Raises ``EncodeError`` for an array that could not come back equal: one
     of Python objects, or a structured dtype whose fields overlap or are out
@@ -47,7 +48,7 @@ def encode(arr: Any) -> tuple[bytes, memoryview | bytes]:
     from numpy.lib.format import dtype_to_descr  # numpy is loaded: we hold one of its arrays
 
     try:
-        meta = msgpack.packb([dtype_to_descr(arr.dtype), list(arr.shape)])
+        meta = pack_meta([dtype_to_descr(arr.dtype), list(arr.shape)])
     except (ValueError, TypeError, OverflowError) as e:
         raise EncodeError(
             f"cannot send an array of dtype {arr.dtype} ({e}): give it a dtype whose fields are "
@@ -82,7 +83,7 @@ def _tuples(descr: Any) -> Any:
     return descr
 
 
-def _parse(buf: Any) -> tuple[Any, Any, int]:
+def _parse(buf: Any, unpack_meta: Callable[[bytes], Any]) -> tuple[Any, Any, int]:
     try:
         from numpy.lib.format import descr_to_dtype
     except ImportError as e:
@@ -91,7 +92,7 @@ def _parse(buf: Any) -> tuple[Any, Any, int]:
         size, m = _LEN.unpack_from(buf)
         if _LEN.size + m > size:
             raise ValueError("array header lengths disagree")
-        descr, shape = msgpack.unpackb(bytes(buf[_LEN.size : _LEN.size + m]))
+        descr, shape = unpack_meta(bytes(buf[_LEN.size : _LEN.size + m]))
         dtype = descr_to_dtype(_tuples(descr))
         if dtype.hasobject or size % 16 or size > len(buf):
             raise ValueError("bad array header")
@@ -110,8 +111,14 @@ def _parse(buf: Any) -> tuple[Any, Any, int]:
     return dtype, shape, size
 
 
-def _array(buf: Any) -> Any:
-    dtype, shape, size = _parse(buf)
+def decode(buf: Any, unpack_meta: Callable[[bytes], Any]) -> Any:
+    """An array over ``buf``: writable over a ``bytearray`` copied out of the ring, read-only over a view.
+
+    ``unpack_meta`` decodes the description (``_codec``'s msgpack). Raises
+    ``DecodeError`` for every problem: a malformed header, or numpy missing
+    in this process.
+    """
+    dtype, shape, size = _parse(buf, unpack_meta)
     import numpy as np  # _parse imported it
 
     try:
@@ -120,25 +127,3 @@ def _array(buf: Any) -> Any:
         return np.frombuffer(buf, dtype=dtype, offset=size).reshape(shape)
     except Exception as e:  # e.g. more dimensions than numpy allows
         raise DecodeError(f"an array message is malformed ({type(e).__name__}: {e})") from e
-
-
-def decode(buf: bytearray) -> Any:
-    """A writable array over ``buf`` (the payload copied out of the ring once).
-
-    Raises ``DecodeError`` for every problem: a malformed header, or numpy
-    missing in this process.
-    """
-    return _array(buf)
-
-
-def array_view(buf: memoryview) -> Any:
-    """A read-only numpy array over an array message still in the ring, without a copy.
-
-    Use it inside a ``get_view()`` block (the array is valid only there)::
-
-        with q.get_view() as buf:
-            total = shmbus.array_view(buf).sum()
-
-    Raises ``DecodeError`` if ``buf`` is not a well-formed array message.
-    """
-    return _array(buf)

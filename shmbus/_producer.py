@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _accel, _faults, _ring
-from ._bus import _U64, record_time
 from ._codec import Encoded, as_bytes_view
 from ._errors import BusClosed, CorruptBus, Full
-from ._format import I_SPACE_WAITING, Q_BYTES_IN, Q_HEAD, Q_NEXT_SEQ, Q_TAIL, REC_RAW
+from ._format import I_SPACE_WAITING, Q_BYTES_IN, Q_HEAD, Q_NEXT_SEQ, Q_TAIL, REC_RAW, U64_MAX
 from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
+from ._stats import record_time
 from ._sync import SLICE
 from ._zerocopy import Reservation
 
@@ -123,10 +123,11 @@ class _Producing(_QueueBase):
         kind, prefix, body, n = enc
         seq = h[Q_NEXT_SEQ]
         # Near 2**64 (a damaged header) it is _write's to refuse, before a byte is written.
+        # The positions: _ring.check_positions inline, but for alignment (test_ring ties the two).
         if (
             tail <= head <= tail + cap
-            and head <= _U64 - 2 * cap
-            and seq < _U64
+            and head <= U64_MAX - 2 * cap
+            and seq < U64_MAX
             and (_ring.place(head, tail, cap, n) == head)
         ):
             new_head = _ring.write(self._ring, cap, head, head, kind, seq, prefix, body)
@@ -272,7 +273,7 @@ class _Producing(_QueueBase):
     def _publish(self, seq: int, nbytes: int, head: int, count: int) -> None:
         """Make ``count`` newly written records visible to consumers (under the head lock)."""
         h = self._h64
-        if seq > _U64 or head > _U64:
+        if seq > U64_MAX or head > U64_MAX:
             # Only from a damaged header, through the single put's fast path,
             # which checks neither (``_write`` and ``_make_room`` did, with
             # _ring.check_room). Refused before any store: the record written
@@ -288,7 +289,7 @@ class _Producing(_QueueBase):
         h[Q_NEXT_SEQ] = seq
         if _faults.armed:
             _faults.hit("put:mid-publish")
-        h[Q_BYTES_IN] = (h[Q_BYTES_IN] + nbytes) & _U64  # a statistic: wraps, like bytes_out
+        h[Q_BYTES_IN] = (h[Q_BYTES_IN] + nbytes) & U64_MAX  # a statistic: wraps, like bytes_out
         h[Q_HEAD] = head
         if (seq - 1) & 255 < count:  # one of them is a multiple of 256: a time sample (_format)
             record_time(h, (seq - 1) & ~255)

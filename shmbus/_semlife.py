@@ -32,10 +32,10 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterator
-from typing import Final
+from typing import Callable, Final
 
 from . import _sync
-from ._errors import BusNotFound
+from ._errors import BusNotFound, ForeignBus
 from ._format import IDENTITY, IDENTITY_OFFSET, SEMS_BYTE
 from ._recovery import ofd_lock_polled, ofd_unlock
 
@@ -47,6 +47,8 @@ __all__ = [
     "sems_lock",
     "recreation_lock",
     "remove_sems",
+    "open_sems",
+    "chmod_sems",
 ]
 
 log = logging.getLogger("shmbus")
@@ -128,3 +130,70 @@ def remove_sems(fd: int, header: bytes, bus_id: str, roles: list[str], path: str
     except TimeoutError as e:
         log.warning("kept the semaphores of %s: %s", path, e.strerror)
         return existing
+
+
+def open_sems(
+    fd: int, path: str, bus_id: str, roles: list[str], mode: int, allow_shared: bool,
+    initial: Callable[[], dict[str, int]],
+) -> dict[str, _sync.Sem]:  # fmt: skip
+    """Open the semaphores of the bus open at ``fd``, recreating missing ones from ``initial()``.
+
+    Without ``allow_shared``, a semaphore another user owns is refused
+    (``ForeignBus``) as the file would be: a stranger could have made these
+    names first (after a reboot, say).
+    """
+    try:
+        sems, missing = _sync.open_sems(bus_id, roles)
+    except _sync.SemPermissionError as e:
+        raise PermissionError(
+            errno.EACCES, f"permission denied opening the semaphores of bus {path}: "
+            "ask its owner to share it (mode=0o660 and a common group)", path,
+        ) from e  # fmt: skip
+    if missing:
+        try:
+            _recreate(fd, path, bus_id, sems, missing, mode, initial)
+        except BaseException:
+            for s in sems.values():
+                s.close()
+            raise
+    if not allow_shared:
+        for role, sem in sems.items():
+            owner = _sync.sem_owner(sem)
+            if owner is not None and owner != os.geteuid():
+                for s in sems.values():
+                    s.close()
+                raise ForeignBus(
+                    f"the {role} semaphore of {path} belongs to uid {owner}, not to you: "
+                    "remove the bus's semaphores (`shmbus rm`) or open it with allow_shared=True",
+                    path=path,
+                )
+    return sems
+
+
+def _recreate(
+    fd: int, path: str, bus_id: str, sems: dict[str, _sync.Sem], missing: list[str], mode: int,
+    initial: Callable[[], dict[str, int]],
+) -> None:  # fmt: skip
+    """Make the missing semaphores (a disk bus after a reboot), one opener at a time.
+
+    Under the sems byte, an opener first takes up what an earlier one made,
+    then makes the rest from the header's counters (``initial()``). Nothing
+    is removed on this path, even on failure: another opener may already use it.
+    """
+    with recreation_lock(fd, path):
+        more, missing = _sync.open_sems(bus_id, missing)
+        sems.update(more)
+        if not missing:
+            return
+        log.warning("bus %s: semaphores %s were missing; recreating them", path, missing)
+        values = initial()
+        made = _sync.create_missing(bus_id, {r: values[r] for r in missing}, 0o600)
+        sems.update(made)
+        chmod_sems(made, mode)
+        record_identity(fd)
+
+
+def chmod_sems(sems: dict[str, _sync.Sem], mode: int) -> None:
+    """Give the semaphores the bus file's mode (the umask must not narrow it)."""
+    for sem in sems.values():
+        _sync.chmod_sem(sem, mode)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from . import _faults, _ring
 from ._aio import SubscriptionAio, checkpoint
-from ._bus import Bus, record_time
+from ._bus import Bus
 from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty, TooManySubscribers
 from ._format import (
@@ -56,20 +56,22 @@ from ._format import (
     S_RECEIVED,
     S_STATE_PID,
     SUBSCRIBER_SIZE,
+    U64_MAX,
     WAIT_FLAGS,
     Layout,
     max_payload,
     ring_capacity,
 )
+from ._recovery import pid_alive
+from ._stats import record_time, subscriber_rows
 from ._sync import SPIN_DEFAULT
 from ._zerocopy import Reservation, View, view_kind
 
-__all__ = ["Topic", "Subscription", "subscriber_rows"]
+__all__ = ["Topic", "Subscription"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
 _SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
-_U64 = (1 << 64) - 1  # a statistic counter wraps like a u64 (a damaged header may hold any value)
 
 
 class Topic(Bus):
@@ -269,7 +271,7 @@ class Topic(Bus):
         h[Q_NEXT_SEQ] = seq + 1
         if _faults.armed:
             _faults.hit("publish:mid-publish")
-        h[Q_BYTES_IN] = (h[Q_BYTES_IN] + n) & _U64  # a statistic: wraps (the Queue's bytes_out too)
+        h[Q_BYTES_IN] = (h[Q_BYTES_IN] + n) & U64_MAX  # a statistic: wraps (the Queue's bytes_out too)
         h[Q_HEAD] = new_head
         if not seq & 255:  # one message in 256: a time sample (see _format)
             record_time(h, seq)
@@ -380,7 +382,7 @@ class Topic(Bus):
             pid = h[base] >> 32
             if h[base] & 0xFFFFFFFF == 0:
                 freed.append(i)
-            elif not h[base + S_OWNER] and pid and not _pid_alive(pid):
+            elif not h[base + S_OWNER] and pid and not pid_alive(pid):
                 # No participant recorded (table full): fall back on the pid.
                 log.warning("%s: reclaiming subscriber slot %d of dead process %d", self.path, i, pid)
                 h[base + S_STATE_PID] = 0
@@ -420,37 +422,6 @@ class Topic(Bus):
             return subscriber_rows(self._h64, self._layout)
         finally:
             self._leave()
-
-
-def subscriber_rows(h: memoryview, layout: Layout) -> list[dict[str, int]]:
-    """``Topic.subscribers`` from a header viewed as u64 (a live mapping or a copy read with pread)."""
-    out = []
-    published = h[Q_NEXT_SEQ]
-    for i in range(layout.max_subscribers):
-        base = (layout.subscribers_offset + i * SUBSCRIBER_SIZE) // 8
-        word = h[base]
-        if word & 0xFFFFFFFF:
-            nxt = h[base + S_NEXT_SEQ]
-            out.append({
-                "slot": i,
-                "pid": word >> 32,
-                "lag": max(published - nxt, 0),
-                "lost": h[base + S_LOST],
-                "received": h[base + S_RECEIVED],
-            })  # fmt: skip
-    return out
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid >= 1 << 31:
-        return False  # no pid_t holds it (os.kill would raise OverflowError): a damaged slot
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 class Subscription:

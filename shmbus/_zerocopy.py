@@ -3,7 +3,8 @@
 Rule: this module owns the objects handed to users for in-place access and
 their exit rules; the bus kinds (``Queue``, ``Topic``, ``Subscription``)
 supply what happens at commit and at abandon. A ``Reservation`` holds the
-producer lock from ``reserve()`` until its block ends; a Queue ``View`` holds
+producer lock from ``reserve()`` until its block ends (``reserve_record`` is
+that discipline, for Queue and Topic alike); a Queue ``View`` holds
 the consumer lock for as long as its block runs. Both are meant for ``with``:
 a reservation dropped without exiting is abandoned when it is collected.
 
@@ -22,12 +23,31 @@ What a user learns, and when:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from ._errors import Overwritten
-from ._format import REC_NDARRAY
+from . import _ring
+from ._errors import Full, Overwritten, ShmbusError
+from ._format import REC_NDARRAY, REC_RAW
 
-__all__ = ["Reservation", "View", "view_kind"]
+if TYPE_CHECKING:
+    from ._recovery import Lock
+
+__all__ = ["Reservation", "View", "view_kind", "reserve_record"]
+
+
+class _Handle(Protocol):
+    """What ``reserve_record`` needs of a bus handle (``Bus``): its call count and block tracking."""
+
+    path: str
+
+    @property
+    def closed(self) -> bool: ...
+
+    def _enter(self) -> None: ...
+
+    def _leave(self) -> None: ...
+
+    def _track(self, block: Reservation) -> Reservation: ...
 
 
 def view_kind(record_kind: int, is_bytes: bool) -> str:
@@ -131,3 +151,70 @@ class View:
         if not self._done:
             self._done = True
             self._finish(False)
+
+
+def reserve_record(
+    bus: _Handle,
+    lock: Lock,
+    ring: memoryview,
+    cap: int,
+    nbytes: int,
+    lock_deadline: float | None,
+    room: Callable[[], tuple[int, int, int]],
+    publish: Callable[[int, int], None],
+    abandon: Callable[[], None],
+    after: Callable[[], None] | None = None,
+) -> Reservation:
+    """A zero-copy write, for Queue and Topic alike: take the head ``lock`` and reserve.
+
+    ``room()`` makes space and returns ``(start, head, seq)``; on commit the
+    record header is stored and ``publish(seq, new_head)`` makes it
+    visible; ``abandon()`` undoes ``room()``'s claims. The head lock is
+    released at the end either way, then ``after()`` runs (a Topic wakes
+    its subscribers there, outside the lock). Raises ``Full`` if the lock
+    was not free by ``lock_deadline``.
+    """
+    bus._enter()  # left when the block ends: close() waits for it
+    try:
+        if not lock.acquire(lock_deadline):
+            raise Full(f"{bus.path}: timed out waiting for the producer lock", path=bus.path)
+        start, head, seq = room()
+        off = _ring.begin(ring, cap, head, start, seq)
+
+        def commit() -> None:
+            try:
+                try:
+                    publish(seq, _ring.commit(ring, cap, start, REC_RAW, seq, nbytes))
+                except BaseException as e:
+                    lock.release_after(e)
+                    raise
+                lock.release()
+                if after is not None and not bus.closed:
+                    after()
+            finally:
+                bus._leave()
+
+        def drop() -> None:
+            try:
+                try:
+                    abandon()
+                except BaseException:
+                    lock.abandon()
+                    raise
+                lock.release()
+            finally:
+                bus._leave()
+
+        return bus._track(Reservation(ring[off : off + nbytes], commit, drop))
+    except ShmbusError:  # ours: raised before any store
+        try:
+            lock.release()
+        finally:
+            bus._leave()
+        raise
+    except BaseException:  # from anywhere (a signal handler): the next holder checks the counters
+        try:
+            lock.abandon()
+        finally:
+            bus._leave()
+        raise

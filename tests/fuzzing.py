@@ -30,8 +30,8 @@ from typing import Any, Callable, Union
 
 import shmbus
 from shmbus import _mutex, _ring, _sync
-from shmbus._bus import ALL_ROLES
 from shmbus._check import check, examine
+from shmbus._file import ALL_ROLES
 from shmbus._format import (
     ALIGN,
     LOCKS,

@@ -12,9 +12,9 @@ import pytest
 
 import shmbus
 from shmbus import _ring, _sync
-from shmbus._bus import ALL_ROLES, read_layout_of
 from shmbus._check import Problem, Report, check, examine
 from shmbus._cli import main
+from shmbus._file import ALL_ROLES, read_layout_of
 from shmbus._format import (
     MAGIC,
     Q_BYTES_IN,

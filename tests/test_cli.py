@@ -100,9 +100,9 @@ from typing import Any  # noqa: E402
 import msgpack  # noqa: E402
 
 from shmbus import _live  # noqa: E402
-from shmbus._bus import oldest_age, record_time  # noqa: E402
 from shmbus._cli import _parser, from_json  # noqa: E402
 from shmbus._format import Q_RECOVERIES, Q_TIME_SAMPLES, SAMPLE_WRITING, TIME_SAMPLES  # noqa: E402
+from shmbus._stats import oldest_age, record_time  # noqa: E402
 
 # JSON values that must come out of `send | recv` as the very same text.
 ROUND_TRIP = [

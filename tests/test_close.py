@@ -131,7 +131,7 @@ def _full_queue(name: str, maxsize: int = 0) -> int:
 
 def _assert_queue_sound(name: str, before: int) -> None:
     """``before`` messages, in order, untouched; no lock held; another handle puts and gets."""
-    path = shmbus._bus.resolve_path(name)
+    path = shmbus._file.resolve_path(name)
     _check(path)
     with shmbus.Queue.open(name) as q:
         _no_lock_held(q)
@@ -268,7 +268,7 @@ def test_subscription_waiting(name: str, mode: str, call: str, closer: str) -> N
     """, mode)  # fmt: skip
     assert out["result"] == "BusClosed", out
     assert out["elapsed"] < BOUND
-    _check(shmbus._bus.resolve_path(name))
+    _check(shmbus._file.resolve_path(name))
     with shmbus.Topic.open(name) as t:
         assert t.subscribers() == []  # the slot was freed
         sub = t.subscribe()
@@ -297,7 +297,7 @@ def test_publisher_waiting_for_the_lock(name: str, call: str) -> None:
     with shmbus.Topic.open(name) as t:
         assert t.stats().put_count == 0
         _no_lock_held(t)
-    _check(shmbus._bus.resolve_path(name))
+    _check(shmbus._file.resolve_path(name))
 
 
 ASYNC = {
@@ -344,7 +344,7 @@ def test_asyncio_calls(name: str, mode: str, call: str) -> None:
     if kind == "Queue":
         _assert_queue_sound(name, n)
     else:
-        _check(shmbus._bus.resolve_path(name))
+        _check(shmbus._file.resolve_path(name))
 
 
 @pytest.mark.parametrize("mode", MODES)

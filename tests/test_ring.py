@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from shmbus import CorruptBus, _ring
 from shmbus._format import (
     ALIGN,
+    PAGE,
     REC_MSGPACK,
     REC_NDARRAY,
     REC_RAW,
@@ -516,3 +517,78 @@ def test_place_wraps_a_large_record_early_only_when_the_start_is_free(
     new_tail = start if rebases(head, tail, start) else tail
     assert start + record_span(length) - new_tail <= cap  # never overruns the tail
     assert rebases(head, tail, start) == (early and used == 0)
+
+
+# -- inline copies of named steps ------------------------------------------------------------
+# record_span and check_positions are spelled out inline where a call would cost on every
+# record (see record_span). These tie each copy to the named step.
+
+
+@settings(max_examples=300, deadline=None)
+@given(pages=st.integers(1, 4), at=st.integers(0, 4 * PAGE), lap=st.integers(0, 2**40), data=st.data())
+def test_every_inline_record_span_agrees_with_record_span(
+    pages: int, at: int, lap: int, data: st.DataObject
+) -> None:
+    cap = pages * PAGE
+    head = lap * cap + (at % cap) // ALIGN * ALIGN
+    length = data.draw(st.integers(0, cap - RECORD_SIZE))
+    span = record_span(length)
+    room = cap - head % cap
+    start = head + room if span > room else head
+    assert place(head, head, cap, length) == start  # on an empty ring, any record fits
+    assert _ring.evict(bytearray(cap), cap, head, head, length)[0] == start
+    buf = bytearray(cap)
+    assert write(buf, cap, head, start, REC_RAW, 7, b"", b"x" * length) == start + span
+    assert read(buf, cap, start, start + span)[4] == start + span  # a wrap here rebases
+    assert _ring.commit(buf, cap, start, REC_RAW, 7, length) == start + span
+    top = 2**64 - 1 - 2 * cap - 2 * span  # the highest head check_room accepts for this record
+    check_room(top, 0, cap, [length])
+    with pytest.raises(CorruptBus):
+        check_room(top + 1, 0, cap, [length])
+
+
+def _fast_get_positions(head: int, tail: int, cap: int) -> bool:
+    return tail < head <= tail + cap and not (head | tail) & 15
+
+
+def _fast_put_positions(head: int, tail: int, cap: int) -> bool:
+    return tail <= head <= tail + cap and head <= 2**64 - 1 - 2 * cap
+
+
+@pytest.mark.parametrize(
+    ("method", "text"),
+    [
+        ("shmbus._consumer:_Consuming._take1_locked", "tail < head <= tail + cap and not (head | tail) & 15"),
+        ("shmbus._producer:_Producing._put_locked", "tail <= head <= tail + cap and head <= U64_MAX - 2*cap"),
+    ],
+)
+def test_the_inline_position_checks_are_the_ones_tested_here(method: str, text: str) -> None:
+    module, qualname = method.split(":")
+    obj: object = __import__(module, fromlist=["_"])
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    source = "".join(inspect.getsource(obj).split())  # type: ignore[arg-type]
+    assert "".join(text.split()) in source
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    cap=st.sampled_from([PAGE, 3 * PAGE]),
+    tail=st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 4 * PAGE)),
+    delta=st.integers(-64, 4 * PAGE),
+    slack=st.integers(0, 15),
+)
+def test_the_inline_position_checks_admit_only_what_check_positions_accepts(
+    cap: int, tail: int, delta: int, slack: int
+) -> None:
+    head = max(tail + delta, 0) + slack
+    tail = tail // ALIGN * ALIGN + (slack if delta % 2 else 0)
+    try:
+        check_positions(head, tail, cap)
+        accepted = True
+    except CorruptBus:
+        accepted = False
+    if _fast_get_positions(head, tail, cap) and head <= 2**64 - 1 - 2 * cap:
+        assert accepted  # the top bound is a writer's: a get stores no position past head
+    if _fast_put_positions(head, tail, cap) and not (head | tail) & 15:
+        assert accepted  # the fast put does not look at alignment: an unaligned head is written at

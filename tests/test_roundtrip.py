@@ -331,8 +331,8 @@ def test_a_hostile_array_header_costs_only_its_message(
 
     real = _ndarray.encode
 
-    def hostile(arr: Any) -> Any:
-        _, body = real(arr)
+    def hostile(arr: Any, pack_meta: Any) -> Any:
+        _, body = real(arr, pack_meta)
         meta = msgpack.packb(["<i4", [float("inf")]])  # the OverflowError of int(inf)
         size = (4 + len(meta) + 15) & ~15
         return (struct.pack("<HH", size, len(meta)) + meta).ljust(size, b"\0"), body

@@ -203,7 +203,7 @@ def _craft_lookalike(path: str, bus_id: str, owner: int) -> None:
         f.seek(0)
         f.write(head + zlib.crc32(head).to_bytes(4, "little"))
     os.chown(path, owner, owner)
-    _sync.unlink_unused(old, shmbus._bus.ALL_ROLES)  # the look-alike's own semaphores: not needed
+    _sync.unlink_unused(old, shmbus._file.ALL_ROLES)  # the look-alike's own semaphores: not needed
 
 
 def scenario_lookalikes() -> None:
