@@ -1,7 +1,7 @@
 """The C fast path against pure Python on damaged and hostile queues (differential).
 
 Two queues are built by the same calls: one handle uses the C path
-(``shmbus/_cfast.c``), the other pure Python (``_accel.drop_fast_path``), and
+(``shmbus/_cfast.c``), the other pure Python (``Queue._drop_fast_path``), and
 their bytes and semaphore values are saved. Each hypothesis case restores both,
 damages both alike (header counters, positions moved near 2**64, holder and
 flag words, record headers, payload bytes, the ``items`` count), then runs the
@@ -115,7 +115,7 @@ class Pair:
     def __init__(self, names: tuple[str, str]) -> None:
         self.c = shmbus.Queue.create(names[0], capacity=CAP)
         self.py = shmbus.Queue.create(names[1], capacity=CAP)
-        _accel.drop_fast_path(self.py)
+        self.py._drop_fast_path()
         assert self.c._fast is not None and self.py._fast is None
         for q in (self.c, self.py):
             _build(q)
@@ -365,7 +365,7 @@ def test_get_many_on_a_damaged_record_consumes_none_of_the_good_ones_before_it(
 ) -> None:
     with _claimed(shmbus.Queue.create(bus_name, capacity=CAP)) as q:
         if pure:
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         q.put_many([1, 2, 3])  # records of one byte: 32 bytes each
         struct.pack_into("<H", q._ring, 32 + 6, 7)  # the second's state
         for _ in range(2):
@@ -380,7 +380,7 @@ def test_get_many_on_a_damaged_record_consumes_none_of_the_good_ones_before_it(
 def test_put_many_whose_whole_batch_would_pass_the_top_writes_nothing(bus_name: str, pure: bool) -> None:
     with _claimed(shmbus.Queue.create(bus_name, capacity=CAP)) as q:
         if pure:
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         h = q._h64
         h[Q_HEAD] = h[Q_TAIL] = P64 - 3 * CAP  # fits the ring's start; 2 * the batch passes the top
         batch = [b"x" * 100] * 20  # 20 spans of 128: one ring's worth at most
@@ -396,7 +396,7 @@ def test_put_many_whose_whole_batch_would_pass_the_top_writes_nothing(bus_name: 
 def test_get_many_refuses_positions_past_the_top_as_python_does(bus_name: str, pure: bool) -> None:
     with _claimed(shmbus.Queue.create(bus_name, capacity=CAP)) as q:
         if pure:
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         q.put_many([1, 2])
         h = q._h64
         h[Q_HEAD] += P64 - CAP  # same ring offsets, within one ring of 2**64

@@ -78,7 +78,7 @@ from conftest import run as _run
 from conftest import wait_until_blocked as _wait_until_blocked
 
 import shmbus
-from shmbus import _accel, _faults, _mutex, _recovery, _sync
+from shmbus import _faults, _mutex, _recovery, _sync
 from shmbus._format import (
     I_SPACE_WAITING,
     M_HEAD,
@@ -621,7 +621,7 @@ def test_holder_killed_the_instant_after_taking_the_lock(
 def _wait_for_the_lock(path: str, role: str, blocking: Any) -> tuple[float, Any]:
     """Child: put (head) or get (tail), which waits for the lock another process holds."""
     q = shmbus.Queue.open(path)
-    _accel.drop_fast_path(q)  # the Python path waits on the mutex itself (C only tries it)
+    q._drop_fast_path()  # the Python path waits on the mutex itself (C only tries it)
     _claim(q)
     blocking.set()
     if role == "head":
@@ -713,7 +713,7 @@ def _get_and_die_before_recording_the_token(conn: Connection, path: str) -> None
     q = shmbus.Queue.open(path)
     # The C fast path has the same window (between sem_trywait and storing the
     # count) but no place to die in it: take the Python path to die there.
-    _accel.drop_fast_path(q)
+    q._drop_fast_path()
     q._take1 = lambda *a: _die()  # type: ignore[method-assign]  # the token is taken, not yet recorded
     conn.send(time.monotonic())
     q.get(timeout=CHILD_TIMEOUT)
@@ -754,7 +754,7 @@ def _get_and_die_before_posting_space(conn: Connection, path: str) -> None:
     q = shmbus.Queue.open(path)
     # The C fast path posts 'space' itself, between the same two stores (and
     # leaves the same state behind if killed there): take the Python path to die there.
-    _accel.drop_fast_path(q)
+    q._drop_fast_path()
     q._space = _DieOnRelease(q._space)  # type: ignore[assignment]
     conn.send(time.monotonic())
     q.get_many(1, timeout=CHILD_TIMEOUT)  # clears space_waiting, dies before posting 'space'
