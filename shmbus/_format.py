@@ -209,6 +209,7 @@ __all__ = [
     "TIME_SAMPLES",
     "SAMPLE_EVERY",
     "SAMPLE_WRITING",
+    "sample_due",
     "PARTICIPANT_SIZE",
     "WAIT_FLAGS",
     "MAX_SUBSCRIBERS",
@@ -391,8 +392,18 @@ Q_TASKS_DONE: Final = _u64(HEADER_FIELDS, "tasks_done")
 # Time samples: entries of (seq, time_ns) as u64 pairs from this index (see the docstring).
 TIME_SAMPLES: Final = 8
 Q_TIME_SAMPLES: Final = _at(HEADER_FIELDS, "time_samples", TIME_SAMPLES * 16) // 8
-SAMPLE_EVERY: Final = 256  # producers test ``seq & 255`` inline: change both together
+SAMPLE_EVERY: Final = 256  # producers test ``seq & 255`` inline (see sample_due): change both together
 SAMPLE_WRITING: Final = (1 << 64) - 1  # the seq of an entry being written
+
+
+def sample_due(last: int, count: int) -> bool:
+    """True if one of ``count`` messages published together, the last with seq ``last``, gets a time sample.
+
+    That is, if one of their seqs is a multiple of ``SAMPLE_EVERY``. The
+    per-message paths inline this as ``last & 255 < count`` (a call costs
+    more than the test); tests/test_format.py checks the two agree.
+    """
+    return last % SAMPLE_EVERY < count
 
 _UINT: Final = {1: "B", 2: "H", 4: "I", 8: "Q"}
 RECORD: Final = struct.Struct("<" + "".join(_UINT[f.size] for f in RECORD_FIELDS))  # "<IHHQ"

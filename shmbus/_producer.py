@@ -101,7 +101,7 @@ class _Producing(_QueueBase):
         try:
             h = self._h64
             seq = h[Q_NEXT_SEQ]
-            if k and (seq - 1) & 255 < k:  # as in _publish: a time sample is due
+            if k and (seq - 1) & 255 < k:  # _format.sample_due(seq - 1, k), inline: a per-put path
                 record_time(h, (seq - 1) & ~255)
             n = k + self._write(batch[k:], deadline) if k < len(batch) else k
         except BaseException as e:
@@ -290,7 +290,7 @@ class _Producing(_QueueBase):
             _faults.hit("put:mid-publish")
         h[Q_BYTES_IN] = (h[Q_BYTES_IN] + nbytes) & _U64  # a statistic: wraps, like bytes_out
         h[Q_HEAD] = head
-        if (seq - 1) & 255 < count:  # one of them is a multiple of 256: a time sample (_format)
+        if (seq - 1) & 255 < count:  # _format.sample_due(seq - 1, count), inline: a per-put path
             record_time(h, (seq - 1) & ~255)
         if _faults.armed:
             _faults.hit("put:before-post")
