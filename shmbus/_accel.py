@@ -17,7 +17,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _cconst
+from . import _cconst, _faults
 from ._cconst import PUT_DONE, PUT_HELD, PUT_NOT_TAKEN
 from ._format import Layout
 
@@ -61,7 +61,19 @@ def _load() -> ModuleType | None:
     return _cfast if check_constants(_cfast) else None
 
 
+def _c_step(step: str) -> None:
+    """What C calls at a named crash step while one is armed (``_faults``)."""
+    _faults.hit(step)
+
+
+def _arm_c(armed: bool) -> None:
+    assert _cfast is not None
+    _cfast.set_fault_hook(_c_step if armed else None)
+
+
 _cfast = _load()
+if _cfast is not None:
+    _faults.watch(_arm_c)
 # FastQueue.get_obj returns a message, a record, or one of these (never a message).
 NO_TOKEN: Any = _cfast.NO_TOKEN if _cfast is not None else object()
 HAS_TOKEN: Any = _cfast.HAS_TOKEN if _cfast is not None else object()

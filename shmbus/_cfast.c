@@ -5,8 +5,8 @@
  * each, with exactly the stores the pure-Python path makes and in the same
  * order (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take).
  * Whatever is not the common case -- a busy lock, a record that wraps, a full
- * ring, a maxsize queue, a damaged record, a bytes or ndarray message, fault
- * injection -- is handed back to Python, which checks, waits, recovers and
+ * ring, a maxsize queue, a damaged record, a bytes or ndarray message -- is
+ * handed back to Python, which checks, waits, recovers and
  * raises. So this file never waits, never raises a shmbus error, and never
  * trusts a value read from the shared file: every position is checked before
  * it is used to address memory.
@@ -95,6 +95,26 @@ typedef struct {
 /* get_obj's results when it returns no message (never a decoded object). */
 static PyObject *NoToken, *HasToken;
 
+/* The crash tests' named steps (shmbus/_faults.py), at the same stores as in Python:
+ * fault_hook is NULL unless a step is armed (set_fault_hook), so a step costs one
+ * load and a branch never taken. The hook (_faults.hit) kills or stops the process
+ * there; it never returns an error but from a broken test, which goes to
+ * sys.unraisablehook: half an operation cannot be abandoned here. */
+static PyObject *fault_hook;
+
+static void fault_hit(const char *step) {
+    PyObject *hook = Py_NewRef(fault_hook); /* the hook may disarm, dropping fault_hook's reference */
+    PyObject *r = PyObject_CallFunction(hook, "s", step);
+    if (r == NULL) PyErr_WriteUnraisable(hook);
+    Py_XDECREF(r);
+    Py_DECREF(hook);
+}
+
+#define FAULT(step)                                                   \
+    do {                                                              \
+        if (__builtin_expect(fault_hook != NULL, 0)) fault_hit(step); \
+    } while (0)
+
 static inline uint64_t ld64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void st64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline uint32_t ld32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -129,7 +149,7 @@ static int take_lock(FastQueue *q, pthread_mutex_t *m, int repair) {
     return 1;
 }
 
-/* _bus.record_time: message seq (a multiple of sample_every) is published now. */
+/* _bus.record_time: message seq (a multiple of SAMPLE_EVERY) is published now. */
 static void store_sample(FastQueue *q, Py_ssize_t entry, uint64_t seq, uint64_t now) {
     uint64_t *e = H64(q, Q_TIME_SAMPLES) + 2 * entry;
     st64(e, SAMPLE_WRITING); /* seq last: a reader seeing the same seq around the time has a whole entry */
@@ -314,14 +334,17 @@ static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int b
         memcpy(rec + REC_SEQ, &rseq, 8);
         head += span;
         nbytes += n;
+        FAULT("put:after-write");
     }
     if (k) {
         st64(H64(q, Q_NEXT_SEQ), seq + (uint64_t)k);
+        FAULT("put:mid-publish");
         st64(H64(q, Q_BYTES_IN), ld64(H64(q, Q_BYTES_IN)) + nbytes);
         st64(H64(q, Q_HEAD), head);
-        /* One of them a multiple of sample_every: a time sample (as _publish does). */
+        /* One of them a multiple of SAMPLE_EVERY: a time sample (as _publish does). */
         uint64_t last = seq + (uint64_t)k - 1;
         if (last % SAMPLE_EVERY < (uint64_t)k) record_time(q, last - last % SAMPLE_EVERY);
+        FAULT("put:before-post");
         for (Py_ssize_t i = 0; i < k; i++) sem_post(q->items);
     }
     return k;
@@ -333,6 +356,7 @@ static PyObject *put_result(Py_ssize_t written, int code) { return PyLong_FromSs
  * a single put that wrote nothing released the lock and goes to Python whole. */
 static PyObject *put_msgs(FastQueue *q, Msg *msgs, Py_ssize_t count, int batch) {
     if (!take_lock(q, q->head, I_HEAD_REPAIR)) return put_result(0, PUT_NOT_TAKEN);
+    FAULT("put:after-lock");
     Py_ssize_t k = write_records(q, msgs, count, batch);
     if (k < count && (batch || k)) {
         PyObject *r = put_result(k, PUT_HELD);
@@ -506,11 +530,14 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
         }
     }
     if (j) {
+        FAULT("get:after-copy");
         st64(H64(q, Q_TAIL_SEQ), seq);
+        FAULT("get:mid-commit");
         st64(H64(q, Q_TAIL), tail);
         /* Statistics after the commit, as in Python (modulo 2**64 there too); then the tokens field. */
         st64(H64(q, Q_BYTES_OUT), ld64(H64(q, Q_BYTES_OUT)) + nbytes);
         st64(tok, (uint64_t)(k - j));
+        FAULT("get:before-unlock");
         if (ld32(H32(q, I_SPACE_WAITING))) {
             st32(H32(q, I_SPACE_WAITING), 0);
             sem_post(q->space);
@@ -578,7 +605,9 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
     uint64_t *tok = q->h64 + tokens;
     st64(tok, (uint64_t)k);
     *tokp = tok;
+    FAULT("get:after-token");
     if (!take_lock(q, q->tail, I_TAIL_REPAIR)) return Py_NewRef(Py_None);
+    FAULT("get:after-lock");
     PyObject *out = many ? PyList_New(0) : NULL, *one = NULL;
     Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, tok, out, &one);
     if (j < 0) {
@@ -722,6 +751,22 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
     return r;
 }
 
+/* set_fault_hook(hook or None): call hook(step) at each named step (_faults arms and disarms it). */
+static PyObject *set_fault_hook(PyObject *Py_UNUSED(module), PyObject *hook) {
+    if (hook != Py_None && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "set_fault_hook(callable or None)");
+        return NULL;
+    }
+    Py_XSETREF(fault_hook, hook == Py_None ? NULL : Py_NewRef(hook));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_fault_hook", (PyCFunction)set_fault_hook, METH_O,
+     "set_fault_hook(hook or None): call hook(step) at each crash-test step (shmbus/_faults.py)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyObject *fq_close(FastQueue *q, PyObject *Py_UNUSED(unused)) {
     fq_release(q);
     Py_RETURN_NONE;
@@ -779,7 +824,7 @@ static PyTypeObject FastQueueType = {
 };
 
 static struct PyModuleDef cfast_module = {
-    PyModuleDef_HEAD_INIT, "shmbus._cfast", "The Queue's hot path in C (optional).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "shmbus._cfast", "The Queue's hot path in C (optional).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__cfast(void) {

@@ -46,7 +46,7 @@ class _Producing(_QueueBase):
         if timeout is not None and timeout < 0:  # before C may leave the lock held
             raise ValueError(_BAD_TIMEOUT)
         fast = self._fast
-        if fast is not None and not _faults.armed:
+        if fast is not None:
             # C: the whole put, encoding included, when obj is of a plain type,
             # the head lock is free and the record fits without a wrap;
             # otherwise it hands back, with the lock or without.
@@ -63,7 +63,7 @@ class _Producing(_QueueBase):
     def _put_one(self, enc: Encoded, block: bool, timeout: float | None) -> None:
         """Put one encoded message: C when it can, the Python paths otherwise."""
         fast = self._fast
-        if fast is not None and enc[3] <= self._max_payload and not _faults.armed:
+        if fast is not None and enc[3] <= self._max_payload:
             # C with Python's encoding (bytes, arrays, subclasses...): as in put.
             r = fast.put(*enc)
             if r == _ONE_DONE:
@@ -159,7 +159,7 @@ class _Producing(_QueueBase):
 
     def _put_many(self, encoded: list[Encoded], block: bool, timeout: float | None) -> None:
         fast = self._fast
-        if fast is not None and not _faults.armed:
+        if fast is not None:
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
             deadline = _deadline(block, timeout)  # before C may leave the lock held
             had = self._head_lock.mutex.expect()  # C may hand it over held (PUT_HELD)

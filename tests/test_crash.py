@@ -78,7 +78,7 @@ from conftest import run as _run
 from conftest import wait_until_blocked as _wait_until_blocked
 
 import shmbus
-from shmbus import _faults, _mutex, _recovery, _sync
+from shmbus import _accel, _faults, _mutex, _recovery, _sync
 from shmbus._format import (
     I_SPACE_WAITING,
     M_HEAD,
@@ -166,13 +166,17 @@ def _claim(bus: Any) -> None:
 
 
 def _kill_at_step(
-    conn: Connection, path: str, kind: str, step: str, op: str, ready: Any = None, go: Any = None
-) -> None:
+    conn: Connection, path: str, kind: str, step: str, op: str, ready: Any = None, go: Any = None,
+    pure: bool = False,
+) -> None:  # fmt: skip
     """Child: open the bus, send the time, arm ``step`` and run ``op``; dies at the step.
 
     With ``ready``/``go``: claim, say so, and wait for ``go`` first (to die beside another).
+    ``pure``: a Queue handle without the C fast path (which reaches the same steps).
     """
     bus: Any = shmbus.Queue.open(path) if kind == "queue" else shmbus.Topic.open(path)
+    if pure:
+        bus._drop_fast_path()
     if ready is not None:
         _claim(bus)
         ready.set()
@@ -370,10 +374,16 @@ QUEUE_CASES = [
     if step.startswith(("put:", "get:"))
     for op in (["put", "put_many"] if step.startswith("put:") else ["get", "get_many"])
 ]
+# Each case with the C fast path (when built: it reaches the same steps) and without.
+PATHS = [
+    pytest.param("c", marks=pytest.mark.skipif(not _accel.ENABLED, reason="no C fast path here")),
+    "python",
+]
 
 
+@pytest.mark.parametrize("impl", PATHS)
 @pytest.mark.parametrize(("step", "op"), QUEUE_CASES)
-def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, op: str) -> None:
+def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, op: str, impl: str) -> None:
     caplog.set_level(logging.WARNING, logger="shmbus")
     q = shmbus.Queue.create(bus_name, capacity="64KiB")
     before = [make_msg(0, n) for n in range(6)]
@@ -381,7 +391,7 @@ def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, 
         q.put(m)
     dead_batch = [make_msg(1, n) for n in range(3 if op.endswith("_many") else 1)]
 
-    child, t_kill = _crash(procs, _kill_at_step, q.path, "queue", step, op)
+    child, t_kill = _crash(procs, _kill_at_step, q.path, "queue", step, op, None, None, impl == "python")
 
     # Gets first, then a put and its get: each waits for whatever the dead child
     # held (its lock, its items tokens) and frees it.
