@@ -4,7 +4,10 @@ A bus file is a header followed by the ring. All integers are little-endian
 (shmbus reads the counters in native order, so it runs on little-endian
 machines only: x86-64 and arm64, which is every Linux target in practice).
 ``docs/format.md`` mirrors this docstring; change both together and bump
-``VERSION`` when the layout changes.
+``VERSION`` when the layout changes. The field tables below (``HEADER_FIELDS``
+and the others) are the machine-readable form: the offsets derive from them,
+tests/test_spec.py checks docs/format.md against them, and
+tools/gen_cheader.py writes the C fast path's constants from them.
 
 ::
 
@@ -59,7 +62,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        296     8  sems_dev u64       create, reopener  st_dev of the file that made the semaphores
        304     8  sems_ino u64       create, reopener  st_ino of that file: a copy (another inode)
                                                    or look-alike never owns its id's semaphores
-       312     1  sems byte          -                 no data: an OFD write lock on it serializes
+       312     1  sems_byte          -                 no data: an OFD write lock on it serializes
                                                    recreating missing semaphores
        313     7  reserved           -                 zero
        320     8  scratch u64        Queue consumers   where a consumer with no participant slot
