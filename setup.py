@@ -11,6 +11,7 @@ setup(
         Extension(
             "shmbus._cfast",
             ["shmbus/_cfast.c"],
+            depends=["shmbus/_format.h"],  # generated: python tools/gen_cheader.py
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             extra_link_args=["-pthread"],

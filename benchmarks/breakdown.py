@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         q.put(MESSAGE)  # claim the participant slot and fault in the first pages
         q.get()
         c_steps = measure_c(q, args.calls) if q._fast is not None else []
-        _accel.drop_fast_path(q)
+        q._drop_fast_path()
         steps = measure(q, args.calls)
     finally:
         q.close()

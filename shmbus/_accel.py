@@ -5,67 +5,75 @@ One job: decide whether the Queue's single put and get run in C
 the common case and hands everything else back, so it changes speed, never
 behaviour: the whole suite runs both ways (``SHMBUS_PURE_PYTHON=1`` forces
 pure Python, as does a machine where the extension could not be compiled).
+An extension compiled with another value of any format constant than this
+Python's (``_cconst``) is refused with a warning, never run.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _ring
-from ._format import (
-    ALIGN,
-    I_HEAD_REPAIR,
-    I_SPACE_WAITING,
-    I_TAIL_REPAIR,
-    M_HEAD,
-    M_TAIL,
-    Q_BYTES_IN,
-    Q_BYTES_OUT,
-    Q_HEAD,
-    Q_NEXT_SEQ,
-    Q_TAIL,
-    Q_TAIL_SEQ,
-    Q_TIME_SAMPLES,
-    RECORD,
-    SAMPLE_EVERY,
-    TIME_SAMPLES,
-)
-from ._mutex import MUTEX_SIZE
+from . import _cconst, _faults
+from ._cconst import PUT_DONE, PUT_HELD, PUT_NOT_TAKEN
+from ._format import Layout
 
 if TYPE_CHECKING:
-    from ._queue import Queue
+    from ._cfast import FastQueue
 
 __all__ = [
     "ENABLED", "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD",
     "NO_TOKEN", "HAS_TOKEN", "SPIN_MAX",
-    "queue_fast_path", "drop_fast_path",
+    "check_constants", "queue_fast_path",
 ]  # fmt: skip
 
-# FastQueue.put / put_many return ``written << 2 | code`` with these codes (see _cfast.c).
-PUT_NOT_TAKEN, PUT_DONE, PUT_HELD = 0, 1, 2
+CodecParts = tuple[Callable[[Any], bytes], "Callable[..., Any] | None", dict[str, Any]]
 
 
-def _load() -> Any:
+def check_constants(module: ModuleType) -> bool:
+    """True if ``module`` (the extension) was compiled with this Python's constants.
+
+    Otherwise warns (``RuntimeWarning``), naming each constant that differs, so
+    that a stale build is never run silently.
+    """
+    bad = _cconst.mismatches(getattr(module, "CONSTANTS", {}))
+    if bad:
+        warnings.warn(
+            f"shmbus: the C fast path was compiled with other values of {', '.join(bad)} than "
+            "shmbus/_format.py and its peers; running in pure Python. Rebuild it: "
+            "`python tools/gen_cheader.py && python setup.py build_ext --inplace`",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return not bad
+
+
+def _load() -> ModuleType | None:
     if os.environ.get("SHMBUS_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
-        from . import _cfast  # type: ignore[attr-defined]
+        from . import _cfast
     except ImportError:
         return None
-    # The C code hard-codes the record header; refuse it if the format moved on.
-    if (
-        RECORD.format != "<IHHQ"
-        or RECORD.size != _cfast.RECORD_SIZE
-        or _cfast.ALIGN != ALIGN
-        or _cfast.MUTEX_SIZE > MUTEX_SIZE
-        or TIME_SAMPLES != 8
-    ):
-        return None
-    return _cfast
+    return _cfast if check_constants(_cfast) else None
+
+
+def _c_step(step: str) -> None:
+    """What C calls at a named crash step while one is armed (``_faults``)."""
+    _faults.hit(step)
+
+
+def _arm_c(armed: bool) -> None:
+    assert _cfast is not None
+    _cfast.set_fault_hook(_c_step if armed else None)
 
 
 _cfast = _load()
+if _cfast is not None:
+    _faults.watch(_arm_c)
 # FastQueue.get_obj returns a message, a record, or one of these (never a message).
 NO_TOKEN: Any = _cfast.NO_TOKEN if _cfast is not None else object()
 HAS_TOKEN: Any = _cfast.HAS_TOKEN if _cfast is not None else object()
@@ -73,29 +81,20 @@ SPIN_MAX: float = _cfast.SPIN_MAX if _cfast is not None else 0.0  # the longest 
 ENABLED: bool = _cfast is not None  # shown by ``shmbus bench`` and ``shmbus info``
 
 
-def queue_fast_path(q: Queue) -> Any:
-    """A ``FastQueue`` for this handle, or None (pure Python, or a queue with ``maxsize``)."""
-    if _cfast is None or q._slots is not None:
+def queue_fast_path(
+    mapping: Any, layout: Layout, sem_names: tuple[str, str], codec: CodecParts, max_payload: int
+) -> FastQueue | None:
+    """A ``FastQueue`` on ``mapping``, or None (pure Python, or semaphores C cannot open).
+
+    ``sem_names``: the (items, space) semaphores; ``codec``: what
+    ``Codec._c_parts`` gives; ``max_payload``: larger messages go to Python.
+    """
+    if _cfast is None:
         return None
-    s = q._sems
     try:
-        fast = _cfast.FastQueue(
-            q._mm, q._layout.ring_offset, q._layout.capacity,
-            SAMPLE_EVERY, _ring.HOT_WINDOW, _ring.NEAR_EMPTY,
-            (s["items"].name, s["space"].name),
-            (Q_HEAD, Q_TAIL, Q_NEXT_SEQ, Q_TAIL_SEQ, Q_BYTES_IN, Q_BYTES_OUT, Q_TIME_SAMPLES),
-            (I_HEAD_REPAIR, I_TAIL_REPAIR, I_SPACE_WAITING),
-            (M_HEAD, M_TAIL),
-        )  # fmt: skip
+        fast: FastQueue = _cfast.FastQueue(mapping, layout.ring_offset, layout.capacity, sem_names)
     except OSError:
         return None  # a semaphore we cannot open by name: the Python path opens its own
-    pack, unpack, unpack_kwargs = q._codec._c_parts()
-    fast.set_codec(pack, unpack, unpack_kwargs, q._max_payload)
+    pack, unpack, unpack_kwargs = codec
+    fast.set_codec(pack, unpack, unpack_kwargs, max_payload)
     return fast
-
-
-def drop_fast_path(q: Queue) -> None:
-    """Make this handle use pure Python from now on (the benchmark's "pure" rows)."""
-    fast, q._fast = q._fast, None
-    if fast is not None:
-        fast.close()

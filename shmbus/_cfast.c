@@ -5,16 +5,18 @@
  * each, with exactly the stores the pure-Python path makes and in the same
  * order (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take).
  * Whatever is not the common case -- a busy lock, a record that wraps, a full
- * ring, a maxsize queue, a damaged record, a bytes or ndarray message, fault
- * injection -- is handed back to Python, which checks, waits, recovers and
+ * ring, a maxsize queue, a damaged record, a bytes or ndarray message -- is
+ * handed back to Python, which checks, waits, recovers and
  * raises. So this file never waits, never raises a shmbus error, and never
  * trusts a value read from the shared file: every position is checked before
  * it is used to address memory.
  *
- * Header word indices come from shmbus/_format.py (the only module that knows
- * byte offsets) through the constructor. The record header is the format's
- * "<IHHQ" (length, kind, state, seq), 16 bytes, records aligned to 16:
- * _accel.py checks those against _format before it loads us.
+ * Every number of the format (header word indices, mutex offsets, the record
+ * header, kinds, states, time samples), of the codec and of our calling
+ * convention comes from shmbus/_format.h, which tools/gen_cheader.py writes
+ * from the Python modules that define them (shmbus/_cconst.py lists them).
+ * CONSTANTS hands back the values we were compiled with, and _accel.py
+ * refuses us if one differs from Python's.
  *
  * Locks: the head and tail locks are robust process-shared mutexes in the
  * header (shmbus/_mutex.py); we only ever trylock them, and we release them
@@ -40,6 +42,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_format.h"
+
 #if PY_VERSION_HEX < 0x030A0000 /* Py_NewRef is 3.10+; we support 3.9 */
 static inline PyObject *Py_NewRef(PyObject *o) {
     Py_INCREF(o);
@@ -47,32 +51,27 @@ static inline PyObject *Py_NewRef(PyObject *o) {
 }
 #endif
 
-#define REC_SIZE 16
-#define ALIGN_MASK 15
-#define REC_MSGPACK 1
-#define REC_RAW 2
-#define REC_WRAP 3
-#define REC_NDARRAY 4
-#define STATE_COMMITTED 1
-/* msgpack bin 8/16/32 first bytes: a bytes message, which Python returns without decoding */
-#define BIN8 0xc4
-#define BIN32 0xc6
-
-/* put()/put_many() result codes (low 2 bits; the rest is how many were written), see _accel.py */
-#define PUT_NOT_TAKEN 0 /* head lock busy or needing repair, no room, or closed: nothing done */
-#define PUT_DONE 1      /* all written, published, tokens posted, lock released */
+#define ALIGN_MASK (ALIGN - 1)
 /* The longest C spins for a message, holding the GIL (other threads of the process wait). */
 #define SPIN_MAX_S 200e-6
+/* put()/put_many() return written << 2 | PUT_* (see _cconst.py); put_obj may return PUT_PYTHON. */
 
-#define PUT_PYTHON -1   /* put_obj only: nothing done, Python encodes and puts */
-#define PUT_HELD 2      /* put_many only: the first ones written, published and posted; the
-                           lock is still held: Python writes the rest */
-
-
-enum { W_HEAD, W_TAIL, W_NEXT_SEQ, W_TAIL_SEQ, W_BYTES_IN, W_BYTES_OUT, W_SAMPLES, N_W64 };
-enum { W_HEAD_REPAIR, W_TAIL_REPAIR, W_SPACE_WAITING, N_W32 };
-#define TIME_SAMPLES 8
-#define SAMPLE_WRITING UINT64_MAX
+/* Every word and mutex we address lies in the header, before any ring. */
+_Static_assert(sizeof(pthread_mutex_t) <= MUTEX_SIZE, "a mutex larger than its room in the header");
+_Static_assert(M_HEAD % 8 == 0 && M_TAIL % 8 == 0, "mutexes are 8-aligned");
+_Static_assert(M_HEAD + MUTEX_SIZE <= HEADER_MIN && M_TAIL + MUTEX_SIZE <= HEADER_MIN, "mutex out of the header");
+_Static_assert((Q_TIME_SAMPLES + 2 * TIME_SAMPLES) * 8 <= HEADER_MIN, "time samples out of the header");
+_Static_assert(Q_HEAD < HEADER_MIN / 8 && Q_TAIL < HEADER_MIN / 8 && Q_NEXT_SEQ < HEADER_MIN / 8 &&
+                   Q_TAIL_SEQ < HEADER_MIN / 8 && Q_BYTES_IN < HEADER_MIN / 8 && Q_BYTES_OUT < HEADER_MIN / 8,
+               "u64 word out of the header");
+_Static_assert(I_HEAD_REPAIR < HEADER_MIN / 4 && I_TAIL_REPAIR < HEADER_MIN / 4 &&
+                   I_SPACE_WAITING < HEADER_MIN / 4,
+               "u32 word out of the header");
+_Static_assert(RECORD_SIZE == ALIGN && (ALIGN & ALIGN_MASK) == 0, "a record header is one alignment unit");
+_Static_assert(REC_LENGTH + 4 <= RECORD_SIZE && REC_KIND + 2 <= RECORD_SIZE && REC_STATE + 2 <= RECORD_SIZE &&
+                   REC_SEQ + 8 <= RECORD_SIZE,
+               "record header fields out of the record header");
+_Static_assert(SAMPLE_EVERY > 0 && (SAMPLE_EVERY & (SAMPLE_EVERY - 1)) == 0, "a power of two");
 
 typedef struct {
     PyObject_HEAD
@@ -82,10 +81,6 @@ typedef struct {
     uint32_t *h32;
     unsigned char *ring;
     uint64_t cap;
-    uint64_t sample_every; /* one message in this many gets a time sample (_format) */
-    uint64_t hot_window, near_empty; /* _ring's: a record that wraps early goes to Python */
-    Py_ssize_t w64[N_W64];
-    Py_ssize_t w32[N_W32];
     pthread_mutex_t *head, *tail; /* in the mapping */
     sem_t *items, *space;
     PyObject *last;       /* what the last get handed out (take_last: a signal's exception lost it) */
@@ -100,15 +95,38 @@ typedef struct {
 /* get_obj's results when it returns no message (never a decoded object). */
 static PyObject *NoToken, *HasToken;
 
+/* The crash tests' named steps (shmbus/_faults.py), at the same stores as in Python:
+ * fault_hook is NULL unless a step is armed (set_fault_hook), so a step costs one
+ * load and a branch never taken. The hook (_faults.hit) kills or stops the process
+ * there; it never returns an error but from a broken test, which goes to
+ * sys.unraisablehook: half an operation cannot be abandoned here. */
+static PyObject *fault_hook;
+
+static void fault_hit(const char *step) {
+    PyObject *hook = Py_NewRef(fault_hook); /* the hook may disarm, dropping fault_hook's reference */
+    PyObject *r = PyObject_CallFunction(hook, "s", step);
+    if (r == NULL) PyErr_WriteUnraisable(hook);
+    Py_XDECREF(r);
+    Py_DECREF(hook);
+}
+
+#define FAULT(step)                                                   \
+    do {                                                              \
+        if (__builtin_expect(fault_hook != NULL, 0)) fault_hit(step); \
+    } while (0)
+
 static inline uint64_t ld64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void st64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline uint32_t ld32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void st32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
-#define H64(q, w) ((q)->h64 + (q)->w64[w])
-#define H32(q, w) ((q)->h32 + (q)->w32[w])
+/* Header words by their u64 index (Q_*) or u32 index (I_*). */
+#define H64(q, w) ((q)->h64 + (w))
+#define H32(q, w) ((q)->h32 + (w))
 
-static inline uint64_t span_of(uint64_t length) { return (REC_SIZE + length + ALIGN_MASK) & ~(uint64_t)ALIGN_MASK; }
+static inline uint64_t span_of(uint64_t length) {
+    return (RECORD_SIZE + length + ALIGN_MASK) & ~(uint64_t)ALIGN_MASK;
+}
 
 static void lock_release(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
 
@@ -131,9 +149,9 @@ static int take_lock(FastQueue *q, pthread_mutex_t *m, int repair) {
     return 1;
 }
 
-/* _bus.record_time: message seq (a multiple of sample_every) is published now. */
+/* _bus.record_time: message seq (a multiple of SAMPLE_EVERY) is published now. */
 static void store_sample(FastQueue *q, Py_ssize_t entry, uint64_t seq, uint64_t now) {
-    uint64_t *e = H64(q, W_SAMPLES) + 2 * entry;
+    uint64_t *e = H64(q, Q_TIME_SAMPLES) + 2 * entry;
     st64(e, SAMPLE_WRITING); /* seq last: a reader seeing the same seq around the time has a whole entry */
     st64(e + 1, now);
     st64(e, seq);
@@ -143,9 +161,9 @@ static void record_time(FastQueue *q, uint64_t seq) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    store_sample(q, (Py_ssize_t)((seq / q->sample_every) & 3), seq, now);
+    store_sample(q, (Py_ssize_t)((seq / SAMPLE_EVERY) & 3), seq, now);
     for (int k = 1; k < TIME_SAMPLES - 3; k++) {
-        if (seq % (q->sample_every << (3 * k))) break;
+        if (seq % (SAMPLE_EVERY << (3 * k))) break;
         store_sample(q, 3 + k, seq, now);
     }
 }
@@ -180,23 +198,6 @@ static void fq_dealloc(FastQueue *q) {
     Py_TYPE(q)->tp_free((PyObject *)q);
 }
 
-static int read_indices(PyObject *seq, Py_ssize_t *out, Py_ssize_t n, Py_ssize_t limit, const char *what) {
-    if (!PyTuple_Check(seq) || PyTuple_GET_SIZE(seq) != n) {
-        PyErr_Format(PyExc_ValueError, "%s: a tuple of %zd indices is needed", what, n);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t v = PyLong_AsSsize_t(PyTuple_GET_ITEM(seq, i));
-        if (v == -1 && PyErr_Occurred()) return -1;
-        if (v < 0 || v >= limit) {
-            PyErr_Format(PyExc_ValueError, "%s: index %zd out of the header", what, v);
-            return -1;
-        }
-        out[i] = v;
-    }
-    return 0;
-}
-
 static sem_t *open_sem(PyObject *name) {
     const char *s = PyUnicode_AsUTF8(name);
     if (s == NULL) return NULL;
@@ -208,38 +209,24 @@ static sem_t *open_sem(PyObject *name) {
     return sem;
 }
 
-/* FastQueue(mapping, ring_offset, capacity, sample_every, hot_window, near_empty,
- *           (items, space) semaphore names, u64 word indices, u32 word indices,
- *           (head, tail) mutex byte offsets): all lie before ring_offset. */
+/* FastQueue(mapping, ring_offset, capacity, (items, space) semaphore names). */
 static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
-    PyObject *buf, *names, *w64, *w32;
-    Py_ssize_t ring_offset, m_head, m_tail;
-    unsigned long long cap, sample_every, hot_window, near_empty;
-    if (!PyArg_ParseTuple(args, "OnKKKKO!O!O!(nn)", &buf, &ring_offset, &cap, &sample_every, &hot_window,
-                          &near_empty, &PyTuple_Type, &names, &PyTuple_Type, &w64, &PyTuple_Type, &w32, &m_head,
-                          &m_tail))
-        return -1;
+    PyObject *buf, *names;
+    Py_ssize_t ring_offset;
+    unsigned long long cap;
+    if (!PyArg_ParseTuple(args, "OnKO!", &buf, &ring_offset, &cap, &PyTuple_Type, &names)) return -1;
     fq_release(q);
     if (PyTuple_GET_SIZE(names) != 2) {
         PyErr_SetString(PyExc_ValueError, "two semaphore names are needed");
         return -1;
     }
-    Py_ssize_t msize = (Py_ssize_t)sizeof(pthread_mutex_t);
-    if (m_head < 0 || m_tail < 0 || m_head % 8 || m_tail % 8 || m_head + msize > ring_offset ||
-        m_tail + msize > ring_offset) {
-        PyErr_SetString(PyExc_ValueError, "mutex offsets out of the header");
+    if (ring_offset < HEADER_MIN || ring_offset % 8) {
+        PyErr_SetString(PyExc_ValueError, "bad ring offset");
         return -1;
     }
-    if (ring_offset <= 0 || ring_offset % 8 || sample_every == 0 || sample_every & (sample_every - 1)) {
-        PyErr_SetString(PyExc_ValueError, "bad ring offset or sample interval");
-        return -1;
-    }
-    if (read_indices(w64, q->w64, N_W64, ring_offset / 8 - 2 * TIME_SAMPLES, "u64 words") < 0) return -1;
-    if (read_indices(w32, q->w32, N_W32, ring_offset / 4, "u32 words") < 0) return -1;
     if (PyObject_GetBuffer(buf, &q->view, PyBUF_WRITABLE) < 0) return -1;
     q->has_view = 1;
-    if (cap == 0 || cap % (ALIGN_MASK + 1) || cap > UINT64_MAX / 4 ||
-        (uint64_t)q->view.len < (uint64_t)ring_offset + cap) {
+    if (cap == 0 || cap % ALIGN || cap > UINT64_MAX / 4 || (uint64_t)q->view.len < (uint64_t)ring_offset + cap) {
         fq_release(q);
         PyErr_SetString(PyExc_ValueError, "mapping smaller than header + ring, or a bad capacity");
         return -1;
@@ -248,11 +235,8 @@ static int fq_init(FastQueue *q, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     q->h32 = (uint32_t *)q->view.buf;
     q->ring = (unsigned char *)q->view.buf + ring_offset;
     q->cap = cap;
-    q->sample_every = sample_every;
-    q->hot_window = hot_window;
-    q->near_empty = near_empty;
-    q->head = (pthread_mutex_t *)((char *)q->view.buf + m_head);
-    q->tail = (pthread_mutex_t *)((char *)q->view.buf + m_tail);
+    q->head = (pthread_mutex_t *)((char *)q->view.buf + M_HEAD);
+    q->tail = (pthread_mutex_t *)((char *)q->view.buf + M_TAIL);
     if ((q->items = open_sem(PyTuple_GET_ITEM(names, 0))) == NULL ||
         (q->space = open_sem(PyTuple_GET_ITEM(names, 1))) == NULL) {
         fq_release(q);
@@ -313,8 +297,8 @@ static void msg_release(Msg *m) {
  * _put_locked, does not). */
 static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int batch) {
     uint64_t cap = q->cap;
-    uint64_t head = ld64(H64(q, W_HEAD)), tail = ld64(H64(q, W_TAIL));
-    uint64_t seq = ld64(H64(q, W_NEXT_SEQ)), nbytes = 0;
+    uint64_t head = ld64(H64(q, Q_HEAD)), tail = ld64(H64(q, Q_TAIL));
+    uint64_t seq = ld64(H64(q, Q_NEXT_SEQ)), nbytes = 0;
     /* Every overflow and damaged position is left to Python's checks. */
     if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap ||
         seq > UINT64_MAX - (uint64_t)count)
@@ -335,29 +319,32 @@ static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int b
         uint64_t span = span_of(n);
         if (n > UINT32_MAX || span > cap - head % cap || head + span - tail > cap) break; /* _ring.place != head */
         /* _ring.place's early wrap (rare: once per HOT_WINDOW bytes at most): Python writes it. */
-        uint64_t used_max = 2 * span > q->near_empty ? 2 * span : q->near_empty;
-        if (head % cap >= q->hot_window && head - tail <= used_max && head + (cap - head % cap) + span - tail <= cap)
+        uint64_t used_max = 2 * span > NEAR_EMPTY ? 2 * span : NEAR_EMPTY;
+        if (head % cap >= HOT_WINDOW && head - tail <= used_max && head + (cap - head % cap) + span - tail <= cap)
             break;
         unsigned char *rec = q->ring + head % cap;
-        memcpy(rec + REC_SIZE, m->prefix, (size_t)m->plen);
-        if (m->blen) memcpy(rec + REC_SIZE + m->plen, m->body, (size_t)m->blen);
+        memcpy(rec + RECORD_SIZE, m->prefix, (size_t)m->plen);
+        if (m->blen) memcpy(rec + RECORD_SIZE + m->plen, m->body, (size_t)m->blen);
         uint32_t len32 = (uint32_t)n;
         uint16_t kind16 = (uint16_t)m->kind, state16 = STATE_COMMITTED;
         uint64_t rseq = seq + (uint64_t)k;
-        memcpy(rec, &len32, 4);
-        memcpy(rec + 4, &kind16, 2);
-        memcpy(rec + 6, &state16, 2);
-        memcpy(rec + 8, &rseq, 8);
+        memcpy(rec + REC_LENGTH, &len32, 4);
+        memcpy(rec + REC_KIND, &kind16, 2);
+        memcpy(rec + REC_STATE, &state16, 2);
+        memcpy(rec + REC_SEQ, &rseq, 8);
         head += span;
         nbytes += n;
+        FAULT("put:after-write");
     }
     if (k) {
-        st64(H64(q, W_NEXT_SEQ), seq + (uint64_t)k);
-        st64(H64(q, W_BYTES_IN), ld64(H64(q, W_BYTES_IN)) + nbytes);
-        st64(H64(q, W_HEAD), head);
-        /* One of them a multiple of sample_every: a time sample (as _publish does). */
+        st64(H64(q, Q_NEXT_SEQ), seq + (uint64_t)k);
+        FAULT("put:mid-publish");
+        st64(H64(q, Q_BYTES_IN), ld64(H64(q, Q_BYTES_IN)) + nbytes);
+        st64(H64(q, Q_HEAD), head);
+        /* One of them a multiple of SAMPLE_EVERY: a time sample (as _publish does). */
         uint64_t last = seq + (uint64_t)k - 1;
-        if (last % q->sample_every < (uint64_t)k) record_time(q, last - last % q->sample_every);
+        if (last % SAMPLE_EVERY < (uint64_t)k) record_time(q, last - last % SAMPLE_EVERY);
+        FAULT("put:before-post");
         for (Py_ssize_t i = 0; i < k; i++) sem_post(q->items);
     }
     return k;
@@ -368,7 +355,8 @@ static PyObject *put_result(Py_ssize_t written, int code) { return PyLong_FromSs
 /* Take the head lock, write what fits, and release it unless put_many has more for Python:
  * a single put that wrote nothing released the lock and goes to Python whole. */
 static PyObject *put_msgs(FastQueue *q, Msg *msgs, Py_ssize_t count, int batch) {
-    if (!take_lock(q, q->head, W_HEAD_REPAIR)) return put_result(0, PUT_NOT_TAKEN);
+    if (!take_lock(q, q->head, I_HEAD_REPAIR)) return put_result(0, PUT_NOT_TAKEN);
+    FAULT("put:after-lock");
     Py_ssize_t k = write_records(q, msgs, count, batch);
     if (k < count && (batch || k)) {
         PyObject *r = put_result(k, PUT_HELD);
@@ -468,29 +456,29 @@ static int rec_at(FastQueue *q, uint64_t t, uint64_t head, uint64_t seq, uint64_
     uint32_t length;
     uint16_t kind, state;
     uint64_t rseq;
-    memcpy(&kind, rec + 4, 2);
-    memcpy(&state, rec + 6, 2);
+    memcpy(&kind, rec + REC_KIND, 2);
+    memcpy(&state, rec + REC_STATE, 2);
     if (kind == REC_WRAP && state == STATE_COMMITTED) {
         t += cap - off; /* no overflow: t < head <= UINT64_MAX - 2 * cap */
         if (t >= head) return -1;
         off = 0;
         rec = q->ring;
-        memcpy(&kind, rec + 4, 2);
-        memcpy(&state, rec + 6, 2);
+        memcpy(&kind, rec + REC_KIND, 2);
+        memcpy(&state, rec + REC_STATE, 2);
     }
-    memcpy(&length, rec, 4);
-    memcpy(&rseq, rec + 8, 8);
+    memcpy(&length, rec + REC_LENGTH, 4);
+    memcpy(&rseq, rec + REC_SEQ, 8);
     if (state != STATE_COMMITTED || (kind != REC_MSGPACK && kind != REC_RAW && kind != REC_NDARRAY))
         return -1;
     /* Inside the ring first: then the span is at most cap, and t + span cannot overflow. */
-    if (off + REC_SIZE + length > cap || t + span_of(length) > head || rseq != seq || rseq >= last) return -1;
-    r->payload = rec + REC_SIZE;
+    if (off + RECORD_SIZE + length > cap || t + span_of(length) > head || rseq != seq || rseq >= last) return -1;
+    r->payload = rec + RECORD_SIZE;
     r->end = t + span_of(length);
     r->length = length;
     r->kind = kind;
     /* A msgpack bin payload (a bytes message) Python copies without its header. */
     if (kind == REC_NDARRAY) return 0;
-    return !(kind == REC_MSGPACK && length && rec[REC_SIZE] >= BIN8 && rec[REC_SIZE] <= BIN32);
+    return !(kind == REC_MSGPACK && length && rec[RECORD_SIZE] >= BIN8 && rec[RECORD_SIZE] <= BIN32);
 }
 
 /* Under the tail lock, holding k items tokens (recorded at *tok): copy out up to k
@@ -504,12 +492,12 @@ static int rec_at(FastQueue *q, uint64_t t, uint64_t head, uint64_t seq, uint64_
  * raises past them). Ours are then the leading records we can copy. */
 static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObject *out, PyObject **one) {
     uint64_t cap = q->cap;
-    uint64_t tail = ld64(H64(q, W_TAIL)), head = ld64(H64(q, W_HEAD));
+    uint64_t tail = ld64(H64(q, Q_TAIL)), head = ld64(H64(q, Q_HEAD));
     /* _ring.check_positions, as Queue._take does (the top bound keeps every sum below from overflowing). */
     if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap)
         return 0;
-    uint64_t seq = ld64(H64(q, W_TAIL_SEQ));
-    uint64_t last = ld64(H64(q, W_NEXT_SEQ)); /* loaded after head, which producers store after it */
+    uint64_t seq = ld64(H64(q, Q_TAIL_SEQ));
+    uint64_t last = ld64(H64(q, Q_NEXT_SEQ)); /* loaded after head, which producers store after it */
     Rec r;
     Py_ssize_t ours = 0, i = 0;
     for (uint64_t t = tail, s = seq; i < k && t != head; i++, s++, t = r.end) {
@@ -542,13 +530,16 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
         }
     }
     if (j) {
-        st64(H64(q, W_TAIL_SEQ), seq);
-        st64(H64(q, W_TAIL), tail);
+        FAULT("get:after-copy");
+        st64(H64(q, Q_TAIL_SEQ), seq);
+        FAULT("get:mid-commit");
+        st64(H64(q, Q_TAIL), tail);
         /* Statistics after the commit, as in Python (modulo 2**64 there too); then the tokens field. */
-        st64(H64(q, W_BYTES_OUT), ld64(H64(q, W_BYTES_OUT)) + nbytes);
+        st64(H64(q, Q_BYTES_OUT), ld64(H64(q, Q_BYTES_OUT)) + nbytes);
         st64(tok, (uint64_t)(k - j));
-        if (ld32(H32(q, W_SPACE_WAITING))) {
-            st32(H32(q, W_SPACE_WAITING), 0);
+        FAULT("get:before-unlock");
+        if (ld32(H32(q, I_SPACE_WAITING))) {
+            st32(H32(q, I_SPACE_WAITING), 0);
             sem_post(q->space);
         }
     }
@@ -614,7 +605,9 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
     uint64_t *tok = q->h64 + tokens;
     st64(tok, (uint64_t)k);
     *tokp = tok;
-    if (!take_lock(q, q->tail, W_TAIL_REPAIR)) return Py_NewRef(Py_None);
+    FAULT("get:after-token");
+    if (!take_lock(q, q->tail, I_TAIL_REPAIR)) return Py_NewRef(Py_None);
+    FAULT("get:after-lock");
     PyObject *out = many ? PyList_New(0) : NULL, *one = NULL;
     Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, tok, out, &one);
     if (j < 0) {
@@ -758,9 +751,46 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
     return r;
 }
 
+/* set_fault_hook(hook or None): call hook(step) at each named step (_faults arms and disarms it). */
+static PyObject *set_fault_hook(PyObject *Py_UNUSED(module), PyObject *hook) {
+    if (hook != Py_None && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "set_fault_hook(callable or None)");
+        return NULL;
+    }
+    Py_XSETREF(fault_hook, hook == Py_None ? NULL : Py_NewRef(hook));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_fault_hook", (PyCFunction)set_fault_hook, METH_O,
+     "set_fault_hook(hook or None): call hook(step) at each crash-test step (shmbus/_faults.py)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyObject *fq_close(FastQueue *q, PyObject *Py_UNUSED(unused)) {
     fq_release(q);
     Py_RETURN_NONE;
+}
+
+/* CONSTANTS: every constant of _format.h, as compiled, for _accel to compare with Python's. */
+static PyObject *compiled_constants(void) {
+    PyObject *d = PyDict_New(), *v = NULL;
+    if (d == NULL) return NULL;
+/* The name is stringified here, before it is expanded to its value. */
+#define ADD(key, make)                                                              \
+    if ((v = (make)) == NULL || PyDict_SetItemString(d, key, v) < 0) goto fail; \
+    Py_CLEAR(v);
+#define U(name) ADD(#name, PyLong_FromUnsignedLongLong((unsigned long long)(name)))
+#define S(name) ADD(#name, PyLong_FromLongLong((long long)(name)))
+    SHMBUS_CONSTANTS(U, S)
+#undef U
+#undef S
+#undef ADD
+    return d;
+fail:
+    Py_XDECREF(v);
+    Py_DECREF(d);
+    return NULL;
 }
 
 static PyMethodDef fq_methods[] = {
@@ -794,7 +824,7 @@ static PyTypeObject FastQueueType = {
 };
 
 static struct PyModuleDef cfast_module = {
-    PyModuleDef_HEAD_INIT, "shmbus._cfast", "The Queue's hot path in C (optional).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "shmbus._cfast", "The Queue's hot path in C (optional).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__cfast(void) {
@@ -815,9 +845,7 @@ PyMODINIT_FUNC PyInit__cfast(void) {
         return NULL;
     }
     if (PyModule_AddObject(m, "SPIN_MAX", PyFloat_FromDouble(SPIN_MAX_S)) < 0 ||
-        PyModule_AddIntConstant(m, "RECORD_SIZE", REC_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "ALIGN", ALIGN_MASK + 1) < 0 ||
-        PyModule_AddIntConstant(m, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0) {
+        PyModule_AddObject(m, "CONSTANTS", compiled_constants()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

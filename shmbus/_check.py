@@ -52,6 +52,7 @@ from ._format import (
     SUBSCRIBER_SIZE,
     Layout,
     current_boot_id,
+    subscriber_state,
 )
 from ._mutex import NOT_RECOVERABLE, ghost_word, kind_ok_at, owner_of
 
@@ -288,7 +289,7 @@ class _Walk:
         for slot in range(lay.max_subscribers):
             at = lay.subscribers_offset + slot * SUBSCRIBER_SIZE
             base = at // 8
-            state = h[base + S_STATE_PID] & 0xFFFFFFFF
+            state = subscriber_state(h[base + S_STATE_PID])
             if state == 0:
                 continue
             if state != 1:

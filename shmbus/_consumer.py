@@ -105,7 +105,7 @@ class _Consuming(_QueueBase):
             return self._finish_kept(self._kept.pop(0))
         fast = self._fast
         spun = spin = 0.0
-        if fast is not None and not _faults.armed:
+        if fast is not None:
             # (inline for the common call, get() with no arguments: ~80 ns of ~1200)
             spin = self.spin if block and timeout is None else self._spin_for(block, timeout)
         else:
@@ -196,7 +196,7 @@ class _Consuming(_QueueBase):
             return _as_bytes(self._kept_payload(self._kept.pop(0)))
         fast = self._fast
         spun = spin = 0.0
-        if fast is not None and not _faults.armed:
+        if fast is not None:
             spin = self._spin_for(block, timeout)
         else:
             fast = None
@@ -268,7 +268,7 @@ class _Consuming(_QueueBase):
             ):
                 raise Empty(f"{self.path} is empty", path=self.path)
             fast = self._fast
-            if fast is not None and not _faults.armed:  # C takes with the token we hold
+            if fast is not None:  # C takes with the token we hold
                 recs, left = fast.take_many(part.tokens_index, 1, 1, 0.0)
                 if recs:
                     self._in_hand = recs  # (take_many's own list: C's last, which _keep must not add twice)
@@ -305,7 +305,7 @@ class _Consuming(_QueueBase):
         while True:
             fast = self._fast
             spin = 0.0
-            if fast is not None and not _faults.armed:
+            if fast is not None:
                 spin = self._spin_for(block, timeout)
             else:
                 fast = None

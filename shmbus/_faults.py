@@ -1,7 +1,9 @@
 """Fault injection for the crash tests: kill (or stop) this process at a named step.
 
 Rule: production code only calls ``hit(name)`` behind ``if _faults.armed``,
-which costs one attribute load when nothing is armed. A test arms a step in a
+which costs one attribute load when nothing is armed; the C fast path calls it
+at the same steps through a hook it holds only while a step is armed (``watch``
+tells ``_accel`` when that changes). A test arms a step in a
 child process (``arm("put:after-write")``); when the child reaches that step it
 SIGKILLs itself, exactly as a supervisor's kill would land there. Armed with
 another signal (``arm("put:after-lock", sig=signal.SIGSTOP)``) it sends itself
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Final
+from typing import Callable, Final
 
-__all__ = ["STEPS", "arm", "armed", "disarm", "hit"]
+__all__ = ["STEPS", "arm", "armed", "disarm", "hit", "watch"]
 
 STEPS: Final = (
     # Queue.put / put_many (under the head lock)
@@ -41,6 +43,18 @@ STEPS: Final = (
 armed = False
 _step = ""
 _sig: int = signal.SIGKILL
+_watchers: list[Callable[[bool], None]] = []
+
+
+def watch(callback: Callable[[bool], None]) -> None:
+    """Call ``callback(armed)`` now and whenever a step is armed or disarmed."""
+    _watchers.append(callback)
+    callback(armed)
+
+
+def _tell() -> None:
+    for callback in _watchers:
+        callback(armed)
 
 
 def arm(step: str, sig: int = signal.SIGKILL) -> None:
@@ -53,12 +67,14 @@ def arm(step: str, sig: int = signal.SIGKILL) -> None:
     if step not in STEPS:
         raise ValueError(f"unknown crash step {step!r}; known: {', '.join(STEPS)}")
     armed, _step, _sig = True, step, sig
+    _tell()
 
 
 def disarm() -> None:
     """Forget any armed step."""
     global armed, _step, _sig
     armed, _step, _sig = False, "", signal.SIGKILL
+    _tell()
 
 
 def hit(step: str) -> None:

@@ -4,7 +4,10 @@ A bus file is a header followed by the ring. All integers are little-endian
 (shmbus reads the counters in native order, so it runs on little-endian
 machines only: x86-64 and arm64, which is every Linux target in practice).
 ``docs/format.md`` mirrors this docstring; change both together and bump
-``VERSION`` when the layout changes.
+``VERSION`` when the layout changes. The field tables below (``HEADER_FIELDS``
+and the others) are the machine-readable form: the offsets derive from them,
+tests/test_spec.py checks docs/format.md against them, and
+tools/gen_cheader.py writes the C fast path's constants from them.
 
 ::
 
@@ -59,7 +62,7 @@ machines only: x86-64 and arm64, which is every Linux target in practice).
        296     8  sems_dev u64       create, reopener  st_dev of the file that made the semaphores
        304     8  sems_ino u64       create, reopener  st_ino of that file: a copy (another inode)
                                                    or look-alike never owns its id's semaphores
-       312     1  sems byte          -                 no data: an OFD write lock on it serializes
+       312     1  sems_byte          -                 no data: an OFD write lock on it serializes
                                                    recreating missing semaphores
        313     7  reserved           -                 zero
        320     8  scratch u64        Queue consumers   where a consumer with no participant slot
@@ -151,7 +154,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ._errors import CorruptBus, IncompatibleBus, NotABus
 from ._mutex import INIT_BYTES
@@ -209,6 +212,7 @@ __all__ = [
     "TIME_SAMPLES",
     "SAMPLE_EVERY",
     "SAMPLE_WRITING",
+    "sample_due",
     "PARTICIPANT_SIZE",
     "WAIT_FLAGS",
     "MAX_SUBSCRIBERS",
@@ -219,6 +223,18 @@ __all__ = [
     "S_RECEIVED",
     "S_ATTACHED",
     "SUBSCRIBER_SIZE",
+    "Field",
+    "HEADER_FIELDS",
+    "SAMPLE_FIELDS",
+    "PARTICIPANT_FIELDS",
+    "SUBSCRIBER_FIELDS",
+    "RECORD_FIELDS",
+    "participant_word",
+    "participant_pid",
+    "participant_state",
+    "subscriber_word",
+    "subscriber_state",
+    "subscriber_pid",
     "Layout",
     "build_header",
     "parse_header",
@@ -251,65 +267,153 @@ _CRC: Final = struct.Struct("<I")
 assert STATIC.size == STATIC_SIZE
 
 HEADER_MIN: Final = 1024  # tables start here
-WAIT_FLAGS: Final = 512  # Topic: one byte per subscriber slot
+
+
+class Field(NamedTuple):
+    """One field of a table below: its name (as docs/format.md spells it), byte offset and size."""
+
+    name: str
+    offset: int
+    size: int
+
+
+# The header, byte by byte (the docstring's table; tests/test_spec.py checks
+# docs/format.md against these tables, and the header constants below derive
+# from them). "reserved" fields are zero.
+HEADER_FIELDS: Final = (
+    # static block (covered by header_crc)
+    Field("magic", 0, 8), Field("version", 8, 4), Field("kind", 12, 4), Field("capacity", 16, 8),
+    Field("ring_offset", 24, 8), Field("maxsize", 32, 8), Field("flags", 40, 4),
+    Field("max_subscribers", 44, 4), Field("max_participants", 48, 4), Field("align", 52, 4),
+    Field("created_ns", 56, 8), Field("bus_id", 64, 16), Field("creator_uid", 80, 4),
+    Field("participants_offset", 84, 4), Field("subscribers_offset", 88, 4),
+    Field("creator_pid", 92, 4), Field("creator_start", 96, 8), Field("reserved", 104, 20),
+    Field("header_crc", 124, 4),
+    # producer line
+    Field("head", 128, 8), Field("next_seq", 136, 8), Field("bytes_in", 144, 8),
+    Field("reserved", 152, 4), Field("head_repair", 156, 4), Field("reserved", 160, 32),
+    # consumer line
+    Field("tail", 192, 8), Field("tail_seq", 200, 8), Field("bytes_out", 208, 8),
+    Field("reserved", 216, 4), Field("tail_repair", 220, 4), Field("space_waiting", 224, 4),
+    Field("reserved", 228, 4), Field("tasks_done", 232, 8), Field("reserved", 240, 16),
+    # recovery line
+    Field("reserved", 256, 4), Field("subs_repair", 260, 4), Field("recoveries", 264, 8),
+    Field("last_recovery_ns", 272, 8), Field("reserved", 280, 16), Field("sems_dev", 296, 8),
+    Field("sems_ino", 304, 8), Field("sems_byte", 312, 1), Field("reserved", 313, 7),
+    # 320..1023
+    Field("scratch", 320, 8), Field("reserved", 328, 8), Field("boot_id", 336, 16),
+    Field("reserved", 352, 32), Field("time_samples", 384, 128), Field("wait_flags", 512, 256),
+    Field("recovery_mutex", 768, 64), Field("head_lock", 832, 64), Field("tail_lock", 896, 64),
+    Field("subs_lock", 960, 64),
+)  # fmt: skip
+# One time sample entry (TIME_SAMPLES of them from time_samples).
+SAMPLE_FIELDS: Final = (Field("seq", 0, 8), Field("time_ns", 8, 8))
+# A participant slot, and a subscriber slot: pid and state share the first u64 in
+# both, in opposite halves (pack them with the helpers below).
+PARTICIPANT_FIELDS: Final = (
+    Field("pid", 0, 4), Field("state", 4, 4), Field("attached_ns", 8, 8), Field("tokens", 16, 8),
+    Field("reserved", 24, 8),
+)  # fmt: skip
+SUBSCRIBER_FIELDS: Final = (
+    Field("state", 0, 4), Field("pid", 4, 4), Field("cursor", 8, 8), Field("next_seq", 16, 8),
+    Field("lost", 24, 8), Field("received", 32, 8), Field("attached_ns", 40, 8), Field("owner", 48, 8),
+    Field("reserved", 56, 8),
+)  # fmt: skip
+# A record's header; its payload follows at RECORD_SIZE.
+RECORD_FIELDS: Final = (Field("length", 0, 4), Field("kind", 4, 2), Field("state", 6, 2), Field("seq", 8, 8))
+
+
+def _at(fields: tuple[Field, ...], name: str, size: int | None = None) -> int:
+    """The offset of the field ``name`` (unique), checked to have ``size`` bytes if given."""
+    (f,) = [f for f in fields if f.name == name]
+    assert size is None or f.size == size, f
+    return f.offset
+
+
+def _u64(fields: tuple[Field, ...], name: str) -> int:
+    """The u64 index of an 8-byte field."""
+    off = _at(fields, name, 8)
+    assert off % 8 == 0
+    return off // 8
+
+
+def _u32(name: str) -> int:
+    """The u32 index of a 4-byte header field."""
+    off = _at(HEADER_FIELDS, name, 4)
+    assert off % 4 == 0
+    return off // 4
+
+
+WAIT_FLAGS: Final = _at(HEADER_FIELDS, "wait_flags")  # Topic: one byte per subscriber slot
 MAX_SUBSCRIBERS: Final = 256  # the wait flags' room
 PARTICIPANT_SIZE: Final = 32
 SUBSCRIBER_SIZE: Final = 64
 
 # Subscriber slot fields, as u64 indices from the slot's start (state and pid share index 0).
 S_STATE_PID: Final = 0
-S_CURSOR: Final = 1
-S_NEXT_SEQ: Final = 2
-S_LOST: Final = 3
-S_RECEIVED: Final = 4
-S_ATTACHED: Final = 5
-S_OWNER: Final = 6
+S_CURSOR: Final = _u64(SUBSCRIBER_FIELDS, "cursor")
+S_NEXT_SEQ: Final = _u64(SUBSCRIBER_FIELDS, "next_seq")
+S_LOST: Final = _u64(SUBSCRIBER_FIELDS, "lost")
+S_RECEIVED: Final = _u64(SUBSCRIBER_FIELDS, "received")
+S_ATTACHED: Final = _u64(SUBSCRIBER_FIELDS, "attached_ns")
+S_OWNER: Final = _u64(SUBSCRIBER_FIELDS, "owner")
 
 # Participant slot fields, as u64 indices from the slot's start.
 P_PID_STATE: Final = 0  # pid in the low half, state in the high half
-P_ATTACHED: Final = 1
-P_TOKENS: Final = 2
-M_RECOVERY: Final = 768  # the recovery mutex
-BOOT_BYTE: Final = 768  # an OFD write lock on it serializes the boot reset
+P_ATTACHED: Final = _u64(PARTICIPANT_FIELDS, "attached_ns")
+P_TOKENS: Final = _u64(PARTICIPANT_FIELDS, "tokens")
+M_RECOVERY: Final = _at(HEADER_FIELDS, "recovery_mutex")  # the recovery mutex
+BOOT_BYTE: Final = M_RECOVERY  # an OFD write lock on it serializes the boot reset
 # Which file the semaphores belong to: (st_dev, st_ino) of the file that made
 # them, written at create and when an opener recreates missing ones; 0 = unknown.
 IDENTITY: Final = struct.Struct("<QQ")
-IDENTITY_OFFSET: Final = 296
-SEMS_BYTE: Final = 312  # an OFD lock, no data: one recreator of missing semaphores at a time
+IDENTITY_OFFSET: Final = _at(HEADER_FIELDS, "sems_dev", 8)
+SEMS_BYTE: Final = _at(HEADER_FIELDS, "sems_byte")  # an OFD lock, no data: one recreator at a time
 
 # Indices into the header viewed as u64 (offset // 8) and as u32 (offset // 4).
-Q_HEAD: Final = 128 // 8
-Q_NEXT_SEQ: Final = 136 // 8
-Q_BYTES_IN: Final = 144 // 8
-Q_TAIL: Final = 192 // 8
-Q_TAIL_SEQ: Final = 200 // 8
-Q_BYTES_OUT: Final = 208 // 8
+Q_HEAD: Final = _u64(HEADER_FIELDS, "head")
+Q_NEXT_SEQ: Final = _u64(HEADER_FIELDS, "next_seq")
+Q_BYTES_IN: Final = _u64(HEADER_FIELDS, "bytes_in")
+Q_TAIL: Final = _u64(HEADER_FIELDS, "tail")
+Q_TAIL_SEQ: Final = _u64(HEADER_FIELDS, "tail_seq")
+Q_BYTES_OUT: Final = _u64(HEADER_FIELDS, "bytes_out")
 # Each lock: its mutex's byte offset and its repair word's u32 index.
-M_HEAD: Final = 832
-M_TAIL: Final = 896
-M_SUBS: Final = 960
-I_HEAD_REPAIR: Final = 156 // 4
-I_TAIL_REPAIR: Final = 220 // 4
-I_SUBS_REPAIR: Final = 260 // 4
-BOOT_ID: Final = 336  # 16 bytes
+M_HEAD: Final = _at(HEADER_FIELDS, "head_lock")
+M_TAIL: Final = _at(HEADER_FIELDS, "tail_lock")
+M_SUBS: Final = _at(HEADER_FIELDS, "subs_lock")
+I_HEAD_REPAIR: Final = _u32("head_repair")
+I_TAIL_REPAIR: Final = _u32("tail_repair")
+I_SUBS_REPAIR: Final = _u32("subs_repair")
+BOOT_ID: Final = _at(HEADER_FIELDS, "boot_id", 16)
 # The locks each kind of bus has: (role, mutex byte offset, repair word u32 index).
 LOCKS: Final = {
     1: (("head", M_HEAD, I_HEAD_REPAIR), ("tail", M_TAIL, I_TAIL_REPAIR)),  # Queue
     2: (("head", M_HEAD, I_HEAD_REPAIR), ("subs", M_SUBS, I_SUBS_REPAIR)),  # Topic
 }
-Q_RECOVERIES: Final = 264 // 8
-Q_LAST_RECOVERY: Final = 272 // 8
-I_SPACE_WAITING: Final = 224 // 4
-Q_SCRATCH: Final = 320 // 8
+Q_RECOVERIES: Final = _u64(HEADER_FIELDS, "recoveries")
+Q_LAST_RECOVERY: Final = _u64(HEADER_FIELDS, "last_recovery_ns")
+I_SPACE_WAITING: Final = _u32("space_waiting")
+Q_SCRATCH: Final = _u64(HEADER_FIELDS, "scratch")
 # JoinableQueue: task_done calls, ever, under the tail lock (unfinished = next_seq - tasks_done).
-Q_TASKS_DONE: Final = 232 // 8
+Q_TASKS_DONE: Final = _u64(HEADER_FIELDS, "tasks_done")
 # Time samples: entries of (seq, time_ns) as u64 pairs from this index (see the docstring).
-Q_TIME_SAMPLES: Final = 384 // 8
 TIME_SAMPLES: Final = 8
-SAMPLE_EVERY: Final = 256  # producers test ``seq & 255`` inline: change both together
+Q_TIME_SAMPLES: Final = _at(HEADER_FIELDS, "time_samples", TIME_SAMPLES * 16) // 8
+SAMPLE_EVERY: Final = 256  # producers test ``seq & 255`` inline (see sample_due): change both together
 SAMPLE_WRITING: Final = (1 << 64) - 1  # the seq of an entry being written
 
-RECORD: Final = struct.Struct("<IHHQ")
+
+def sample_due(last: int, count: int) -> bool:
+    """True if one of ``count`` messages published together, the last with seq ``last``, gets a time sample.
+
+    That is, if one of their seqs is a multiple of ``SAMPLE_EVERY``. The
+    per-message paths inline this as ``last & 255 < count`` (a call costs
+    more than the test); tests/test_format.py checks the two agree.
+    """
+    return last % SAMPLE_EVERY < count
+
+_UINT: Final = {1: "B", 2: "H", 4: "I", 8: "Q"}
+RECORD: Final = struct.Struct("<" + "".join(_UINT[f.size] for f in RECORD_FIELDS))  # "<IHHQ"
 RECORD_SIZE: Final = RECORD.size
 REC_MSGPACK: Final = 1
 REC_RAW: Final = 2
@@ -317,6 +421,48 @@ REC_WRAP: Final = 3
 REC_NDARRAY: Final = 4
 STATE_COMMITTED: Final = 1
 assert RECORD_SIZE == ALIGN
+assert _at(HEADER_FIELDS, "header_crc") == STATIC_SIZE
+assert sum(f.size for f in PARTICIPANT_FIELDS) == PARTICIPANT_SIZE
+assert sum(f.size for f in SUBSCRIBER_FIELDS) == SUBSCRIBER_SIZE
+assert sum(f.size for f in HEADER_FIELDS) == HEADER_MIN
+
+# The packed pid/state words: a participant slot's first u64 holds the pid in its
+# low half and the state in its high half; a subscriber slot's, the other way round.
+_LOW: Final = 0xFFFFFFFF
+
+
+def participant_word(pid: int, state: int) -> int:
+    """A participant slot's first u64, from its ``pid`` and ``state``."""
+    return pid | state << 32
+
+
+def participant_pid(word: int) -> int:
+    """The pid in a participant slot's first u64."""
+    return word & _LOW
+
+
+def participant_state(word: int) -> int:
+    """The state (0 free, 1 live) in a participant slot's first u64."""
+    return word >> 32
+
+
+def subscriber_word(state: int, pid: int) -> int:
+    """A subscriber slot's first u64, from its ``state`` and ``pid``."""
+    return state | pid << 32
+
+
+def subscriber_state(word: int) -> int:
+    """The state (0 free, 1 active) in a subscriber slot's first u64."""
+    return word & _LOW
+
+
+def subscriber_pid(word: int) -> int:
+    """The pid in a subscriber slot's first u64."""
+    return word >> 32
+
+
+assert _at(PARTICIPANT_FIELDS, "pid", 4) == 0 and _at(PARTICIPANT_FIELDS, "state", 4) == 4
+assert _at(SUBSCRIBER_FIELDS, "state", 4) == 0 and _at(SUBSCRIBER_FIELDS, "pid", 4) == 4
 
 _BUS_ID = re.compile(rb"[0-9a-f]{16}\Z")
 _MAX_CAPACITY: Final = 1 << 40  # 1 TiB: far beyond any real bus, small enough to catch garbage

@@ -46,7 +46,7 @@ class _Producing(_QueueBase):
         if timeout is not None and timeout < 0:  # before C may leave the lock held
             raise ValueError(_BAD_TIMEOUT)
         fast = self._fast
-        if fast is not None and not _faults.armed:
+        if fast is not None:
             # C: the whole put, encoding included, when obj is of a plain type,
             # the head lock is free and the record fits without a wrap;
             # otherwise it hands back, with the lock or without.
@@ -63,7 +63,7 @@ class _Producing(_QueueBase):
     def _put_one(self, enc: Encoded, block: bool, timeout: float | None) -> None:
         """Put one encoded message: C when it can, the Python paths otherwise."""
         fast = self._fast
-        if fast is not None and enc[3] <= self._max_payload and not _faults.armed:
+        if fast is not None and enc[3] <= self._max_payload:
             # C with Python's encoding (bytes, arrays, subclasses...): as in put.
             r = fast.put(*enc)
             if r == _ONE_DONE:
@@ -101,7 +101,7 @@ class _Producing(_QueueBase):
         try:
             h = self._h64
             seq = h[Q_NEXT_SEQ]
-            if k and (seq - 1) & 255 < k:  # as in _publish: a time sample is due
+            if k and (seq - 1) & 255 < k:  # _format.sample_due(seq - 1, k), inline: a per-put path
                 record_time(h, (seq - 1) & ~255)
             n = k + self._write(batch[k:], deadline) if k < len(batch) else k
         except BaseException as e:
@@ -160,7 +160,7 @@ class _Producing(_QueueBase):
 
     def _put_many(self, encoded: list[Encoded], block: bool, timeout: float | None) -> None:
         fast = self._fast
-        if fast is not None and not _faults.armed:
+        if fast is not None:
             self._check_sizes(item[3] for item in encoded)  # before a byte is written
             deadline = _deadline(block, timeout)  # before C may leave the lock held
             had = self._head_lock.mutex.expect()  # C may hand it over held (PUT_HELD)
@@ -291,7 +291,7 @@ class _Producing(_QueueBase):
             _faults.hit("put:mid-publish")
         h[Q_BYTES_IN] = (h[Q_BYTES_IN] + nbytes) & U64_MAX  # a statistic: wraps, like bytes_out
         h[Q_HEAD] = head
-        if (seq - 1) & 255 < count:  # one of them is a multiple of 256: a time sample (_format)
+        if (seq - 1) & 255 < count:  # _format.sample_due(seq - 1, count), inline: a per-put path
             record_time(h, (seq - 1) & ~255)
         if _faults.armed:
             _faults.hit("put:before-post")

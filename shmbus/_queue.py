@@ -33,7 +33,7 @@ import os
 import time
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _accel, _anon, _ring
 from ._aio import QueueAio
@@ -54,6 +54,9 @@ from ._format import (
 )
 from ._producer import _Producing
 from ._sync import SPIN_DEFAULT
+
+if TYPE_CHECKING:
+    from ._cfast import FastQueue
 
 __all__ = ["Queue", "ANON_CAPACITY"]
 
@@ -106,7 +109,7 @@ class Queue(_Producing, _Consuming, Bus):
     _KIND = KIND_QUEUE
     _ROLES = ("items", "space")
     _aio: QueueAio | None = None  # asyncio threads, started by the first async call that waits
-    _fast: Any = None  # the C fast path (_accel), when built and usable for this handle
+    _fast: FastQueue | None = None  # the C fast path (_accel), when built and usable for this handle
 
     _finalizer: weakref.finalize[Any, Any] | None = None  # an anonymous queue's remover
 
@@ -216,7 +219,10 @@ class Queue(_Producing, _Consuming, Bus):
         self._encode = self._codec.encode
         self._finish = self._codec.finish
         self._ro = self._layout.ring_offset
-        self._fast = _accel.queue_fast_path(self)
+        sem_names = (self._items.name, self._space.name)
+        self._fast = None if self._slots is not None else _accel.queue_fast_path(  # C: no maxsize
+            self._mm, self._layout, sem_names, self._codec._c_parts(), self._max_payload
+        )
 
     def _describe(self) -> str:
         return f"qsize={self.qsize()}"
@@ -293,8 +299,14 @@ class Queue(_Producing, _Consuming, Bus):
         aio, self._aio = self._aio, None
         if aio is not None:
             aio.close()
-        _accel.drop_fast_path(self)  # it holds the mapping: before the mapping closes
+        self._drop_fast_path()  # it holds the mapping: before the mapping closes
         super().close()
+
+    def _drop_fast_path(self) -> None:
+        """Use pure Python from now on (also the benchmark's "pure" rows)."""
+        fast, self._fast = self._fast, None
+        if fast is not None:
+            fast.close()
 
     # -- crash recovery hooks ------------------------------------------------
 

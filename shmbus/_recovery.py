@@ -44,7 +44,17 @@ from typing import Any, Callable, Final, Literal, TypeVar
 
 from . import _mutex, _sync
 from ._errors import CorruptBus, ShmbusError
-from ._format import BOOT_BYTE, P_ATTACHED, P_PID_STATE, P_TOKENS, PARTICIPANT_SIZE, Layout
+from ._format import (
+    BOOT_BYTE,
+    P_ATTACHED,
+    P_PID_STATE,
+    P_TOKENS,
+    PARTICIPANT_SIZE,
+    Layout,
+    participant_pid,
+    participant_state,
+    participant_word,
+)
 
 __all__ = [
     "RECOVERY_INTERVAL",
@@ -64,7 +74,6 @@ RECOVERY_INTERVAL: Final = _sync.SLICE
 # The longest a process waits for the recovery mutex (or the boot byte) before it gives up this round.
 RECOVERY_LOCK_WAIT: Final = 2.0
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64 and arm64
-_LIVE = 1 << 32  # state 1 in the high half of the pid/state word
 _FOREVER: Final = float("inf")
 _T = TypeVar("_T")
 
@@ -133,7 +142,7 @@ def _marked_live(fd: int, h64: memoryview, layout: Layout, skip: int = -1) -> It
     """
     for slot in range(layout.max_participants):
         base = layout.participants_offset + slot * PARTICIPANT_SIZE
-        if slot != skip and h64[base // 8 + P_PID_STATE] >> 32:
+        if slot != skip and participant_state(h64[base // 8 + P_PID_STATE]):
             yield slot, _locked_elsewhere(fd, base)
 
 
@@ -146,7 +155,7 @@ def live_participants(fd: int, h64: memoryview, layout: Layout) -> list[int]:
     """
     pid = (layout.participants_offset // 8) + P_PID_STATE
     return [
-        int(h64[pid + slot * PARTICIPANT_SIZE // 8] & 0xFFFFFFFF)
+        participant_pid(h64[pid + slot * PARTICIPANT_SIZE // 8])
         for slot, alive in _marked_live(fd, h64, layout)
         if alive
     ]
@@ -281,10 +290,10 @@ class Participant:
         h = self._h64
         for slot in range(self._layout.max_participants):
             i = self._index(slot)
-            if h[i + P_PID_STATE] >> 32 == 0 and _try_lock(fd, self._byte(slot)):
+            if participant_state(h[i + P_PID_STATE]) == 0 and _try_lock(fd, self._byte(slot)):
                 h[i + P_ATTACHED] = time.time_ns()
                 h[i + P_TOKENS] = 0
-                h[i + P_PID_STATE] = _LIVE | os.getpid()
+                h[i + P_PID_STATE] = participant_word(os.getpid(), 1)  # 1: live
                 self.slot, self.me, self.tokens_index = slot, slot + 1, i + P_TOKENS
                 return True
         return False
@@ -301,7 +310,7 @@ class Participant:
         total = 0
         for slot in range(self._layout.max_participants):
             i = self._index(slot)
-            if h[i + P_PID_STATE] >> 32 and slot not in dead:
+            if participant_state(h[i + P_PID_STATE]) and slot not in dead:
                 total += h[i + P_TOKENS]
         return total
 
@@ -309,7 +318,7 @@ class Participant:
         return int(self._h64[self._index(slot) + P_TOKENS])
 
     def pid_of(self, slot: int) -> int:
-        return int(self._h64[self._index(slot) + P_PID_STATE] & 0xFFFFFFFF)
+        return participant_pid(self._h64[self._index(slot) + P_PID_STATE])
 
     def free(self, slot: int) -> None:
         """Mark a dead participant's slot free (under the recovery lock)."""

@@ -1,7 +1,7 @@
 """The C fast path against pure Python on damaged and hostile queues (differential).
 
 Two queues are built by the same calls: one handle uses the C path
-(``shmbus/_cfast.c``), the other pure Python (``_accel.drop_fast_path``), and
+(``shmbus/_cfast.c``), the other pure Python (``Queue._drop_fast_path``), and
 their bytes and semaphore values are saved. Each hypothesis case restores both,
 damages both alike (header counters, positions moved near 2**64, holder and
 flag words, record headers, payload bytes, the ``items`` count), then runs the
@@ -115,7 +115,7 @@ class Pair:
     def __init__(self, names: tuple[str, str]) -> None:
         self.c = shmbus.Queue.create(names[0], capacity=CAP)
         self.py = shmbus.Queue.create(names[1], capacity=CAP)
-        _accel.drop_fast_path(self.py)
+        self.py._drop_fast_path()
         assert self.c._fast is not None and self.py._fast is None
         for q in (self.c, self.py):
             _build(q)
@@ -365,7 +365,7 @@ def test_get_many_on_a_damaged_record_consumes_none_of_the_good_ones_before_it(
 ) -> None:
     with _claimed(shmbus.Queue.create(bus_name, capacity=CAP)) as q:
         if pure:
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         q.put_many([1, 2, 3])  # records of one byte: 32 bytes each
         struct.pack_into("<H", q._ring, 32 + 6, 7)  # the second's state
         for _ in range(2):
@@ -380,7 +380,7 @@ def test_get_many_on_a_damaged_record_consumes_none_of_the_good_ones_before_it(
 def test_put_many_whose_whole_batch_would_pass_the_top_writes_nothing(bus_name: str, pure: bool) -> None:
     with _claimed(shmbus.Queue.create(bus_name, capacity=CAP)) as q:
         if pure:
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         h = q._h64
         h[Q_HEAD] = h[Q_TAIL] = P64 - 3 * CAP  # fits the ring's start; 2 * the batch passes the top
         batch = [b"x" * 100] * 20  # 20 spans of 128: one ring's worth at most
@@ -396,7 +396,7 @@ def test_put_many_whose_whole_batch_would_pass_the_top_writes_nothing(bus_name: 
 def test_get_many_refuses_positions_past_the_top_as_python_does(bus_name: str, pure: bool) -> None:
     with _claimed(shmbus.Queue.create(bus_name, capacity=CAP)) as q:
         if pure:
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         q.put_many([1, 2])
         h = q._h64
         h[Q_HEAD] += P64 - CAP  # same ring offsets, within one ring of 2**64
@@ -427,3 +427,84 @@ def test_the_one_allowed_difference_a_misaligned_head_c_refuses_and_changes_noth
         _mutate(q, muts)
     assert _compare(pair, [("put", 5)]) == [("refused", "CorruptBus")]
     assert _run(pair.py, ("get_many", 12))[0] == "CorruptBus"  # what Python wrote is misaligned anyway
+
+
+# -- a ring past the hot window: the early wrap and large-ring arithmetic ------------------------
+
+BIG_CAP = 2 * _ring.HOT_WINDOW  # room past the hot window, where a record wraps early
+BIG = 60_000  # a large message: about 70 of them take head past the hot window
+BIG_OBJS: list[Any] = [b"b" * BIG, "s" * BIG, {"k": "v" * 30_000}, 7, "x" * 3000, b""]
+# Where both positions start (an empty ring): at the start, just short of and past the
+# hot window, near the ring's end, and near 2**64 at the same ring offsets.
+BIG_STARTS = [0, _ring.HOT_WINDOW - 2 * BIG, _ring.HOT_WINDOW + 16, BIG_CAP - BIG - 4096,
+              P64 - 3 * BIG_CAP + _ring.HOT_WINDOW - 16, P64 - 2 * BIG_CAP - 16 * 1000]  # fmt: skip
+
+
+class BigPair(Pair):
+    """A C handle and a Python handle on empty rings of BIG_CAP bytes."""
+
+    def __init__(self, names: tuple[str, str]) -> None:
+        self.c = _claimed(shmbus.Queue.create(names[0], capacity=BIG_CAP))
+        self.py = _claimed(shmbus.Queue.create(names[1], capacity=BIG_CAP))
+        self.py._drop_fast_path()
+        assert self.c._fast is not None and self.py._fast is None
+        self.saved = {id(q): (bytes(q._mm), {r: q._sems[r].value for r in ROLES}) for q in self.both}
+
+    def start_at(self, pos: int) -> None:
+        """Both rings empty, with head = tail = pos (and the sequence numbers alike)."""
+        self.restore()
+        for q in self.both:
+            h = q._h64
+            h[Q_HEAD] = h[Q_TAIL] = pos
+            h[Q_NEXT_SEQ] = h[Q_TAIL_SEQ] = 1000
+
+
+@pytest.fixture
+def big_pair(bus_name: str) -> Iterator[BigPair]:
+    names = (bus_name, bus_name + "-py")
+    p = None
+    try:
+        p = BigPair(names)
+        yield p
+    finally:
+        if p is not None:
+            p.close()
+        with contextlib.suppress(shmbus.BusNotFound):
+            shmbus.unlink(names[1])
+
+
+def test_a_consumer_keeping_up_past_the_hot_window_wraps_early_alike(big_pair: BigPair) -> None:
+    pair, cap, early = big_pair, BIG_CAP, []
+    span = _ring.record_span(BIG + 5)  # both kinds of message: a 5-byte msgpack header
+    pair.start_at(0)
+    for i in range(2 * _ring.HOT_WINDOW // BIG):
+        obj = BIG_OBJS[i % 2]
+        head = pair.c._h64[Q_HEAD]
+        assert _compare(pair, [("put", obj), ("get_nowait", None)]) == [("ok", None), ("ok", obj)]
+        if pair.c._h64[Q_HEAD] - head != span:  # the record went to the ring's start
+            assert head % cap + span <= cap, "it fitted before the end: only an early wrap moves it"
+            early.append(head % cap)
+    # The branch this test is for: the ring holds one message at a time, so the first
+    # put at HOT_WINDOW or more into the ring goes back to its start, and only that one.
+    assert len(early) >= 1 and all(_ring.HOT_WINDOW <= at < _ring.HOT_WINDOW + span for at in early), early
+
+
+def test_c_and_python_agree_on_a_large_ring(big_pair: BigPair) -> None:
+    seen: dict[str, int] = {}
+    ops = st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(BIG_OBJS)),
+        st.tuples(st.just("put_many"), st.lists(st.sampled_from(BIG_OBJS), min_size=1, max_size=4)),
+        st.just(("get_nowait", None)),
+        st.tuples(st.just("get_many"), st.integers(1, 6)),
+    )
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(start=st.sampled_from(BIG_STARTS), ops=st.lists(ops, min_size=1, max_size=12))
+    def case(start: int, ops: list[Op]) -> None:
+        big_pair.start_at(start)
+        assert _state(big_pair.c) == _state(big_pair.py)
+        for kind, _ in _compare(big_pair, ops):
+            seen[kind] = seen.get(kind, 0) + 1
+
+    case()
+    assert seen.get("ok", 0) >= 20, seen

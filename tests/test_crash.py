@@ -166,13 +166,17 @@ def _claim(bus: Any) -> None:
 
 
 def _kill_at_step(
-    conn: Connection, path: str, kind: str, step: str, op: str, ready: Any = None, go: Any = None
-) -> None:
+    conn: Connection, path: str, kind: str, step: str, op: str, ready: Any = None, go: Any = None,
+    pure: bool = False,
+) -> None:  # fmt: skip
     """Child: open the bus, send the time, arm ``step`` and run ``op``; dies at the step.
 
     With ``ready``/``go``: claim, say so, and wait for ``go`` first (to die beside another).
+    ``pure``: a Queue handle without the C fast path (which reaches the same steps).
     """
     bus: Any = shmbus.Queue.open(path) if kind == "queue" else shmbus.Topic.open(path)
+    if pure:
+        bus._drop_fast_path()
     if ready is not None:
         _claim(bus)
         ready.set()
@@ -370,10 +374,16 @@ QUEUE_CASES = [
     if step.startswith(("put:", "get:"))
     for op in (["put", "put_many"] if step.startswith("put:") else ["get", "get_many"])
 ]
+# Each case with the C fast path (when built: it reaches the same steps) and without.
+PATHS = [
+    pytest.param("c", marks=pytest.mark.skipif(not _accel.ENABLED, reason="no C fast path here")),
+    "python",
+]
 
 
+@pytest.mark.parametrize("impl", PATHS)
 @pytest.mark.parametrize(("step", "op"), QUEUE_CASES)
-def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, op: str) -> None:
+def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, op: str, impl: str) -> None:
     caplog.set_level(logging.WARNING, logger="shmbus")
     q = shmbus.Queue.create(bus_name, capacity="64KiB")
     before = [make_msg(0, n) for n in range(6)]
@@ -381,7 +391,7 @@ def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, 
         q.put(m)
     dead_batch = [make_msg(1, n) for n in range(3 if op.endswith("_many") else 1)]
 
-    child, t_kill = _crash(procs, _kill_at_step, q.path, "queue", step, op)
+    child, t_kill = _crash(procs, _kill_at_step, q.path, "queue", step, op, None, None, impl == "python")
 
     # Gets first, then a put and its get: each waits for whatever the dead child
     # held (its lock, its items tokens) and frees it.
@@ -621,7 +631,7 @@ def test_holder_killed_the_instant_after_taking_the_lock(
 def _wait_for_the_lock(path: str, role: str, blocking: Any) -> tuple[float, Any]:
     """Child: put (head) or get (tail), which waits for the lock another process holds."""
     q = shmbus.Queue.open(path)
-    _accel.drop_fast_path(q)  # the Python path waits on the mutex itself (C only tries it)
+    q._drop_fast_path()  # the Python path waits on the mutex itself (C only tries it)
     _claim(q)
     blocking.set()
     if role == "head":
@@ -713,7 +723,7 @@ def _get_and_die_before_recording_the_token(conn: Connection, path: str) -> None
     q = shmbus.Queue.open(path)
     # The C fast path has the same window (between sem_trywait and storing the
     # count) but no place to die in it: take the Python path to die there.
-    _accel.drop_fast_path(q)
+    q._drop_fast_path()
     q._take1 = lambda *a: _die()  # type: ignore[method-assign]  # the token is taken, not yet recorded
     conn.send(time.monotonic())
     q.get(timeout=CHILD_TIMEOUT)
@@ -754,7 +764,7 @@ def _get_and_die_before_posting_space(conn: Connection, path: str) -> None:
     q = shmbus.Queue.open(path)
     # The C fast path posts 'space' itself, between the same two stores (and
     # leaves the same state behind if killed there): take the Python path to die there.
-    _accel.drop_fast_path(q)
+    q._drop_fast_path()
     q._space = _DieOnRelease(q._space)  # type: ignore[assignment]
     conn.send(time.monotonic())
     q.get_many(1, timeout=CHILD_TIMEOUT)  # clears space_waiting, dies before posting 'space'

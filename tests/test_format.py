@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import shmbus
-from shmbus import CorruptBus, IncompatibleBus, NotABus
+from shmbus import CorruptBus, IncompatibleBus, NotABus, _format
 from shmbus._format import (
     BOOT_ID,
     HEADER_MIN,
@@ -398,3 +401,38 @@ def test_a_capacity_below_one_page_is_an_error_not_a_round_up(value: Any) -> Non
     with pytest.raises(ValueError, match="below the minimum of 4096 bytes"):
         ring_capacity(value)
     assert ring_capacity(4096) == 4096 and ring_capacity(4097) == 8192
+
+
+# -- packed words and inline copies ------------------------------------------------
+
+_U32 = st.integers(0, (1 << 32) - 1)
+
+
+@given(_U32, _U32)
+def test_participant_word_round_trips(pid: int, state: int) -> None:
+    word = _format.participant_word(pid, state)
+    assert (_format.participant_pid(word), _format.participant_state(word)) == (pid, state)
+    # pid at byte 0, state at byte 4, as PARTICIPANT_FIELDS says
+    assert word.to_bytes(8, "little") == pid.to_bytes(4, "little") + state.to_bytes(4, "little")
+
+
+@given(_U32, _U32)
+def test_subscriber_word_round_trips(state: int, pid: int) -> None:
+    word = _format.subscriber_word(state, pid)
+    assert (_format.subscriber_state(word), _format.subscriber_pid(word)) == (state, pid)
+    assert word.to_bytes(8, "little") == state.to_bytes(4, "little") + pid.to_bytes(4, "little")
+
+
+@given(st.integers(0, (1 << 64) - 1), st.integers(1, 4096))
+def test_the_inline_sample_test_agrees_with_sample_due(last: int, count: int) -> None:
+    # The per-put paths of _producer.py test ``(seq - 1) & 255 < count`` inline (seq - 1 = last).
+    assert (last & 255 < count) == _format.sample_due(last, count)
+    # _topic.py, one message at a time: ``not seq & 255``
+    assert (not last & 255) == _format.sample_due(last, 1)
+
+
+def test_the_inline_sample_tests_are_where_they_are_said_to_be() -> None:
+    # If SAMPLE_EVERY changes, these inline copies must change with it.
+    assert _format.SAMPLE_EVERY - 1 == 255
+    source = (Path(shmbus.__file__).parent / "_producer.py").read_text()
+    assert source.count("& 255 < ") == source.count("_format.sample_due(") == 2

@@ -249,7 +249,7 @@ def queue(request: pytest.FixtureRequest, bus_name: str) -> Iterator[shmbus.Queu
         pytest.skip("the C fast path is not built (or SHMBUS_PURE_PYTHON is set)")
     with shmbus.Queue.create(bus_name, capacity="1MiB") as q:
         if request.param == "pure":
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         yield q
         q.unlink()
 
@@ -359,7 +359,7 @@ _WITHOUT_NUMPY = textwrap.dedent(
     out = {}
     with shmbus.Queue.open(sys.argv[1]) as q:
         if sys.argv[3] == "pure":
-            _accel.drop_fast_path(q)
+            q._drop_fast_path()
         try:
             q.get_many(3, timeout=5)
         except shmbus.DecodeError as e:

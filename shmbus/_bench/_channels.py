@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from multiprocessing.context import ForkContext
 from typing import Any, Callable
 
-from .. import BusNotFound, Queue, Topic, _accel
+from .. import BusNotFound, Queue, Topic
 from .. import unlink as unlink_bus
 from .._format import parse_size
 from ._params import MEASUREMENT_TIMEOUT_S, Params
@@ -145,7 +145,7 @@ class ShmbusChannel(Channel):
             if q is not None and self.spin_us is not None:
                 q.spin_us = self.spin_us
             if q is not None and self.pure:
-                _accel.drop_fast_path(q)
+                q._drop_fast_path()
         if tx is not None:
             ep.send, ep.send_batch, ep.send_raw = tx.put, tx.put_many, tx.put_bytes
             ep.reserve = tx.reserve
