@@ -55,7 +55,7 @@ LAYERS: list[set[str]] = [
     {"_semlife", "_resync", "_zerocopy"},
     {"_file"},
     {"_bus"},
-    {"_queue_base", "_accel", "_aio"},
+    {"_queue_base", "_cconst", "_accel", "_aio"},
     {"_producer", "_consumer"},
     {"_queue", "_topic", "_subscription"},
     {"_mpqueues", "_check", "_admin", "_live", "_lines"},
