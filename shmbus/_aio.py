@@ -78,12 +78,7 @@ def _suspended() -> None:
     _local.t = _monotonic()
 
 
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return _monotonic() + timeout
+_deadline = _sync.deadline  # the one timeout rule (a negative one: ValueError)
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:

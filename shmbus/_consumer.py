@@ -27,8 +27,9 @@ from ._format import (
     REC_RAW,
     RECORD_SIZE,
 )
-from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
+from ._queue_base import _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
+from ._sync import check_timeout
 from ._zerocopy import View, view_kind
 
 __all__ = ["_Consuming"]
@@ -178,8 +179,7 @@ class _Consuming(_QueueBase):
         spin = self.spin
         if timeout is None:
             return spin if block else 0.0
-        if timeout < 0:  # refused before C takes a message, as _deadline does
-            raise ValueError(_BAD_TIMEOUT)
+        check_timeout(timeout)  # refused before C takes a message
         return spin if block and timeout >= spin else 0.0
 
     def get_nowait(self) -> Any:

@@ -17,9 +17,9 @@ from ._bus import _U64, record_time
 from ._codec import Encoded, as_bytes_view
 from ._errors import BusClosed, CorruptBus, Full
 from ._format import I_SPACE_WAITING, Q_BYTES_IN, Q_HEAD, Q_NEXT_SEQ, Q_TAIL, REC_RAW
-from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
+from ._queue_base import _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
-from ._sync import SLICE
+from ._sync import SLICE, check_timeout
 from ._zerocopy import Reservation
 
 __all__ = ["_Producing"]
@@ -43,8 +43,8 @@ class _Producing(_QueueBase):
         ``MessageTooLarge`` when it could never fit. On any error nothing is
         written.
         """
-        if timeout is not None and timeout < 0:  # before C may leave the lock held
-            raise ValueError(_BAD_TIMEOUT)
+        if timeout is not None:  # checked before C may leave the lock held
+            check_timeout(timeout)
         fast = self._fast
         if fast is not None and not _faults.armed:
             # C: the whole put, encoding included, when obj is of a plain type,
@@ -187,8 +187,8 @@ class _Producing(_QueueBase):
 
         For callers with their own serializer (protobuf, Arrow IPC...).
         """
-        if timeout is not None and timeout < 0:  # before C may leave the lock held
-            raise ValueError(_BAD_TIMEOUT)
+        if timeout is not None:  # checked before C may leave the lock held
+            check_timeout(timeout)
         body = data if type(data) is bytes else as_bytes_view(data)
         self._put_one((REC_RAW, b"", body, len(body)), block, timeout)
 
