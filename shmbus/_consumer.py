@@ -32,13 +32,14 @@ from ._recovery import NOT_TAKEN
 from ._sync import check_timeout
 from ._zerocopy import View, view_kind
 
-__all__ = ["_Consuming"]
+__all__ = ["_Consuming", "NO_RECORD"]
 
 log = logging.getLogger("shmbus")
 _NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's "no message"
 _DECODED = -1  # the "kind" of a kept message that C had already decoded
 _REQUEUE_GRACE = 0.05  # seconds close() waits for the producer lock to put kept messages back
 _monotonic = time.monotonic
+NO_RECORD: Any = object()  # _take_held_one's answer when its token stood for no record (a stray)
 
 
 def _as_bytes(payload: Payload) -> bytes:
@@ -625,3 +626,47 @@ class _Consuming(_QueueBase):
             items.release()
             h[tokens] = 0
             raise
+
+    # -- for callers that hold their tokens (the asyncio layer: ``_aio.QueueOps``) ----
+
+    def _claim_slot(self) -> None:
+        """Claim this handle's consumer slot unless it has one (running recovery first, as ``_begin``)."""
+        self._enter()
+        try:
+            part = self._part
+            assert part is not None
+            if not part.me:
+                part.claim(self.recover)
+        finally:
+            self._leave()
+
+    def _take_held_one(self) -> Any:
+        """With one items token in hand: the oldest message, decoded; ``NO_RECORD`` if the token had none.
+
+        The token was taken without ``_take1``'s help (``try_acquire``, or by
+        another thread); from here on it is ``_take1``'s, which hands it back
+        if it is interrupted before the commit.
+        """
+        self._enter()
+        try:
+            got = self._take1()
+        finally:
+            self._leave()
+        if got is None:
+            return NO_RECORD
+        msg = self._finish(*got)
+        self._in_hand = []
+        return msg
+
+    def _take_held(self, k: int) -> list[Any]:
+        """With ``k`` items tokens in hand: up to ``k`` oldest messages, decoded ([]: the tokens had none)."""
+        self._enter()
+        try:
+            got = self._take(k)
+        finally:
+            self._leave()
+        if not got:
+            return []
+        msgs = self._codec.finish_many(got)
+        self._in_hand = []
+        return msgs

@@ -193,6 +193,7 @@ class _Producing(_QueueBase):
         self._put_one((REC_RAW, b"", body, len(body)), block, timeout)
 
     def _put(self, batch: list[Encoded], deadline: float | None) -> None:
+        """Put ``batch``, in order, by ``deadline``; ``Full`` (its ``sent``: how many went in) if not."""
         self._enter()
         try:
             self._put_locking(batch, deadline)
@@ -387,3 +388,20 @@ class _Producing(_QueueBase):
                 slots.release()
             raise Full(f"{self.path} is full: no space freed in time", path=self.path)
         return start, head, seq
+
+    # -- for callers that must not wait here (the asyncio layer: ``_aio.QueueOps``) ----
+
+    def _check_batch(self, batch: list[Encoded]) -> None:
+        """Refuse, before any lock, a closed handle (``BusClosed``) or a message no ring space fits."""
+        self._check_open()
+        if any(item[3] > self._max_payload for item in batch):
+            self._check_sizes(item[3] for item in batch)  # MessageTooLarge, with its sizes
+
+    def _put_ready(self, batch: list[Encoded]) -> int:
+        """Put what fits of ``batch`` now, not even waiting for the producer lock; return how many."""
+        self._enter()
+        try:
+            sent = self._head_lock.run(0.0, self._write, batch, 0.0)
+        finally:
+            self._leave()
+        return 0 if sent is NOT_TAKEN else sent
