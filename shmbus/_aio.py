@@ -400,14 +400,15 @@ class QueueAio(_Helper):
 
     async def put(self, batch: list[Encoded], timeout: float | None) -> None:
         """Put an encoded batch, in order, as ``Queue.aput``/``aput_many``."""
+        ops = self._ops
         deadline = _deadline(timeout)
         await checkpoint()
-        self._ops.check(batch)
+        ops.check(batch)
         sent = 0
         with self._cond:
             busy = self._putting or bool(self._jobs)
         if not busy:  # never overtake a put still waiting in the putter
-            sent = self._ops.put_ready(batch)
+            sent = ops.put_ready(batch)
             if sent == len(batch):
                 return
             if deadline is not None and _monotonic() >= deadline:  # timeout=0: no thread for that

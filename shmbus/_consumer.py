@@ -647,11 +647,16 @@ class _Consuming(_QueueBase):
         another thread); from here on it is ``_take1``'s, which hands it back
         if it is interrupted before the commit.
         """
-        self._enter()
+        users = self._users
+        users.append(None)  # (Bus._enter, inline as in get: the asyncio ready path)
         try:
+            if self._closed:
+                self._check_open()
             got = self._take1()
         finally:
-            self._leave()
+            users.pop()  # (Bus._leave, inline)
+            if not users and self._closed:
+                self._release()
         if got is None:
             return NO_RECORD
         msg = self._finish(*got)

@@ -399,9 +399,14 @@ class _Producing(_QueueBase):
 
     def _put_ready(self, batch: list[Encoded]) -> int:
         """Put what fits of ``batch`` now, not even waiting for the producer lock; return how many."""
-        self._enter()
+        users = self._users
+        users.append(None)  # (Bus._enter, inline as in _put_one: the asyncio ready path)
         try:
+            if self._closed:
+                self._check_open()
             sent = self._head_lock.run(0.0, self._write, batch, 0.0)
         finally:
-            self._leave()
+            users.pop()  # (Bus._leave, inline)
+            if not users and self._closed:
+                self._release()
         return 0 if sent is NOT_TAKEN else sent
