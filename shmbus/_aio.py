@@ -4,6 +4,7 @@ Rule: the event loop's thread never sleeps on a semaphore that stands for a
 message or for free space; only helper threads do. The loop thread takes the
 short locks alone (``tail`` for a take, ``head`` for a publish or a put that
 fits), exactly as a synchronous call does, and those are held only for copies.
+A Queue is reached only through ``QueueOps``, the operations it names for us.
 
 A POSIX semaphore has no file descriptor, so a loop cannot poll it. Each handle
 that waits gets, on first need, one daemon thread per kind of wait; ``close()``
@@ -45,18 +46,17 @@ import os
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Final
+from typing import TYPE_CHECKING, Any, Callable, Final, NamedTuple
 
 from . import _sync
 from ._codec import Encoded
+from ._consumer import NO_RECORD
 from ._errors import BusClosed, Empty, Full
-from ._recovery import NOT_TAKEN
 
 if TYPE_CHECKING:
-    from ._queue import Queue
     from ._topic import Subscription
 
-__all__ = ["QueueAio", "SubscriptionAio", "checkpoint"]
+__all__ = ["QueueOps", "QueueAio", "SubscriptionAio", "checkpoint"]
 
 log = logging.getLogger("shmbus")
 _monotonic = time.monotonic
@@ -78,12 +78,7 @@ def _suspended() -> None:
     _local.t = _monotonic()
 
 
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return _monotonic() + timeout
+_deadline = _sync.deadline  # the one timeout rule (a negative one: ValueError)
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:
@@ -212,6 +207,26 @@ class _Helper:
         return BusClosed(f"{self.path} was closed while this call waited", path=self.path)
 
 
+class QueueOps(NamedTuple):
+    """What ``QueueAio`` may do to its Queue handle: these operations, and nothing else.
+
+    ``Queue._aio_ops`` fills it with the handle's own methods. None of them
+    sleeps on a semaphore (the rule above), except ``put``, which only the
+    putter thread calls; each counts as a use of the handle, so ``close()``
+    waits for it to end. A token is one of ``items``: it stands for one
+    committed record that no consumer has claimed.
+    """
+
+    items: _sync.Sem  # the tokens: try_acquire() on the loop; acquire(deadline), release() anywhere
+    claim: Callable[[], None]  # claim the handle's consumer slot, once, before the first take
+    take_one: Callable[[], Any]  # with 1 token in hand: the oldest message, or NO_RECORD (a stray token)
+    take: Callable[[int], list[Any]]  # with k tokens in hand: up to k oldest messages ([]: strays)
+    heal: Callable[[], None]  # after an empty wait: free dead holders, post tokens records lack
+    check: Callable[[list[Encoded]], None]  # BusClosed, or MessageTooLarge for a batch that can never fit
+    put_ready: Callable[[list[Encoded]], int]  # put what fits now, not even waiting for the lock: how many
+    put: Callable[[list[Encoded], float | None], None]  # put all by the deadline, or Full(sent=...)
+
+
 class _PutJob:
     __slots__ = ("batch", "deadline", "fut", "sent", "state")
 
@@ -226,10 +241,10 @@ class _PutJob:
 class QueueAio(_Helper):
     """A Queue handle's asyncio side: the waiter thread for ``aget``, the putter thread for ``aput``."""
 
-    def __init__(self, q: Queue) -> None:
-        super().__init__(q.path)
-        self._q = q
-        self._items = q._items
+    def __init__(self, path: str, ops: QueueOps) -> None:
+        super().__init__(path)
+        self._ops = ops
+        self._items = ops.items
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._in_flight = False  # the waiter took a token that the loop has not given out yet
         self._holding = 0  # tokens given to futures whose coroutine has not used them yet
@@ -245,61 +260,38 @@ class QueueAio(_Helper):
 
     async def get(self, timeout: float | None) -> Any:
         """One message, as ``Queue.aget``."""
-        q = self._q
+        ops = self._ops
         deadline = _deadline(timeout)
         await checkpoint()
         while True:
-            self._claim()
+            ops.claim()
             if not self._items.try_acquire() and not await self._token(deadline):
-                raise Empty(f"{q.path} is empty", path=q.path)
+                raise Empty(f"{self.path} is empty", path=self.path)
             # One token held: take the record now, with no await (no cancellation point) before it.
-            # (A close() that lands between the token and _enter strands the token
+            # (A close() that lands between the token and the take strands the token
             # until a consumer's wait heals it: this handle can no longer post it.)
-            q._enter()
-            try:
-                got = q._take1()
-            finally:
-                q._leave()
-            if got is not None:
-                msg = q._finish(*got)
-                q._in_hand = []
+            msg = ops.take_one()
+            if msg is not NO_RECORD:
                 return msg
 
     async def get_many(self, max_messages: int, timeout: float | None) -> list[Any]:
         """1 to ``max_messages`` messages, as ``Queue.aget_many``."""
-        q = self._q
+        ops = self._ops
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         deadline = _deadline(timeout)
         await checkpoint()
         try_acquire = self._items.try_acquire
         while True:
-            self._claim()
+            ops.claim()
             if not try_acquire() and not await self._token(deadline):
-                raise Empty(f"{q.path} is empty", path=q.path)
+                raise Empty(f"{self.path} is empty", path=self.path)
             k = 1
             while k < max_messages and try_acquire():
                 k += 1
-            q._enter()  # (as in get)
-            try:
-                got = q._take(k)
-            finally:
-                q._leave()
-            if got:
-                msgs = q._codec.finish_many(got)
-                q._in_hand = []
+            msgs = ops.take(k)  # (as in get)
+            if msgs:
                 return msgs
-
-    def _claim(self) -> None:
-        q = self._q
-        q._enter()
-        try:
-            part = q._part
-            assert part is not None
-            if not part.me:
-                part.claim(q.recover)
-        finally:
-            q._leave()
 
     async def _token(self, deadline: float | None) -> bool:
         """Wait for the waiter thread to hand us one items token; False at the deadline."""
@@ -395,13 +387,8 @@ class QueueAio(_Helper):
 
     def _heal(self) -> None:
         """As a blocking get does after each empty slice: free dead holders, post lost tokens."""
-        q = self._q
         try:
-            q._enter()
-            try:
-                q._heal()
-            finally:
-                q._leave()
+            self._ops.heal()
         except Exception as e:
             # (CorruptBus, say): the waiting calls raise it, as a blocking get would.
             with self._cond:
@@ -413,21 +400,19 @@ class QueueAio(_Helper):
 
     async def put(self, batch: list[Encoded], timeout: float | None) -> None:
         """Put an encoded batch, in order, as ``Queue.aput``/``aput_many``."""
-        q = self._q
+        ops = self._ops
         deadline = _deadline(timeout)
         await checkpoint()
-        q._check_open()
-        if any(item[3] > q._max_payload for item in batch):
-            q._put(batch, 0.0)  # raises MessageTooLarge, with its sizes, before taking any lock
+        ops.check(batch)
         sent = 0
         with self._cond:
             busy = self._putting or bool(self._jobs)
         if not busy:  # never overtake a put still waiting in the putter
-            sent = self._put_now(batch)
+            sent = ops.put_ready(batch)
             if sent == len(batch):
                 return
             if deadline is not None and _monotonic() >= deadline:  # timeout=0: no thread for that
-                raise Full(f"{q.path} is full: no space freed in time", path=q.path, sent=sent)
+                raise Full(f"{self.path} is full: no space freed in time", path=self.path, sent=sent)
         with self._cond:
             loop = self._bind()
             job = _PutJob(batch[sent:], deadline, loop.create_future(), sent)
@@ -460,16 +445,6 @@ class QueueAio(_Helper):
                 Full(f"{self.path} is full: no space freed in time", path=self.path, sent=job.sent)
             )
 
-    def _put_now(self, batch: list[Encoded]) -> int:
-        """Put what fits now, waiting for nothing (not even the producer lock); return how many."""
-        q = self._q
-        q._enter()
-        try:
-            sent = q._head_lock.run(0.0, q._write, batch, 0.0)
-        finally:
-            q._leave()
-        return 0 if sent is NOT_TAKEN else sent
-
     def _run_puts(self) -> None:
         cond = self._cond
         while True:
@@ -497,20 +472,20 @@ class QueueAio(_Helper):
 
     def _put_sliced(self, job: _PutJob) -> None:
         """A blocking put of the job, cut into ``_SLICE`` second waits so close() is noticed."""
-        q, batch, deadline = self._q, job.batch, job.deadline
+        put, batch, deadline = self._ops.put, job.batch, job.deadline
         while True:
             if self._stop:
                 raise self._closed_error()
             now = _monotonic()
             try:
-                q._put(batch, now + _SLICE if deadline is None else min(deadline, now + _SLICE))
+                put(batch, now + _SLICE if deadline is None else min(deadline, now + _SLICE))
                 return
             except Full as e:
                 job.sent += e.sent
                 batch = batch[e.sent :]
                 if deadline is not None and _monotonic() >= deadline:
                     raise Full(
-                        f"{q.path} is full: no space freed in time", path=q.path, sent=job.sent
+                        f"{self.path} is full: no space freed in time", path=self.path, sent=job.sent
                     ) from None
 
     # -- lifecycle -----------------------------------------------------------------

@@ -83,31 +83,6 @@ def _bin_header(n: int) -> bytes:
     return bytes((_BIN32,)) + n.to_bytes(4, "big")
 
 
-def _finish_many(codec: Codec, items: list[tuple[int, Payload]]) -> list[Any]:
-    if codec._plain:
-        # One comprehension for the common batch (measured 0.47 -> 0.40 us a
-        # small dict); on any failure the loop below redoes it, keeping the good ones.
-        try:
-            return [
-                _unpackb(p, strict_map_key=False, ext_hook=_EXT) if k == REC_MSGPACK and type(p) is bytes
-                else codec.finish(k, p)
-                for k, p in items
-            ]  # fmt: skip
-        except Exception:  # decoded again, one by one, just below
-            pass
-    out: list[Any] = []
-    failed: DecodeError | None = None
-    for kind, payload in items:
-        try:
-            out.append(codec.finish(kind, payload))
-        except DecodeError as e:
-            failed = failed or e
-    if failed is not None:
-        failed.decoded = out
-        raise failed
-    return out
-
-
 def _key(k: Any) -> Any:
     """A map key as it was put: msgpack turned a tuple key into a list, which cannot be a key."""
     return tuple(_key(x) for x in k) if type(k) is list else k
@@ -258,7 +233,28 @@ class Codec:
 
     def finish_many(self, items: list[tuple[int, Payload]]) -> list[Any]:
         """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``."""
-        return _finish_many(self, items)
+        if self._plain:
+            # One comprehension for the common batch (measured 0.47 -> 0.40 us a
+            # small dict); on any failure the loop below redoes it, keeping the good ones.
+            try:
+                return [
+                    _unpackb(p, strict_map_key=False, ext_hook=_EXT) if k == REC_MSGPACK and type(p) is bytes
+                    else self.finish(k, p)
+                    for k, p in items
+                ]  # fmt: skip
+            except Exception:  # decoded again, one by one, just below
+                pass
+        out: list[Any] = []
+        failed: DecodeError | None = None
+        for kind, payload in items:
+            try:
+                out.append(self.finish(kind, payload))
+            except DecodeError as e:
+                failed = failed or e
+        if failed is not None:
+            failed.decoded = out
+            raise failed
+        return out
 
     def finish(self, kind: int, payload: Payload) -> Any:
         """Decode a payload copied out by ``extract`` (outside the lock)."""

@@ -27,17 +27,19 @@ from ._format import (
     RECORD_SIZE,
     U64_MAX,
 )
-from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
+from ._queue_base import _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
+from ._sync import check_timeout
 from ._zerocopy import View, view_kind
 
-__all__ = ["_Consuming"]
+__all__ = ["_Consuming", "NO_RECORD"]
 
 log = logging.getLogger("shmbus")
 _NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's "no message"
 _DECODED = -1  # the "kind" of a kept message that C had already decoded
 _REQUEUE_GRACE = 0.05  # seconds close() waits for the producer lock to put kept messages back
 _monotonic = time.monotonic
+NO_RECORD: Any = object()  # _take_held_one's answer when its token stood for no record (a stray)
 
 
 def _as_bytes(payload: Payload) -> bytes:
@@ -178,8 +180,7 @@ class _Consuming(_QueueBase):
         spin = self.spin
         if timeout is None:
             return spin if block else 0.0
-        if timeout < 0:  # refused before C takes a message, as _deadline does
-            raise ValueError(_BAD_TIMEOUT)
+        check_timeout(timeout)  # refused before C takes a message
         return spin if block and timeout >= spin else 0.0
 
     def get_nowait(self) -> Any:
@@ -629,3 +630,52 @@ class _Consuming(_QueueBase):
             items.release()
             h[tokens] = 0
             raise
+
+    # -- for callers that hold their tokens (the asyncio layer: ``_aio.QueueOps``) ----
+
+    def _claim_slot(self) -> None:
+        """Claim this handle's consumer slot unless it has one (running recovery first, as ``_begin``)."""
+        self._enter()
+        try:
+            part = self._part
+            assert part is not None
+            if not part.me:
+                part.claim(self.recover)
+        finally:
+            self._leave()
+
+    def _take_held_one(self) -> Any:
+        """With one items token in hand: the oldest message, decoded; ``NO_RECORD`` if the token had none.
+
+        The token was taken without ``_take1``'s help (``try_acquire``, or by
+        another thread); from here on it is ``_take1``'s, which hands it back
+        if it is interrupted before the commit.
+        """
+        users = self._users
+        users.append(None)  # (Bus._enter, inline as in get: the asyncio ready path)
+        try:
+            if self._closed:
+                self._check_open()
+            got = self._take1()
+        finally:
+            users.pop()  # (Bus._leave, inline)
+            if not users and self._closed:
+                self._release()
+        if got is None:
+            return NO_RECORD
+        msg = self._finish(*got)
+        self._in_hand = []
+        return msg
+
+    def _take_held(self, k: int) -> list[Any]:
+        """With ``k`` items tokens in hand: up to ``k`` oldest messages, decoded ([]: the tokens had none)."""
+        self._enter()
+        try:
+            got = self._take(k)
+        finally:
+            self._leave()
+        if not got:
+            return []
+        msgs = self._codec.finish_many(got)
+        self._in_hand = []
+        return msgs

@@ -15,10 +15,10 @@ from __future__ import annotations
 import time
 from typing import Final
 
+from . import _sync
 from ._codec import Codec
 from ._format import Q_NEXT_SEQ, Q_TASKS_DONE
 from ._queue import ANON_CAPACITY, Queue
-from ._queue_base import _deadline
 
 __all__ = ["JoinableQueue", "SimpleQueue"]
 
@@ -98,7 +98,7 @@ class JoinableQueue(Queue):
         killed mid-wait would leave posts behind; polling cannot lose a
         wake-up and costs a joiner at most 50 looks a second.
         """
-        deadline = _deadline(True, timeout)
+        deadline = _sync.deadline(timeout)
         pause = _POLL_FIRST
         while self.unfinished_tasks:
             if deadline is None:

@@ -16,10 +16,10 @@ from . import _accel, _faults, _ring
 from ._codec import Encoded, as_bytes_view
 from ._errors import BusClosed, CorruptBus, Full
 from ._format import I_SPACE_WAITING, Q_BYTES_IN, Q_HEAD, Q_NEXT_SEQ, Q_TAIL, REC_RAW, U64_MAX
-from ._queue_base import _BAD_TIMEOUT, _deadline, _QueueBase
+from ._queue_base import _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
 from ._stats import record_time
-from ._sync import SLICE
+from ._sync import SLICE, check_timeout
 from ._zerocopy import Reservation
 
 __all__ = ["_Producing"]
@@ -43,8 +43,8 @@ class _Producing(_QueueBase):
         ``MessageTooLarge`` when it could never fit. On any error nothing is
         written.
         """
-        if timeout is not None and timeout < 0:  # before C may leave the lock held
-            raise ValueError(_BAD_TIMEOUT)
+        if timeout is not None:  # checked before C may leave the lock held
+            check_timeout(timeout)
         fast = self._fast
         if fast is not None:
             # C: the whole put, encoding included, when obj is of a plain type,
@@ -188,12 +188,13 @@ class _Producing(_QueueBase):
 
         For callers with their own serializer (protobuf, Arrow IPC...).
         """
-        if timeout is not None and timeout < 0:  # before C may leave the lock held
-            raise ValueError(_BAD_TIMEOUT)
+        if timeout is not None:  # checked before C may leave the lock held
+            check_timeout(timeout)
         body = data if type(data) is bytes else as_bytes_view(data)
         self._put_one((REC_RAW, b"", body, len(body)), block, timeout)
 
     def _put(self, batch: list[Encoded], deadline: float | None) -> None:
+        """Put ``batch``, in order, by ``deadline``; ``Full`` (its ``sent``: how many went in) if not."""
         self._enter()
         try:
             self._put_locking(batch, deadline)
@@ -388,3 +389,25 @@ class _Producing(_QueueBase):
                 slots.release()
             raise Full(f"{self.path} is full: no space freed in time", path=self.path)
         return start, head, seq
+
+    # -- for callers that must not wait here (the asyncio layer: ``_aio.QueueOps``) ----
+
+    def _check_batch(self, batch: list[Encoded]) -> None:
+        """Refuse, before any lock, a closed handle (``BusClosed``) or a message no ring space fits."""
+        self._check_open()
+        if any(item[3] > self._max_payload for item in batch):
+            self._check_sizes(item[3] for item in batch)  # MessageTooLarge, with its sizes
+
+    def _put_ready(self, batch: list[Encoded]) -> int:
+        """Put what fits of ``batch`` now, not even waiting for the producer lock; return how many."""
+        users = self._users
+        users.append(None)  # (Bus._enter, inline as in _put_one: the asyncio ready path)
+        try:
+            if self._closed:
+                self._check_open()
+            sent = self._head_lock.run(0.0, self._write, batch, 0.0)
+        finally:
+            users.pop()  # (Bus._leave, inline)
+            if not users and self._closed:
+                self._release()
+        return 0 if sent is NOT_TAKEN else sent

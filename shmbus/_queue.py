@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _accel, _anon, _ring
-from ._aio import QueueAio
+from ._aio import QueueAio, QueueOps
 from ._bus import Bus
 from ._codec import Codec
 from ._consumer import _Consuming
@@ -118,7 +118,7 @@ class Queue(_Producing, _Consuming, Bus):
         cap = ring_capacity(capacity)
         _check_maxsize(maxsize)
         name = _anon.new_name()
-        type(self)._create(
+        self._create(
             name, capacity=cap, maxsize=maxsize, max_subscribers=0, exist_ok=False, mode=0o600,
             codec=codec, creator=_anon.identity(), into=self,
         )  # fmt: skip
@@ -288,8 +288,21 @@ class Queue(_Producing, _Consuming, Bus):
         aio = self._aio
         if aio is None or aio.pid != os.getpid():
             self._check_open()
-            aio = self._aio = QueueAio(self)
+            aio = self._aio = QueueAio(self.path, self._aio_ops())
         return aio
+
+    def _aio_ops(self) -> QueueOps:
+        """The operations the asyncio layer may perform on this handle (see ``QueueOps``)."""
+        return QueueOps(
+            items=self._items,
+            claim=self._claim_slot,
+            take_one=self._take_held_one,
+            take=self._take_held,
+            heal=self._heal_outside,
+            check=self._check_batch,
+            put_ready=self._put_ready,
+            put=self._put,
+        )
 
     def close(self) -> None:
         """Release this handle, after stopping its asyncio threads; the queue stays.
@@ -365,6 +378,14 @@ class Queue(_Producing, _Consuming, Bus):
         assert part is not None
         # Recovery mutex first, then the tail lock: the order claim() and recover() use.
         part.under_recovery_lock(self._tail_lock.run, _monotonic() + _REPAIR_WAIT, self._heal_tokens)
+
+    def _heal_outside(self) -> None:
+        """``_heal``, for a thread waiting outside any call (the asyncio waiter): ``close()`` waits for it."""
+        self._enter()
+        try:
+            self._heal()
+        finally:
+            self._leave()
 
     def _heal_tokens(self) -> None:
         """Under the recovery mutex and the tail lock: post the items tokens records lack."""

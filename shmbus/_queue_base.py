@@ -8,28 +8,23 @@ turns a call's ``block``/``timeout`` into a wait deadline.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from . import _recovery, _sync
 from ._bus import Bus
 from ._codec import Encoded, Payload
 
-__all__ = ["_QueueBase", "_deadline", "_BAD_TIMEOUT"]
-
-_monotonic = time.monotonic
-_BAD_TIMEOUT = "'timeout' must be a non-negative number"
+__all__ = ["_QueueBase", "_deadline"]
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
-    """Absolute deadline for a wait: 0 for non-blocking, None for ever."""
-    if timeout is not None and timeout < 0:
-        raise ValueError(_BAD_TIMEOUT)
-    if not block:
-        return 0.0
-    if timeout is None:
-        return None
-    return _monotonic() + timeout
+    """Absolute deadline for a wait: 0 for non-blocking, None for ever; a negative timeout: ``ValueError``."""
+    if timeout is None:  # the common call, answered without one more call
+        return None if block else 0.0
+    if block:
+        return _sync.deadline(timeout)
+    _sync.check_timeout(timeout)  # refused even though a non-blocking call does not use it
+    return 0.0
 
 
 class _QueueBase(Bus):

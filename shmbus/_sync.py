@@ -5,7 +5,9 @@ its header (``/shmbus.<bus_id>.<role>``, which Linux shows as
 ``/dev/shm/sem.shmbus.<bus_id>.<role>``). They are created exclusively with the
 bus, so a name squatted by someone else makes ``create`` fail instead of
 adopting a foreign semaphore. Waits take an absolute deadline
-(``time.monotonic()`` based, ``None`` for ever).
+(``time.monotonic()`` based, ``None`` for ever); every public call turns its
+``timeout`` argument into one through ``deadline`` (or checks it with
+``check_timeout``), the one place that says which timeouts are refused.
 
 Sleeping waits and signals. ``posix_ipc`` creates, opens, unlinks, posts and
 try-takes; it does not sleep for us, because on EINTR it runs the Python
@@ -91,6 +93,8 @@ __all__ = [
     "WAIT_KIND",
     "SemPermissionError",
     "SemExistsError",
+    "check_timeout",
+    "deadline",
 ]
 
 log = logging.getLogger("shmbus")
@@ -110,6 +114,23 @@ _SignalError = posix_ipc.SignalError
 SIGNAL_SLICE: Final = float(os.environ.get("SHMBUS_SIGNAL_SLICE", "0.04"))
 _monotonic = time.monotonic
 _map = map
+
+
+def check_timeout(timeout: float | None) -> None:
+    """Refuse a negative ``timeout`` with ``ValueError``; None (wait for ever) and 0 are fine."""
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+
+
+def deadline(timeout: float | None) -> float | None:
+    """The deadline a wait of ``timeout`` seconds takes (``time.monotonic()`` based; None: for ever).
+
+    Raises ``ValueError`` for a negative ``timeout`` (``check_timeout``).
+    """
+    if timeout is None:
+        return None
+    check_timeout(timeout)
+    return _monotonic() + timeout
 
 
 # A struct timespec, packed into bytes: ctypes passes a bytes object's buffer as
