@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any, Callable, Final, NamedTuple
 
 from . import _sync
 from ._codec import Encoded
-from ._consumer import NO_RECORD
 from ._errors import BusClosed, Empty, Full
+from ._queue_base import NO_RECORD
 
 if TYPE_CHECKING:
     from ._topic import Subscription

@@ -27,19 +27,18 @@ from ._format import (
     RECORD_SIZE,
     U64_MAX,
 )
-from ._queue_base import _deadline, _QueueBase
+from ._queue_base import NO_RECORD, _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
 from ._sync import check_timeout
 from ._zerocopy import View, view_kind
 
-__all__ = ["_Consuming", "NO_RECORD"]
+__all__ = ["_Consuming"]
 
 log = logging.getLogger("shmbus")
 _NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's "no message"
 _DECODED = -1  # the "kind" of a kept message that C had already decoded
 _REQUEUE_GRACE = 0.05  # seconds close() waits for the producer lock to put kept messages back
 _monotonic = time.monotonic
-NO_RECORD: Any = object()  # _take_held_one's answer when its token stood for no record (a stray)
 
 
 def _as_bytes(payload: Payload) -> bytes:

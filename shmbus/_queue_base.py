@@ -14,7 +14,11 @@ from . import _recovery, _sync
 from ._bus import Bus
 from ._codec import Encoded, Payload
 
-__all__ = ["_QueueBase", "_deadline"]
+__all__ = ["_QueueBase", "_deadline", "NO_RECORD"]
+
+# The get side's answer when an items token it held stood for no record (a stray
+# token): shared here because the asyncio layer, below the get side, tests for it.
+NO_RECORD: Any = object()
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
