@@ -292,10 +292,8 @@ static void msg_release(Msg *m) {
 
 /* Under the head lock: write as many of msgs as fit at head without a wrap,
  * publish them (counters first, head last, as _publish does) and post their
- * items tokens. Returns how many were written. batch: put_many, which Python
- * checks with _ring.check_room for the whole batch (a single put, in
- * _put_locked, does not). */
-static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int batch) {
+ * items tokens. Returns how many were written. */
+static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count) {
     uint64_t cap = q->cap;
     uint64_t head = ld64(H64(q, Q_HEAD)), tail = ld64(H64(q, Q_TAIL));
     uint64_t seq = ld64(H64(q, Q_NEXT_SEQ)), nbytes = 0;
@@ -303,9 +301,10 @@ static Py_ssize_t write_records(FastQueue *q, Msg *msgs, Py_ssize_t count, int b
     if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap ||
         seq > UINT64_MAX - (uint64_t)count)
         return 0;
-    if (batch) {
-        /* _ring.check_room: head + 2 * (the spans of the whole batch) <= 2**64 - 1 - 2 * cap, or
-         * Python raises CorruptBus with nothing written; so we must not write the first ones. */
+    {
+        /* _ring.check_room, for a single put as for a batch: head + 2 * (the spans of the whole
+         * batch) <= 2**64 - 1 - 2 * cap, or Python raises CorruptBus with nothing written; so we
+         * must not write the first ones. (The Python single put's inline test is as strict.) */
         uint64_t half = (UINT64_MAX - 2 * cap - head) / 2, total = 0;
         for (Py_ssize_t i = 0; i < count; i++) {
             total += span_of((uint64_t)msgs[i].plen + (uint64_t)msgs[i].blen);
@@ -357,7 +356,7 @@ static PyObject *put_result(Py_ssize_t written, int code) { return PyLong_FromSs
 static PyObject *put_msgs(FastQueue *q, Msg *msgs, Py_ssize_t count, int batch) {
     if (!take_lock(q, q->head, I_HEAD_REPAIR)) return put_result(0, PUT_NOT_TAKEN);
     FAULT("put:after-lock");
-    Py_ssize_t k = write_records(q, msgs, count, batch);
+    Py_ssize_t k = write_records(q, msgs, count);
     if (k < count && (batch || k)) {
         PyObject *r = put_result(k, PUT_HELD);
         if (r == NULL) lock_release(q->head); /* no one else would */

@@ -123,10 +123,13 @@ class _Producing(_QueueBase):
         kind, prefix, body, n = enc
         seq = h[Q_NEXT_SEQ]
         # Near 2**64 (a damaged header) it is _write's to refuse, before a byte is written.
-        # The positions: _ring.check_positions inline, but for alignment (test_ring ties the two).
+        # The positions: _ring.check_positions inline, with _ring.check_room's bound for this
+        # record, up to 15 bytes stricter (n + 31 >= its span): where this refuses, _write
+        # decides exactly, so every path (C's too) accepts the same (test_ring ties them).
         if (
             tail <= head <= tail + cap
-            and head <= U64_MAX - 2 * cap
+            and not (head | tail) & 15
+            and head + 2 * (n + 31) <= U64_MAX - 2 * cap
             and seq < U64_MAX
             and (_ring.place(head, tail, cap, n) == head)
         ):

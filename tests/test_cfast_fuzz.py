@@ -420,13 +420,17 @@ def test_take_many_hands_back_the_token_it_was_given_when_it_raises(bus_name: st
         q.unlink()
 
 
-def test_the_one_allowed_difference_a_misaligned_head_c_refuses_and_changes_nothing(pair: Pair) -> None:
-    """Python's inlined single put checks ``tail <= head <= tail + capacity`` only; C checks alignment too."""
-    muts: list[Mutation] = [("u64", Q_HEAD, pair.c._h64[Q_HEAD] + 8)]
+@pytest.mark.parametrize("lock_word", [0, 0x40000000], ids=["free", "dead-holder"])
+def test_a_misaligned_head_is_refused_alike_by_every_single_put(pair: Pair, lock_word: int) -> None:
+    """C, and Python's inline single put, check alignment as _ring.check_positions does.
+
+    With the head lock left by a dead holder, the C handle hands back to the
+    Python path that repairs it (not the inline one): both must refuse alike.
+    """
+    muts: list[Mutation] = [("u64", Q_HEAD, pair.c._h64[Q_HEAD] + 8), ("u32", M_HEAD // 4, lock_word)]
     for q in pair.both:
         _mutate(q, muts)
-    assert _compare(pair, [("put", 5)]) == [("refused", "CorruptBus")]
-    assert _run(pair.py, ("get_many", 12))[0] == "CorruptBus"  # what Python wrote is misaligned anyway
+    assert _compare(pair, [("put", 5)]) == [("CorruptBus", None)]
 
 
 # -- a ring past the hot window: the early wrap and large-ring arithmetic ------------------------
