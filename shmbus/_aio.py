@@ -54,7 +54,6 @@ from ._recovery import NOT_TAKEN
 
 if TYPE_CHECKING:
     from ._queue import Queue
-    from ._topic import Subscription
 
 __all__ = ["QueueAio", "SubscriptionAio", "checkpoint"]
 
@@ -551,11 +550,18 @@ class QueueAio(_Helper):
 
 
 class SubscriptionAio(_Helper):
-    """A Subscription's asyncio side: the thread that sleeps until the topic's head moves."""
+    """A Subscription's asyncio side: the thread that sleeps until the topic's head moves.
 
-    def __init__(self, sub: Subscription) -> None:
-        super().__init__(sub._topic.path)
-        self._sub = sub
+    It uses two operations of the subscription: ``read(k)``, up to ``k`` next
+    messages without waiting (lock-free, so it runs on the loop), and
+    ``wait(deadline)``, which sleeps until head may have moved (False at the
+    deadline) and raises ``BusClosed`` once the topic is closed.
+    """
+
+    def __init__(self, path: str, read: Callable[[int], list[Any]], wait: Callable[[float], bool]) -> None:
+        super().__init__(path)
+        self._read = read
+        self._wait = wait
         self._waiters: list[asyncio.Future[bool]] = []
         self._signalled = False  # a wake-up is on its way to the loop
         self._thread: threading.Thread | None = None
@@ -565,21 +571,14 @@ class SubscriptionAio(_Helper):
 
     async def get_many(self, max_messages: int, timeout: float | None) -> list[Any]:
         """1 to ``max_messages`` next messages, as ``Subscription.aget_many``."""
-        sub = self._sub
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         deadline = _deadline(timeout)
         await checkpoint()
         while True:
-            sub._check_open()
-            t = sub._topic
-            t._enter()
-            try:
-                got = sub._read(max_messages)  # lock-free: no await between reading and returning
-            finally:
-                t._leave()
+            got = self._read(max_messages)  # no await between reading and returning
             if got:
-                return sub._topic._codec.finish_many(got)
+                return got
             if not await self._moved(deadline):
                 raise Empty(f"no new message on {self.path}", path=self.path)
 
@@ -616,7 +615,7 @@ class SubscriptionAio(_Helper):
                 f.set_result(True)
 
     def _watch(self) -> None:
-        cond, sub = self._cond, self._sub
+        cond = self._cond
         while True:
             with cond:
                 while not self._stop and (self._signalled or not self._waiters):
@@ -625,13 +624,8 @@ class SubscriptionAio(_Helper):
                         self._loop_gone()
                 if self._stop:
                     return
-            t = sub._topic
-            t._enter()  # (BusClosed once the topic is closed: the thread ends, its callers fail)
-            try:
-                moved = sub._wait(_monotonic() + _SLICE)
-            finally:
-                t._leave()
-            if not moved:
+            # (BusClosed once the topic is closed: the thread ends, its callers fail)
+            if not self._wait(_monotonic() + _SLICE):
                 continue
             with cond:
                 loop = self._loop
