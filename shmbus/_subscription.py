@@ -177,9 +177,13 @@ class Subscription:
         h[b + S_RECEIVED] = self.received
 
     def _check_open(self) -> None:
+        self._check_mine()
+        self._door.check_open()
+
+    def _check_mine(self) -> None:
+        """``_check_open`` less the topic's check: for a caller whose next step, ``enter()``, makes it."""
         if self._closed:
             raise BusClosed(f"this subscription to {self._door.path} is closed", path=self._door.path)
-        self._door.check_open()
 
     # -- reading ---------------------------------------------------------------
 
@@ -206,14 +210,14 @@ class Subscription:
         Blocking: waits (up to ``timeout``) for the first and returns 1..max, or
         raises ``Empty``. Non-blocking: returns 0..max at once.
         """
-        self._check_open()
-        if max_messages < 1:
-            raise ValueError("max_messages must be at least 1")
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
+        self._check_mine()
         d = self._door
         d.enter()  # close() from another thread: the wait raises BusClosed, the mapping stays till then
         try:
+            if max_messages < 1:
+                raise ValueError("max_messages must be at least 1")
+            if timeout is not None and timeout < 0:
+                raise ValueError("'timeout' must be a non-negative number")
             got = self._read(max_messages)
             if not got and block:
                 deadline = None if timeout is None else _monotonic() + timeout
@@ -277,7 +281,7 @@ class Subscription:
 
     def _read_now(self, max_messages: int) -> list[Any]:
         """(For ``SubscriptionAio``.) Up to ``max_messages`` next messages, decoded, without waiting."""
-        self._check_open()
+        self._check_mine()
         d = self._door
         d.enter()
         try:
