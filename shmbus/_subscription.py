@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from . import _ring
 from ._aio import SubscriptionAio
-from ._codec import Payload, extract, extract_range
+from ._codec import Codec, Payload, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty
 from ._format import (
     Q_HEAD,
@@ -57,7 +57,7 @@ _monotonic = time.monotonic
 _SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (a door is compared by identity: it holds views)
 class TopicDoor:
     """What a ``Subscription`` may use of its ``Topic`` handle; ``Topic.subscribe`` makes one per slot.
 
@@ -78,7 +78,7 @@ class TopicDoor:
     enter: Callable[[], None]  # count a call in progress; BusClosed once the handle is closed
     leave: Callable[[], None]  # the end of that call
     check_open: Callable[[], None]  # BusClosed once the handle is closed
-    finish_many: Callable[[list[tuple[int, Payload]]], list[Any]]  # the handle's codec: decode a batch
+    codec: Codec  # the handle's: decodes what was copied out
     release_slot: Callable[[], None]  # free the slot and its wait flag (nothing once the handle is closed)
     forget: Callable[[Subscription], None]  # the handle no longer closes this subscription with itself
 
@@ -177,13 +177,9 @@ class Subscription:
         h[b + S_RECEIVED] = self.received
 
     def _check_open(self) -> None:
-        self._check_mine()
-        self._door.check_open()
-
-    def _check_mine(self) -> None:
-        """``_check_open`` less the topic's check: for a caller whose next step, ``enter()``, makes it."""
         if self._closed:
             raise BusClosed(f"this subscription to {self._door.path} is closed", path=self._door.path)
+        self._door.check_open()
 
     # -- reading ---------------------------------------------------------------
 
@@ -210,9 +206,12 @@ class Subscription:
         Blocking: waits (up to ``timeout``) for the first and returns 1..max, or
         raises ``Empty``. Non-blocking: returns 0..max at once.
         """
-        self._check_mine()
+        if self._closed:
+            self._check_open()
         d = self._door
-        d.enter()  # close() from another thread: the wait raises BusClosed, the mapping stays till then
+        # The topic's open check, as _check_open's; then close() from another
+        # thread only interrupts the wait (BusClosed), the mapping stays till we leave.
+        d.enter()
         try:
             if max_messages < 1:
                 raise ValueError("max_messages must be at least 1")
@@ -227,7 +226,7 @@ class Subscription:
                     got = self._read(max_messages)
         finally:
             d.leave()
-        return d.finish_many(got)
+        return d.codec.finish_many(got)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -281,14 +280,15 @@ class Subscription:
 
     def _read_now(self, max_messages: int) -> list[Any]:
         """(For ``SubscriptionAio``.) Up to ``max_messages`` next messages, decoded, without waiting."""
-        self._check_mine()
+        if self._closed:
+            self._check_open()
         d = self._door
-        d.enter()
+        d.enter()  # (the topic's open check)
         try:
             got = self._read(max_messages)  # lock-free: no await between reading and returning
         finally:
             d.leave()
-        return d.finish_many(got) if got else []
+        return d.codec.finish_many(got) if got else []
 
     def _wait_slice(self, deadline: float) -> bool:
         """(For ``SubscriptionAio``'s thread.) ``_wait`` as one call on the topic (BusClosed once closed)."""

@@ -343,7 +343,7 @@ class Topic(Bus):
             slot=slot, base=self._slot_base(slot), flag=WAIT_FLAGS + slot,
             sem=self._sems[f"sub{slot}"],  # opened with the topic (closed with it too)
             enter=self._enter, leave=self._leave, check_open=self._check_open,
-            finish_many=self._codec.finish_many,
+            codec=self._codec,
             release_slot=functools.partial(self._release_slot, slot),
             forget=self._forget,
         )  # fmt: skip

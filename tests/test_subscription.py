@@ -45,7 +45,7 @@ class Door:
             capacity=CAP, ring_offset=HEADER, slot=0, base=BASE, flag=FLAG,
             sem=None,  # type: ignore[arg-type]  # (nothing here waits)
             enter=lambda: self.calls.append("enter"), leave=lambda: self.calls.append("leave"),
-            check_open=lambda: None, finish_many=DEFAULT_CODEC.finish_many,
+            check_open=lambda: None, codec=DEFAULT_CODEC,
             release_slot=lambda: self.calls.append("release_slot"),
             forget=lambda sub: self.calls.append("forget"),
         )  # fmt: skip
