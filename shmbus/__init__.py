@@ -39,7 +39,7 @@ from ._mpqueues import JoinableQueue as JoinableQueue
 from ._mpqueues import SimpleQueue as SimpleQueue
 from ._queue import Queue as Queue
 from ._stats import Stats as Stats
-from ._topic import Subscription as Subscription
+from ._subscription import Subscription as Subscription
 from ._topic import Topic as Topic
 from ._zerocopy import Reservation as Reservation
 from ._zerocopy import View as View

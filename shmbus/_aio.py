@@ -46,15 +46,12 @@ import os
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Final, NamedTuple
+from typing import Any, Callable, Final, NamedTuple
 
 from . import _sync
 from ._codec import Encoded
 from ._errors import BusClosed, Empty, Full
 from ._queue_base import NO_RECORD
-
-if TYPE_CHECKING:
-    from ._topic import Subscription
 
 __all__ = ["QueueOps", "QueueAio", "SubscriptionAio", "checkpoint"]
 
@@ -78,7 +75,6 @@ def _suspended() -> None:
     _local.t = _monotonic()
 
 
-_deadline = _sync.deadline  # the one timeout rule (a negative one: ValueError)
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:
@@ -261,7 +257,7 @@ class QueueAio(_Helper):
     async def get(self, timeout: float | None) -> Any:
         """One message, as ``Queue.aget``."""
         ops = self._ops
-        deadline = _deadline(timeout)
+        deadline = _sync.deadline(timeout)
         await checkpoint()
         while True:
             ops.claim()
@@ -279,7 +275,7 @@ class QueueAio(_Helper):
         ops = self._ops
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
-        deadline = _deadline(timeout)
+        deadline = _sync.deadline(timeout)
         await checkpoint()
         try_acquire = self._items.try_acquire
         while True:
@@ -401,7 +397,7 @@ class QueueAio(_Helper):
     async def put(self, batch: list[Encoded], timeout: float | None) -> None:
         """Put an encoded batch, in order, as ``Queue.aput``/``aput_many``."""
         ops = self._ops
-        deadline = _deadline(timeout)
+        deadline = _sync.deadline(timeout)
         await checkpoint()
         ops.check(batch)
         sent = 0
@@ -526,11 +522,18 @@ class QueueAio(_Helper):
 
 
 class SubscriptionAio(_Helper):
-    """A Subscription's asyncio side: the thread that sleeps until the topic's head moves."""
+    """A Subscription's asyncio side: the thread that sleeps until the topic's head moves.
 
-    def __init__(self, sub: Subscription) -> None:
-        super().__init__(sub._topic.path)
-        self._sub = sub
+    It uses two operations of the subscription: ``read(k)``, up to ``k`` next
+    messages without waiting (lock-free, so it runs on the loop), and
+    ``wait(deadline)``, which sleeps until head may have moved (False at the
+    deadline) and raises ``BusClosed`` once the topic is closed.
+    """
+
+    def __init__(self, path: str, read: Callable[[int], list[Any]], wait: Callable[[float], bool]) -> None:
+        super().__init__(path)
+        self._read = read
+        self._wait = wait
         self._waiters: list[asyncio.Future[bool]] = []
         self._signalled = False  # a wake-up is on its way to the loop
         self._thread: threading.Thread | None = None
@@ -540,21 +543,14 @@ class SubscriptionAio(_Helper):
 
     async def get_many(self, max_messages: int, timeout: float | None) -> list[Any]:
         """1 to ``max_messages`` next messages, as ``Subscription.aget_many``."""
-        sub = self._sub
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
-        deadline = _deadline(timeout)
+        deadline = _sync.deadline(timeout)
         await checkpoint()
         while True:
-            sub._check_open()
-            t = sub._topic
-            t._enter()
-            try:
-                got = sub._read(max_messages)  # lock-free: no await between reading and returning
-            finally:
-                t._leave()
+            got = self._read(max_messages)  # no await between reading and returning
             if got:
-                return sub._topic._codec.finish_many(got)
+                return got
             if not await self._moved(deadline):
                 raise Empty(f"no new message on {self.path}", path=self.path)
 
@@ -591,7 +587,7 @@ class SubscriptionAio(_Helper):
                 f.set_result(True)
 
     def _watch(self) -> None:
-        cond, sub = self._cond, self._sub
+        cond = self._cond
         while True:
             with cond:
                 while not self._stop and (self._signalled or not self._waiters):
@@ -600,13 +596,8 @@ class SubscriptionAio(_Helper):
                         self._loop_gone()
                 if self._stop:
                     return
-            t = sub._topic
-            t._enter()  # (BusClosed once the topic is closed: the thread ends, its callers fail)
-            try:
-                moved = sub._wait(_monotonic() + _SLICE)
-            finally:
-                t._leave()
-            if not moved:
+            # (BusClosed once the topic is closed: the thread ends, its callers fail)
+            if not self._wait(_monotonic() + _SLICE):
                 continue
             with cond:
                 loop = self._loop

@@ -1,43 +1,43 @@
 """``Topic``: one-to-many broadcast where a slow subscriber never holds up a publisher.
 
 Rule: publishers never wait for subscribers, and subscribers take no lock a
-publisher waits on. The protocol (also in ``docs/format.md``):
+publisher waits on. The protocol (also in ``docs/format.md``; the reader's
+side, the ``Subscription``, is in ``_subscription``):
 
 * Publishers serialize on the ``head`` semaphore. When the ring is full a
   publisher drops the oldest records: it stores the new ``tail`` (and
   ``tail_seq``) *before* it writes a byte over them, then writes the record,
   its header last, then ``next_seq`` and ``head``.
-* A subscriber keeps its own cursor and reads without a lock, seqlock-style:
-  it copies a record out, then re-reads ``tail``; if ``tail`` passed the
-  record meanwhile, the copy may be torn and is thrown away. Its cursor
-  then jumps to ``tail`` and the gap in sequence numbers is added to
-  ``lost``, so received + lost = published since it subscribed, exactly.
+* A subscriber reads without a lock and trusts a copy only if ``tail`` has
+  not passed it once the copy is done (the seqlock of ``_subscription``):
+  hence ``tail`` moves before any byte of what it drops is overwritten.
 * Wake-up: each subscriber slot ``i`` has a semaphore ``sub<i>`` and a wait
-  flag byte. A subscriber about to sleep sets its flag, fences, re-checks
-  ``head`` and sleeps; after every publish the publisher reads all flags in
-  one slice and posts the semaphore of each flagged slot, so every waiting
-  subscriber wakes, not just one. The flag and ``head`` are ordered by full
-  fences on both sides (see ``_wait``), and a sleep never lasts longer than
-  ``_SAFETY_SLICE`` between re-checks, which bounds any latency a missed post
-  could cause.
+  flag byte. A subscriber about to sleep sets its flag, fences and re-checks
+  ``head`` (``Subscription._wait``); after every publish the publisher reads
+  all flags in one slice and posts the semaphore of each flagged slot, so
+  every waiting subscriber wakes, not just one. The flag and ``head`` are
+  ordered by full fences on both sides.
 * Subscriber slots are claimed and freed under the ``subs`` semaphore, which
   only subscribers take (``subscribe``/``close``). A slot whose process is
   gone is reclaimed when the table is full.
+* A ``Subscription`` sees this handle only through the ``TopicDoor`` that
+  ``subscribe`` gives it (``_door``): the views, its slot, and named operations.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from . import _faults, _ring
-from ._aio import SubscriptionAio, checkpoint
+from ._aio import checkpoint
 from ._bus import Bus
-from ._codec import Codec, Encoded, Payload, as_bytes_view, extract, extract_range
-from ._errors import BusClosed, CorruptBus, Empty, TooManySubscribers
+from ._codec import Codec, Encoded, as_bytes_view
+from ._errors import TooManySubscribers
 from ._format import (
     KIND_TOPIC,
     MAX_SUBSCRIBERS,
@@ -47,13 +47,8 @@ from ._format import (
     Q_TAIL,
     Q_TAIL_SEQ,
     REC_RAW,
-    RECORD_SIZE,
     S_ATTACHED,
-    S_CURSOR,
-    S_LOST,
-    S_NEXT_SEQ,
     S_OWNER,
-    S_RECEIVED,
     S_STATE_PID,
     SUBSCRIBER_SIZE,
     U64_MAX,
@@ -64,14 +59,13 @@ from ._format import (
 )
 from ._recovery import pid_alive
 from ._stats import record_time, subscriber_rows
+from ._subscription import Subscription, TopicDoor
 from ._sync import SPIN_DEFAULT
-from ._zerocopy import Reservation, View, view_kind
+from ._zerocopy import Reservation
 
-__all__ = ["Topic", "Subscription"]
+__all__ = ["Topic"]
 
 log = logging.getLogger("shmbus")
-_monotonic = time.monotonic
-_SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
 
 
 class Topic(Bus):
@@ -332,12 +326,31 @@ class Topic(Bus):
             raise ValueError(f"start must be 'latest' or 'earliest', got {start!r}")
         self._enter()
         try:
-            slot = self._claim_slot()
-            sub = Subscription(self, slot, start, SPIN_DEFAULT if spin is None else spin / 1e6)
+            door = self._door(self._claim_slot())
+            sub = Subscription(door, start, SPIN_DEFAULT if spin is None else spin / 1e6)
         finally:
             self._leave()
         self._subscriptions.append(sub)
         return sub
+
+    def _door(self, slot: int) -> TopicDoor:
+        """What the subscription in ``slot`` may use of this handle (built inside ``_enter``/``_leave``)."""
+        assert self._mm is not None
+        return TopicDoor(
+            path=self.path, h64=self._h64, mm=self._mm, ring=self._ring,
+            capacity=self._cap, ring_offset=self._layout.ring_offset,
+            slot=slot, base=self._slot_base(slot), flag=WAIT_FLAGS + slot,
+            sem=self._sems[f"sub{slot}"],  # opened with the topic (closed with it too)
+            enter=self._enter, leave=self._leave, check_open=self._check_open,
+            codec=self._codec,
+            release_slot=functools.partial(self._release_slot, slot),
+            forget=self._forget,
+        )  # fmt: skip
+
+    def _forget(self, sub: Subscription) -> None:
+        """Stop tracking a subscription closed on its own (``close()`` closes those left)."""
+        if sub in self._subscriptions:
+            self._subscriptions.remove(sub)
 
     def _slot_base(self, slot: int) -> int:
         return (self._layout.subscribers_offset + slot * SUBSCRIBER_SIZE) // 8
@@ -408,6 +421,11 @@ class Topic(Bus):
                 self._mm[WAIT_FLAGS + i] = 0
 
     def _release_slot(self, slot: int) -> None:
+        """Free the slot of a subscription this process closes: its wait flag, then the slot itself."""
+        if self._closed:
+            return  # a closed handle may have unmapped the header already
+        assert self._mm is not None
+        self._mm[WAIT_FLAGS + slot] = 0
         lock = self._subs_lock
         try:
             lock.acquire(None)
@@ -422,352 +440,3 @@ class Topic(Bus):
             return subscriber_rows(self._h64, self._layout)
         finally:
             self._leave()
-
-
-class Subscription:
-    """One subscriber's view of a Topic: its own cursor, lost count and wake-up semaphore.
-
-    Made by ``Topic.subscribe``; belongs to the process that made it. Iterate
-    over it to block for each next message.
-    """
-
-    _aio: SubscriptionAio | None = None  # the asyncio waiter thread, started by the first wait
-
-    def __init__(self, topic: Topic, slot: int, start: str, spin: float) -> None:
-        self._topic = topic
-        self.slot = slot
-        self.spin = spin
-        self._closed = False
-        self._pid = os.getpid()  # a forked child's copy does not own the slot
-        h = topic._h64
-        self._base = topic._slot_base(slot)
-        # Position before sequence number, in the order the publisher stores them
-        # in reverse (sequence number first): a record published in between is
-        # then skipped as "before the subscription", never counted as lost.
-        if start == "latest":
-            self._cursor = h[Q_HEAD]
-            self._next = h[Q_NEXT_SEQ]
-        else:
-            self._cursor = h[Q_TAIL]
-            self._next = h[Q_TAIL_SEQ]
-        self.lost = 0
-        self.received = 0
-        self._flag = WAIT_FLAGS + slot
-        self._sem = topic._sems[f"sub{slot}"]  # opened with the topic (closed with it too)
-        self._save()
-
-    @property
-    def spin_us(self) -> float:
-        """Microseconds a waiting ``get`` polls before it sleeps (0: sleep at once)."""
-        return self.spin * 1e6
-
-    @spin_us.setter
-    def spin_us(self, value: float) -> None:
-        if value < 0:
-            raise ValueError("spin_us must be 0 or more")
-        self.spin = value / 1e6
-
-    lost: int
-    """Messages that were overwritten before this subscriber read them."""
-    received: int
-    """Messages this subscriber returned."""
-
-    def __repr__(self) -> str:
-        where = self._topic.path
-        return f"<shmbus.Subscription {where!r} slot={self.slot} received={self.received} lost={self.lost}>"
-
-    def _save(self) -> None:
-        h, b = self._topic._h64, self._base
-        h[b + S_CURSOR] = self._cursor
-        h[b + S_NEXT_SEQ] = self._next
-        h[b + S_LOST] = self.lost
-        h[b + S_RECEIVED] = self.received
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BusClosed(f"this subscription to {self._topic.path} is closed", path=self._topic.path)
-        self._topic._check_open()
-
-    # -- reading ---------------------------------------------------------------
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Return the next message; wait for one when ``block`` (up to ``timeout`` seconds).
-
-        Raises ``Empty`` when nothing arrived in time.
-        """
-        return self.get_many(1, block, timeout)[0] if block else self._get_nowait()
-
-    def _get_nowait(self) -> Any:
-        got = self.get_many(1, False)
-        if not got:
-            raise Empty(f"no new message on {self._topic.path}", path=self._topic.path)
-        return got[0]
-
-    def get_nowait(self) -> Any:
-        """``get(block=False)``: raises ``Empty`` at once when there is no new message."""
-        return self._get_nowait()
-
-    def get_many(self, max_messages: int, block: bool = True, timeout: float | None = None) -> list[Any]:
-        """Return up to ``max_messages`` next messages.
-
-        Blocking: waits (up to ``timeout``) for the first and returns 1..max, or
-        raises ``Empty``. Non-blocking: returns 0..max at once.
-        """
-        self._check_open()
-        if max_messages < 1:
-            raise ValueError("max_messages must be at least 1")
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        t = self._topic
-        t._enter()  # close() from another thread: the wait raises BusClosed, the mapping stays till then
-        try:
-            got = self._read(max_messages)
-            if not got and block:
-                deadline = None if timeout is None else _monotonic() + timeout
-                while not got:
-                    if not self._wait(deadline):
-                        raise Empty(f"no new message on {t.path}", path=t.path)
-                    got = self._read(max_messages)
-        finally:
-            t._leave()
-        return t._codec.finish_many(got)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            yield self.get()
-
-    # -- asyncio (the mechanism is in _aio) -------------------------------------
-
-    async def aget(self, timeout: float | None = None) -> Any:
-        """``get`` for asyncio: wait for the next message without blocking the event loop.
-
-        Parameters:
-            timeout: seconds to wait at most (None: for ever).
-
-        Raises ``Empty`` when nothing arrived in time, ``BusClosed`` if the
-        subscription is closed meanwhile. Returns the message.
-        """
-        return (await self._async().get_many(1, timeout))[0]
-
-    async def aget_many(self, max_messages: int, timeout: float | None = None) -> list[Any]:
-        """``get_many`` for asyncio: wait for the first next message, return 1 to ``max_messages``.
-
-        Parameters:
-            max_messages: the most messages to return (at least 1).
-            timeout: seconds to wait for the first one at most (None: for ever).
-
-        Raises ``Empty`` when nothing arrived in time, ``BusClosed``.
-        """
-        return await self._async().get_many(max_messages, timeout)
-
-    def __aiter__(self) -> Subscription:
-        """``async for msg in sub``: wait for each next message; the loop ends when ``sub`` is closed."""
-        return self
-
-    async def __anext__(self) -> Any:
-        """The next message (``aget()``); ``StopAsyncIteration`` once the subscription is closed."""
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            return await self.aget()
-        except BusClosed:
-            if self._closed:
-                raise StopAsyncIteration from None
-            raise
-
-    def _async(self) -> SubscriptionAio:
-        aio = self._aio
-        if aio is None or aio.pid != os.getpid():
-            self._check_open()
-            aio = self._aio = SubscriptionAio(self)
-        return aio
-
-    def _read(self, k: int) -> list[tuple[int, Payload]]:
-        """Copy out up to ``k`` records past the cursor, without any lock."""
-        t = self._topic
-        h, mm, cap = t._h64, t._mm, t._cap
-        ro = t._layout.ring_offset
-        out: list[tuple[int, Payload]] = []
-        while len(out) < k:
-            found = self._next_record()
-            if found is None:
-                break
-            start, kind, rseq, n, after = found
-            payload = extract(mm, ro + start % cap + RECORD_SIZE, n, kind)
-            if h[Q_TAIL] > self._cursor:
-                continue  # the copy may be torn: throw it away and resync
-            self.lost += rseq - self._next
-            self._next, self._cursor = rseq + 1, after
-            out.append((kind, payload))
-        if out:
-            self.received += len(out)
-            self._save()
-        return out
-
-    def _next_record(self) -> tuple[int, int, int, int, int] | None:
-        """Find the next intact record at or past the cursor: (start, kind, seq, length, after).
-
-        Moves the cursor past records from before the subscription and to the
-        tail when lapped; returns None when there is nothing new. The caller
-        copies the payload, then re-checks ``tail`` against the cursor.
-        """
-        t = self._topic
-        h, ring, cap = t._h64, t._ring, t._cap
-        cursor, nxt = self._cursor, self._next
-        skipped = 0
-        while True:
-            head = h[Q_HEAD]
-            tail = h[Q_TAIL]
-            if (head | tail | cursor) & 15 or (tail <= head and head - tail > cap):
-                raise CorruptBus(f"{t.path}: ring positions out of range (head {head}, tail {tail})")
-            if cursor >= head:
-                if cursor > head and tail <= head:
-                    raise CorruptBus(f"{t.path}: head {head} went behind a subscriber's cursor {cursor}")
-                self._cursor = cursor
-                return None  # (cursor past head: a publisher is restarting an empty ring at the next lap)
-            if cursor < tail:
-                cursor = tail  # lapped: skip to the oldest intact record
-                continue
-            try:
-                start, kind, rseq, n, after = _ring.read(ring, cap, cursor, head)
-            except CorruptBus:
-                if h[Q_TAIL] > cursor:
-                    continue  # overwritten while we looked: not corruption
-                raise
-            if rseq >= h[Q_NEXT_SEQ]:  # records are numbered below next_seq, which is stored before head
-                if h[Q_TAIL] > cursor:
-                    continue  # overwritten while we looked
-                raise CorruptBus(f"{t.path}: record with sequence number {rseq}, past next_seq")
-            if rseq < nxt:
-                skipped += after - cursor
-                if skipped > cap:  # a ring's worth of old records: only a broken header does that
-                    raise CorruptBus(f"{t.path}: records behind sequence number {nxt} fill the ring")
-                cursor = after  # published before we subscribed
-                continue
-            self._cursor = cursor
-            return start, kind, rseq, n, after
-
-    def get_view(self, block: bool = True, timeout: float | None = None) -> View:
-        """The next message's payload, in place; use as ``with sub.get_view() as buf:``.
-
-        No lock is held: a publisher may overwrite the record while you read
-        it. ``View.valid()`` tells whether it is still intact; leaving the
-        block raises ``Overwritten`` if it was not (the message then counts in
-        ``lost``). Raises ``Empty`` when nothing arrived in time.
-        """
-        self._check_open()
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        deadline = None if timeout is None else _monotonic() + timeout
-        t = self._topic
-        t._enter()  # left when the block ends (it reads the ring and saves the cursor)
-        try:
-            return self._get_view(block, deadline)
-        except BaseException:
-            t._leave()
-            raise
-
-    def _get_view(self, block: bool, deadline: float | None) -> View:
-        self._check_open()
-        found = self._next_record()
-        while found is None:
-            if not block or not self._wait(deadline):
-                raise Empty(f"no new message on {self._topic.path}", path=self._topic.path)
-            found = self._next_record()
-        t = self._topic
-        start, kind, rseq, n, after = found
-        a, b, is_bytes = extract_range(t._ring, start % t._cap + RECORD_SIZE, n, kind)
-        view = t._ring[a:b].toreadonly()
-        cursor = self._cursor
-
-        def intact() -> bool:
-            return t._h64[Q_TAIL] <= cursor
-
-        def finish(_: bool) -> None:
-            try:
-                if intact():
-                    self.lost += rseq - self._next
-                    self.received += 1
-                else:
-                    self.lost += rseq + 1 - self._next
-                self._next, self._cursor = rseq + 1, after
-                self._save()
-            finally:
-                t._leave()
-
-        return View(view, view_kind(kind, is_bytes), finish, intact)
-
-    def _wait(self, deadline: float | None) -> bool:
-        """Sleep until head moves past the cursor; False if ``deadline`` passed first."""
-        t = self._topic
-        h, mm, cursor = t._h64, t._mm, self._cursor
-        assert mm is not None
-        if self.spin > 0 and not self._closed:
-            end = _monotonic() + self.spin
-            while _monotonic() < end:
-                if h[Q_HEAD] > cursor:
-                    return True
-                os.sched_yield()  # see Sem.spin_acquire: never starve the publisher
-        try:
-            while True:
-                if self._closed:  # closed by another thread (or a signal handler) while we wait
-                    self._check_open()
-                mm[self._flag] = 1
-                # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
-                # the flag store is visible before we load head (the publisher
-                # fences between storing head and loading the flags).
-                self._sem.release()
-                self._sem.try_acquire()
-                # ``>``, not ``!=``: while a publisher restarts an empty ring at the
-                # next lap, head is briefly behind a cursor that already jumped there.
-                if h[Q_HEAD] > cursor:
-                    mm[self._flag] = 0
-                    return True
-                now = _monotonic()
-                if deadline is not None and now >= deadline:
-                    mm[self._flag] = 0
-                    return False
-                wait_until = now + _SAFETY_SLICE if deadline is None else min(deadline, now + _SAFETY_SLICE)
-                self._sem.acquire(wait_until)
-                mm[self._flag] = 0
-                if h[Q_HEAD] > cursor:
-                    return True
-        except BaseException:
-            # A signal handler's exception out of the wait (or anything else): we no
-            # longer wait, so publishers must not keep posting our semaphore.
-            mm[self._flag] = 0
-            raise
-
-    # -- lifecycle -------------------------------------------------------------
-
-    def close(self) -> None:
-        """Leave the topic and free the slot; idempotent.
-
-        A call waiting on the subscription in another thread (``get``,
-        ``get_many``, ``get_view``, ``aget``) raises ``BusClosed`` within
-        ``_SAFETY_SLICE``.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        aio, self._aio = self._aio, None
-        if aio is not None:
-            aio.close()  # joins the waiter thread, which uses the semaphore and flag closed below
-        t = self._topic
-        if not t.closed and self._pid == os.getpid():
-            assert t._mm is not None
-            t._mm[self._flag] = 0
-            t._release_slot(self.slot)
-        if self in t._subscriptions:
-            t._subscriptions.remove(self)
-
-    @property
-    def closed(self) -> bool:
-        """True once ``close()`` was called."""
-        return self._closed
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -32,7 +32,7 @@ from conftest import result as _result
 from conftest import run as _run
 
 import shmbus
-from shmbus import Topic, _topic
+from shmbus import Topic, _subscription, _topic
 from shmbus._format import WAIT_FLAGS
 
 # Far above anything a healthy run needs; only a hang or a lost wake-up reaches them.
@@ -307,7 +307,7 @@ def _ping_pong_subscriber(path: str, n: int, conn: Connection) -> None:
 def _wake_subscriber(path: str, spin: float, rounds: int, many: bool, conn: Connection) -> None:
     """Sleep in get() or get_many() for each of ``rounds`` publishes; report what woke it and when."""
     # Only a publish may wake this process: no periodic re-check to fall back on.
-    _topic._SAFETY_SLICE = 3600.0
+    _subscription._SAFETY_SLICE = 3600.0
     t = Topic.open(path)
     sub = t.subscribe(spin=spin)
     conn.send(sub.slot)

@@ -1,0 +1,483 @@
+"""``Subscription``: one subscriber's lock-free, seqlock-style reader of a ``Topic``.
+
+Rule: a subscriber trusts a copy out of the ring only if ``tail`` has not
+passed its cursor once the copy is done (``lapped``), and it takes no lock a
+publisher waits on. The publisher's side of the protocol is in ``_topic``'s
+docstring (and ``docs/format.md``); this side:
+
+* The subscriber keeps its own cursor and sequence number. It copies a
+  record out, then re-reads ``tail``; if ``tail`` passed the record
+  meanwhile, the copy may be torn and is thrown away. Its cursor then jumps
+  to ``tail`` and the gap in sequence numbers is added to ``lost``, so
+  received + lost = published since it subscribed, exactly.
+* Before it trusts the positions it reads, it checks them (``bad_positions``)
+  and each record's header (``_ring.read``, and a number below ``next_seq``);
+  a record that fails either is corruption only if ``tail`` did not pass it
+  while it looked.
+* Wake-up: about to sleep, it sets its slot's wait flag, fences, re-checks
+  ``head`` (``moved``) and sleeps on its semaphore ``sub<i>``, never longer
+  than ``_SAFETY_SLICE`` between re-checks, which bounds any latency a missed
+  post could cause (see ``_wait``).
+
+It sees its ``Topic`` only through a ``TopicDoor``, made by
+``Topic.subscribe``: the mapping, the layout values, its slot, and the
+handle's operations it may call.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import _ring
+from ._aio import SubscriptionAio
+from ._codec import Codec, Payload, extract, extract_range
+from ._errors import BusClosed, CorruptBus, Empty
+from ._format import (
+    Q_HEAD,
+    Q_NEXT_SEQ,
+    Q_TAIL,
+    Q_TAIL_SEQ,
+    RECORD_SIZE,
+    S_CURSOR,
+    S_LOST,
+    S_NEXT_SEQ,
+    S_RECEIVED,
+)
+from ._sync import Sem, check_timeout
+from ._sync import deadline as _deadline
+from ._zerocopy import View, view_kind
+
+__all__ = ["Subscription", "TopicDoor", "bad_positions", "lapped", "moved"]
+
+_monotonic = time.monotonic
+_SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
+
+
+@dataclass(frozen=True, eq=False)  # (a door is compared by identity: it holds views)
+class TopicDoor:
+    """What a ``Subscription`` may use of its ``Topic`` handle; ``Topic.subscribe`` makes one per slot.
+
+    The views stay valid between ``enter()`` and ``leave()`` (``Bus._enter``):
+    a reader uses them only in between.
+    """
+
+    path: str
+    h64: memoryview  # the header as u64 words: head, tail, next_seq, the slot's counters
+    mm: mmap.mmap  # the whole mapping: payload copies (one copy to bytes) and the wait flag
+    ring: memoryview  # the ring alone: in-place views
+    capacity: int
+    ring_offset: int  # where the ring starts in ``mm``
+    slot: int
+    base: int  # the slot's first word in ``h64``
+    flag: int  # the slot's wait flag byte in ``mm``
+    sem: Sem  # the slot's wake-up semaphore sub<i> (opened and closed with the handle)
+    enter: Callable[[], None]  # count a call in progress; BusClosed once the handle is closed
+    leave: Callable[[], None]  # the end of that call
+    check_open: Callable[[], None]  # BusClosed once the handle is closed
+    codec: Codec  # the handle's: decodes what was copied out
+    release_slot: Callable[[], None]  # free the slot and its wait flag (nothing once the handle is closed)
+    forget: Callable[[Subscription], None]  # the handle no longer closes this subscription with itself
+
+
+# -- the protocol's steps, named once -------------------------------------------------
+# The per-record loops (_next_record, _read) keep inline copies of bad_positions
+# and lapped, marked at each copy: a call there costs a measurable share of a
+# read. tests/test_subscription.py checks that each copy agrees with its function.
+
+
+def bad_positions(head: int, tail: int, cursor: int, capacity: int) -> bool:
+    """The reader's check of ``head``, ``tail`` and its ``cursor``: True when they cannot be right.
+
+    Every position is a multiple of 16, and ``[tail, head)`` spans at most the
+    ring. ``tail > head`` is allowed: a publisher restarting an empty ring at
+    the next lap stores ``tail`` first.
+    """
+    return bool((head | tail | cursor) & 15 or (tail <= head and head - tail > capacity))
+
+
+def lapped(h64: memoryview, cursor: int) -> bool:
+    """The seqlock re-check: True once ``tail`` passed ``cursor``, so the record there may be overwritten.
+
+    A publisher stores the new ``tail`` before it writes over a record, so a
+    copy made while this stays False is intact.
+    """
+    return h64[Q_TAIL] > cursor
+
+
+def moved(h64: memoryview, cursor: int) -> bool:
+    """True once ``head`` is past ``cursor``: there is something new to read.
+
+    ``>``, not ``!=``: while a publisher restarts an empty ring at the next
+    lap, head is briefly behind a cursor that already jumped there.
+    """
+    return h64[Q_HEAD] > cursor
+
+
+class Subscription:
+    """One subscriber's view of a Topic: its own cursor, lost count and wake-up semaphore.
+
+    Made by ``Topic.subscribe``; belongs to the process that made it. Iterate
+    over it to block for each next message.
+    """
+
+    _aio: SubscriptionAio | None = None  # the asyncio waiter thread, started by the first wait
+
+    def __init__(self, door: TopicDoor, start: str, spin: float) -> None:
+        self._door = door
+        self.slot = door.slot
+        self.spin = spin
+        self._closed = False
+        self._pid = os.getpid()  # a forked child's copy does not own the slot
+        h = door.h64
+        self._base = door.base
+        # Position before sequence number, in the order the publisher stores them
+        # in reverse (sequence number first): a record published in between is
+        # then skipped as "before the subscription", never counted as lost.
+        if start == "latest":
+            self._cursor = h[Q_HEAD]
+            self._next = h[Q_NEXT_SEQ]
+        else:
+            self._cursor = h[Q_TAIL]
+            self._next = h[Q_TAIL_SEQ]
+        self.lost = 0
+        self.received = 0
+        self._flag = door.flag
+        self._sem = door.sem
+        self._save()
+
+    @property
+    def spin_us(self) -> float:
+        """Microseconds a waiting ``get`` polls before it sleeps (0: sleep at once)."""
+        return self.spin * 1e6
+
+    @spin_us.setter
+    def spin_us(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("spin_us must be 0 or more")
+        self.spin = value / 1e6
+
+    lost: int
+    """Messages that were overwritten before this subscriber read them."""
+    received: int
+    """Messages this subscriber returned."""
+
+    def __repr__(self) -> str:
+        where = self._door.path
+        return f"<shmbus.Subscription {where!r} slot={self.slot} received={self.received} lost={self.lost}>"
+
+    def _save(self) -> None:
+        h, b = self._door.h64, self._base
+        h[b + S_CURSOR] = self._cursor
+        h[b + S_NEXT_SEQ] = self._next
+        h[b + S_LOST] = self.lost
+        h[b + S_RECEIVED] = self.received
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosed(f"this subscription to {self._door.path} is closed", path=self._door.path)
+        self._door.check_open()
+
+    # -- reading ---------------------------------------------------------------
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Return the next message; wait for one when ``block`` (up to ``timeout`` seconds).
+
+        Raises ``Empty`` when nothing arrived in time.
+        """
+        return self.get_many(1, block, timeout)[0] if block else self._get_nowait()
+
+    def _get_nowait(self) -> Any:
+        got = self.get_many(1, False)
+        if not got:
+            raise Empty(f"no new message on {self._door.path}", path=self._door.path)
+        return got[0]
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``: raises ``Empty`` at once when there is no new message."""
+        return self._get_nowait()
+
+    def get_many(self, max_messages: int, block: bool = True, timeout: float | None = None) -> list[Any]:
+        """Return up to ``max_messages`` next messages.
+
+        Blocking: waits (up to ``timeout``) for the first and returns 1..max, or
+        raises ``Empty``. Non-blocking: returns 0..max at once.
+        """
+        if self._closed:
+            self._check_open()
+        d = self._door
+        # The topic's open check, as _check_open's; then close() from another
+        # thread only interrupts the wait (BusClosed), the mapping stays till we leave.
+        d.enter()
+        try:
+            if max_messages < 1:
+                raise ValueError("max_messages must be at least 1")
+            if timeout is not None:
+                check_timeout(timeout)
+            got = self._read(max_messages)
+            if not got and block:
+                deadline = _deadline(timeout)
+                while not got:
+                    if not self._wait(deadline):
+                        raise Empty(f"no new message on {d.path}", path=d.path)
+                    got = self._read(max_messages)
+        finally:
+            d.leave()
+        return d.codec.finish_many(got)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yield self.get()
+
+    # -- asyncio (the mechanism is in _aio) -------------------------------------
+
+    async def aget(self, timeout: float | None = None) -> Any:
+        """``get`` for asyncio: wait for the next message without blocking the event loop.
+
+        Parameters:
+            timeout: seconds to wait at most (None: for ever).
+
+        Raises ``Empty`` when nothing arrived in time, ``BusClosed`` if the
+        subscription is closed meanwhile. Returns the message.
+        """
+        return (await self._async().get_many(1, timeout))[0]
+
+    async def aget_many(self, max_messages: int, timeout: float | None = None) -> list[Any]:
+        """``get_many`` for asyncio: wait for the first next message, return 1 to ``max_messages``.
+
+        Parameters:
+            max_messages: the most messages to return (at least 1).
+            timeout: seconds to wait for the first one at most (None: for ever).
+
+        Raises ``Empty`` when nothing arrived in time, ``BusClosed``.
+        """
+        return await self._async().get_many(max_messages, timeout)
+
+    def __aiter__(self) -> Subscription:
+        """``async for msg in sub``: wait for each next message; the loop ends when ``sub`` is closed."""
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next message (``aget()``); ``StopAsyncIteration`` once the subscription is closed."""
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await self.aget()
+        except BusClosed:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise
+
+    def _async(self) -> SubscriptionAio:
+        aio = self._aio
+        if aio is None or aio.pid != os.getpid():
+            self._check_open()
+            aio = self._aio = SubscriptionAio(self._door.path, self._read_now, self._wait_slice)
+        return aio
+
+    def _read_now(self, max_messages: int) -> list[Any]:
+        """(For ``SubscriptionAio``.) Up to ``max_messages`` next messages, decoded, without waiting."""
+        if self._closed:
+            self._check_open()
+        d = self._door
+        d.enter()  # (the topic's open check)
+        try:
+            got = self._read(max_messages)  # lock-free: no await between reading and returning
+        finally:
+            d.leave()
+        return d.codec.finish_many(got) if got else []
+
+    def _wait_slice(self, deadline: float) -> bool:
+        """(For ``SubscriptionAio``'s thread.) ``_wait`` as one call on the topic (BusClosed once closed)."""
+        d = self._door
+        d.enter()
+        try:
+            return self._wait(deadline)
+        finally:
+            d.leave()
+
+    def _read(self, k: int) -> list[tuple[int, Payload]]:
+        """Copy out up to ``k`` records past the cursor, without any lock."""
+        d = self._door
+        h, mm, cap, ro = d.h64, d.mm, d.capacity, d.ring_offset
+        out: list[tuple[int, Payload]] = []
+        while len(out) < k:
+            found = self._next_record()
+            if found is None:
+                break
+            start, kind, rseq, n, after = found
+            payload = extract(mm, ro + start % cap + RECORD_SIZE, n, kind)
+            if h[Q_TAIL] > self._cursor:  # lapped(h, self._cursor), inline: once per record
+                continue  # the copy may be torn: throw it away and resync
+            self.lost += rseq - self._next
+            self._next, self._cursor = rseq + 1, after
+            out.append((kind, payload))
+        if out:
+            self.received += len(out)
+            self._save()
+        return out
+
+    def _next_record(self) -> tuple[int, int, int, int, int] | None:
+        """Find the next intact record at or past the cursor: (start, kind, seq, length, after).
+
+        Moves the cursor past records from before the subscription and to the
+        tail when lapped; returns None when there is nothing new. The caller
+        copies the payload, then re-checks ``tail`` against the cursor.
+        """
+        d = self._door
+        h, ring, cap = d.h64, d.ring, d.capacity
+        cursor, nxt = self._cursor, self._next
+        skipped = 0
+        while True:
+            head = h[Q_HEAD]
+            tail = h[Q_TAIL]
+            # bad_positions(head, tail, cursor, cap), inline: once per record
+            if (head | tail | cursor) & 15 or (tail <= head and head - tail > cap):
+                raise CorruptBus(f"{d.path}: ring positions out of range (head {head}, tail {tail})")
+            if cursor >= head:
+                if cursor > head and tail <= head:
+                    raise CorruptBus(f"{d.path}: head {head} went behind a subscriber's cursor {cursor}")
+                self._cursor = cursor
+                return None  # (cursor past head: a publisher is restarting an empty ring at the next lap)
+            if cursor < tail:  # lapped, with the tail just read
+                cursor = tail  # skip to the oldest intact record
+                continue
+            try:
+                start, kind, rseq, n, after = _ring.read(ring, cap, cursor, head)
+            except CorruptBus:
+                if lapped(h, cursor):
+                    continue  # overwritten while we looked: not corruption
+                raise
+            if rseq >= h[Q_NEXT_SEQ]:  # records are numbered below next_seq, which is stored before head
+                if lapped(h, cursor):
+                    continue  # overwritten while we looked
+                raise CorruptBus(f"{d.path}: record with sequence number {rseq}, past next_seq")
+            if rseq < nxt:
+                skipped += after - cursor
+                if skipped > cap:  # a ring's worth of old records: only a broken header does that
+                    raise CorruptBus(f"{d.path}: records behind sequence number {nxt} fill the ring")
+                cursor = after  # published before we subscribed
+                continue
+            self._cursor = cursor
+            return start, kind, rseq, n, after
+
+    def get_view(self, block: bool = True, timeout: float | None = None) -> View:
+        """The next message's payload, in place; use as ``with sub.get_view() as buf:``.
+
+        No lock is held: a publisher may overwrite the record while you read
+        it. ``View.valid()`` tells whether it is still intact; leaving the
+        block raises ``Overwritten`` if it was not (the message then counts in
+        ``lost``). Raises ``Empty`` when nothing arrived in time.
+        """
+        self._check_open()
+        deadline = _deadline(timeout)
+        d = self._door
+        d.enter()  # left when the block ends (it reads the ring and saves the cursor)
+        try:
+            return self._get_view(block, deadline)
+        except BaseException:
+            d.leave()
+            raise
+
+    def _get_view(self, block: bool, deadline: float | None) -> View:
+        self._check_open()
+        found = self._next_record()
+        while found is None:
+            if not block or not self._wait(deadline):
+                raise Empty(f"no new message on {self._door.path}", path=self._door.path)
+            found = self._next_record()
+        d = self._door
+        start, kind, rseq, n, after = found
+        a, b, is_bytes = extract_range(d.ring, start % d.capacity + RECORD_SIZE, n, kind)
+        view = d.ring[a:b].toreadonly()
+        cursor = self._cursor
+
+        def intact() -> bool:
+            return not lapped(d.h64, cursor)
+
+        def finish(_: bool) -> None:
+            try:
+                if intact():
+                    self.lost += rseq - self._next
+                    self.received += 1
+                else:
+                    self.lost += rseq + 1 - self._next
+                self._next, self._cursor = rseq + 1, after
+                self._save()
+            finally:
+                d.leave()
+
+        return View(view, view_kind(kind, is_bytes), finish, intact)
+
+    def _wait(self, deadline: float | None) -> bool:
+        """Sleep until head moves past the cursor; False if ``deadline`` passed first."""
+        d = self._door
+        h, mm, cursor = d.h64, d.mm, self._cursor
+        if self.spin > 0 and not self._closed:
+            end = _monotonic() + self.spin
+            while _monotonic() < end:
+                if moved(h, cursor):
+                    return True
+                os.sched_yield()  # see Sem.spin_acquire: never starve the publisher
+        try:
+            while True:
+                if self._closed:  # closed by another thread (or a signal handler) while we wait
+                    self._check_open()
+                mm[self._flag] = 1
+                # sem_post + sem_trywait: a locked instruction, i.e. a full fence, so
+                # the flag store is visible before we load head (the publisher
+                # fences between storing head and loading the flags).
+                self._sem.release()
+                self._sem.try_acquire()
+                if moved(h, cursor):
+                    mm[self._flag] = 0
+                    return True
+                now = _monotonic()
+                if deadline is not None and now >= deadline:
+                    mm[self._flag] = 0
+                    return False
+                wait_until = now + _SAFETY_SLICE if deadline is None else min(deadline, now + _SAFETY_SLICE)
+                self._sem.acquire(wait_until)
+                mm[self._flag] = 0
+                if moved(h, cursor):
+                    return True
+        except BaseException:
+            # A signal handler's exception out of the wait (or anything else): we no
+            # longer wait, so publishers must not keep posting our semaphore.
+            mm[self._flag] = 0
+            raise
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the topic and free the slot; idempotent.
+
+        A call waiting on the subscription in another thread (``get``,
+        ``get_many``, ``get_view``, ``aget``) raises ``BusClosed`` within
+        ``_SAFETY_SLICE``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            aio.close()  # joins the waiter thread, which uses the semaphore and flag closed below
+        d = self._door
+        if self._pid == os.getpid():
+            d.release_slot()
+        d.forget(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
