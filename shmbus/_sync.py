@@ -117,8 +117,9 @@ _map = map
 
 
 def check_timeout(timeout: float | None) -> None:
-    """Refuse a negative ``timeout`` with ``ValueError``; None (wait for ever) and 0 are fine."""
-    if timeout is not None and timeout < 0:
+    """Refuse a negative or NaN ``timeout`` (``ValueError``); None and ``inf`` wait for ever."""
+    # ``not >= 0`` and not ``< 0``: NaN compares false both ways, and a NaN deadline never passes.
+    if timeout is not None and not timeout >= 0:
         raise ValueError("'timeout' must be a non-negative number")
 
 

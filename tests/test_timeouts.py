@@ -1,6 +1,6 @@
 """The one timeout rule (``_sync.check_timeout``, ``_sync.deadline``) and every call that takes a timeout.
 
-A negative timeout is refused with the same ``ValueError`` by every public
+A negative or NaN timeout is refused with the same ``ValueError`` by every public
 call, blocking or not, synchronous or asyncio, before it sends or takes
 anything; None waits for ever and 0 does not wait.
 """
@@ -19,10 +19,10 @@ from shmbus import _sync
 MESSAGE = "'timeout' must be a non-negative number"
 
 
-def test_check_timeout_refuses_only_a_negative_timeout() -> None:
-    for ok in (None, 0, 0.0, 1e-9, 5, 1e9):
+def test_check_timeout_refuses_only_a_negative_or_nan_timeout() -> None:
+    for ok in (None, 0, 0.0, 1e-9, 5, 1e9, float("inf")):
         _sync.check_timeout(ok)
-    for bad in (-1, -0.5, -1e-9):
+    for bad in (-1, -0.5, -1e-9, float("nan"), float("-inf")):
         with pytest.raises(ValueError, match=MESSAGE):
             _sync.check_timeout(bad)
 
@@ -59,23 +59,26 @@ def _queue_calls(q: shmbus.Queue) -> dict[str, Callable[[float], Any]]:
     }
 
 
+@pytest.mark.parametrize("bad", [-1, float("nan")], ids=["negative", "nan"])
 @pytest.mark.parametrize("queued", [0, 2])
-def test_every_queue_call_refuses_a_negative_timeout_and_changes_nothing(bus_name: str, queued: int) -> None:
+def test_every_queue_call_refuses_a_bad_timeout_and_changes_nothing(
+    bus_name: str, queued: int, bad: float
+) -> None:
     with shmbus.JoinableQueue.create(bus_name, capacity="64KiB") as q:
         q.put_many(range(queued))
         for name, call in _queue_calls(q).items():
             with pytest.raises(ValueError, match=MESSAGE):
-                call(-1)
+                call(bad)
             assert q.qsize() == queued, name
         with pytest.raises(ValueError, match=MESSAGE):
-            q.join(-1)
+            q.join(bad)
 
         async def main() -> None:
             for name, coro in [
-                ("aget", lambda: q.aget(-1)),
-                ("aget_many", lambda: q.aget_many(2, -1)),
-                ("aput", lambda: q.aput("x", -1)),
-                ("aput_many", lambda: q.aput_many(["x"], -1)),
+                ("aget", lambda: q.aget(bad)),
+                ("aget_many", lambda: q.aget_many(2, bad)),
+                ("aput", lambda: q.aput("x", bad)),
+                ("aput_many", lambda: q.aput_many(["x"], bad)),
             ]:
                 with pytest.raises(ValueError, match=MESSAGE):
                     await coro()
@@ -86,21 +89,22 @@ def test_every_queue_call_refuses_a_negative_timeout_and_changes_nothing(bus_nam
         q.unlink()
 
 
-def test_every_subscription_call_refuses_a_negative_timeout(bus_name: str) -> None:
+@pytest.mark.parametrize("bad", [-1, float("nan")], ids=["negative", "nan"])
+def test_every_subscription_call_refuses_a_bad_timeout(bus_name: str, bad: float) -> None:
     with shmbus.Topic.create(bus_name, capacity="64KiB") as t, t.subscribe() as sub:
         t.publish(1)
         with pytest.raises(ValueError, match=MESSAGE):
-            sub.get(timeout=-1)
+            sub.get(timeout=bad)
         with pytest.raises(ValueError, match=MESSAGE):
-            sub.get_many(2, timeout=-1)
-        with pytest.raises(ValueError, match=MESSAGE), sub.get_view(timeout=-1):
+            sub.get_many(2, timeout=bad)
+        with pytest.raises(ValueError, match=MESSAGE), sub.get_view(timeout=bad):
             pass
 
         async def main() -> None:
             with pytest.raises(ValueError, match=MESSAGE):
-                await sub.aget(-1)
+                await sub.aget(bad)
             with pytest.raises(ValueError, match=MESSAGE):
-                await sub.aget_many(2, -1)
+                await sub.aget_many(2, bad)
 
         asyncio.run(main())
         assert sub.get(timeout=0) == 1  # nothing was consumed
