@@ -32,6 +32,8 @@ from ._format import (
     TIME_SAMPLES,
     VERSION,
     Layout,
+    subscriber_pid,
+    subscriber_state,
 )
 
 __all__ = ["Stats", "header_stats", "record_time", "oldest_age", "subscriber_rows"]
@@ -145,11 +147,11 @@ def subscriber_rows(h: memoryview, layout: Layout) -> list[dict[str, int]]:
     for i in range(layout.max_subscribers):
         base = (layout.subscribers_offset + i * SUBSCRIBER_SIZE) // 8
         word = h[base]
-        if word & 0xFFFFFFFF:
+        if subscriber_state(word):
             nxt = h[base + S_NEXT_SEQ]
             out.append({
                 "slot": i,
-                "pid": word >> 32,
+                "pid": subscriber_pid(word),
                 "lag": max(published - nxt, 0),
                 "lost": h[base + S_LOST],
                 "received": h[base + S_RECEIVED],

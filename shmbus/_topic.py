@@ -56,6 +56,9 @@ from ._format import (
     Layout,
     max_payload,
     ring_capacity,
+    subscriber_pid,
+    subscriber_state,
+    subscriber_word,
 )
 from ._recovery import pid_alive
 from ._stats import record_time, subscriber_rows
@@ -267,7 +270,7 @@ class Topic(Bus):
             _faults.hit("publish:mid-publish")
         h[Q_BYTES_IN] = (h[Q_BYTES_IN] + n) & U64_MAX  # a statistic: wraps (the Queue's bytes_out too)
         h[Q_HEAD] = new_head
-        if not seq & 255:  # one message in 256: a time sample (see _format)
+        if not seq & 255:  # _format.sample_due(seq, 1), inline: a per-message path
             record_time(h, seq)
 
     def reserve(self, nbytes: int) -> Reservation:
@@ -365,7 +368,8 @@ class Topic(Bus):
             lock.acquire(None)
             if _faults.armed:
                 _faults.hit("subscribe:after-lock")
-            free = [i for i in range(self._layout.max_subscribers) if h[self._slot_base(i)] & 0xFFFFFFFF == 0]
+            slots = range(self._layout.max_subscribers)
+            free = [i for i in slots if not subscriber_state(h[self._slot_base(i)])]
             if not free:
                 free = self._reclaim_dead()
             if not free:
@@ -380,7 +384,7 @@ class Topic(Bus):
                 h[base + i] = 0
             h[base + S_ATTACHED] = time.time_ns()
             h[base + S_OWNER] = part.me
-            h[base + S_STATE_PID] = 1 | os.getpid() << 32
+            h[base + S_STATE_PID] = subscriber_word(1, os.getpid())
             return slot
         finally:
             lock.release()
@@ -392,8 +396,8 @@ class Topic(Bus):
         freed = []
         for i in range(self._layout.max_subscribers):
             base = self._slot_base(i)
-            pid = h[base] >> 32
-            if h[base] & 0xFFFFFFFF == 0:
+            pid = subscriber_pid(h[base])
+            if not subscriber_state(h[base]):
                 freed.append(i)
             elif not h[base + S_OWNER] and pid and not pid_alive(pid):
                 # No participant recorded (table full): fall back on the pid.
@@ -415,7 +419,7 @@ class Topic(Bus):
         assert self._mm is not None
         for i in range(self._layout.max_subscribers):
             base = self._slot_base(i)
-            if h[base] & 0xFFFFFFFF and h[base + S_OWNER] == slot + 1:
+            if subscriber_state(h[base]) and h[base + S_OWNER] == slot + 1:
                 log.warning("%s: freeing subscriber slot %d of a dead process", self.path, i)
                 h[base + S_STATE_PID] = 0
                 self._mm[WAIT_FLAGS + i] = 0
