@@ -54,7 +54,7 @@ from ._format import (
     max_payload,
 )
 from ._stats import Stats, header_stats
-from ._zerocopy import Reservation, View, reserve_record
+from ._zerocopy import BlockOwner, Reservation, View, reserve_record
 
 __all__ = [
     "Bus",
@@ -345,7 +345,11 @@ class Bus:
     ) -> Reservation:
         """A zero-copy write under the head lock (see ``_zerocopy.reserve_record``)."""
         ring, cap, lock = self._ring, self._layout.capacity, self._locks[0]
-        return reserve_record(self, lock, ring, cap, nbytes, lock_deadline, room, publish, abandon, after)
+        owner = BlockOwner(self.path, self._is_closed, self._enter, self._leave, self._track)
+        return reserve_record(owner, lock, ring, cap, nbytes, lock_deadline, room, publish, abandon, after)
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def recover(self, *, force: bool = False) -> int:
         """Mend what dead processes left and free what they held; return how many dead processes were found.

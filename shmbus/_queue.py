@@ -220,8 +220,10 @@ class Queue(_Producing, _Consuming, Bus):
         self._finish = self._codec.finish
         self._ro = self._layout.ring_offset
         sem_names = (self._items.name, self._space.name)
+        # Codec is public; what the C path needs of it (its msgpack callables) is not API.
+        codec_parts = self._codec._c_parts()  # noqa: SLF001
         self._fast = None if self._slots is not None else _accel.queue_fast_path(  # C: no maxsize
-            self._mm, self._layout, sem_names, self._codec._c_parts(), self._max_payload
+            self._mm, self._layout, sem_names, codec_parts, self._max_payload
         )
 
     def _describe(self) -> str:

@@ -23,7 +23,7 @@ What a user learns, and when:
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from . import _ring
 from ._errors import Full, Overwritten, ShmbusError
@@ -32,22 +32,17 @@ from ._format import REC_NDARRAY, REC_RAW
 if TYPE_CHECKING:
     from ._recovery import Lock
 
-__all__ = ["Reservation", "View", "view_kind", "reserve_record"]
+__all__ = ["Reservation", "View", "view_kind", "BlockOwner", "reserve_record"]
 
 
-class _Handle(Protocol):
-    """What ``reserve_record`` needs of a bus handle (``Bus``): its call count and block tracking."""
+class BlockOwner(NamedTuple):
+    """What ``reserve_record`` may do to the handle a block belongs to (``Bus._reservation`` builds it)."""
 
     path: str
-
-    @property
-    def closed(self) -> bool: ...
-
-    def _enter(self) -> None: ...
-
-    def _leave(self) -> None: ...
-
-    def _track(self, block: Reservation) -> Reservation: ...
+    is_closed: Callable[[], bool]  # the handle was closed (the block's wake-up is then skipped)
+    enter: Callable[[], None]  # a call on the handle begins: close() waits for it to end
+    leave: Callable[[], None]  # that call ends (when the block ends)
+    track: Callable[[Reservation], Reservation]  # close() ends the block if the user did not
 
 
 def view_kind(record_kind: int, is_bytes: bool) -> str:
@@ -154,7 +149,7 @@ class View:
 
 
 def reserve_record(
-    bus: _Handle,
+    bus: BlockOwner,
     lock: Lock,
     ring: memoryview,
     cap: int,
@@ -174,7 +169,7 @@ def reserve_record(
     its subscribers there, outside the lock). Raises ``Full`` if the lock
     was not free by ``lock_deadline``.
     """
-    bus._enter()  # left when the block ends: close() waits for it
+    bus.enter()  # left when the block ends: close() waits for it
     try:
         if not lock.acquire(lock_deadline):
             raise Full(f"{bus.path}: timed out waiting for the producer lock", path=bus.path)
@@ -189,10 +184,10 @@ def reserve_record(
                     lock.release_after(e)
                     raise
                 lock.release()
-                if after is not None and not bus.closed:
+                if after is not None and not bus.is_closed():
                     after()
             finally:
-                bus._leave()
+                bus.leave()
 
         def drop() -> None:
             try:
@@ -203,18 +198,18 @@ def reserve_record(
                     raise
                 lock.release()
             finally:
-                bus._leave()
+                bus.leave()
 
-        return bus._track(Reservation(ring[off : off + nbytes], commit, drop))
+        return bus.track(Reservation(ring[off : off + nbytes], commit, drop))
     except ShmbusError:  # ours: raised before any store
         try:
             lock.release()
         finally:
-            bus._leave()
+            bus.leave()
         raise
     except BaseException:  # from anywhere (a signal handler): the next holder checks the counters
         try:
             lock.abandon()
         finally:
-            bus._leave()
+            bus.leave()
         raise

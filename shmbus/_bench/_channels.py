@@ -145,7 +145,8 @@ class ShmbusChannel(Channel):
             if q is not None and self.spin_us is not None:
                 q.spin_us = self.spin_us
             if q is not None and self.pure:
-                q._drop_fast_path()
+                # The "pure Python" rows: one handle without C, which no user needs a public door for.
+                q._drop_fast_path()  # noqa: SLF001
         if tx is not None:
             ep.send, ep.send_batch, ep.send_raw = tx.put, tx.put_many, tx.put_bytes
             ep.reserve = tx.reserve
