@@ -48,6 +48,9 @@ MEMBER_ORDER = {
 CONSTANT_DOCS = {
     "FORMAT_VERSION": "the version of the file format this shmbus reads and writes "
     "(see [format.md](format.md)). A bus of another version raises `IncompatibleBus`.",
+    "accelerated": "whether this process runs the C fast path (`shmbus/_cfast.c`). False when the "
+    "extension was not built (no C compiler at install time), is stale, or `SHMBUS_PURE_PYTHON=1` "
+    "turned it off; `shmbus doctor` says which. Behaviour is the same either way.",
 }
 
 
@@ -148,7 +151,9 @@ def _function(name: str, fn: Any) -> str:
 
 
 def _constant(name: str, value: Any) -> str:
-    return f"### `shmbus.{name}`\n\n`{name} = {value!r}`: {CONSTANT_DOCS.get(name, '')}\n"
+    # A flag of this process (accelerated) shows its type: its value depends on the machine.
+    shown = f"{name}: bool" if isinstance(value, bool) else f"{name} = {value!r}"
+    return f"### `shmbus.{name}`\n\n`{shown}`: {CONSTANT_DOCS.get(name, '')}\n"
 
 
 def _members(cls: type) -> list[tuple[str, str, Any, str]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 
+from . import _accel
 from ._codec import Codec as Codec
 from ._codec import array_view as array_view
 from ._errors import BusClosed as BusClosed
@@ -41,10 +42,12 @@ from ._queue import Queue as Queue
 from ._stats import Stats as Stats
 from ._subscription import Subscription as Subscription
 from ._topic import Topic as Topic
+from ._version import __version__ as __version__
 from ._zerocopy import Reservation as Reservation
 from ._zerocopy import View as View
 
-__version__ = "0.1.0"
+accelerated: bool = _accel.ENABLED
+"""True when this process runs the C fast path; if False, ``shmbus doctor`` says why."""
 
 __all__ = [
     "Queue",
@@ -59,6 +62,7 @@ __all__ = [
     "unlink",
     "array_view",
     "FORMAT_VERSION",
+    "accelerated",
     "ShmbusError",
     "BusExists",
     "BusNotFound",
@@ -80,7 +84,7 @@ __all__ = [
 # Public names report the public module, so reprs, docs and pickles say ``shmbus.X``.
 for _name in __all__:
     _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and not isinstance(_obj, int):
+    if hasattr(_obj, "__module__") and not isinstance(_obj, int):  # (bool is an int)
         with contextlib.suppress(AttributeError, TypeError):
             _obj.__module__ = __name__
 del _name, _obj

@@ -11,6 +11,7 @@ Python's (``_cconst``) is refused with a warning, never run.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ._cfast import FastQueue
 
 __all__ = [
-    "ENABLED", "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD",
+    "ENABLED", "REASON", "warn_once_if_pure", "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD",
     "NO_TOKEN", "HAS_TOKEN", "SPIN_MAX",
     "check_constants", "queue_fast_path",
 ]  # fmt: skip
@@ -51,14 +52,22 @@ def check_constants(module: ModuleType) -> bool:
     return not bad
 
 
-def _load() -> ModuleType | None:
+def _load() -> tuple[ModuleType | None, str]:
+    """The extension, or None and why not (shown by ``shmbus doctor`` and ``info``)."""
     if os.environ.get("SHMBUS_PURE_PYTHON", "") not in ("", "0"):
-        return None
+        return None, "turned off by SHMBUS_PURE_PYTHON"
     try:
         from . import _cfast
-    except ImportError:
-        return None
-    return _cfast if check_constants(_cfast) else None
+    except ImportError as e:
+        # pip hides a failed optional build unless -v: say here what happened and what to do.
+        return None, (
+            f"the extension shmbus._cfast is not built ({e}): reinstall with a C compiler and the "
+            "Python headers present (e.g. `apt install gcc python3-dev`, then `pip install --force-reinstall "
+            "--no-binary shmbus shmbus`, or `pip install -e .` in a clone)"
+        )
+    if not check_constants(_cfast):
+        return None, "the extension was built from other format constants (a stale build): rebuild it"
+    return _cfast, ""
 
 
 def _c_step(step: str) -> None:
@@ -71,7 +80,7 @@ def _arm_c(armed: bool) -> None:
     _cfast.set_fault_hook(_c_step if armed else None)
 
 
-_cfast = _load()
+_cfast, REASON = _load()  # REASON: why the C fast path is off ("" when it is on)
 if _cfast is not None:
     _faults.watch(_arm_c)
 # FastQueue.get_obj returns a message, a record, or one of these (never a message).
@@ -98,3 +107,25 @@ def queue_fast_path(
     pack, unpack, unpack_kwargs = codec
     fast.set_codec(pack, unpack, unpack_kwargs, max_payload)
     return fast
+
+
+_warned = False
+
+
+def warn_once_if_pure() -> None:
+    """Log, once per process, that shmbus runs without its C fast path when nobody asked for that.
+
+    A build that failed at install time is silent (pip shows it only with
+    ``-v``); the first bus opened says it instead, at warning level on the
+    ``shmbus`` logger (silence it there). Nothing when ``SHMBUS_PURE_PYTHON``
+    turned C off on purpose.
+    """
+    global _warned
+    if _warned or ENABLED or os.environ.get("SHMBUS_PURE_PYTHON", "") not in ("", "0"):
+        return
+    _warned = True
+    logging.getLogger("shmbus").warning(
+        "shmbus runs in pure Python, several times slower per small message: %s "
+        "(`shmbus doctor` tells more)",
+        REASON,
+    )

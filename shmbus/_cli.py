@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from . import _accel, _doctor
 from ._bus import Bus
 from ._errors import DecodeError, ShmbusError
 from ._file import read_layout_of
@@ -25,6 +26,7 @@ from ._lines import cmd_recv, cmd_send, dumps, from_json, to_json
 from ._queue import Queue
 from ._stats import Stats
 from ._topic import Topic
+from ._version import __version__
 
 __all__ = ["main", "to_json", "from_json"]
 
@@ -61,6 +63,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(_format_stats(st, subs))
+        if not _accel.ENABLED:  # (a build that failed at install time is otherwise silent)
+            print(f"note: this Python runs shmbus without its C fast path: {_accel.REASON}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    r = _doctor.report()
+    print(json.dumps(r) if args.json else _doctor.render(r))
     return 0
 
 
@@ -243,6 +253,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect and manage shmbus buses (memory-mapped message queues).",
         epilog="A PATH with no '/' is a name in /dev/shm. Example: shmbus info jobs",
     )
+    c_path = "C fast path on" if _accel.ENABLED else "pure Python: see `shmbus doctor`"
+    p.add_argument("--version", action="version", version=f"shmbus {__version__} ({c_path})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser(
@@ -365,6 +377,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     g.add_argument("--min-age", type=float, default=GRACE, metavar="SECONDS", help=grace)
     g.set_defaults(func=_cmd_gc)
+
+    d = sub.add_parser(
+        "doctor",
+        help="versions, the C fast path (and why it is off), /dev/shm space, semaphore and file limits",
+        epilog="example: shmbus doctor --json",
+    )
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=_cmd_doctor)
 
     b = sub.add_parser(
         "bench", help="compare shmbus with multiprocessing.Queue and Pipe", add_help=False,

@@ -219,6 +219,7 @@ class Queue(_Producing, _Consuming, Bus):
         self._encode = self._codec.encode
         self._finish = self._codec.finish
         self._ro = self._layout.ring_offset
+        _accel.warn_once_if_pure()
         sem_names = (self._items.name, self._space.name)
         # Codec is public; what the C path needs of it (its msgpack callables) is not API.
         codec_parts = self._codec._c_parts()  # noqa: SLF001
