@@ -182,7 +182,8 @@ def format_table(results: dict[str, Any]) -> str:
     kind = "quick" if p["quick"] else "full"
     src = f" ({m['shmbus_source']})" if m.get("shmbus_source") else ""
     if "shmbus_c_fast_path" in m:  # (older JSON files do not say)
-        src += ", C fast path " + ("on" if m["shmbus_c_fast_path"] else "OFF (pure Python)")
+        why = m.get("shmbus_c_fast_path_why_not") or "pure Python"
+        src += ", C fast path " + ("on" if m["shmbus_c_fast_path"] else f"OFF ({why})")
     text = [
         f"machine: {m['platform']}, {m['cpu_model']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable), "
         f"{m['memory_bytes'] / GIB:.0f} GiB; {m['python_implementation']} {m['python']}",

@@ -120,6 +120,7 @@ def machine_info() -> dict[str, Any]:
         "shmbus": __version__,
         "shmbus_source": _source_revision(),
         "shmbus_c_fast_path": _accel.ENABLED,
+        "shmbus_c_fast_path_why_not": _accel.REASON,
         "msgpack": version("msgpack"),
         "posix_ipc": version("posix_ipc"),
         **{name: version(dist) for name, (_m, dist) in OPTIONAL.items()},
