@@ -14,7 +14,8 @@ until none is left), and where Python raises in the middle of a batch (losing
 the ones it had copied) C has handed those out first.
 
 Then: the C path is the one used; lapped subscribers; a writer wrapping the
-ring in another process while the reader copies.
+ring in another process while the reader copies; the crash steps of a publish
+reached from C with the state Python has there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import struct
+import sys
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -31,7 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmbus
-from shmbus import _accel, _ring
+from shmbus import _accel, _faults, _ring
 from shmbus._format import (
     I_HEAD_REPAIR,
     M_HEAD,
@@ -437,3 +439,65 @@ def test_a_reader_in_c_keeps_only_intact_copies_while_a_writer_laps_it(bus_name:
                 child.join()
         sub.close()
         t.unlink()
+
+
+# -- the crash steps: C reaches them with the stores Python made there --------------------------------
+
+
+def _snapshot(t: shmbus.Topic) -> tuple[Any, ...]:
+    h = t._h64
+    words = [h[i] for i in COUNTERS] + [h[Q_TIME_SAMPLES + 2 * i] for i in range(TIME_SAMPLES)]
+    held = [lk.mutex.word() & 0x3FFFFFFF != 0 for lk in t._locks]
+    return (*words, *held, bytes(t._ring))
+
+
+def _steps(monkeypatch: pytest.MonkeyPatch, t: shmbus.Topic, op: Callable[[shmbus.Topic], Any]) -> list[Any]:
+    """Run ``op(t)`` with every step recorded: (step, reached from C, the state there)."""
+    out: list[Any] = []
+
+    def record(step: str) -> None:
+        from_c = sys._getframe(1).f_code is _accel._c_step.__code__
+        out.append((step, from_c, _snapshot(t)))
+
+    monkeypatch.setattr(_faults, "hit", record)
+    _faults.arm("publish:after-lock")  # armed: Python checks ``armed``, C holds the hook
+    try:
+        op(t)
+    finally:
+        _faults.disarm()
+    return out
+
+
+PUBLISH_OPS: dict[str, tuple[Callable[[shmbus.Topic], Any], list[str]]] = {
+    "publish": (lambda t: t.publish({"a": 1}), ["publish:after-lock", "publish:mid-publish"]),
+    "publish_bytes": (lambda t: t.publish_bytes(b"raw"), ["publish:after-lock", "publish:mid-publish"]),
+    "publish_many": (lambda t: t.publish_many([1, "two", {"3": 3}]),
+                     ["publish:after-lock", *["publish:mid-publish"] * 3]),
+    # Records of 1024 bytes in a ring of 4096: the fifth and sixth drop the oldest.
+    "evicting": (lambda t: t.publish_many(["x" * 1005] * 6),
+                 ["publish:after-lock", *["publish:mid-publish"] * 4,
+                  *["publish:after-evict", "publish:mid-publish"] * 2]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", list(PUBLISH_OPS))
+def test_c_reaches_every_publish_step_with_the_stores_python_made_there(
+    monkeypatch: pytest.MonkeyPatch, bus_name: str, op: str
+) -> None:
+    c = shmbus.Topic.create(bus_name, capacity=CAP)
+    py = shmbus.Topic.create(bus_name + "-py", capacity=CAP)
+    try:
+        py._drop_fast_path()
+        for t in (c, py):
+            t._h64[Q_NEXT_SEQ] = t._h64[Q_TAIL_SEQ] = 254  # a time sample falls in the batches
+        fn, want = PUBLISH_OPS[op]
+        in_c, in_py = _steps(monkeypatch, c, fn), _steps(monkeypatch, py, fn)
+        assert [s for s, _, _ in in_py] == want and [s for s, _, _ in in_c] == want
+        assert not any(from_c for _, from_c, _ in in_py) and all(from_c for _, from_c, _ in in_c)
+        for (step, _, state), (_, _, got) in zip(in_py, in_c):
+            assert got == state, f"{op}: the C path's state at {step} differs from Python's"
+        assert _snapshot(c) == _snapshot(py)
+    finally:
+        c.close()
+        py.close()
+        shmbus.unlink(bus_name + "-py")  # the bus_name fixture removes the first
