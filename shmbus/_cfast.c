@@ -1,9 +1,11 @@
 /*
- * shmbus._cfast: the Queue's hot path in C (optional; shmbus/_accel.py loads it).
+ * shmbus._cfast: the Queue's and the Topic's hot paths in C (optional; shmbus/_accel.py loads it).
  *
- * One job: the common case of a single put and a single get, done in one call
- * each, with exactly the stores the pure-Python path makes and in the same
- * order (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take).
+ * One job: the common case of a put and a get (FastQueue), of a publish and a
+ * subscription's read (FastTopic, below), done in one call each, with exactly
+ * the stores the pure-Python path makes and in the same order
+ * (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take;
+ * shmbus/_topic.py and shmbus/_subscription.py for FastTopic).
  * Whatever is not the common case -- a busy lock, a record that wraps, a full
  * ring, a maxsize queue, a damaged record, a bytes or ndarray message -- is
  * handed back to Python, which checks, waits, recovers and
