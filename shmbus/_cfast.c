@@ -1297,10 +1297,13 @@ static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) 
     }
     PyObject *sub = args[0];
     Py_ssize_t base = PyLong_AsSsize_t(args[1]), k = PyLong_AsSsize_t(args[2]);
+    if (k == -1 && PyErr_Occurred()) { /* a count Python takes (a float, or past the C range): its own */
+        PyErr_Clear();
+        return PyList_New(0);
+    }
     long mode = PyLong_AsLong(args[3]);
     double spin_s;
-    if (((base == -1 || k == -1 || mode == -1) && PyErr_Occurred()) || get_spin(args[4], &spin_s) < 0)
-        return NULL;
+    if (((base == -1 || mode == -1) && PyErr_Occurred()) || get_spin(args[4], &spin_s) < 0) return NULL;
     if (t->ring == NULL || k < 1 || mode < 0 || mode > 2 || base < 0 ||
         (uint64_t)base * 8 + SUBSCRIBER_SIZE > t->ring_offset)
         return PyList_New(0);

@@ -140,11 +140,17 @@ def _sub_attrs(sub: shmbus.Subscription) -> tuple[int, ...]:
     return tuple(getattr(sub, name) for name in SUB_ATTRS)
 
 
-def _state(pair: Pair, t: shmbus.Topic) -> tuple[object, ...]:
-    """What the paths must leave alike: counters, samples, lock words, ring, the slot, the attributes."""
+def _state(pair: Pair, t: shmbus.Topic, drained: bool = False) -> tuple[object, ...]:
+    """What the paths must leave alike: counters, samples, lock words, ring, the slot, the attributes.
+
+    After a drain, not the cursor saved in the slot: it is saved only by a call
+    that hands something out, and C ends a batch at a record it leaves to
+    Python, so a cursor moved past old records at the end of a drain may be
+    saved by one path and only kept in the attribute (compared) by the other.
+    """
     h, sub = t._h64, pair.sub(t)
     words = [h[i] for i in COUNTERS] + [h[Q_TIME_SAMPLES + 2 * i] for i in range(TIME_SAMPLES)]
-    slot = [h[sub._base + i] for i in SUB_WORDS]
+    slot = [h[sub._base + i] for i in SUB_WORDS[drained:]]
     locks = [lk.mutex.word() for lk in t._locks]
     return words, t._h32[I_HEAD_REPAIR], locks, slot, _sub_attrs(sub), bytes(t._ring)
 
@@ -244,7 +250,8 @@ def _compare(pair: Pair, ops: list[Op]) -> list[Outcome]:
             outs.append(c)
             break
         assert c == py, f"{op}: C gave {c!r}, Python {py!r}"
-        assert _state(pair, pair.c) == _state(pair, pair.py), f"{op}: the two paths left different states"
+        drained = op[0] == "drain"
+        assert _state(pair, pair.c, drained) == _state(pair, pair.py, drained), f"{op}: the states differ"
         outs.append(c)
     return outs
 
@@ -377,6 +384,17 @@ def test_publish_and_get_run_in_c(bus_name: str, monkeypatch: pytest.MonkeyPatch
         assert sub.get_bytes() == b"xyz"
         assert sub.get_many(5) == [1, "two", [3]]
         assert sub.received == 6 and sub.lost == 0
+        sub.close()
+        t.unlink()
+
+
+def test_a_count_c_cannot_hold_goes_to_python(bus_name: str) -> None:
+    with shmbus.Topic.create(bus_name, capacity=CAP) as t:
+        sub = t.subscribe()
+        t.publish_many([1, 2, 3])
+        assert sub.get_many(10**30, block=False) == [1, 2, 3]
+        t.publish(4)
+        assert sub.get_many(2.5, block=False) == [4]  # type: ignore[arg-type]
         sub.close()
         t.unlink()
 
