@@ -834,8 +834,8 @@ static PyTypeObject FastQueueType = {
  * publish: the common case of shmbus/_topic.py's _write/_make_room/_commit_record,
  * with its stores in the same order (the new tail_seq and tail before a byte of
  * what they drop is overwritten; then the record, header last; then next_seq,
- * bytes_in, head, the time sample). A record that wraps (or wraps early), a
- * rebase of an empty ring, a damaged record to drop, a busy or broken lock: all
+ * bytes_in, head, the time sample). A record that wraps, a rebase of an
+ * empty ring, a damaged record to drop, a busy or broken lock: all
  * handed to Python. Wake-ups are Python's too: we only say a wait flag was set.
  *
  * read: shmbus/_subscription.py's _read/_next_record, lock-free: copy a record,
@@ -992,9 +992,8 @@ static Py_ssize_t publish_records(FastTopic *t, Msg *msgs, Py_ssize_t count) {
     for (; k < count; k++) {
         Msg *m = &msgs[k];
         uint64_t n = (uint64_t)m->plen + (uint64_t)m->blen, span = span_of(n), room = cap - head % cap;
-        if (n > UINT32_MAX || span > room) break; /* a wrap: Python's */
-        uint64_t used_max = 2 * span > NEAR_EMPTY ? 2 * span : NEAR_EMPTY; /* _ring.place's early wrap */
-        if (cap - room >= HOT_WINDOW && head - tail <= used_max && head + room + span - tail <= cap) break;
+        /* A wrap: Python's (_ring.evict places a record as here, with no early wrap). */
+        if (n > UINT32_MAX || span > room) break;
         int ok;
         uint64_t new_tail = evict_to(t, tail, head, head + span, &ok);
         if (!ok) break;
