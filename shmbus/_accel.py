@@ -1,7 +1,8 @@
-"""The optional C fast path: load it, check it matches the file format, hand it to a Queue.
+"""The optional C fast path: load it, check it matches the file format, hand it to a Queue or Topic.
 
-One job: decide whether the Queue's single put and get run in C
-(``shmbus/_cfast.c``) and build its per-handle object. The C code does only
+One job: decide whether the Queue's single put and get, and the Topic's
+publish and a subscription's read, run in C (``shmbus/_cfast.c``) and build
+their per-handle objects. The C code does only
 the common case and hands everything else back, so it changes speed, never
 behaviour: the whole suite runs both ways (``SHMBUS_PURE_PYTHON=1`` forces
 pure Python, as does a machine where the extension could not be compiled).
@@ -19,16 +20,17 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from . import _cconst, _faults
-from ._cconst import PUT_DONE, PUT_HELD, PUT_NOT_TAKEN
+from ._cconst import PUB_SHIFT, PUB_WAKE, PUT_DONE, PUT_HELD, PUT_NOT_TAKEN, PUT_PYTHON
 from ._format import Layout
 
 if TYPE_CHECKING:
-    from ._cfast import FastQueue
+    from ._cfast import FastQueue, FastTopic
 
 __all__ = [
-    "ENABLED", "REASON", "warn_once_if_pure", "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD",
+    "ENABLED", "REASON", "warn_once_if_pure",
+    "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD", "PUT_PYTHON", "PUB_WAKE", "PUB_SHIFT",
     "NO_TOKEN", "HAS_TOKEN", "SPIN_MAX",
-    "check_constants", "queue_fast_path",
+    "check_constants", "queue_fast_path", "topic_fast_path",
 ]  # fmt: skip
 
 CodecParts = tuple[Callable[[Any], bytes], "Callable[..., Any] | None", dict[str, Any]]
@@ -129,3 +131,16 @@ def warn_once_if_pure() -> None:
         "(`shmbus doctor` tells more)",
         REASON,
     )
+
+
+def topic_fast_path(mapping: Any, layout: Layout, codec: CodecParts, max_payload: int) -> FastTopic | None:
+    """A ``FastTopic`` on ``mapping`` (publish, and its subscriptions' reads), or None (pure Python).
+
+    ``codec``: what ``Codec._c_parts`` gives; ``max_payload``: larger messages go to Python.
+    """
+    if _cfast is None:
+        return None
+    fast: FastTopic = _cfast.FastTopic(mapping, layout.ring_offset, layout.capacity, layout.max_subscribers)
+    pack, unpack, unpack_kwargs = codec
+    fast.set_codec(pack, unpack, unpack_kwargs, max_payload)
+    return fast

@@ -7,8 +7,9 @@ up to date). The extension hands back, as ``_cfast.CONSTANTS``, the values it
 was compiled with; ``mismatches`` compares them with the Python modules at
 load, so a stale build is refused, never run.
 
-The codes ``FastQueue.put``/``put_many``/``put_obj`` return are defined here
-(they are neither the file format nor the codec: the C calling convention).
+The codes ``FastQueue.put``/``put_many``/``put_obj`` and ``FastTopic``'s
+publish calls return are defined here (they are neither the file format nor
+the codec: the C calling convention).
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ from typing import Final
 
 from . import _codec, _format, _mutex, _ring
 
-__all__ = ["PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD", "PUT_PYTHON", "CONSTANTS", "expected", "mismatches"]
+__all__ = [
+    "PUT_NOT_TAKEN", "PUT_DONE", "PUT_HELD", "PUT_PYTHON", "PUB_WAKE", "PUB_SHIFT",
+    "CONSTANTS", "expected", "mismatches",
+]  # fmt: skip
 
 # FastQueue.put / put_many / put_obj return ``written << 2 | code`` with one of these codes:
 PUT_NOT_TAKEN: Final = 0  # head lock busy or needing repair, no room, or closed: nothing done
 PUT_DONE: Final = 1  # all written, published, tokens posted, lock released
 PUT_HELD: Final = 2  # put_many: the first ones written, published, posted; the lock is still held
 PUT_PYTHON: Final = -1  # put_obj only (the whole result): nothing done, Python encodes and puts
+# FastTopic.publish / publish_many / publish_obj return ``written << PUB_SHIFT | PUB_WAKE? | code``
+# (code: PUT_NOT_TAKEN, PUT_DONE, PUT_HELD as above; publish_obj may return PUT_PYTHON):
+PUB_WAKE: Final = 4  # with PUT_DONE: a subscriber's wait flag was set, Python posts the wake-ups
+PUB_SHIFT: Final = 3
 
 _self = sys.modules[__name__]
 
@@ -59,6 +67,14 @@ CONSTANTS: Final[tuple[tuple[str, ModuleType, str], ...]] = (
     ("I_SPACE_WAITING", _format, "I_SPACE_WAITING"),
     ("M_HEAD", _format, "M_HEAD"),
     ("M_TAIL", _format, "M_TAIL"),
+    # the Topic: wait flags (bytes), subscriber slots (bytes; word indices inside a slot)
+    ("WAIT_FLAGS", _format, "WAIT_FLAGS"),
+    ("MAX_SUBSCRIBERS", _format, "MAX_SUBSCRIBERS"),
+    ("SUBSCRIBER_SIZE", _format, "SUBSCRIBER_SIZE"),
+    ("S_CURSOR", _format, "S_CURSOR"),
+    ("S_NEXT_SEQ", _format, "S_NEXT_SEQ"),
+    ("S_LOST", _format, "S_LOST"),
+    ("S_RECEIVED", _format, "S_RECEIVED"),
     ("MUTEX_SIZE", _mutex, "MUTEX_SIZE"),
     # time samples
     ("TIME_SAMPLES", _format, "TIME_SAMPLES"),
@@ -75,6 +91,8 @@ CONSTANTS: Final[tuple[tuple[str, ModuleType, str], ...]] = (
     ("PUT_DONE", _self, "PUT_DONE"),
     ("PUT_HELD", _self, "PUT_HELD"),
     ("PUT_PYTHON", _self, "PUT_PYTHON"),
+    ("PUB_WAKE", _self, "PUB_WAKE"),
+    ("PUB_SHIFT", _self, "PUB_SHIFT"),
 )
 
 

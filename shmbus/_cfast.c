@@ -1,9 +1,11 @@
 /*
- * shmbus._cfast: the Queue's hot path in C (optional; shmbus/_accel.py loads it).
+ * shmbus._cfast: the Queue's and the Topic's hot paths in C (optional; shmbus/_accel.py loads it).
  *
- * One job: the common case of a single put and a single get, done in one call
- * each, with exactly the stores the pure-Python path makes and in the same
- * order (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take).
+ * One job: the common case of a put and a get (FastQueue), of a publish and a
+ * subscription's read (FastTopic, below), done in one call each, with exactly
+ * the stores the pure-Python path makes and in the same order
+ * (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take;
+ * shmbus/_topic.py and shmbus/_subscription.py for FastTopic).
  * Whatever is not the common case -- a busy lock, a record that wraps, a full
  * ring, a maxsize queue, a damaged record, a bytes or ndarray message -- is
  * handed back to Python, which checks, waits, recovers and
@@ -133,40 +135,44 @@ static void lock_release(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
 /* _recovery.Lock.try_acquire's common case: 1 if taken and sound. A lock whose
  * holder died (EOWNERDEAD) or that awaits repair is left for Python to mend:
  * its repair word set, made consistent, released. */
-static int take_lock(FastQueue *q, pthread_mutex_t *m, int repair) {
+static int lock_take(uint32_t *h32, pthread_mutex_t *m, int repair) {
     int rc = pthread_mutex_trylock(m);
     if (rc == EOWNERDEAD) {
-        st32(H32(q, repair), 1); /* first: the mutex is consistent only with the word set */
+        st32(h32 + repair, 1); /* first: the mutex is consistent only with the word set */
         pthread_mutex_consistent(m);
         pthread_mutex_unlock(m);
         return 0;
     }
     if (rc != 0) return 0; /* EBUSY (Python waits), ENOTRECOVERABLE, EDEADLK (Python raises) */
-    if (ld32(H32(q, repair))) {
+    if (ld32(h32 + repair)) {
         pthread_mutex_unlock(m);
         return 0;
     }
     return 1;
 }
 
+static int take_lock(FastQueue *q, pthread_mutex_t *m, int repair) { return lock_take(q->h32, m, repair); }
+
 /* _bus.record_time: message seq (a multiple of SAMPLE_EVERY) is published now. */
-static void store_sample(FastQueue *q, Py_ssize_t entry, uint64_t seq, uint64_t now) {
-    uint64_t *e = H64(q, Q_TIME_SAMPLES) + 2 * entry;
+static void store_sample(uint64_t *h64, Py_ssize_t entry, uint64_t seq, uint64_t now) {
+    uint64_t *e = h64 + Q_TIME_SAMPLES + 2 * entry;
     st64(e, SAMPLE_WRITING); /* seq last: a reader seeing the same seq around the time has a whole entry */
     st64(e + 1, now);
     st64(e, seq);
 }
 
-static void record_time(FastQueue *q, uint64_t seq) {
+static void time_sample(uint64_t *h64, uint64_t seq) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    store_sample(q, (Py_ssize_t)((seq / SAMPLE_EVERY) & 3), seq, now);
+    store_sample(h64, (Py_ssize_t)((seq / SAMPLE_EVERY) & 3), seq, now);
     for (int k = 1; k < TIME_SAMPLES - 3; k++) {
         if (seq % (SAMPLE_EVERY << (3 * k))) break;
-        store_sample(q, 3 + k, seq, now);
+        store_sample(h64, 3 + k, seq, now);
     }
 }
+
+static void record_time(FastQueue *q, uint64_t seq) { time_sample(q->h64, seq); }
 
 static void fq_close_sems(FastQueue *q) {
     sem_t **sems[] = {&q->items, &q->space};
@@ -822,8 +828,590 @@ static PyTypeObject FastQueueType = {
     .tp_methods = fq_methods,
 };
 
+/* ---------------------------------------------------------------------------
+ * FastTopic: the Topic's publish and a subscription's read in C.
+ *
+ * publish: the common case of shmbus/_topic.py's _write/_make_room/_commit_record,
+ * with its stores in the same order (the new tail_seq and tail before a byte of
+ * what they drop is overwritten; then the record, header last; then next_seq,
+ * bytes_in, head, the time sample). A record that wraps, a rebase of an
+ * empty ring, a damaged record to drop, a busy or broken lock: all
+ * handed to Python. Wake-ups are Python's too: we only say a wait flag was set.
+ *
+ * read: shmbus/_subscription.py's _read/_next_record, lock-free: copy a record,
+ * then re-check tail (the seqlock: tail past the cursor means the copy may be
+ * torn, thrown away, cursor resynced); the cursor, next sequence number, lost
+ * and received are the Subscription's attributes, read and written here (one
+ * call: no signal handler can run between) and saved to its slot as _save does.
+ * Whatever Python would raise on, or copies itself (a bytes or ndarray message),
+ * is left to it at the record where it happens.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view; /* the whole mapping; held until close() */
+    int has_view;
+    uint64_t *h64;
+    uint32_t *h32;
+    unsigned char *ring;
+    uint64_t cap;
+    uint64_t ring_offset;
+    Py_ssize_t nflags; /* wait flag bytes at WAIT_FLAGS, one a slot */
+    pthread_mutex_t *head;
+    PyObject *pack, *unpack, *kwnames, *kwvalues; /* as FastQueue's (set_codec) */
+    uint64_t max_payload;
+} FastTopic;
+
+/* The Subscription attributes read() keeps (interned at module init). */
+static PyObject *s_cursor, *s_next, *s_lost, *s_received;
+
+static void ft_release(FastTopic *t) {
+    if (t->has_view) {
+        PyBuffer_Release(&t->view);
+        t->has_view = 0;
+    }
+    t->h64 = NULL;
+    t->h32 = NULL;
+    t->ring = NULL;
+    t->head = NULL;
+    Py_CLEAR(t->pack);
+    Py_CLEAR(t->unpack);
+    Py_CLEAR(t->kwnames);
+    Py_CLEAR(t->kwvalues);
+}
+
+static void ft_dealloc(FastTopic *t) {
+    ft_release(t);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+/* FastTopic(mapping, ring_offset, capacity, max_subscribers). */
+static int ft_init(FastTopic *t, PyObject *args, PyObject *Py_UNUSED(kwds)) {
+    PyObject *buf;
+    Py_ssize_t ring_offset, nflags;
+    unsigned long long cap;
+    if (!PyArg_ParseTuple(args, "OnKn", &buf, &ring_offset, &cap, &nflags)) return -1;
+    ft_release(t);
+    if (ring_offset < HEADER_MIN || ring_offset % 8 || nflags < 1 || nflags > MAX_SUBSCRIBERS) {
+        PyErr_SetString(PyExc_ValueError, "bad ring offset or subscriber count");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buf, &t->view, PyBUF_WRITABLE) < 0) return -1;
+    t->has_view = 1;
+    if (cap == 0 || cap % ALIGN || cap > UINT64_MAX / 4 || (uint64_t)t->view.len < (uint64_t)ring_offset + cap) {
+        ft_release(t);
+        PyErr_SetString(PyExc_ValueError, "mapping smaller than header + ring, or a bad capacity");
+        return -1;
+    }
+    t->h64 = (uint64_t *)t->view.buf;
+    t->h32 = (uint32_t *)t->view.buf;
+    t->ring = (unsigned char *)t->view.buf + ring_offset;
+    t->cap = cap;
+    t->ring_offset = (uint64_t)ring_offset;
+    t->nflags = nflags;
+    t->head = (pthread_mutex_t *)((char *)t->view.buf + M_HEAD);
+    return 0;
+}
+
+_Static_assert(WAIT_FLAGS + MAX_SUBSCRIBERS <= HEADER_MIN, "wait flags out of the header");
+
+/* A record's header as _ring.read checks it: the record at t (a multiple of ALIGN,
+ * t < head <= UINT64_MAX - 2 * cap), a wrap marker followed. 0 where _ring.read
+ * raises CorruptBus. Only the ring is addressed, whatever the header says. */
+typedef struct {
+    uint64_t start, seq, end;
+    uint32_t length;
+    uint16_t kind;
+} TRec;
+
+static int trec_at(const unsigned char *ring, uint64_t cap, uint64_t t, uint64_t head, TRec *r) {
+    uint64_t off = t % cap;
+    uint32_t length;
+    uint16_t kind, state;
+    memcpy(&kind, ring + off + REC_KIND, 2);
+    memcpy(&state, ring + off + REC_STATE, 2);
+    if (kind == REC_WRAP && state == STATE_COMMITTED) {
+        t += cap - off;
+        if (t >= head) return 0;
+        off = 0;
+        memcpy(&kind, ring + REC_KIND, 2);
+        memcpy(&state, ring + REC_STATE, 2);
+    }
+    memcpy(&length, ring + off + REC_LENGTH, 4);
+    memcpy(&r->seq, ring + off + REC_SEQ, 8);
+    if (state != STATE_COMMITTED || (kind != REC_MSGPACK && kind != REC_RAW && kind != REC_NDARRAY)) return 0;
+    if (off + RECORD_SIZE + length > cap || t + span_of(length) > head) return 0;
+    r->start = t;
+    r->end = t + span_of(length);
+    r->length = length;
+    r->kind = kind;
+    return 1;
+}
+
+/* _ring.evict for a record spanning [head, end) that needs no wrap: the new tail,
+ * or 0 (with *ok 0) where Python raises on a damaged record or must restart an
+ * empty ring (a rebase). */
+static uint64_t evict_to(FastTopic *t, uint64_t tail, uint64_t head, uint64_t end, int *ok) {
+    uint64_t cap = t->cap;
+    TRec r;
+    *ok = 0;
+    while (tail < head && end - tail > cap) {
+        uint64_t off = tail % cap;
+        uint16_t kind, state;
+        memcpy(&kind, t->ring + off + REC_KIND, 2);
+        memcpy(&state, t->ring + off + REC_STATE, 2);
+        if (kind == REC_WRAP && state == STATE_COMMITTED) {
+            tail += cap - off; /* only padding: dropping it may be enough */
+            continue;
+        }
+        if (!trec_at(t->ring, cap, tail, head, &r)) return 0;
+        tail = r.end;
+    }
+    if (tail > end || end - tail > cap) return 0; /* a damaged marker, or the rebase: Python's */
+    *ok = 1;
+    return tail;
+}
+
+/* Under the head lock: write, publish and evict for as many of msgs as need no
+ * wrap; returns how many. The stores of _make_room and _commit_record, in order. */
+static Py_ssize_t publish_records(FastTopic *t, Msg *msgs, Py_ssize_t count) {
+    uint64_t cap = t->cap;
+    uint64_t head = ld64(t->h64 + Q_HEAD), tail = ld64(t->h64 + Q_TAIL), seq = ld64(t->h64 + Q_NEXT_SEQ);
+    /* _ring.check_positions and check_room for the whole batch: Python raises there. */
+    if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap ||
+        seq > UINT64_MAX - (uint64_t)count)
+        return 0;
+    {
+        uint64_t half = (UINT64_MAX - 2 * cap - head) / 2, total = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            total += span_of((uint64_t)msgs[i].plen + (uint64_t)msgs[i].blen);
+            if (total > half) return 0;
+        }
+    }
+    Py_ssize_t k = 0;
+    for (; k < count; k++) {
+        Msg *m = &msgs[k];
+        uint64_t n = (uint64_t)m->plen + (uint64_t)m->blen, span = span_of(n), room = cap - head % cap;
+        /* A wrap: Python's (_ring.evict places a record as here, with no early wrap). */
+        if (n > UINT32_MAX || span > room) break;
+        int ok;
+        uint64_t new_tail = evict_to(t, tail, head, head + span, &ok);
+        if (!ok) break;
+        uint64_t rseq = seq + (uint64_t)k;
+        if (new_tail != tail) {
+            /* Read, not counted (as _make_room): the next record's number, or ours past head. */
+            uint64_t tseq = rseq;
+            if (new_tail < head) memcpy(&tseq, t->ring + new_tail % cap + REC_SEQ, 8);
+            st64(t->h64 + Q_TAIL_SEQ, tseq);
+            st64(t->h64 + Q_TAIL, new_tail);
+            tail = new_tail;
+            FAULT("publish:after-evict");
+        }
+        unsigned char *rec = t->ring + head % cap;
+        memcpy(rec + RECORD_SIZE, m->prefix, (size_t)m->plen);
+        if (m->blen) memcpy(rec + RECORD_SIZE + m->plen, m->body, (size_t)m->blen);
+        uint32_t len32 = (uint32_t)n;
+        uint16_t kind16 = (uint16_t)m->kind, state16 = STATE_COMMITTED;
+        memcpy(rec + REC_LENGTH, &len32, 4);
+        memcpy(rec + REC_KIND, &kind16, 2);
+        memcpy(rec + REC_STATE, &state16, 2);
+        memcpy(rec + REC_SEQ, &rseq, 8);
+        head += span;
+        st64(t->h64 + Q_NEXT_SEQ, rseq + 1);
+        FAULT("publish:mid-publish");
+        st64(t->h64 + Q_BYTES_IN, ld64(t->h64 + Q_BYTES_IN) + n);
+        st64(t->h64 + Q_HEAD, head);
+        if (rseq % SAMPLE_EVERY == 0) time_sample(t->h64, rseq);
+    }
+    return k;
+}
+
+/* After the release: a full fence (the new head is visible before we load the flags,
+ * as the subscriber fences between its flag and its load of head), then any flag set. */
+static int flags_set(FastTopic *t) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    const unsigned char *f = (const unsigned char *)t->h64 + WAIT_FLAGS;
+    for (Py_ssize_t i = 0; i < t->nflags; i++)
+        if (__atomic_load_n(f + i, __ATOMIC_RELAXED)) return 1;
+    return 0;
+}
+
+static PyObject *pub_result(Py_ssize_t written, int code) {
+    return PyLong_FromSsize_t(written << PUB_SHIFT | code);
+}
+
+/* Take the head lock, publish what we can, release it unless a batch has more for
+ * Python (PUT_HELD); a single message we could not publish goes to Python whole. */
+static PyObject *publish_msgs(FastTopic *t, Msg *msgs, Py_ssize_t count, int batch) {
+    if (!lock_take(t->h32, t->head, I_HEAD_REPAIR)) return pub_result(0, PUT_NOT_TAKEN);
+    FAULT("publish:after-lock");
+    Py_ssize_t k = publish_records(t, msgs, count);
+    if (k < count && (batch || k)) {
+        PyObject *r = pub_result(k, PUT_HELD);
+        if (r == NULL) lock_release(t->head); /* no one else would */
+        return r;
+    }
+    lock_release(t->head);
+    if (!k) return pub_result(0, PUT_NOT_TAKEN);
+    return pub_result(k, PUT_DONE | (flags_set(t) ? PUB_WAKE : 0));
+}
+
+/* publish(kind, prefix, body, n) -> written << PUB_SHIFT | PUB_WAKE? | PUT_*. */
+static PyObject *ft_publish(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "publish(kind, prefix, body, n)");
+        return NULL;
+    }
+    Msg m;
+    if (msg_parse(&m, args[0], args[1], args[2]) < 0) return NULL;
+    int small = (uint64_t)m.plen + (uint64_t)m.blen <= t->max_payload;
+    PyObject *r = t->ring == NULL || !small ? pub_result(0, PUT_NOT_TAKEN) : publish_msgs(t, &m, 1, 0);
+    msg_release(&m);
+    return r;
+}
+
+/* publish_obj(obj) -> as publish, or PUT_PYTHON: Python encodes and publishes (as FastQueue.put_obj). */
+static PyObject *ft_publish_obj(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "publish_obj(obj)");
+        return NULL;
+    }
+    if (t->ring == NULL || t->pack == NULL || !plain_type(args[0])) return PyLong_FromLong(PUT_PYTHON);
+    PyObject *data = PyObject_CallOneArg(t->pack, args[0]);
+    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > t->max_payload) {
+        PyErr_Clear();
+        Py_XDECREF(data);
+        return PyLong_FromLong(PUT_PYTHON);
+    }
+    Msg m = {.kind = REC_MSGPACK, .prefix = PyBytes_AS_STRING(data), .plen = PyBytes_GET_SIZE(data)};
+    PyObject *r = publish_msgs(t, &m, 1, 0);
+    Py_DECREF(data);
+    return r;
+}
+
+/* publish_many(list of encoded) -> as publish; PUT_HELD: the first written, the lock still held. */
+static PyObject *ft_publish_many(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "publish_many(list of (kind, prefix, body, n))");
+        return NULL;
+    }
+    if (t->ring == NULL) return pub_result(0, PUT_NOT_TAKEN);
+    PyObject *list = args[0];
+    Py_ssize_t count = PyList_GET_SIZE(list);
+    Msg *msgs = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Msg));
+    if (msgs == NULL) return PyErr_NoMemory();
+    PyObject *r = NULL;
+    Py_ssize_t parsed = 0;
+    int small = 1;
+    for (; parsed < count; parsed++) {
+        PyObject *it = PyList_GET_ITEM(list, parsed);
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 4) {
+            PyErr_SetString(PyExc_TypeError, "each item must be (kind, prefix, body, n)");
+            goto out;
+        }
+        if (msg_parse(&msgs[parsed], PyTuple_GET_ITEM(it, 0), PyTuple_GET_ITEM(it, 1), PyTuple_GET_ITEM(it, 2)) < 0)
+            goto out;
+        small &= (uint64_t)msgs[parsed].plen + (uint64_t)msgs[parsed].blen <= t->max_payload;
+    }
+    r = small && count ? publish_msgs(t, msgs, count, 1) : pub_result(0, PUT_NOT_TAKEN);
+out:
+    for (Py_ssize_t i = 0; i < parsed; i++) msg_release(&msgs[i]);
+    PyMem_Free(msgs);
+    return r;
+}
+
+/* _next_record: 1 with *r the next record at or past *cursor (moved there), 0 when
+ * nothing is new (*cursor moved as Python moves it), -1 where Python raises. */
+static int next_record(FastTopic *t, uint64_t *cursorp, uint64_t nxt, TRec *r) {
+    uint64_t cap = t->cap, cursor = *cursorp, skipped = 0;
+    for (;;) {
+        uint64_t head = ld64(t->h64 + Q_HEAD), tail = ld64(t->h64 + Q_TAIL);
+        /* bad_positions; then the top bound keeps every sum below from overflowing (Python's own). */
+        if ((head | tail | cursor) & ALIGN_MASK || (tail <= head && head - tail > cap) ||
+            head > UINT64_MAX - 2 * cap)
+            return -1;
+        if (cursor >= head) {
+            if (cursor > head && tail <= head) return -1;
+            *cursorp = cursor;
+            return 0;
+        }
+        if (cursor < tail) { /* lapped, with the tail just read */
+            cursor = tail;
+            continue;
+        }
+        if (!trec_at(t->ring, cap, cursor, head, r)) {
+            if (ld64(t->h64 + Q_TAIL) > cursor) continue; /* overwritten while we looked */
+            return -1;
+        }
+        if (r->seq >= ld64(t->h64 + Q_NEXT_SEQ)) {
+            if (ld64(t->h64 + Q_TAIL) > cursor) continue;
+            return -1;
+        }
+        if (r->seq < nxt) { /* published before we subscribed */
+            skipped += r->end - cursor;
+            if (skipped > cap) return -1;
+            cursor = r->end;
+            continue;
+        }
+        *cursorp = cursor;
+        return 1;
+    }
+}
+
+static int get_attr_u64(PyObject *o, PyObject *name, uint64_t *out) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int set_attr_u64(PyObject *o, PyObject *name, uint64_t value) {
+    PyObject *v = PyLong_FromUnsignedLongLong(value);
+    int rc = v == NULL ? -1 : PyObject_SetAttr(o, name, v);
+    Py_XDECREF(v);
+    return rc;
+}
+
+/* A subscriber's state: the Subscription's attributes while read() runs. */
+typedef struct {
+    uint64_t cursor, next, lost, received;
+} SubState;
+
+/* Copy out up to k records (a list of (kind, bytes)); *handback when Python must go on. */
+static PyObject *read_records(FastTopic *t, SubState *s, Py_ssize_t k, int *handback, int *nothing) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    TRec r;
+    while (PyList_GET_SIZE(out) < k) {
+        uint64_t cursor = s->cursor;
+        int v = next_record(t, &cursor, s->next, &r);
+        if (v <= 0) {
+            if (v < 0) *handback = 1;
+            else {
+                s->cursor = cursor;
+                *nothing = 1;
+            }
+            break;
+        }
+        s->cursor = cursor;
+        const unsigned char *p = t->ring + r.start % t->cap + RECORD_SIZE;
+        /* A bytes (msgpack bin) or ndarray message: Python copies it (extract); a lost
+         * count past 2**64: Python's to refuse. */
+        if (r.kind == REC_NDARRAY || (r.kind == REC_MSGPACK && r.length && p[0] >= BIN8 && p[0] <= BIN32) ||
+            s->lost > UINT64_MAX - (r.seq - s->next) || s->received >= UINT64_MAX - (uint64_t)k) {
+            *handback = 1;
+            break;
+        }
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)p, r.length);
+        if (payload == NULL) goto fail;
+        if (ld64(t->h64 + Q_TAIL) > cursor) { /* lapped: the copy may be torn, resync */
+            Py_DECREF(payload);
+            continue;
+        }
+        PyObject *item = Py_BuildValue("(iN)", (int)r.kind, payload);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+        s->lost += r.seq - s->next;
+        s->next = r.seq + 1;
+        s->cursor = r.end;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Store the state in the Subscription, then in its slot (as _save, in its order). */
+static int save_state(PyObject *sub, uint64_t *slot, const SubState *s, int all) {
+    if (set_attr_u64(sub, s_cursor, s->cursor) < 0) return -1;
+    if (!all) return 0;
+    if (set_attr_u64(sub, s_next, s->next) < 0 || set_attr_u64(sub, s_lost, s->lost) < 0 ||
+        set_attr_u64(sub, s_received, s->received) < 0)
+        return -1;
+    st64(slot + S_CURSOR, s->cursor);
+    st64(slot + S_NEXT_SEQ, s->next);
+    st64(slot + S_LOST, s->lost);
+    st64(slot + S_RECEIVED, s->received);
+    return 0;
+}
+
+/* Poll head for up to spin_s seconds (bounded by SPIN_MAX_S: the GIL is held), yielding
+ * between polls as Subscription._wait does; 1 once head is past the cursor. */
+static int spin_for_head(FastTopic *t, uint64_t cursor, double spin_s) {
+    struct timespec now, end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    long long ns = (long long)(spin_s * 1e9);
+    end.tv_sec += ns / 1000000000LL;
+    end.tv_nsec += ns % 1000000000LL;
+    if (end.tv_nsec >= 1000000000L) {
+        end.tv_sec++;
+        end.tv_nsec -= 1000000000L;
+    }
+    for (;;) {
+        if (ld64(t->h64 + Q_HEAD) > cursor) return 1;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec)) return 0;
+        sched_yield();
+    }
+}
+
+/* The records as read() hands them out: mode 0 (kind, payload) records; 1 messages,
+ * decoded (or the records as a tuple, for Python to decode and raise: no codec here,
+ * or a payload that fails); 2 payloads. A new reference, or NULL. */
+static PyObject *finish_records(FastTopic *t, PyObject *recs, int mode) {
+    if (mode == 0) return Py_NewRef(recs);
+    Py_ssize_t n = PyList_GET_SIZE(recs);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rec = PyList_GET_ITEM(recs, i), *payload = PyTuple_GET_ITEM(rec, 1), *msg;
+        if (mode == 2 || PyLong_AsLong(PyTuple_GET_ITEM(rec, 0)) == REC_RAW) {
+            msg = Py_NewRef(payload);
+        } else {
+            if (t->unpack == NULL) break;
+            PyObject *argv[3] = {payload, PyTuple_GET_ITEM(t->kwvalues, 0), PyTuple_GET_ITEM(t->kwvalues, 1)};
+            msg = PyObject_Vectorcall(t->unpack, argv, 1, t->kwnames);
+            if (msg == NULL) {
+                PyErr_Clear(); /* Python decodes them all again and raises DecodeError */
+                break;
+            }
+        }
+        PyList_SET_ITEM(out, i, msg);
+        if (i == n - 1) return out;
+    }
+    Py_DECREF(out);
+    return PyList_AsTuple(recs);
+}
+
+/* read(sub, slot_base, k, mode, spin_s) -> list (1..k), None (nothing new: we looked,
+ * spinning up to spin_s), [] (Python reads), or a tuple of records (Python decodes). */
+static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "read(sub, slot_base, k, mode, spin_s)");
+        return NULL;
+    }
+    PyObject *sub = args[0];
+    Py_ssize_t base = PyLong_AsSsize_t(args[1]), k = PyLong_AsSsize_t(args[2]);
+    if (k == -1 && PyErr_Occurred()) { /* a count Python takes (a float, or past the C range): its own */
+        PyErr_Clear();
+        return PyList_New(0);
+    }
+    long mode = PyLong_AsLong(args[3]);
+    double spin_s;
+    if (((base == -1 || mode == -1) && PyErr_Occurred()) || get_spin(args[4], &spin_s) < 0) return NULL;
+    if (t->ring == NULL || k < 1 || mode < 0 || mode > 2 || base < 0 ||
+        (uint64_t)base * 8 + SUBSCRIBER_SIZE > t->ring_offset)
+        return PyList_New(0);
+    SubState s;
+    if (get_attr_u64(sub, s_cursor, &s.cursor) < 0 || get_attr_u64(sub, s_next, &s.next) < 0 ||
+        get_attr_u64(sub, s_lost, &s.lost) < 0 || get_attr_u64(sub, s_received, &s.received) < 0) {
+        PyErr_Clear(); /* not a state we can hold (Python's to handle) */
+        return PyList_New(0);
+    }
+    int handback = 0, nothing = 0;
+    PyObject *recs = read_records(t, &s, k, &handback, &nothing);
+    if (recs != NULL && nothing && !PyList_GET_SIZE(recs) && spin_s > 0 && spin_for_head(t, s.cursor, spin_s)) {
+        Py_DECREF(recs);
+        nothing = 0;
+        recs = read_records(t, &s, k, &handback, &nothing);
+    }
+    if (recs == NULL) return NULL;
+    Py_ssize_t got = PyList_GET_SIZE(recs);
+    s.received += (uint64_t)got;
+    if (save_state(sub, t->h64 + base, &s, got > 0) < 0) {
+        Py_DECREF(recs);
+        return NULL;
+    }
+    if (!got) {
+        Py_DECREF(recs);
+        return handback ? PyList_New(0) : Py_NewRef(Py_None);
+    }
+    PyObject *out = finish_records(t, recs, (int)mode);
+    Py_DECREF(recs);
+    return out;
+}
+
+static PyObject *ft_set_codec(FastTopic *t, PyObject *args) {
+    PyObject *pack, *unpack, *kw;
+    unsigned long long max_payload;
+    if (!PyArg_ParseTuple(args, "OOO!K", &pack, &unpack, &PyDict_Type, &kw, &max_payload)) return NULL;
+    if (PyDict_GET_SIZE(kw) != 2) {
+        PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
+        return NULL;
+    }
+    PyObject *names = PyTuple_New(2), *values = PyTuple_New(2), *key, *v;
+    if (names == NULL || values == NULL) {
+        Py_XDECREF(names);
+        Py_XDECREF(values);
+        return NULL;
+    }
+    Py_ssize_t pos = 0, i = 0;
+    while (PyDict_Next(kw, &pos, &key, &v)) {
+        PyTuple_SET_ITEM(names, i, Py_NewRef(key));
+        PyTuple_SET_ITEM(values, i, Py_NewRef(v));
+        i++;
+    }
+    Py_XSETREF(t->pack, pack == Py_None ? NULL : Py_NewRef(pack));
+    Py_XSETREF(t->unpack, unpack == Py_None ? NULL : Py_NewRef(unpack));
+    Py_XSETREF(t->kwnames, names);
+    Py_XSETREF(t->kwvalues, values);
+    t->max_payload = max_payload;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ft_close(FastTopic *t, PyObject *Py_UNUSED(unused)) {
+    ft_release(t);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef ft_methods[] = {
+    {"publish", (PyCFunction)(void (*)(void))ft_publish, METH_FASTCALL,
+     "publish(kind, prefix, body, n) -> written << PUB_SHIFT | PUB_WAKE? | code"},
+    {"publish_obj", (PyCFunction)(void (*)(void))ft_publish_obj, METH_FASTCALL,
+     "publish_obj(obj) -> as publish, or PUT_PYTHON: Python encodes and publishes"},
+    {"publish_many", (PyCFunction)(void (*)(void))ft_publish_many, METH_FASTCALL,
+     "publish_many(encoded list) -> as publish; PUT_HELD: the lock is still held"},
+    {"read", (PyCFunction)(void (*)(void))ft_read, METH_FASTCALL,
+     "read(sub, slot_base, k, mode, spin_s) -> list, None (nothing new), [] (Python reads), tuple"},
+    {"set_codec", (PyCFunction)ft_set_codec, METH_VARARGS,
+     "set_codec(pack, unpack, unpack_kwargs, max_payload): encode/decode in publish_obj/read"},
+    {"close", (PyCFunction)ft_close, METH_NOARGS, "Release the mapping and the codec."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastTopicType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmbus._cfast.FastTopic",
+    .tp_basicsize = sizeof(FastTopic),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The Topic's publish and a subscription's read in C (see _accel.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ft_init,
+    .tp_dealloc = (destructor)ft_dealloc,
+    .tp_methods = ft_methods,
+};
+
+/* Module init's part for FastTopic. */
+static int add_topic(PyObject *m) {
+    if (PyType_Ready(&FastTopicType) < 0) return -1;
+    if ((s_cursor = PyUnicode_InternFromString("_cursor")) == NULL ||
+        (s_next = PyUnicode_InternFromString("_next")) == NULL ||
+        (s_lost = PyUnicode_InternFromString("lost")) == NULL ||
+        (s_received = PyUnicode_InternFromString("received")) == NULL)
+        return -1;
+    Py_INCREF(&FastTopicType);
+    if (PyModule_AddObject(m, "FastTopic", (PyObject *)&FastTopicType) < 0) {
+        Py_DECREF(&FastTopicType);
+        return -1;
+    }
+    return 0;
+}
+
 static struct PyModuleDef cfast_module = {
-    PyModuleDef_HEAD_INIT, "shmbus._cfast", "The Queue's hot path in C (optional).", -1, module_methods,
+    PyModuleDef_HEAD_INIT, "shmbus._cfast", "The Queue's and the Topic's hot paths in C (optional).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__cfast(void) {
@@ -840,6 +1428,10 @@ PyMODINIT_FUNC PyInit__cfast(void) {
     Py_INCREF(&FastQueueType);
     if (PyModule_AddObject(m, "FastQueue", (PyObject *)&FastQueueType) < 0) {
         Py_DECREF(&FastQueueType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (add_topic(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -27,6 +27,13 @@
 #define I_SPACE_WAITING 56 /* _format.I_SPACE_WAITING */
 #define M_HEAD 832 /* _format.M_HEAD */
 #define M_TAIL 896 /* _format.M_TAIL */
+#define WAIT_FLAGS 512 /* _format.WAIT_FLAGS */
+#define MAX_SUBSCRIBERS 256 /* _format.MAX_SUBSCRIBERS */
+#define SUBSCRIBER_SIZE 64 /* _format.SUBSCRIBER_SIZE */
+#define S_CURSOR 1 /* _format.S_CURSOR */
+#define S_NEXT_SEQ 2 /* _format.S_NEXT_SEQ */
+#define S_LOST 3 /* _format.S_LOST */
+#define S_RECEIVED 4 /* _format.S_RECEIVED */
 #define MUTEX_SIZE 64 /* _mutex.MUTEX_SIZE */
 #define TIME_SAMPLES 8 /* _format.TIME_SAMPLES */
 #define SAMPLE_EVERY 256 /* _format.SAMPLE_EVERY */
@@ -39,6 +46,8 @@
 #define PUT_DONE 1 /* _cconst.PUT_DONE */
 #define PUT_HELD 2 /* _cconst.PUT_HELD */
 #define PUT_PYTHON (-1) /* _cconst.PUT_PYTHON */
+#define PUB_WAKE 4 /* _cconst.PUB_WAKE */
+#define PUB_SHIFT 3 /* _cconst.PUB_SHIFT */
 
 /* Every constant above, for _cfast.CONSTANTS: U(name) non-negative, S(name) negative. */
 #define SHMBUS_CONSTANTS(U, S) \
@@ -66,6 +75,13 @@
     U(I_SPACE_WAITING) \
     U(M_HEAD) \
     U(M_TAIL) \
+    U(WAIT_FLAGS) \
+    U(MAX_SUBSCRIBERS) \
+    U(SUBSCRIBER_SIZE) \
+    U(S_CURSOR) \
+    U(S_NEXT_SEQ) \
+    U(S_LOST) \
+    U(S_RECEIVED) \
     U(MUTEX_SIZE) \
     U(TIME_SAMPLES) \
     U(SAMPLE_EVERY) \
@@ -78,5 +94,7 @@
     U(PUT_DONE) \
     U(PUT_HELD) \
     S(PUT_PYTHON) \
+    U(PUB_WAKE) \
+    U(PUB_SHIFT) \
 
 #endif

@@ -31,9 +31,9 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import _ring
+from . import _accel, _ring
 from ._aio import SubscriptionAio
 from ._codec import Codec, Payload, extract, extract_range
 from ._errors import BusClosed, CorruptBus, Empty
@@ -52,10 +52,20 @@ from ._sync import Sem, check_timeout
 from ._sync import deadline as _deadline
 from ._zerocopy import View, view_kind
 
+if TYPE_CHECKING:
+    from ._cfast import FastTopic
+
 __all__ = ["Subscription", "TopicDoor", "bad_positions", "lapped", "moved"]
 
 _monotonic = time.monotonic
 _SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
+# What a read hands out (FastTopic.read's modes): decoded messages, or payloads as bytes.
+_MESSAGES, _BYTES = 1, 2
+
+
+def _as_bytes(payload: Payload) -> bytes:
+    """A payload as get_bytes returns it (a bytes message comes as a 1-tuple, see ``extract``)."""
+    return bytes(payload[0]) if isinstance(payload, tuple) else bytes(payload)
 
 
 @dataclass(frozen=True, eq=False)  # (a door is compared by identity: it holds views)
@@ -82,6 +92,7 @@ class TopicDoor:
     codec: Codec  # the handle's: decodes what was copied out
     release_slot: Callable[[], None]  # free the slot and its wait flag (nothing once the handle is closed)
     forget: Callable[[Subscription], None]  # the handle no longer closes this subscription with itself
+    fast: FastTopic | None = None  # the C reader (_accel), or None; once closed it hands every read back
 
 
 # -- the protocol's steps, named once -------------------------------------------------
@@ -207,6 +218,22 @@ class Subscription:
         Blocking: waits (up to ``timeout``) for the first and returns 1..max, or
         raises ``Empty``. Non-blocking: returns 0..max at once.
         """
+        return self._get(max_messages, block, timeout, _MESSAGES)
+
+    def get_bytes(self, block: bool = True, timeout: float | None = None) -> bytes:
+        """Return the next message's payload undecoded, as ``bytes``; wait as ``get`` does.
+
+        For a message published with ``publish_bytes`` (or a ``bytes`` message)
+        that is the data itself; for any other message, its msgpack encoding.
+        Raises ``Empty`` when nothing arrived in time.
+        """
+        got = self._get(1, block, timeout, _BYTES)
+        if not got:
+            raise Empty(f"no new message on {self._door.path}", path=self._door.path)
+        return got[0]  # type: ignore[no-any-return]
+
+    def _get(self, k: int, block: bool, timeout: float | None, mode: int) -> list[Any]:
+        """``get_many``, handing out messages or (``_BYTES``) payloads."""
         if self._closed:
             self._check_open()
         d = self._door
@@ -214,20 +241,52 @@ class Subscription:
         # thread only interrupts the wait (BusClosed), the mapping stays till we leave.
         d.enter()
         try:
-            if max_messages < 1:
+            if k < 1:
                 raise ValueError("max_messages must be at least 1")
             if timeout is not None:
                 check_timeout(timeout)
-            got = self._read(max_messages)
+            spin = self._spin_for(block, timeout)
+            got, final = self._fetch(k, mode, spin)
             if not got and block:
+                spun = spin if got is None else 0.0  # C polled head that long
                 deadline = _deadline(timeout)
                 while not got:
-                    if not self._wait(deadline):
+                    if not self._wait(deadline, spun):
                         raise Empty(f"no new message on {d.path}", path=d.path)
-                    got = self._read(max_messages)
+                    spun = 0.0
+                    got, final = self._fetch(k, mode, 0.0)
         finally:
             d.leave()
-        return d.codec.finish_many(got)
+        return self._finish(got or [], final, mode)
+
+    def _spin_for(self, block: bool, timeout: float | None) -> float:
+        """How long C may poll for a first message (at most SPIN_MAX: it holds the GIL)."""
+        if not block or self._door.fast is None or (timeout is not None and timeout < self.spin):
+            return 0.0
+        return min(self.spin, _accel.SPIN_MAX)
+
+    def _fetch(self, k: int, mode: int, spin: float) -> tuple[list[Any] | None, bool]:
+        """Up to ``k`` next records: (items, final), final when C decoded them; None: C found nothing new.
+
+        C reads the common case (polling head up to ``spin`` seconds when
+        nothing is new); Python reads whatever C hands back.
+        """
+        fast = self._door.fast
+        if fast is not None:
+            got = fast.read(self, self._base, k, mode, spin)
+            if got is None or (type(got) is list and got):
+                return got, True
+            if got:  # a tuple: records for Python to decode (and raise on)
+                return list(got), False
+        return self._read(k), False
+
+    def _finish(self, got: list[Any], final: bool, mode: int) -> list[Any]:
+        """Records read as ``get_many`` or ``get_bytes`` hands them out (outside ``enter``/``leave``)."""
+        if final:
+            return got
+        if mode == _BYTES:
+            return [_as_bytes(payload) for _, payload in got]
+        return self._door.codec.finish_many(got)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -286,10 +345,10 @@ class Subscription:
         d = self._door
         d.enter()  # (the topic's open check)
         try:
-            got = self._read(max_messages)  # lock-free: no await between reading and returning
+            got, final = self._fetch(max_messages, _MESSAGES, 0.0)  # lock-free: no await in between
         finally:
             d.leave()
-        return d.codec.finish_many(got) if got else []
+        return self._finish(got, final, _MESSAGES) if got else []
 
     def _wait_slice(self, deadline: float) -> bool:
         """(For ``SubscriptionAio``'s thread.) ``_wait`` as one call on the topic (BusClosed once closed)."""
@@ -413,12 +472,15 @@ class Subscription:
 
         return View(view, view_kind(kind, is_bytes), finish, intact)
 
-    def _wait(self, deadline: float | None) -> bool:
-        """Sleep until head moves past the cursor; False if ``deadline`` passed first."""
+    def _wait(self, deadline: float | None, spun: float = 0.0) -> bool:
+        """Sleep until head moves past the cursor; False if ``deadline`` passed first.
+
+        It polls for ``spin`` seconds first, less the ``spun`` seconds C polled already.
+        """
         d = self._door
         h, mm, cursor = d.h64, d.mm, self._cursor
-        if self.spin > 0 and not self._closed:
-            end = _monotonic() + self.spin
+        if self.spin > spun and not self._closed:
+            end = _monotonic() + self.spin - spun
             while _monotonic() < end:
                 if moved(h, cursor):
                     return True

@@ -31,9 +31,9 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from . import _faults, _ring
+from . import _accel, _faults, _ring
 from ._aio import checkpoint
 from ._bus import Bus
 from ._codec import Codec, Encoded, as_bytes_view
@@ -66,9 +66,16 @@ from ._subscription import Subscription, TopicDoor
 from ._sync import SPIN_DEFAULT
 from ._zerocopy import Reservation
 
+if TYPE_CHECKING:
+    from ._cfast import FastTopic
+
 __all__ = ["Topic"]
 
 log = logging.getLogger("shmbus")
+
+# FastTopic's results for "published, nothing left to do" and "published, and a subscriber waits".
+_PUB_DONE = 1 << _accel.PUB_SHIFT | _accel.PUT_DONE
+_PUB_WAKE = _PUB_DONE | _accel.PUB_WAKE
 
 
 class Topic(Bus):
@@ -86,6 +93,7 @@ class Topic(Bus):
 
     _KIND = KIND_TOPIC
     _ROLES = ()  # the wake-up semaphores sub<i> are added per layout
+    _fast: FastTopic | None = None  # the C fast path (_accel), when built
 
     @classmethod
     def create(
@@ -156,6 +164,10 @@ class Topic(Bus):
         self._no_flags = bytes(n)
         self._wakers = [self._sems[f"sub{i}"] for i in range(n)]
         self._subscriptions: list[Subscription] = []
+        _accel.warn_once_if_pure()
+        # Codec is public; what the C path needs of it (its msgpack callables) is not API.
+        codec_parts = self._codec._c_parts()  # noqa: SLF001
+        self._fast = _accel.topic_fast_path(self._mm, self._layout, codec_parts, self._max_payload)
 
     def _describe(self) -> str:
         h = self._h64
@@ -166,7 +178,14 @@ class Topic(Bus):
         for sub in list(getattr(self, "_subscriptions", ())):
             sub.close()
         self._wakers = []
+        self._drop_fast_path()  # it holds the mapping: before the mapping closes
         super().close()
+
+    def _drop_fast_path(self) -> None:
+        """Use pure Python from now on (the subscriptions' doors hold it too: closed, it hands back)."""
+        fast, self._fast = self._fast, None
+        if fast is not None:
+            fast.close()
 
     # -- publishing ------------------------------------------------------------
 
@@ -176,7 +195,32 @@ class Topic(Bus):
         When the ring is full the oldest messages are dropped. Raises
         ``EncodeError`` or ``MessageTooLarge`` (nothing published).
         """
-        self._publish([self._encode(obj)])
+        fast = self._fast
+        if fast is not None:
+            # C: the whole publish, encoding included, when obj is of a plain type,
+            # the head lock is free and the record needs no wrap; else Python's.
+            r = fast.publish_obj(obj)
+            if r == _PUB_DONE:
+                return
+            if r == _PUB_WAKE:
+                self._wake_if_waiting()
+                return
+            if r != _accel.PUT_PYTHON:  # (C tried it: the lock is busy, or a wrap)
+                self._publish([self._encode(obj)], False)
+                return
+        self._publish_one(self._encode(obj))
+
+    def _publish_one(self, enc: Encoded) -> None:
+        """Publish one encoded message: C when it can (with Python's encoding), else Python."""
+        fast = self._fast
+        if fast is not None:
+            r = fast.publish(*enc)
+            if r == _PUB_DONE:
+                return
+            if r == _PUB_WAKE:
+                self._wake_if_waiting()
+                return
+        self._publish([enc], False)
 
     def publish_many(self, objs: Iterable[Any]) -> None:
         """Publish every object of ``objs``, in order, in one lock round."""
@@ -211,16 +255,21 @@ class Topic(Bus):
     def publish_bytes(self, data: bytes) -> None:
         """Publish raw bytes with no msgpack framing (subscribers get ``bytes``)."""
         body = data if type(data) is bytes else as_bytes_view(data)
-        self._publish([(REC_RAW, b"", body, len(body))])
+        self._publish_one((REC_RAW, b"", body, len(body)))
 
-    def _publish(self, batch: list[Encoded]) -> None:
+    def _publish(self, batch: list[Encoded], c: bool = True) -> None:
+        """Publish ``batch`` in one lock round: first in C (unless ``c`` is false: it just tried)."""
         self._enter()
         try:
             self._check_sizes(item[3] for item in batch)
             lock = self._head_lock
+            k = self._publish_fast(batch) if c and self._fast is not None else -1
+            if k == len(batch):
+                return
             try:
-                lock.acquire(None)  # (a BusClosed from its wait: nothing published)
-                self._write(batch)
+                if k < 0:
+                    lock.acquire(None)  # (a BusClosed from its wait: nothing published)
+                self._write(batch[k:] if k > 0 else batch)  # (k >= 0: C left the lock held)
             except BaseException as e:
                 lock.release_after(e)
                 raise
@@ -228,6 +277,28 @@ class Topic(Bus):
             self._wake_if_waiting()
         finally:
             self._leave()
+
+    def _publish_fast(self, batch: list[Encoded]) -> int:
+        """C's part of ``_publish``: all of ``batch`` published (its length), the lock left held
+        with the first k published (k), or nothing done and the lock free (-1)."""
+        fast, lock = self._fast, self._head_lock
+        assert fast is not None
+        had = lock.mutex.expect()  # C may hand it over held (PUT_HELD)
+        try:
+            r = fast.publish_many(batch)
+            code = r & 3
+            if code != _accel.PUT_HELD:
+                lock.mutex.settle(had)  # C released it, or never took it
+        except BaseException:
+            # A handler's exception as C returned the lock to us: free it if we
+            # hold it (abandon does nothing otherwise), and the next holder checks.
+            lock.abandon()
+            raise
+        if code == _accel.PUT_DONE:
+            if r & _accel.PUB_WAKE:
+                self._wake_if_waiting()
+            return len(batch)
+        return r >> _accel.PUB_SHIFT if code == _accel.PUT_HELD else -1
 
     def _write(self, batch: list[Encoded]) -> None:
         if _faults.armed:
@@ -345,7 +416,7 @@ class Topic(Bus):
             slot=slot, base=self._slot_base(slot), flag=WAIT_FLAGS + slot,
             sem=self._sems[f"sub{slot}"],  # opened with the topic (closed with it too)
             enter=self._enter, leave=self._leave, check_open=self._check_open,
-            codec=self._codec,
+            codec=self._codec, fast=self._fast,
             release_slot=functools.partial(self._release_slot, slot),
             forget=self._forget,
         )  # fmt: skip
