@@ -204,3 +204,31 @@ def wait_until_blocked(pid: int, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"child {pid} never blocked (state {state}, wchan {wchan!r})")
         time.sleep(0.001)
+
+
+def packable_depth(margin: int = 40) -> int:
+    """How many containers deep msgpack's packer nests from about here, less ``margin`` frames.
+
+    1025 with msgpack 1.2 on CPython 3.11 and later; with older msgpack on 3.9
+    and 3.10 the packer stops at Python's recursion limit, which counts the
+    caller's frames too (so call it where the message will be packed).
+    """
+    import msgpack
+
+    def fits(depth: int) -> bool:
+        x: Any = []
+        for _ in range(depth):
+            x = [x]
+        try:
+            msgpack.packb(x)
+        except (ValueError, RecursionError):
+            return False
+        return True
+
+    lo, hi = 0, 1025  # fits(lo); the answer is at most hi
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return max(lo - margin, 1)

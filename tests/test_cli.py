@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import packable_depth
 
 import shmbus
 from shmbus._cli import main, to_json
@@ -502,7 +503,7 @@ def test_recv_and_tail_print_a_message_too_deep_for_json_in_the_fallback_form(
 ) -> None:
     import msgpack
 
-    msg = _deep(depth)
+    msg = _deep(min(depth, packable_depth()))  # (older msgpack on 3.9/3.10 packs fewer levels)
     with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
         q.put_many(["before", msg, "after"])
         capsys.readouterr()
@@ -510,9 +511,11 @@ def test_recv_and_tail_print_a_message_too_deep_for_json_in_the_fallback_form(
         lines = capsys.readouterr().out.splitlines()
         q.unlink()
     assert len(lines) == 3 and json.loads(lines[0]) == "before" and json.loads(lines[2]) == "after"
-    fallback = json.loads(lines[1])
-    assert list(fallback) == ["$msgpack"]
-    assert msgpack.packb(from_json(fallback)) == msgpack.packb(msg)  # (== itself overflows at this depth)
+    printed = json.loads(lines[1])
+    if packable_depth(margin=0) == 1025:  # JSON renders fewer levels than msgpack packs: the fallback
+        assert isinstance(printed, dict) and list(printed) == ["$msgpack"]
+    # (older msgpack on 3.9/3.10 packs nothing JSON cannot render: either form, never dropped)
+    assert msgpack.packb(from_json(printed)) == msgpack.packb(msg)  # (== itself overflows at this depth)
 
     assert main(["create", bus_name, "--topic", "--capacity", "64KiB"]) == 0
     with shmbus.Topic.open(bus_name) as t:
