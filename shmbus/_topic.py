@@ -33,11 +33,11 @@ import time
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from . import _faults, _ring
+from . import _faults, _last, _ring
 from ._aio import checkpoint
 from ._bus import Bus
 from ._codec import Codec, Encoded, as_bytes_view
-from ._errors import TooManySubscribers
+from ._errors import Empty, TooManySubscribers
 from ._format import (
     KIND_TOPIC,
     MAX_SUBSCRIBERS,
@@ -48,6 +48,7 @@ from ._format import (
     Q_TAIL_SEQ,
     REC_RAW,
     S_ATTACHED,
+    S_CURSOR,
     S_OWNER,
     S_STATE_PID,
     SUBSCRIBER_SIZE,
@@ -156,6 +157,7 @@ class Topic(Bus):
         self._no_flags = bytes(n)
         self._wakers = [self._sems[f"sub{i}"] for i in range(n)]
         self._subscriptions: list[Subscription] = []
+        self._last_pos = 0  # a record boundary last() found: where its next walk may start
 
     def _describe(self) -> str:
         h = self._h64
@@ -309,6 +311,47 @@ class Topic(Bus):
                 w = self._wakers[i]
                 if w.value <= 0:  # one pending wake-up is enough
                     w.release()
+
+    # -- the newest message --------------------------------------------------
+
+    def last(self) -> Any:
+        """The most recent message still in the ring, without subscribing; never waits.
+
+        For a dashboard or a health check. It reads without a lock, as a
+        subscriber does, and returns only a message copied out intact.
+        Raises ``Empty`` when the topic holds no message, ``Overwritten``
+        when publishers overwrite it faster than it can be read (several
+        times in a row), ``CorruptBus`` for a damaged record.
+
+        Example::
+
+            t.publish({"cpu": 0.5})
+            assert t.last() == {"cpu": 0.5}
+        """
+        self._enter()
+        try:
+            kind, payload = self._read_last()
+        finally:
+            self._leave()
+        return self._codec.finish(kind, payload)
+
+    def _read_last(self) -> tuple[int, Any]:
+        assert self._mm is not None
+        hints = [self._last_pos, *self._cursors()]
+        try:
+            pos, kind, payload = _last.read_last(
+                self._h64, self._mm, self._ring, self._cap, self._layout.ring_offset, hints
+            )
+        except Empty:
+            raise Empty(f"{self.path} holds no message", path=self.path) from None
+        self._last_pos = pos
+        return kind, payload
+
+    def _cursors(self) -> list[int]:
+        """The active subscribers' cursors: record boundaries, hints for last()'s walk."""
+        h = self._h64
+        bases = (self._slot_base(i) for i in range(self._layout.max_subscribers))
+        return [h[b + S_CURSOR] for b in bases if subscriber_state(h[b + S_STATE_PID])]
 
     # -- subscribing -----------------------------------------------------------
 
