@@ -14,9 +14,10 @@ side, the ``Subscription``, is in ``_subscription``):
 * Wake-up: each subscriber slot ``i`` has a semaphore ``sub<i>`` and a wait
   flag byte. A subscriber about to sleep sets its flag, fences and re-checks
   ``head`` (``Subscription._wait``); after every publish the publisher reads
-  all flags in one slice and posts the semaphore of each flagged slot, so
-  every waiting subscriber wakes, not just one. The flag and ``head`` are
-  ordered by full fences on both sides.
+  all flags in one slice, and for each flagged slot clears the flag, then
+  posts its semaphore, so every waiting subscriber wakes, not just one, and
+  later publishes pay nothing for a subscriber already woken. The flag and
+  ``head`` are ordered by full fences on both sides.
 * Subscriber slots are claimed and freed under the ``subs`` semaphore, which
   only subscribers take (``subscribe``/``close``). A slot whose process is
   gone is reclaimed when the table is full.
@@ -304,10 +305,17 @@ class Topic(Bus):
             self._wake_waiters()
 
     def _wake_waiters(self) -> None:
-        assert self._mm is not None
-        flags = self._mm[WAIT_FLAGS : self._flags_end]
+        mm = self._mm
+        assert mm is not None
+        flags = mm[WAIT_FLAGS : self._flags_end]
         for i, flag in enumerate(flags):
             if flag:
+                # Clear, then post: the wake-up is pending, so the next publishes
+                # skip this slot (one compare) until it sleeps again, instead of
+                # coming here after every message while it wakes. A flag of a newer
+                # wait that the clear erases is harmless: that wait stored it after
+                # our load, so its fenced load of head sees our head (or this post).
+                mm[WAIT_FLAGS + i] = 0
                 w = self._wakers[i]
                 if w.value <= 0:  # one pending wake-up is enough
                     w.release()
