@@ -312,13 +312,13 @@ class Topic(Bus):
             if flag:
                 # Clear, then post: the wake-up is pending, so the next publishes
                 # skip this slot (one compare) until it sleeps again, instead of
-                # coming here after every message while it wakes. A flag of a newer
-                # wait that the clear erases is harmless: that wait stored it after
-                # our load, so its fenced load of head sees our head (or this post).
+                # coming here after every message while it wakes. The post is
+                # unconditional: the clear may erase the flag of the subscriber's
+                # next wait, which then sleeps unflagged, and only this post (left
+                # in the semaphore) wakes it to set its flag again. (A "value <= 0"
+                # test would skip it when that wait's own fence holds the count at 1.)
                 mm[WAIT_FLAGS + i] = 0
-                w = self._wakers[i]
-                if w.value <= 0:  # one pending wake-up is enough
-                    w.release()
+                self._wakers[i].release()
 
     # -- the newest message --------------------------------------------------
 

@@ -686,6 +686,6 @@ def test_a_publish_clears_the_flag_it_posts_so_the_next_ones_post_nothing(bus_na
         assert (t._mm[WAIT_FLAGS + sub.slot], sub._sem.value) == (0, 1)  # woken, once
         t.publish(2)
         t.publish(3)
-        assert sub._sem.value == 1  # the wake-up was pending: no more posts
+        assert sub._sem.value == 1  # no flag since: no more posts
         assert sub.get_many(10, timeout=5) == [1, 2, 3]
         t.unlink()
