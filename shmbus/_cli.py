@@ -235,6 +235,13 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_last(args: argparse.Namespace) -> int:
+    with Topic.open(args.path) as topic:
+        msg = topic.last()  # (Empty when it holds none: reported as an error, exit 1)
+    print(dumps(msg), flush=True)
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from . import _live
 
@@ -284,6 +291,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="start", choices=["latest", "earliest"], default="latest")
     t.add_argument("--count", type=int, default=None, help="stop after N messages (default: Ctrl-C)")
     t.set_defaults(func=_cmd_tail)
+
+    la = sub.add_parser(
+        "last",
+        help="print a Topic's newest message as a JSON line, without subscribing",
+        epilog="example: shmbus last metrics  (exit 1 when the topic holds no message)",
+    )
+    la.add_argument("path")
+    la.set_defaults(func=_cmd_last)
 
     raw = argparse.RawDescriptionHelpFormatter
     se = sub.add_parser(

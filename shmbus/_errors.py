@@ -141,7 +141,9 @@ class Overwritten(ShmbusError, RuntimeError):
     """A Topic publisher overwrote a message while a zero-copy view was reading it.
 
     Raised when a ``Subscription.get_view()`` block ends; the bytes seen may
-    be torn, and the message counts in ``lost``.
+    be torn, and the message counts in ``lost``. Also raised by
+    ``Topic.last()`` when publishers overwrite the newest message several
+    times in a row while it reads it (call it again).
     """
 
 

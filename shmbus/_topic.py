@@ -14,9 +14,10 @@ side, the ``Subscription``, is in ``_subscription``):
 * Wake-up: each subscriber slot ``i`` has a semaphore ``sub<i>`` and a wait
   flag byte. A subscriber about to sleep sets its flag, fences and re-checks
   ``head`` (``Subscription._wait``); after every publish the publisher reads
-  all flags in one slice and posts the semaphore of each flagged slot, so
-  every waiting subscriber wakes, not just one. The flag and ``head`` are
-  ordered by full fences on both sides.
+  all flags in one slice, and for each flagged slot clears the flag, then
+  posts its semaphore, so every waiting subscriber wakes, not just one, and
+  later publishes pay nothing for a subscriber already woken. The flag and
+  ``head`` are ordered by full fences on both sides.
 * Subscriber slots are claimed and freed under the ``subs`` semaphore, which
   only subscribers take (``subscribe``/``close``). A slot whose process is
   gone is reclaimed when the table is full.
@@ -33,11 +34,11 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _accel, _faults, _ring
+from . import _accel, _faults, _last, _ring
 from ._aio import checkpoint
 from ._bus import Bus
 from ._codec import Codec, Encoded, as_bytes_view
-from ._errors import TooManySubscribers
+from ._errors import Empty, TooManySubscribers
 from ._format import (
     KIND_TOPIC,
     MAX_SUBSCRIBERS,
@@ -48,6 +49,7 @@ from ._format import (
     Q_TAIL_SEQ,
     REC_RAW,
     S_ATTACHED,
+    S_CURSOR,
     S_OWNER,
     S_STATE_PID,
     SUBSCRIBER_SIZE,
@@ -168,6 +170,7 @@ class Topic(Bus):
         # Codec is public; what the C path needs of it (its msgpack callables) is not API.
         codec_parts = self._codec._c_parts()  # noqa: SLF001
         self._fast = _accel.topic_fast_path(self._mm, self._layout, codec_parts, self._max_payload)
+        self._last_pos = 0  # a record boundary last() found: where its next walk may start
 
     def _describe(self) -> str:
         h = self._h64
@@ -373,13 +376,61 @@ class Topic(Bus):
             self._wake_waiters()
 
     def _wake_waiters(self) -> None:
-        assert self._mm is not None
-        flags = self._mm[WAIT_FLAGS : self._flags_end]
+        mm = self._mm
+        assert mm is not None
+        flags = mm[WAIT_FLAGS : self._flags_end]
         for i, flag in enumerate(flags):
             if flag:
-                w = self._wakers[i]
-                if w.value <= 0:  # one pending wake-up is enough
-                    w.release()
+                # Clear, then post: the wake-up is pending, so the next publishes
+                # skip this slot (one compare) until it sleeps again, instead of
+                # coming here after every message while it wakes. The post is
+                # unconditional: the clear may erase the flag of the subscriber's
+                # next wait, which then sleeps unflagged, and only this post (left
+                # in the semaphore) wakes it to set its flag again. (A "value <= 0"
+                # test would skip it when that wait's own fence holds the count at 1.)
+                mm[WAIT_FLAGS + i] = 0
+                self._wakers[i].release()
+
+    # -- the newest message --------------------------------------------------
+
+    def last(self) -> Any:
+        """The most recent message still in the ring, without subscribing; never waits.
+
+        For a dashboard or a health check. It reads without a lock, as a
+        subscriber does, and returns only a message copied out intact.
+        Raises ``Empty`` when the topic holds no message, ``Overwritten``
+        when publishers overwrite it faster than it can be read (several
+        times in a row), ``CorruptBus`` for a damaged record.
+
+        Example::
+
+            t.publish({"cpu": 0.5})
+            assert t.last() == {"cpu": 0.5}
+        """
+        self._enter()
+        try:
+            kind, payload = self._read_last()
+        finally:
+            self._leave()
+        return self._codec.finish(kind, payload)
+
+    def _read_last(self) -> tuple[int, Any]:
+        assert self._mm is not None
+        hints = [self._last_pos, *self._cursors()]
+        try:
+            pos, kind, payload = _last.read_last(
+                self._h64, self._mm, self._ring, self._cap, self._layout.ring_offset, hints
+            )
+        except Empty:
+            raise Empty(f"{self.path} holds no message", path=self.path) from None
+        self._last_pos = pos
+        return kind, payload
+
+    def _cursors(self) -> list[int]:
+        """The active subscribers' cursors: record boundaries, hints for last()'s walk."""
+        h = self._h64
+        bases = (self._slot_base(i) for i in range(self._layout.max_subscribers))
+        return [h[b + S_CURSOR] for b in bases if subscriber_state(h[b + S_STATE_PID])]
 
     # -- subscribing -----------------------------------------------------------
 

@@ -57,6 +57,20 @@ def test_topic_create_info_and_tail(bus_name: str, capsys: pytest.CaptureFixture
     assert [json.loads(line) for line in lines] == [{"a": {"$bytes": "AP8="}}, "hi", [1, 2.5, None]]
 
 
+def test_last_prints_the_newest_message_or_fails_on_an_empty_topic(
+    bus_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["create", bus_name, "--topic", "--capacity", "64KiB"]) == 0
+    capsys.readouterr()
+    assert main(["last", bus_name]) == 1
+    assert "holds no message" in capsys.readouterr().err
+    with shmbus.Topic.open(bus_name) as t:
+        t.publish_many([{"a": 1}, {"b": b"\x00"}])
+        assert t.subscribers() == []
+    assert main(["last", bus_name]) == 0
+    assert json.loads(capsys.readouterr().out) == {"b": {"$bytes": "AA=="}}
+
+
 def test_to_json_is_reversible_for_bytes() -> None:
     assert to_json({"k": [b"ab", {"n": b""}]}) == {"k": [{"$bytes": "YWI="}, {"n": {"$bytes": ""}}]}
 

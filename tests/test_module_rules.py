@@ -57,7 +57,7 @@ LAYERS: list[set[str]] = [
     {"_bus"},
     {"_queue_base", "_cconst", "_accel", "_aio"},
     {"_producer", "_consumer"},
-    {"_queue", "_topic", "_subscription"},
+    {"_queue", "_topic", "_subscription", "_last"},
     {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor"},
     {"_cli", "__init__", "__main__"},
 ]

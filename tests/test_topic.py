@@ -673,3 +673,19 @@ def test_the_ring_drops_only_the_messages_it_must(sizes: list[int]) -> None:
     finally:
         t.close()
         shmbus.unlink(name)
+
+
+def test_a_publish_clears_the_flag_it_posts_so_the_next_ones_post_nothing(bus_name: str) -> None:
+    from shmbus._format import WAIT_FLAGS
+
+    with Topic.create(bus_name, capacity=4096) as t:
+        sub = t.subscribe(spin=0)
+        assert t._mm is not None
+        t._mm[WAIT_FLAGS + sub.slot] = 1  # as a subscriber does before it sleeps
+        t.publish(1)
+        assert (t._mm[WAIT_FLAGS + sub.slot], sub._sem.value) == (0, 1)  # woken, once
+        t.publish(2)
+        t.publish(3)
+        assert sub._sem.value == 1  # no flag since: no more posts
+        assert sub.get_many(10, timeout=5) == [1, 2, 3]
+        t.unlink()

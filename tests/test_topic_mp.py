@@ -38,6 +38,7 @@ from shmbus._format import WAIT_FLAGS
 # Far above anything a healthy run needs; only a hang or a lost wake-up reaches them.
 CHILD_TIMEOUT = 60.0
 WAKE_BOUND = 2.0  # a woken subscriber must return this soon after the publish that wakes it
+LOST_WAKE_UP = 20.0  # a get's timeout where only a publish can wake it: reaching it means a lost wake-up
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -302,6 +303,39 @@ def _ping_pong_subscriber(path: str, n: int, conn: Connection) -> None:
         conn.send(time.monotonic_ns() - sent)
     sub.close()
     t.close()
+
+
+def _sleepy_subscriber(path: str, n: int, ready: Any) -> tuple[int, float]:
+    """Receive ``n`` messages sleeping at once each time (spin 0): (count, the longest get in seconds)."""
+    _subscription._SAFETY_SLICE = 3600.0  # a lost wake-up now sleeps until the get's timeout
+    t = Topic.open(path)
+    sub = t.subscribe(spin=0)
+    ready.set()
+    got, longest = 0, 0.0
+    while got < n:
+        t0 = time.monotonic()
+        got += len(sub.get_many(64, timeout=LOST_WAKE_UP))
+        longest = max(longest, time.monotonic() - t0)
+    sub.close()
+    t.close()
+    return got, longest
+
+
+def _publish_with_gaps(path: str, n: int) -> int:
+    """Publish ``n`` messages, pausing at random so the subscribers fall asleep, wake, and race us."""
+    t = Topic.open(path)
+    rng = random.Random(7)
+    for i in range(n):
+        t.publish(i)
+        k = rng.random()
+        if k < 0.3:
+            time.sleep(0.00005)  # not a synchronisation: a varied pace, whatever it turns out to be
+        elif k < 0.7:
+            end = time.perf_counter() + rng.random() * 30e-6
+            while time.perf_counter() < end:
+                pass
+    t.close()
+    return n
 
 
 def _wake_subscriber(path: str, spin: float, rounds: int, many: bool, conn: Connection) -> None:
@@ -591,6 +625,28 @@ def test_one_publish_wakes_every_sleeping_subscriber(bus_name: str, procs: Any) 
             assert got == [{"round": r}], (p.pid, got)
             assert 0 <= woke - t0 < WAKE_BOUND
     procs.join_all()
+    t.close()
+
+
+def test_no_wake_up_is_lost_while_publishes_race_subscribers_going_to_sleep(
+    bus_name: str, procs: Any
+) -> None:
+    # Each publish clears the flags it posts; a subscriber sets its flag again for its next
+    # sleep at any moment. Without the periodic re-check, a lost wake-up hangs a subscriber
+    # (its get times out in its child, which fails the test).
+    n = 20_000
+    t = Topic.create(bus_name, capacity="4MiB")
+    readies = [procs.ctx.Event() for _ in range(3)]
+    subs = [_start(procs, _sleepy_subscriber, t.path, n, r) for r in readies]
+    for r in readies:
+        assert r.wait(CHILD_TIMEOUT)
+    pub, pub_rx = _start(procs, _publish_with_gaps, t.path, n)
+    assert _result(pub_rx, pub) == n
+    results = [_result(rx, p) for p, rx in subs]
+    procs.join_all()
+    assert [got for got, _ in results] == [n] * 3
+    # A lost wake-up sleeps until the get's timeout (then finds the message and returns it).
+    assert max(longest for _, longest in results) < LOST_WAKE_UP / 2, results
     t.close()
 
 

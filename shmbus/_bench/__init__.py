@@ -66,7 +66,13 @@ What is measured
     size.
 (t) ``topic``: a Topic publisher publishes the small dicts one at a time with
     0, 1 and 3 subscriber processes reading with ``get_many(256)``: the publish
-    rate, each subscriber's receive rate and lost count. The 1 MiB ring holds
+    rate, the publisher's own CPU per message, each subscriber's receive rate
+    and lost count, and each process's share of a CPU (two CPUs shared by up
+    to four processes: the share says who waited for one). Then
+    ``publish_many`` batches of 256 to one subscriber; ``mp.Queue`` put/get
+    one at a time, the row's own baseline (so ``--only t`` compares figures
+    taken under the same load); and a ping-pong through two Topics (publish;
+    a subscriber answers on the other), default spin. The 1 MiB ring holds
     about 16 000 of these messages, so the run laps it many times: eviction
     (the steady state of a long-lived topic) is included, and a subscriber
     that falls a ring behind loses messages, as it would in use.

@@ -330,29 +330,45 @@ class ZmqChannel(Channel):
 
 
 class TopicChannel(Channel):
-    """A shmbus Topic: the producer side publishes, each consumer side subscribes."""
+    """A shmbus Topic per direction: a side publishes on one, and subscribes to the other (two-way)."""
 
     def __init__(self, ctx: ForkContext, two_way: bool, params: Params, options: Options) -> None:
         super().__init__(ctx, two_way, params, options)
-        self.path: str | None = bus_name()
-        Topic.create(self.path, capacity=params.topic_capacity).close()
+        self.paths: list[str] = []
+        try:
+            for _ in range(2 if two_way else 1):
+                path = bus_name()
+                Topic.create(path, capacity=params.topic_capacity).close()
+                self.paths.append(path)
+        except BaseException:
+            self.close()
+            raise
 
     def endpoint(self, side: str) -> Endpoint:
-        assert self.path is not None
-        topic = Topic.open(self.path)
+        back = self.paths[1] if self.two_way else None
+        tx_path, rx_path = _directions(side, self.paths[0], back)
+        tx = Topic.open(tx_path) if tx_path else None
+        rx = Topic.open(rx_path) if rx_path else None
         ep = Endpoint()
-        if side == "producer":
-            ep.send = topic.publish
-        else:
-            sub = topic.subscribe()  # before the barrier: it sees every message published
+        if tx is not None:
+            ep.send, ep.send_batch = tx.publish, tx.publish_many
+        if rx is not None:
+            sub = rx.subscribe()  # before the barrier: it sees every message published
+            ep.recv = sub.get
             ep.recv_batch = functools.partial(sub.get_many, self.batch_size)
             ep.stats = lambda: {"lost": sub.lost, "received": sub.received}
-        ep.close = topic.close  # closes the subscription too
+
+        def close() -> None:
+            for t in (tx, rx):
+                if t is not None:
+                    t.close()  # closes the subscription too
+
+        ep.close = close
         return ep
 
     def close(self) -> None:
-        path, self.path = self.path, None
-        if path is not None:
+        paths, self.paths = self.paths, []
+        for path in paths:
             unlink_quietly(path)
 
 

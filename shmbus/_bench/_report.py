@@ -102,31 +102,51 @@ def _mpmc_table(b: Mapping[str, Any]) -> list[str]:
     return _render(rows)
 
 
-def _topic_table(b: Mapping[str, Any], queue_rate: float | None) -> list[str]:
+def _writer_first(role: str) -> tuple[bool, str]:
+    """Sort key: the publisher (or producer) first, then the readers by name."""
+    return (not role.startswith(("publisher", "producer")), role)
+
+
+def _topic_table(b: Mapping[str, Any]) -> list[str]:
     header = [
         f"({b['letter']}) {b['title']}",
         "publish msg/s",
         "% of 0 subs",
-        "x mp.Queue (a)",
         "receive msg/s, each subscriber",
+        "x mp.Queue (slowest)",
         "lost, each",
+        "publisher CPU us/msg",
         "CPU us/msg",
+        "% of a CPU: publisher / subscribers",
     ]
     rows = [header]
-    for c in b["configs"].values():
-        n = c["subscribers"]
+    for key, c in b["configs"].items():
+        if key == "pingpong":
+            continue
+        pct = c.get("pct_of_0_subscribers")
+        shares = c.get("cpu_share", {})
         rows.append(
             [
-                f"{n} subscriber{'s' * (n != 1)}",
-                _num(c["publish_msg_per_s"]),
-                f"{c['pct_of_0_subscribers']:.0f}%",
-                _x(c["publish_msg_per_s"] / queue_rate if queue_rate else None),
+                c["label"],
+                _num(c["publish_msg_per_s"]) if "publish_msg_per_s" in c else "-",
+                f"{pct:.0f}%" if pct is not None else "",
                 " / ".join(_num(x) for x in c["receive_msg_per_s"]) or "-",
-                " / ".join(_num(x) for x in c["lost"]) or "-",
+                _x(lookup(c, "x mp.Queue", "receive_slowest")),
+                " / ".join(_num(x) for x in c.get("lost", [])) or "-",
+                _num(c["publisher_cpu_us_per_msg"], 2) if "publisher_cpu_us_per_msg" in c else "",
                 _num(c["cpu_us_per_msg"], 2),
+                " / ".join(f"{shares[k]['pct_of_one_cpu']:.0f}%" for k in sorted(shares, key=_writer_first)),
             ]
         )
-    return _render(rows)
+    out = _render(rows)
+    pp = b["configs"].get("pingpong")
+    if pp is not None:
+        lo, hi = pp["range"]["p50_us"]
+        out.append(
+            f"{pp['label']}: p50 {pp['p50_us']:.1f} us (runs {lo:.1f}-{hi:.1f}), p99 {pp['p99_us']:.1f} us, "
+            f"CPU {pp['cpu_us_per_msg']:.2f} us/trip"
+        )
+    return out
 
 
 def _scale_table(b: Mapping[str, Any]) -> list[str]:
@@ -160,19 +180,20 @@ def _scale_table(b: Mapping[str, Any]) -> list[str]:
 
 
 def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
-    rows = [["targets (from the project's issues)", "source", "this run", "verdict"]]
+    rows = [["targets", "measures", "this run", "verdict"]]
     for t in targets:
         value = "not measured" if t["value"] is None else f"{t['value']:,.2f}"
         verdict = {True: "met", False: "MISSED", None: "-"}[t["met"]]
-        rows.append([t["target"], t["source"], value, verdict])
+        rows.append([t["target"], t["measures"], value, verdict])
     return _render(rows)
 
 
 _NOTES = [
     "x Y = how many times faster than Y, from the same run (rates: mine / Y's; latencies: Y's / mine).",
     "CPU = user+sys time of all the processes (producers, consumers, their threads) per message",
-    "(per round trip for (d)). MB = 10**6 bytes. [info] lines are not targets' baselines: they",
-    "send a whole batch as one message. Method and caveats: the docstring of shmbus/_bench/__init__.py.",
+    "(per round trip for (d) and the Topic ping-pong). MB = 10**6 bytes. [info] lines are not",
+    "targets' baselines: they send a whole batch as one message. Method and caveats: the docstring",
+    "of shmbus/_bench/__init__.py.",
 ]
 
 
@@ -205,7 +226,7 @@ def format_table(results: dict[str, Any]) -> str:
         elif key == "mpmc":
             text += _mpmc_table(b[key])
         elif key == "topic":
-            text += _topic_table(b[key], lookup(b, "single", "variants", "mp.Queue", "value"))
+            text += _topic_table(b[key])
         else:
             text += _scale_table(b[key])
     text += ["", *_targets_table(results["targets"]), "", *_NOTES]

@@ -36,6 +36,7 @@ __all__ = [
     "produce_share",
     "consume_until_none",
     "publish",
+    "publish_batches",
     "subscribe",
     "create_open",
 ]
@@ -313,6 +314,16 @@ def publish(ep: Endpoint, p: Params, go: Callable[[], None]) -> dict[str, Any]:
     for i in range(p.topic_messages):
         send({"seq": i, "ts": now(), "name": "sensor-17", "value": 3.14})
     return {"count": p.topic_messages}
+
+
+def publish_batches(ep: Endpoint, p: Params, go: Callable[[], None]) -> dict[str, Any]:
+    """(t) The publisher of batches: ``publish_many`` of ``batch_size`` small dicts at a time."""
+    send, now, n, size = ep.send_batch, time.time, p.topic_messages, p.batch_size
+    go()
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        send([{"seq": i, "ts": now(), "name": "sensor-17", "value": 3.14} for i in range(start, stop)])
+    return {"count": n}
 
 
 def subscribe(ep: Endpoint, p: Params, go: Callable[[], None]) -> dict[str, Any]:

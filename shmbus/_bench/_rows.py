@@ -1,7 +1,7 @@
-"""Rows (e), (f) and (t): one dimension varied each: message size, processes per side, subscribers.
+"""Rows (e) and (f): one dimension varied each: message size, processes per side.
 
-(e) and (f) compare shmbus with mp.Queue (and Pipe for (e)) at each step;
-(t) measures a Topic alone, its publish rate against 0 subscribers.
+Both compare shmbus with mp.Queue (and Pipe for (e)) at each step; the
+Topic's row (t) is in ``_topicrow``.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ import functools
 from multiprocessing.context import ForkContext
 from typing import Any, Callable
 
-from .._format import parse_size
 from ._channels import Channel
-from ._measure import Progress, Role, cpu_detail, cpu_s, first_start_ns, measure, median, medians, rotations
+from ._measure import Progress, Role, cpu_detail, cpu_s, first_start_ns, measure, median, rotations
 from ._params import BenchError, Params, size_text
-from ._roles import consume_bytes, consume_until_none, produce_bytes, produce_share, publish, subscribe
+from ._roles import consume_bytes, consume_until_none, produce_bytes, produce_share
 
-__all__ = ["SWEEP_TRANSPORTS", "sweep_count", "run_sweep", "MPMC_TRANSPORTS", "run_mpmc", "run_topic"]
+__all__ = ["SWEEP_TRANSPORTS", "sweep_count", "run_sweep", "MPMC_TRANSPORTS", "run_mpmc"]
 
 SWEEP_TRANSPORTS: tuple[str, ...] = ("shmbus", "mp.Queue", "mp.Pipe")
 
@@ -141,58 +140,4 @@ def _mpmc_sample(reports: dict[str, dict[str, Any]], total: int) -> dict[str, An
         "per_consumer": [r["count"] for r in consumers],
         "cpu_us_per_msg": cpu_s(reports) / total * 1e6,
         "cpu_s": cpu_detail(reports),
-    }
-
-
-# -- (t) Topic fan-out --------------------------------------------------------------------------
-
-
-def run_topic(params: Params, ctx: ForkContext, progress: Progress) -> dict[str, Any]:
-    """(t) Publish rate with 0, 1 and 3 subscriber processes, and what each subscriber got."""
-    configs: dict[str, Any] = {}
-    keys = [str(k) for k in params.topic_subscribers]
-    samples: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
-    for rep, order in enumerate(rotations(keys, params.repeats)):
-        for key in order:
-            k = int(key)
-            progress.step(f"(t) topic: {k} subscriber{'s' * (k != 1)}, run {rep + 1}/{params.repeats}")
-            roles = [Role("publisher", "producer", publish)]
-            roles += [Role(f"subscriber{i}", "consumer", subscribe) for i in range(k)]
-            samples[key].append(_topic_sample(measure(roles, "topic", params, ctx), params.topic_messages))
-    for key, s in samples.items():
-        configs[key] = {
-            "subscribers": int(key),
-            "publish_msg_per_s": median(s, "publish_msg_per_s"),
-            "cpu_us_per_msg": median(s, "cpu_us_per_msg"),
-            "receive_msg_per_s": medians(s, "receive_msg_per_s"),
-            "lost": medians(s, "lost"),
-            "samples": s,
-        }
-    base = configs[keys[0]]["publish_msg_per_s"]
-    ring = parse_size(params.topic_capacity)
-    for c in configs.values():
-        c["pct_of_0_subscribers"] = 100 * c["publish_msg_per_s"] / base
-    return {
-        "letter": "t",
-        "title": f"Topic, {params.topic_messages:,} small dicts, {size_text(ring)} ring",
-        "configs": configs,
-    }
-
-
-def _topic_sample(reports: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
-    pub = reports.pop("publisher")
-    subs = [reports[name] for name in sorted(reports)]
-    for s in subs:
-        if s["received"] + s["lost"] != n:
-            raise BenchError(f"topic: a subscriber received {s['received']} and lost {s['lost']} of {n}")
-    t0 = min([pub["t_start_ns"], *(s["t_start_ns"] for s in subs)])
-    everyone = {"publisher": pub, **reports}
-    return {
-        "publish_elapsed_s": (pub["t_end_ns"] - pub["t_start_ns"]) / 1e9,
-        "publish_msg_per_s": n / ((pub["t_end_ns"] - pub["t_start_ns"]) / 1e9),
-        "receive_msg_per_s": [s["received"] / ((s["t_last_ns"] - t0) / 1e9) for s in subs],
-        "received": [s["received"] for s in subs],
-        "lost": [s["lost"] for s in subs],
-        "cpu_us_per_msg": cpu_s(everyone) / n * 1e6,
-        "cpu_s": cpu_detail(everyone),
     }

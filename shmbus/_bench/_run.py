@@ -19,9 +19,10 @@ from .. import __version__, _accel
 from ._measure import Progress
 from ._pairs import PAIR_ROWS, pair_steps, run_pair_row
 from ._params import OPTIONAL, ROW_LETTERS, Params, params_for
-from ._rows import MPMC_TRANSPORTS, SWEEP_TRANSPORTS, run_mpmc, run_sweep, run_topic
+from ._rows import MPMC_TRANSPORTS, SWEEP_TRANSPORTS, run_mpmc, run_sweep
 from ._scale import run_scale
 from ._targets import evaluate_targets
+from ._topicrow import run_topic, topic_steps
 
 __all__ = ["run", "machine_info"]
 
@@ -50,7 +51,7 @@ def _steps(keys: Sequence[str], params: Params, missing: Mapping[str, str]) -> i
     if "scale" in keys:
         n += 3 * params.repeats
     if "topic" in keys:
-        n += len(params.topic_subscribers) * params.repeats
+        n += topic_steps(params)
     return n
 
 
