@@ -89,6 +89,8 @@ typedef struct {
     PyObject *unpack;     /* msgpack.unpackb, or NULL: get_obj returns (kind, payload) */
     PyObject *kwnames;    /* unpack's keyword names, and their values: */
     PyObject *kwvalues;   /* (tuple) */
+    PyObject *fast_pack;   /* msgspec's encode, or NULL: for a plain_tree message, the same bytes as pack */
+    PyObject *fast_unpack; /* msgspec's decode, or NULL: for a payload with no timestamp, as unpack */
     uint64_t max_payload; /* larger messages go to Python (MessageTooLarge) */
 } FastQueue;
 
@@ -191,6 +193,8 @@ static void fq_release(FastQueue *q) {
     Py_CLEAR(q->unpack);
     Py_CLEAR(q->kwnames);
     Py_CLEAR(q->kwvalues);
+    Py_CLEAR(q->fast_pack);
+    Py_CLEAR(q->fast_unpack);
 }
 
 static void fq_dealloc(FastQueue *q) {
@@ -386,26 +390,124 @@ static int plain_type(PyObject *o) {
            t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None;
 }
 
+/* The depth to which plain_tree looks; deeper messages are msgpack's to encode (and refuse). */
+#define PLAIN_DEPTH 32
+
+/* 1 if o is made only of the exact types msgpack and msgspec encode to the same
+ * bytes (dict, list, tuple, str, int, float, bool, None, bytes), no deeper than
+ * depth: msgspec also encodes types msgpack refuses (datetime, UUID, set, Enum,
+ * dataclasses...) and reads an ExtType (a tuple subclass) as an array, so only
+ * these exact types are handed to it. tests/test_codec.py checks the bytes. */
+static int plain_tree(PyObject *o, int depth) {
+    PyTypeObject *t = Py_TYPE(o);
+    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None ||
+        t == &PyBytes_Type)
+        return 1;
+    if (depth <= 0) return 0;
+    if (t == &PyDict_Type) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(o, &pos, &k, &v))
+            if (!plain_tree(k, depth - 1) || !plain_tree(v, depth - 1)) return 0;
+        return 1;
+    }
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        PyObject **items = PySequence_Fast_ITEMS(o);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (!plain_tree(items[i], depth - 1)) return 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* The msgpack payload of obj (a plain_type), or NULL with no error set: Python encodes
+ * it again (and raises EncodeError) or it is too large (MessageTooLarge there). */
+static PyObject *encode_obj(FastQueue *q, PyObject *obj) {
+    PyObject *data = NULL;
+    if (q->fast_pack != NULL && plain_tree(obj, PLAIN_DEPTH)) {
+        data = PyObject_CallOneArg(q->fast_pack, obj);
+        if (data == NULL) PyErr_Clear(); /* msgpack decides: the same bytes, or its own error */
+    }
+    if (data == NULL) data = PyObject_CallOneArg(q->pack, obj);
+    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > q->max_payload) {
+        PyErr_Clear();
+        Py_XDECREF(data);
+        return NULL;
+    }
+    return data;
+}
+
+/* A bytes message as Codec.encode writes it: the msgpack bin header, then the data, copied
+ * once from the caller's object (or PUT_PYTHON when it is too large: MessageTooLarge). */
+static PyObject *put_bin(FastQueue *q, PyObject *data) {
+    uint64_t n = (uint64_t)PyBytes_GET_SIZE(data);
+    unsigned char hdr[5];
+    Py_ssize_t hlen;
+    if (n < 256) {
+        hdr[0] = BIN8, hdr[1] = (unsigned char)n, hlen = 2;
+    } else if (n < 65536) {
+        hdr[0] = BIN16, hdr[1] = (unsigned char)(n >> 8), hdr[2] = (unsigned char)n, hlen = 3;
+    } else {
+        hdr[0] = BIN32, hlen = 5;
+        for (int i = 0; i < 4; i++) hdr[1 + i] = (unsigned char)(n >> (24 - 8 * i));
+    }
+    if (n > UINT32_MAX || n + (uint64_t)hlen > q->max_payload) return PyLong_FromLong(PUT_PYTHON);
+    Msg m = {.kind = REC_MSGPACK, .prefix = (const char *)hdr, .plen = hlen, .body = PyBytes_AS_STRING(data),
+             .blen = (Py_ssize_t)n};
+    return put_msgs(q, &m, 1, 0);
+}
+
 /* put_obj(obj) -> written << 2 | PUT_*, or PUT_PYTHON: Queue.put's common case,
  * encoding included (before the lock). PUT_PYTHON (nothing done, no error) when
- * the codec is not set, obj is not of a plain type, encoding fails (Python
+ * the codec is not set, obj is neither bytes nor of a plain type, encoding fails (Python
  * encodes again and raises EncodeError) or the message is too large. */
 static PyObject *fq_put_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 1) {
         PyErr_SetString(PyExc_TypeError, "put_obj(obj)");
         return NULL;
     }
-    if (q->ring == NULL || q->pack == NULL || !plain_type(args[0])) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *data = PyObject_CallOneArg(q->pack, args[0]);
-    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > q->max_payload) {
-        PyErr_Clear();
-        Py_XDECREF(data);
-        return PyLong_FromLong(PUT_PYTHON);
-    }
+    if (q->ring == NULL || q->pack == NULL) return PyLong_FromLong(PUT_PYTHON);
+    if (PyBytes_CheckExact(args[0])) return put_bin(q, args[0]);
+    if (!plain_type(args[0])) return PyLong_FromLong(PUT_PYTHON);
+    PyObject *data = encode_obj(q, args[0]);
+    if (data == NULL) return PyLong_FromLong(PUT_PYTHON);
     Msg m = {.kind = REC_MSGPACK, .prefix = PyBytes_AS_STRING(data), .plen = PyBytes_GET_SIZE(data)};
     PyObject *r = put_msgs(q, &m, 1, 0);
     Py_DECREF(data);
     return r;
+}
+
+/* encode_many(list) -> [(REC_MSGPACK, payload, None, n)...] as Codec.encode gives them, or
+ * None (no error) when Python must encode the batch: one of them is not of a plain type,
+ * cannot be encoded or is too large (Python raises EncodeError or MessageTooLarge). */
+static PyObject *fq_encode_many(FastQueue *q, PyObject *objs) {
+    if (!PyList_Check(objs)) {
+        PyErr_SetString(PyExc_TypeError, "encode_many(list)");
+        return NULL;
+    }
+    if (q->pack == NULL) Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(objs);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* (the list may change under a msgspec or msgpack call: read it each time) */
+        PyObject *obj = i < PyList_GET_SIZE(objs) ? Py_NewRef(PyList_GET_ITEM(objs, i)) : NULL;
+        PyObject *data = obj != NULL && plain_type(obj) ? encode_obj(q, obj) : NULL;
+        Py_XDECREF(obj);
+        if (data == NULL || n != PyList_GET_SIZE(objs)) {
+            Py_XDECREF(data);
+            Py_DECREF(out);
+            Py_RETURN_NONE;
+        }
+        PyObject *item = Py_BuildValue("(iNOn)", (int)REC_MSGPACK, data, Py_None, PyBytes_GET_SIZE(data));
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
 }
 
 /* put_many(list of encoded) -> written << 2 | PUT_*: put_many's common case. */
@@ -443,7 +545,19 @@ typedef struct {
     uint64_t end; /* the position after it */
     uint32_t length;
     uint16_t kind;
+    uint8_t bin; /* a msgpack bin payload (a bytes message): its header's length, else 0 */
 } Rec;
+
+/* The length of the msgpack bin header of the n-byte payload p if it is one whose length
+ * matches n exactly (_codec.extract_range's test: the message is its data), else 0. */
+static uint8_t bin_header(const unsigned char *p, uint32_t n) {
+    if (n >= 2 && p[0] == BIN8 && p[1] == n - 2) return 2;
+    if (n >= 3 && p[0] == BIN16 && ((uint32_t)p[1] << 8 | p[2]) == n - 3) return 3;
+    if (n >= 5 && p[0] == BIN32 &&
+        ((uint32_t)p[1] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 8 | p[4]) == n - 5)
+        return 5;
+    return 0;
+}
 
 /* The record at position t (tail <= t < head, head <= UINT64_MAX - 2 * cap), expected
  * to carry sequence number seq: -1 if Python would raise CorruptBus on it (or resync
@@ -475,9 +589,11 @@ static int rec_at(FastQueue *q, uint64_t t, uint64_t head, uint64_t seq, uint64_
     r->end = t + span_of(length);
     r->length = length;
     r->kind = kind;
-    /* A msgpack bin payload (a bytes message) Python copies without its header. */
+    /* A msgpack bin payload (a bytes message) is copied without its header, as Python does;
+     * one whose header does not match its length is Python's to decode (and refuse). */
+    r->bin = kind == REC_MSGPACK ? bin_header(r->payload, length) : 0;
     if (kind == REC_NDARRAY) return 0;
-    return !(kind == REC_MSGPACK && length && rec[RECORD_SIZE] >= BIN8 && rec[RECORD_SIZE] <= BIN32);
+    return r->bin || !(kind == REC_MSGPACK && length && rec[RECORD_SIZE] >= BIN8 && rec[RECORD_SIZE] <= BIN32);
 }
 
 /* Under the tail lock, holding k items tokens (recorded at *tok): copy out up to k
@@ -508,8 +624,11 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
     Py_ssize_t j = 0;
     for (; j < ours; j++) {
         if (rec_at(q, tail, head, seq, last, &r) <= 0) break; /* changed meanwhile: a hostile writer */
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)r.payload, r.length);
-        PyObject *item = payload == NULL ? NULL : Py_BuildValue("(iN)", (int)r.kind, payload);
+        /* (a bytes message as _codec.extract gives it: its data, in a 1-tuple: already final) */
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)r.payload + r.bin, r.length - r.bin);
+        PyObject *item = payload == NULL          ? NULL
+                         : r.bin                  ? Py_BuildValue("(i(N))", (int)r.kind, payload)
+                                                  : Py_BuildValue("(iN)", (int)r.kind, payload);
         if (item == NULL || (out != NULL && PyList_Append(out, item) < 0)) {
             Py_XDECREF(item);
             Py_XDECREF(*one);
@@ -641,6 +760,38 @@ static PyObject *keep_last(FastQueue *q, PyObject *out) {
     return out;
 }
 
+/* 1 if the msgpack payload p may hold a timestamp (an ext of type -1, the byte 0xff right
+ * after an ext header), which msgspec would decode as a datetime where msgpack gives a
+ * Timestamp. False alarms (0xff inside a string, say) only send the payload to msgpack. */
+static int may_hold_timestamp(const unsigned char *p, Py_ssize_t n) {
+    const unsigned char *end = p + n, *x = p;
+    while ((x = memchr(x, 0xFF, (size_t)(end - x))) != NULL) {
+        Py_ssize_t j = x - p;
+        if ((j >= 1 && x[-1] >= 0xD4 && x[-1] <= 0xD8) || (j >= 2 && x[-2] == 0xC7) || (j >= 3 && x[-3] == 0xC8) ||
+            (j >= 5 && x[-5] == 0xC9))
+            return 1;
+        x++;
+    }
+    return 0;
+}
+
+/* A msgpack payload decoded as Codec.finish would (msgspec when it can, else msgpack's
+ * unpackb), or NULL with no error set: Python decodes it again (and raises DecodeError). */
+static PyObject *decode_payload(FastQueue *q, PyObject *payload) {
+    PyObject *msg = NULL;
+    if (q->fast_unpack != NULL &&
+        !may_hold_timestamp((const unsigned char *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))) {
+        msg = PyObject_CallOneArg(q->fast_unpack, payload);
+        if (msg == NULL) PyErr_Clear(); /* msgpack decides: the same message, or its own error */
+    }
+    if (msg == NULL) {
+        PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
+        msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
+        if (msg == NULL) PyErr_Clear();
+    }
+    return msg;
+}
+
 /* get_obj(tokens_index, spin_s) -> message | NoToken | HasToken | (kind, payload):
  * get's common case, decoding included (after the lock). A (kind, payload) tuple
  * is for Python to decode (no codec set, or decoding failed: Python decodes again
@@ -664,18 +815,15 @@ static PyObject *fq_get_obj(FastQueue *q, PyObject *const *args, Py_ssize_t narg
     }
     long kind = PyLong_AsLong(PyTuple_GET_ITEM(got, 0));
     PyObject *payload = PyTuple_GET_ITEM(got, 1);
-    if (kind == REC_RAW) {
-        Py_INCREF(payload);
+    if (kind == REC_RAW || PyTuple_Check(payload)) {
+        /* a raw record's message is its bytes; a bytes message's, its data (in a 1-tuple) */
+        PyObject *msg = Py_NewRef(kind == REC_RAW ? payload : PyTuple_GET_ITEM(payload, 0));
         Py_DECREF(got);
-        return keep_last(q, payload); /* a raw record's message is its bytes */
+        return keep_last(q, msg);
     }
     if (q->unpack == NULL) return keep_last(q, got);
-    PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
-    PyObject *msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
-    if (msg == NULL) {
-        PyErr_Clear();
-        return keep_last(q, got);
-    }
+    PyObject *msg = decode_payload(q, payload);
+    if (msg == NULL) return keep_last(q, got);
     Py_DECREF(got);
     return keep_last(q, msg);
 }
@@ -687,12 +835,15 @@ static PyObject *fq_take_last(FastQueue *q, PyObject *Py_UNUSED(unused)) {
     return last != NULL ? last : Py_NewRef(Py_None);
 }
 
-/* set_codec(pack, unpack, unpack_kwargs, max_payload): what put_obj/get_obj encode
- * and decode with; pack None or unpack None turns that side off. */
+/* set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack): what
+ * put_obj/get_obj encode and decode with; pack None or unpack None turns that side off,
+ * fast_pack or fast_unpack None leaves it to pack or unpack. */
 static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
-    PyObject *pack, *unpack, *kw;
+    PyObject *pack, *unpack, *kw, *fast_pack = Py_None, *fast_unpack = Py_None;
     unsigned long long max_payload;
-    if (!PyArg_ParseTuple(args, "OOO!K", &pack, &unpack, &PyDict_Type, &kw, &max_payload)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOO!K|OO", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
+                          &fast_unpack))
+        return NULL;
     if (PyDict_GET_SIZE(kw) != 2) {
         PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
         return NULL;
@@ -711,16 +862,33 @@ static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
     }
     Py_XSETREF(q->pack, pack == Py_None ? NULL : Py_NewRef(pack));
     Py_XSETREF(q->unpack, unpack == Py_None ? NULL : Py_NewRef(unpack));
+    Py_XSETREF(q->fast_pack, fast_pack == Py_None || q->pack == NULL ? NULL : Py_NewRef(fast_pack));
+    Py_XSETREF(q->fast_unpack, fast_unpack == Py_None || q->unpack == NULL ? NULL : Py_NewRef(fast_unpack));
     Py_XSETREF(q->kwnames, names);
     Py_XSETREF(q->kwvalues, values);
     q->max_payload = max_payload;
     Py_RETURN_NONE;
 }
 
+/* After the lock: replace each msgpack record of recs by its message, each raw record by
+ * its bytes, as Codec.finish_many would; a record that fails stays, for Python to decode
+ * again (and raise). A message is never a tuple (see get_obj), a record always is. */
+static void decode_records(FastQueue *q, PyObject *recs) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(recs); i++) {
+        PyObject *rec = PyList_GET_ITEM(recs, i);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(rec, 0));
+        PyObject *payload = PyTuple_GET_ITEM(rec, 1);
+        PyObject *msg = kind == REC_RAW || PyTuple_Check(payload) ? Py_NewRef(kind == REC_RAW ? payload : PyTuple_GET_ITEM(payload, 0))
+                        : kind == REC_MSGPACK                 ? decode_payload(q, payload)
+                                                              : NULL;
+        if (msg != NULL) PyList_SetItem(recs, i, msg); /* drops rec */
+    }
+}
+
 /* take_many(tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
  * get_many's common case; have is 0 or the one token the caller waited for;
  * with none, it polls up to spin_s seconds for the first. */
-static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs, int decode) {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "take_many(tokens_index, have, max, spin_s)");
         return NULL;
@@ -742,12 +910,23 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
         Py_DECREF(got);
         got = PyList_New(0);
     }
+    if (got != NULL && decode && q->unpack != NULL) decode_records(q, got);
     if (got != NULL && PyList_GET_SIZE(got)) keep_last(q, got);
     PyObject *r = got == NULL ? NULL : Py_BuildValue("(Nn)", got, left);
     /* Python cannot learn how many tokens it held: hand them back here (the records
      * taken, if any, are lost, as in Python when a MemoryError follows a commit). */
     if (r == NULL) give_back(q, tok, left);
     return r;
+}
+
+static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    return take_many(q, args, nargs, 0);
+}
+
+/* take_many_obj(tokens_index, have, max, spin_s) -> (messages and records, tokens still held):
+ * take_many, with what it took decoded after the lock (decode_records); get_many's common case. */
+static PyObject *fq_take_many_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    return take_many(q, args, nargs, 1);
 }
 
 /* set_fault_hook(hook or None): call hook(step) at each named step (_faults arms and disarms it). */
@@ -799,6 +978,10 @@ static PyMethodDef fq_methods[] = {
      "put_many(encoded list) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
     {"take_many", (PyCFunction)(void (*)(void))fq_take_many, METH_FASTCALL,
      "take_many(tokens_index, have, max, spin_s) -> (records, tokens still held)"},
+    {"take_many_obj", (PyCFunction)(void (*)(void))fq_take_many_obj, METH_FASTCALL,
+     "take_many_obj(tokens_index, have, max, spin_s) -> (messages or records, tokens still held)"},
+    {"encode_many", (PyCFunction)fq_encode_many, METH_O,
+     "encode_many(list) -> [(kind, payload, None, n)...], or None: Python encodes"},
     {"put_obj", (PyCFunction)(void (*)(void))fq_put_obj, METH_FASTCALL,
      "put_obj(obj) -> written << 2 | code, or -1: Python encodes and puts"},
     {"get_obj", (PyCFunction)(void (*)(void))fq_get_obj, METH_FASTCALL,

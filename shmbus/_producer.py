@@ -152,7 +152,11 @@ class _Producing(_QueueBase):
         ``Full`` is raised and its ``sent`` attribute says how many of the
         first messages are in the queue.
         """
-        encoded = [self._encode(o) for o in objs]
+        fast = self._fast
+        # C encodes a list of plain messages in one call; None: some are Python's to encode.
+        encoded = fast.encode_many(objs) if fast is not None and type(objs) is list else None
+        if encoded is None:
+            encoded = [self._encode(o) for o in objs]
         if not encoded:
             return
         self._enter()  # before C, which may hand the head lock over held

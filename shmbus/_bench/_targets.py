@@ -69,6 +69,13 @@ TARGETS: tuple[tuple[str, str, Figure, str, float], ...] = (
         8,
     ),
     (
+        "[info]",
+        "(b) shmbus batches ahead of mp.Pipe's list as one message",
+        _ratio("batch", "shmbus", "mp.Pipe list"),
+        ">=",
+        1,
+    ),
+    (
         "issue 6",
         "(b) shmbus batches >= 2x faster-fifo get_many",
         _ratio("batch", "shmbus", "faster-fifo"),
@@ -98,6 +105,13 @@ TARGETS: tuple[tuple[str, str, Figure, str, float], ...] = (
     ),
     ("issue 6", "(c) shmbus put_bytes/get_bytes >= 90% of memcpy", _pct_of_memcpy("shmbus"), ">=", 90),
     ("issue 6", "(c) shmbus zero copy >= 90% of memcpy", _pct_of_memcpy("shmbus zero-copy"), ">=", 90),
+    (
+        "[info]",
+        "(c) shmbus put(bytes)/get() >= 25x mp.Queue",
+        _ratio("bytes", "shmbus put", "mp.Queue"),
+        ">=",
+        25,
+    ),
     (
         "[info]",
         "(c) small ring: shmbus put_bytes/get_bytes >= 25x mp.Queue",
