@@ -96,6 +96,7 @@ typedef struct {
 
 /* get_obj's results when it returns no message (never a decoded object). */
 static PyObject *NoToken, *HasToken;
+static PyObject *RecMsgpack; /* the int REC_MSGPACK, as encode_many's records carry it */
 
 /* The crash tests' named steps (shmbus/_faults.py), at the same stores as in Python:
  * fault_hook is NULL unless a step is armed (set_fault_hook), so a step costs one
@@ -500,14 +501,126 @@ static PyObject *fq_encode_many(FastQueue *q, PyObject *objs) {
             Py_DECREF(out);
             Py_RETURN_NONE;
         }
-        PyObject *item = Py_BuildValue("(iNOn)", (int)REC_MSGPACK, data, Py_None, PyBytes_GET_SIZE(data));
-        if (item == NULL) {
+        /* (built by hand: Py_BuildValue's format parsing was half of this loop's own cost) */
+        PyObject *item = PyTuple_New(4), *n = PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
+        if (item == NULL || n == NULL) {
+            Py_XDECREF(item);
+            Py_XDECREF(n);
+            Py_DECREF(data);
             Py_DECREF(out);
             return NULL;
         }
+        PyTuple_SET_ITEM(item, 0, Py_NewRef(RecMsgpack));
+        PyTuple_SET_ITEM(item, 1, data);
+        PyTuple_SET_ITEM(item, 2, Py_NewRef(Py_None));
+        PyTuple_SET_ITEM(item, 3, n);
         PyList_SET_ITEM(out, i, item);
     }
     return out;
+}
+
+/* The length of the one msgpack object at the start of p[0:n], or 0 if p does not start
+ * with a well-formed one (a bad type byte, a length past n). Only the framing is read. */
+static size_t msgpack_span(const unsigned char *p, size_t n) {
+    size_t i = 0, need = 1; /* objects still to read; each takes at least one byte */
+    while (need) {
+        if (i >= n || need > n - i) return 0;
+        unsigned char c = p[i++];
+        size_t skip = 0, lb = 0; /* bytes of data to skip; bytes of a length or count that follows */
+        need--;
+        if (c <= 0x7F || c >= 0xE0 || c == 0xC0 || c == 0xC2 || c == 0xC3) continue;
+        if (c <= 0x8F)
+            need += 2 * (size_t)(c & 0x0F);
+        else if (c <= 0x9F)
+            need += c & 0x0F;
+        else if (c <= 0xBF)
+            skip = c & 0x1F;
+        else
+            switch (c) {
+            case 0xC4: case 0xD9: lb = 1; break; /* bin8, str8 */
+            case 0xC5: case 0xDA: lb = 2; break;
+            case 0xC6: case 0xDB: lb = 4; break;
+            case 0xC7: lb = 1, skip = 1; break; /* ext8: its type byte, then the data */
+            case 0xC8: lb = 2, skip = 1; break;
+            case 0xC9: lb = 4, skip = 1; break;
+            case 0xCC: case 0xD0: skip = 1; break;
+            case 0xCD: case 0xD1: skip = 2; break;
+            case 0xCA: case 0xCE: case 0xD2: skip = 4; break;
+            case 0xCB: case 0xCF: case 0xD3: skip = 8; break;
+            case 0xD4: skip = 2; break; /* fixext: the type byte, then 1, 2, 4, 8 or 16 */
+            case 0xD5: skip = 3; break;
+            case 0xD6: skip = 5; break;
+            case 0xD7: skip = 9; break;
+            case 0xD8: skip = 17; break;
+            case 0xDC: case 0xDE: lb = 2; break; /* array16, map16: a count follows */
+            case 0xDD: case 0xDF: lb = 4; break;
+            default: return 0; /* 0xC1: never used */
+            }
+        if (lb) {
+            if (n - i < lb) return 0;
+            size_t len = 0;
+            for (size_t b = 0; b < lb; b++) len = len << 8 | p[i + b];
+            i += lb;
+            if (c == 0xDC || c == 0xDD)
+                need += len;
+            else if (c == 0xDE || c == 0xDF)
+                need += 2 * len;
+            else
+                skip += len;
+        }
+        if (n - i < skip) return 0;
+        i += skip;
+    }
+    return i;
+}
+
+/* put_objs(list) -> written << 2 | PUT_*, or PUT_PYTHON: put_many's common case, encoding
+ * included: a list of plain_tree messages is encoded by one fast_pack call (a msgpack array
+ * is its items' encodings one after the other: the records are its slices, and no object
+ * is made per message). PUT_PYTHON (nothing done, no error): Python encodes and puts. */
+static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
+    if (!PyList_CheckExact(objs)) {
+        PyErr_SetString(PyExc_TypeError, "put_objs(list)");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(objs);
+    if (q->ring == NULL || q->fast_pack == NULL || count == 0 || count > UINT32_MAX)
+        return PyLong_FromLong(PUT_PYTHON);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *o = PyList_GET_ITEM(objs, i);
+        if (!plain_type(o) || !plain_tree(o, PLAIN_DEPTH)) return PyLong_FromLong(PUT_PYTHON);
+    }
+    PyObject *blob = PyObject_CallOneArg(q->fast_pack, objs);
+    if (blob == NULL || !PyBytes_Check(blob)) {
+        PyErr_Clear();
+        Py_XDECREF(blob);
+        return PyLong_FromLong(PUT_PYTHON);
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(blob);
+    size_t len = (size_t)PyBytes_GET_SIZE(blob), off = 0, n = 0;
+    if (len >= 1 && p[0] >= 0x90 && p[0] <= 0x9F) n = p[0] & 0x0F, off = 1;
+    else if (len >= 3 && p[0] == 0xDC) n = (size_t)p[1] << 8 | p[2], off = 3;
+    else if (len >= 5 && p[0] == 0xDD) n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4], off = 5;
+    Msg *msgs = n == (size_t)count ? PyMem_Calloc((size_t)count, sizeof(Msg)) : NULL;
+    PyObject *r = NULL;
+    if (msgs != NULL) {
+        Py_ssize_t i = 0;
+        for (; i < count; i++) {
+            size_t span = msgpack_span(p + off, len - off);
+            if (span == 0 || span > q->max_payload) break;
+            msgs[i] = (Msg){.kind = REC_MSGPACK, .prefix = (const char *)p + off, .plen = (Py_ssize_t)span};
+            off += span;
+        }
+        if (i == count && off == len) {
+            r = put_msgs(q, msgs, count, 1); /* (NULL: an error, raised: nothing for Python to redo) */
+            PyMem_Free(msgs);
+            Py_DECREF(blob);
+            return r;
+        }
+        PyMem_Free(msgs);
+    }
+    Py_DECREF(blob);
+    return PyLong_FromLong(PUT_PYTHON);
 }
 
 /* put_many(list of encoded) -> written << 2 | PUT_*: put_many's common case. */
@@ -596,6 +709,29 @@ static int rec_at(FastQueue *q, uint64_t t, uint64_t head, uint64_t seq, uint64_
     return r->bin || !(kind == REC_MSGPACK && length && rec[RECORD_SIZE] >= BIN8 && rec[RECORD_SIZE] <= BIN32);
 }
 
+/* (kind, payload), or (kind, (payload,)) for a bytes message; steals payload. Built by hand:
+ * Py_BuildValue's format parsing was a fifth of a small message's get_many. */
+static PyObject *record_tuple(uint16_t kind, PyObject *payload, int bin) {
+    if (bin) {
+        PyObject *one = PyTuple_New(1);
+        if (one == NULL) {
+            Py_DECREF(payload);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(one, 0, payload);
+        payload = one;
+    }
+    PyObject *k = PyLong_FromLong(kind), *t = k == NULL ? NULL : PyTuple_New(2);
+    if (t == NULL) {
+        Py_XDECREF(k);
+        Py_DECREF(payload);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, k);
+    PyTuple_SET_ITEM(t, 1, payload);
+    return t;
+}
+
 /* Under the tail lock, holding k items tokens (recorded at *tok): copy out up to k
  * records of the common case into out (a list, or NULL for one record returned
  * through *one) and commit them. Returns how many, or -1 with an exception set
@@ -626,9 +762,7 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
         if (rec_at(q, tail, head, seq, last, &r) <= 0) break; /* changed meanwhile: a hostile writer */
         /* (a bytes message as _codec.extract gives it: its data, in a 1-tuple: already final) */
         PyObject *payload = PyBytes_FromStringAndSize((const char *)r.payload + r.bin, r.length - r.bin);
-        PyObject *item = payload == NULL          ? NULL
-                         : r.bin                  ? Py_BuildValue("(i(N))", (int)r.kind, payload)
-                                                  : Py_BuildValue("(iN)", (int)r.kind, payload);
+        PyObject *item = payload == NULL ? NULL : record_tuple(r.kind, payload, r.bin);
         if (item == NULL || (out != NULL && PyList_Append(out, item) < 0)) {
             Py_XDECREF(item);
             Py_XDECREF(*one);
@@ -980,6 +1114,8 @@ static PyMethodDef fq_methods[] = {
      "take_many(tokens_index, have, max, spin_s) -> (records, tokens still held)"},
     {"take_many_obj", (PyCFunction)(void (*)(void))fq_take_many_obj, METH_FASTCALL,
      "take_many_obj(tokens_index, have, max, spin_s) -> (messages or records, tokens still held)"},
+    {"put_objs", (PyCFunction)fq_put_objs, METH_O,
+     "put_objs(list) -> written << 2 | code, or PUT_PYTHON: Python encodes and puts"},
     {"encode_many", (PyCFunction)fq_encode_many, METH_O,
      "encode_many(list) -> [(kind, payload, None, n)...], or None: Python encodes"},
     {"put_obj", (PyCFunction)(void (*)(void))fq_put_obj, METH_FASTCALL,
@@ -1015,7 +1151,8 @@ PyMODINIT_FUNC PyInit__cfast(void) {
     if (m == NULL) return NULL;
     NoToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     HasToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
-    if (NoToken == NULL || HasToken == NULL || PyModule_AddObject(m, "NO_TOKEN", Py_NewRef(NoToken)) < 0 ||
+    RecMsgpack = PyLong_FromLong(REC_MSGPACK);
+    if (NoToken == NULL || HasToken == NULL || RecMsgpack == NULL || PyModule_AddObject(m, "NO_TOKEN", Py_NewRef(NoToken)) < 0 ||
         PyModule_AddObject(m, "HAS_TOKEN", Py_NewRef(HasToken)) < 0) {
         Py_DECREF(m);
         return NULL;

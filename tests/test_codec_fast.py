@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmbus import Codec, EncodeError, Queue
+from shmbus import Codec, EncodeError, Full, Queue
 from shmbus._codec import DEFAULT_CODEC, FAST_DECODE, FAST_ENCODE
 
 pytestmark = pytest.mark.skipif(FAST_ENCODE is None, reason="msgspec is not installed")
@@ -135,6 +135,9 @@ def test_every_value_through_a_queue_as_msgpack_gives_it(queue: Queue) -> None:
         queue.put(m)
         # the same bytes in the ring (a bytes message's are its data)
         assert queue.get_bytes(timeout=5) == (m if type(m) is bytes else _pack(m))
+    queue.put_many(msgs)  # (one msgspec call for the batch, then cut into records: the same bytes)
+    for m in msgs:
+        assert queue.get_bytes(timeout=5) == (m if type(m) is bytes else _pack(m))
     for m in msgs:
         queue.put(m)
     singles = [queue.get(timeout=5) for _ in msgs]
@@ -186,3 +189,21 @@ def _has_tuple_key(obj: Any) -> bool:
         return any(_has_tuple_key(v) for v in obj)
     return False
 
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_larger_than_the_room_goes_in_part_by_c_and_the_rest_by_python(queue: Queue) -> None:
+    """put_many of more than fits: C writes the first ones, Python the rest once room is made."""
+    big = {"pad": "x" * 100_000}
+    msgs = [dict(big, n=i) for i in range(60)]  # about 6 MB through a 4 MiB ring
+    got: list[Any] = []
+    with pytest.raises(Full) as e:
+        queue.put_many(msgs, timeout=0.2)
+    sent = e.value.sent
+    assert 0 < sent < len(msgs)
+    while len(got) < sent:
+        got += queue.get_many(100, timeout=5)
+    queue.put_many(msgs[sent:])  # room enough now
+    while len(got) < len(msgs):
+        got += queue.get_many(100, timeout=5)
+    assert got == msgs
