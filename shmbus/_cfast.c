@@ -1,12 +1,12 @@
 /*
  * shmbus._cfast: the Queue's hot path in C (optional; shmbus/_accel.py loads it).
  *
- * One job: the common case of a single put and a single get, done in one call
- * each, with exactly the stores the pure-Python path makes and in the same
- * order (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take).
- * Whatever is not the common case -- a busy lock, a record that wraps, a full
- * ring, a maxsize queue, a damaged record, a bytes or ndarray message -- is
- * handed back to Python, which checks, waits, recovers and
+ * One job: the common case of a put and a get (single or batch), done in one
+ * call each, encoding and decoding included, with exactly the stores the pure-Python
+ * path makes and in the same order (shmbus/_producer.py: put/_put_locked/_publish;
+ * shmbus/_consumer.py: _take1/_take). Whatever is not the common case -- a busy
+ * lock, a record that wraps, a full ring, a maxsize queue, a damaged record, an
+ * ndarray message, a type the codec's C parts do not take -- is handed back to Python, which checks, waits, recovers and
  * raises. So this file never waits, never raises a shmbus error, and never
  * trusts a value read from the shared file: every position is checked before
  * it is used to address memory.
@@ -909,19 +909,30 @@ static int may_hold_timestamp(const unsigned char *p, Py_ssize_t n) {
     return 0;
 }
 
+/* After a failed decode: 0 (error cleared) if it was the decoder's, -1 (error kept) if it
+ * was a signal handler's (KeyboardInterrupt, SystemExit: not an Exception), which an ext
+ * hook's Python code may let run: that one must reach the caller, not be lost. */
+static int decode_failed(void) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyErr_Clear();
+    return 0;
+}
+
 /* A msgpack payload decoded as Codec.finish would (msgspec when it can, else msgpack's
- * unpackb), or NULL with no error set: Python decodes it again (and raises DecodeError). */
+ * unpackb); NULL with no error set: Python decodes it again (and raises DecodeError);
+ * NULL with an error set: a signal handler's exception (decode_failed). */
 static PyObject *decode_payload(FastQueue *q, PyObject *payload) {
     PyObject *msg = NULL;
     if (q->fast_unpack != NULL &&
         !may_hold_timestamp((const unsigned char *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))) {
         msg = PyObject_CallOneArg(q->fast_unpack, payload);
-        if (msg == NULL) PyErr_Clear(); /* msgpack decides: the same message, or its own error */
+        /* msgpack decides: the same message, or its own error */
+        if (msg == NULL && decode_failed() < 0) return NULL;
     }
     if (msg == NULL) {
         PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
         msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
-        if (msg == NULL) PyErr_Clear();
+        if (msg == NULL) decode_failed();
     }
     return msg;
 }
@@ -957,7 +968,12 @@ static PyObject *fq_get_obj(FastQueue *q, PyObject *const *args, Py_ssize_t narg
     }
     if (q->unpack == NULL) return keep_last(q, got);
     PyObject *msg = decode_payload(q, payload);
-    if (msg == NULL) return keep_last(q, got);
+    if (msg == NULL) {
+        keep_last(q, got); /* (a handler's exception: Python keeps the record with take_last) */
+        if (!PyErr_Occurred()) return got;
+        Py_DECREF(got);
+        return NULL;
+    }
     Py_DECREF(got);
     return keep_last(q, msg);
 }
@@ -1006,17 +1022,21 @@ static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
 
 /* After the lock: replace each msgpack record of recs by its message, each raw record by
  * its bytes, as Codec.finish_many would; a record that fails stays, for Python to decode
- * again (and raise). A message is never a tuple (see get_obj), a record always is. */
-static void decode_records(FastQueue *q, PyObject *recs) {
+ * again (and raise). A message is never a tuple (see get_obj), a record always is.
+ * -1 (error set) if a signal handler's exception came meanwhile. */
+static int decode_records(FastQueue *q, PyObject *recs) {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(recs); i++) {
         PyObject *rec = PyList_GET_ITEM(recs, i);
         long kind = PyLong_AsLong(PyTuple_GET_ITEM(rec, 0));
         PyObject *payload = PyTuple_GET_ITEM(rec, 1);
-        PyObject *msg = kind == REC_RAW || PyTuple_Check(payload) ? Py_NewRef(kind == REC_RAW ? payload : PyTuple_GET_ITEM(payload, 0))
-                        : kind == REC_MSGPACK                 ? decode_payload(q, payload)
-                                                              : NULL;
+        PyObject *msg = NULL;
+        if (kind == REC_RAW || PyTuple_Check(payload))
+            msg = Py_NewRef(kind == REC_RAW ? payload : PyTuple_GET_ITEM(payload, 0));
+        else if (kind == REC_MSGPACK && (msg = decode_payload(q, payload)) == NULL && PyErr_Occurred())
+            return -1; /* a signal handler's exception: the rest stay records */
         if (msg != NULL) PyList_SetItem(recs, i, msg); /* drops rec */
     }
+    return 0;
 }
 
 /* take_many(tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
@@ -1044,8 +1064,9 @@ static PyObject *take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs
         Py_DECREF(got);
         got = PyList_New(0);
     }
-    if (got != NULL && decode && q->unpack != NULL) decode_records(q, got);
+    int failed = got != NULL && decode && q->unpack != NULL && decode_records(q, got) < 0;
     if (got != NULL && PyList_GET_SIZE(got)) keep_last(q, got);
+    if (failed) Py_CLEAR(got); /* Python keeps them (take_last) and sees the handler's exception */
     PyObject *r = got == NULL ? NULL : Py_BuildValue("(Nn)", got, left);
     /* Python cannot learn how many tokens it held: hand them back here (the records
      * taken, if any, are lost, as in Python when a MemoryError follows a commit). */

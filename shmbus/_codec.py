@@ -1,4 +1,4 @@
-"""Encoding and decoding messages: the only module that calls ``msgpack``.
+"""Encoding and decoding messages: the only module that calls ``msgpack`` (or ``msgspec``).
 
 ``encode`` runs before any lock is taken and returns the payload as a short
 ``prefix`` and an optional ``body`` buffer, so that a ``bytes``-like message

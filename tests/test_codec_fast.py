@@ -207,3 +207,26 @@ def test_a_batch_larger_than_the_room_goes_in_part_by_c_and_the_rest_by_python(q
     while len(got) < len(msgs):
         got += queue.get_many(100, timeout=5)
     assert got == msgs
+
+
+@pytest.mark.timeout(30)
+def test_a_handlers_exception_while_c_decodes_is_raised_and_nothing_is_lost(bus_name: str) -> None:
+    """A KeyboardInterrupt from decoding (an ext hook lets handlers run) reaches get; the messages stay."""
+    with Queue.create(bus_name, capacity="1MiB") as q:
+        if q._fast is None:
+            pytest.skip("no C fast path")
+        pack, unpack, kw, fast_pack, _ = DEFAULT_CODEC._c_parts()
+
+        def interrupted(data: Any) -> Any:
+            raise KeyboardInterrupt
+
+        q._fast.set_codec(pack, unpack, kw, q._max_payload, fast_pack, interrupted)
+        msgs = [{"n": i} for i in range(5)]
+        q.put_many(msgs)
+        with pytest.raises(KeyboardInterrupt):
+            q.get_many(10, timeout=5)
+        assert q.get_many(10, timeout=5) == msgs  # kept, handed out first
+        q.put({"n": 5})
+        with pytest.raises(KeyboardInterrupt):
+            q.get(timeout=5)
+        assert q.get(timeout=5) == {"n": 5}
