@@ -1067,7 +1067,12 @@ static PyObject *take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs
     int failed = got != NULL && decode && q->unpack != NULL && decode_records(q, got) < 0;
     if (got != NULL && PyList_GET_SIZE(got)) keep_last(q, got);
     if (failed) Py_CLEAR(got); /* Python keeps them (take_last) and sees the handler's exception */
-    PyObject *r = got == NULL ? NULL : Py_BuildValue("(Nn)", got, left);
+    Py_ssize_t undecoded = 0; /* records left for Python to decode (take_many_obj's third item) */
+    for (Py_ssize_t i = 0; got != NULL && i < PyList_GET_SIZE(got); i++)
+        undecoded += PyTuple_CheckExact(PyList_GET_ITEM(got, i));
+    PyObject *r = got == NULL ? NULL
+                  : decode    ? Py_BuildValue("(Nnn)", got, left, undecoded)
+                              : Py_BuildValue("(Nn)", got, left);
     /* Python cannot learn how many tokens it held: hand them back here (the records
      * taken, if any, are lost, as in Python when a MemoryError follows a commit). */
     if (r == NULL) give_back(q, tok, left);
@@ -1078,7 +1083,8 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
     return take_many(q, args, nargs, 0);
 }
 
-/* take_many_obj(tokens_index, have, max, spin_s) -> (messages and records, tokens still held):
+/* take_many_obj(tokens_index, have, max, spin_s) -> (messages and records, tokens still held,
+ * how many records are left for Python to decode):
  * take_many, with what it took decoded after the lock (decode_records); get_many's common case. */
 static PyObject *fq_take_many_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     return take_many(q, args, nargs, 1);
@@ -1134,7 +1140,7 @@ static PyMethodDef fq_methods[] = {
     {"take_many", (PyCFunction)(void (*)(void))fq_take_many, METH_FASTCALL,
      "take_many(tokens_index, have, max, spin_s) -> (records, tokens still held)"},
     {"take_many_obj", (PyCFunction)(void (*)(void))fq_take_many_obj, METH_FASTCALL,
-     "take_many_obj(tokens_index, have, max, spin_s) -> (messages or records, tokens still held)"},
+     "take_many_obj(tokens_index, have, max, spin_s) -> (messages or records, tokens held, records left)"},
     {"put_objs", (PyCFunction)fq_put_objs, METH_O,
      "put_objs(list) -> written << 2 | code, or PUT_PYTHON: Python encodes and puts"},
     {"encode_many", (PyCFunction)fq_encode_many, METH_O,

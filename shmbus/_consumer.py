@@ -311,11 +311,13 @@ class _Consuming(_QueueBase):
             else:
                 fast = None
             try:
-                got = self._take_some(fast, spin, max_messages, block, deadline)
-                if got is None:
+                some = self._take_some(fast, spin, max_messages, block, deadline)
+                if some is None:
                     return []
+                got, decoded = some
                 if got or not block:
-                    msgs = self._codec.finish_many(got)
+                    # (C decoded them all: its list is ours, and take_last forgets it)
+                    msgs = fast.take_last() if decoded else self._codec.finish_many(got)
                     self._in_hand = []
                     return msgs
             except BaseException as e:
@@ -324,8 +326,9 @@ class _Consuming(_QueueBase):
 
     def _take_some(
         self, fast: Any, spin: float, max_messages: int, block: bool, deadline: float | None
-    ) -> list[Any] | None:
-        """One round of get_many: what was taken (maybe nothing), or None when non-blocking found nothing.
+    ) -> tuple[list[Any], bool] | None:
+        """One round of get_many: ``(what was taken, maybe nothing; all decoded by C)``, or None
+        when non-blocking found nothing.
 
         Records, and messages C decoded (``take_many_obj``): ``Codec.finish_many`` takes both.
         """
@@ -336,21 +339,21 @@ class _Consuming(_QueueBase):
         if fast is not None:
             # C polls for the first token (up to the spin), takes more and the
             # common-case records; Python waits when there was none, and takes the rest.
-            got, k = fast.take_many_obj(part.tokens_index, 0, max_messages, spin)
+            got, k, undecoded = fast.take_many_obj(part.tokens_index, 0, max_messages, spin)
             if not got and not k and block:
                 # Spin for what C did not (as _get1), then sleep.
                 rest = max(self.spin - self._c_spun(spin), 0.0)
                 if not items.try_acquire() and not items.spin_acquire(deadline, rest, self._heal):
                     raise Empty(f"{self.path} is empty", path=self.path)
-                got, k = fast.take_many_obj(part.tokens_index, 1, max_messages, 0.0)
+                got, k, undecoded = fast.take_many_obj(part.tokens_index, 1, max_messages, 0.0)
             # (a new list: C keeps its own for _keep, _take lists its own in _in_hand)
             if not k:
-                return got  # type: ignore[no-any-return]
+                return got, bool(got) and not undecoded
             try:
-                return got + self._take(k, deadline)  # type: ignore[no-any-return]
+                return got + self._take(k, deadline), False
             except (Empty, BusClosed):  # the consumer lock did not come (in time): its tokens went back
                 if got:
-                    return got  # type: ignore[no-any-return]  # taken by C: delivered, not lost
+                    return got, False  # taken by C: delivered, not lost
                 raise
         if block:
             if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
@@ -359,7 +362,7 @@ class _Consuming(_QueueBase):
         try_acquire = items.try_acquire
         while k < max_messages and try_acquire():
             k += 1
-        return self._take(k, deadline) if k else None
+        return (self._take(k, deadline), False) if k else None
 
     def _take1(self, deadline: float | None = None) -> tuple[int, Payload] | None:
         """``_take(1)`` with the common case inline (measured ~0.5 us of 2.5 per get).
