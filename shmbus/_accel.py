@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,8 @@ __all__ = [
     "check_constants", "queue_fast_path", "topic_fast_path",
 ]  # fmt: skip
 
-CodecParts = tuple[Callable[[Any], bytes], "Callable[..., Any] | None", dict[str, Any]]
+# (pack, unpack or None, unpack's keywords, fast encode or None, fast decode or None)
+CodecParts = tuple[Any, ...]
 
 
 def check_constants(module: ModuleType) -> bool:
@@ -106,8 +106,8 @@ def queue_fast_path(
         fast: FastQueue = _cfast.FastQueue(mapping, layout.ring_offset, layout.capacity, sem_names)
     except OSError:
         return None  # a semaphore we cannot open by name: the Python path opens its own
-    pack, unpack, unpack_kwargs = codec
-    fast.set_codec(pack, unpack, unpack_kwargs, max_payload)
+    pack, unpack, unpack_kwargs, fast_pack, fast_unpack = codec
+    fast.set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack)
     return fast
 
 

@@ -85,6 +85,7 @@ CONSTANTS: Final[tuple[tuple[str, ModuleType, str], ...]] = (
     ("NEAR_EMPTY", _ring, "NEAR_EMPTY"),
     # msgpack bin 8..32 first bytes: a bytes message, which Python returns undecoded
     ("BIN8", _codec, "_BIN8"),
+    ("BIN16", _codec, "_BIN16"),
     ("BIN32", _codec, "_BIN32"),
     # the C calling convention
     ("PUT_NOT_TAKEN", _self, "PUT_NOT_TAKEN"),

@@ -1,14 +1,14 @@
 /*
  * shmbus._cfast: the Queue's and the Topic's hot paths in C (optional; shmbus/_accel.py loads it).
  *
- * One job: the common case of a put and a get (FastQueue), of a publish and a
- * subscription's read (FastTopic, below), done in one call each, with exactly
- * the stores the pure-Python path makes and in the same order
- * (shmbus/_producer.py: put/_put_locked/_publish; shmbus/_consumer.py: _take1/_take;
- * shmbus/_topic.py and shmbus/_subscription.py for FastTopic).
- * Whatever is not the common case -- a busy lock, a record that wraps, a full
- * ring, a maxsize queue, a damaged record, a bytes or ndarray message -- is
- * handed back to Python, which checks, waits, recovers and
+ * One job: the common case of a put and a get, single or batch (FastQueue), of
+ * a publish and a subscription's read (FastTopic, below), done in one call
+ * each, encoding and decoding included, with exactly the stores the pure-Python
+ * path makes and in the same order (shmbus/_producer.py: put/_put_locked/_publish;
+ * shmbus/_consumer.py: _take1/_take; shmbus/_topic.py and shmbus/_subscription.py
+ * for FastTopic). Whatever is not the common case -- a busy lock, a record that
+ * wraps, a full ring, a maxsize queue, a damaged record, an ndarray message, a
+ * type the codec's C parts do not take -- is handed back to Python, which checks, waits, recovers and
  * raises. So this file never waits, never raises a shmbus error, and never
  * trusts a value read from the shared file: every position is checked before
  * it is used to address memory.
@@ -91,11 +91,14 @@ typedef struct {
     PyObject *unpack;     /* msgpack.unpackb, or NULL: get_obj returns (kind, payload) */
     PyObject *kwnames;    /* unpack's keyword names, and their values: */
     PyObject *kwvalues;   /* (tuple) */
+    PyObject *fast_pack;   /* msgspec's encode, or NULL: for a plain_tree message, the same bytes as pack */
+    PyObject *fast_unpack; /* msgspec's decode, or NULL: for a payload with no timestamp, as unpack */
     uint64_t max_payload; /* larger messages go to Python (MessageTooLarge) */
 } FastQueue;
 
 /* get_obj's results when it returns no message (never a decoded object). */
 static PyObject *NoToken, *HasToken;
+static PyObject *RecMsgpack; /* the int REC_MSGPACK, as encode_many's records carry it */
 
 /* The crash tests' named steps (shmbus/_faults.py), at the same stores as in Python:
  * fault_hook is NULL unless a step is armed (set_fault_hook), so a step costs one
@@ -197,6 +200,8 @@ static void fq_release(FastQueue *q) {
     Py_CLEAR(q->unpack);
     Py_CLEAR(q->kwnames);
     Py_CLEAR(q->kwvalues);
+    Py_CLEAR(q->fast_pack);
+    Py_CLEAR(q->fast_unpack);
 }
 
 static void fq_dealloc(FastQueue *q) {
@@ -392,26 +397,236 @@ static int plain_type(PyObject *o) {
            t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None;
 }
 
+/* The depth to which plain_tree looks; deeper messages are msgpack's to encode (and refuse). */
+#define PLAIN_DEPTH 32
+
+/* 1 if o is made only of the exact types msgpack and msgspec encode to the same
+ * bytes (dict, list, tuple, str, int, float, bool, None, bytes), no deeper than
+ * depth: msgspec also encodes types msgpack refuses (datetime, UUID, set, Enum,
+ * dataclasses...) and reads an ExtType (a tuple subclass) as an array, so only
+ * these exact types are handed to it. tests/test_codec.py checks the bytes. */
+static int plain_tree(PyObject *o, int depth) {
+    PyTypeObject *t = Py_TYPE(o);
+    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None ||
+        t == &PyBytes_Type)
+        return 1;
+    if (depth <= 0) return 0;
+    if (t == &PyDict_Type) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(o, &pos, &k, &v))
+            if (!plain_tree(k, depth - 1) || !plain_tree(v, depth - 1)) return 0;
+        return 1;
+    }
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        PyObject **items = PySequence_Fast_ITEMS(o);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (!plain_tree(items[i], depth - 1)) return 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* The msgpack payload of obj (a plain_type), or NULL with no error set: Python encodes
+ * it again (and raises EncodeError) or it is too large (MessageTooLarge there). */
+static PyObject *encode_obj(FastQueue *q, PyObject *obj) {
+    PyObject *data = NULL;
+    if (q->fast_pack != NULL && plain_tree(obj, PLAIN_DEPTH)) {
+        data = PyObject_CallOneArg(q->fast_pack, obj);
+        if (data == NULL) PyErr_Clear(); /* msgpack decides: the same bytes, or its own error */
+    }
+    if (data == NULL) data = PyObject_CallOneArg(q->pack, obj);
+    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > q->max_payload) {
+        PyErr_Clear();
+        Py_XDECREF(data);
+        return NULL;
+    }
+    return data;
+}
+
+/* A bytes message as Codec.encode writes it: the msgpack bin header, then the data, copied
+ * once from the caller's object (or PUT_PYTHON when it is too large: MessageTooLarge). */
+static PyObject *put_bin(FastQueue *q, PyObject *data) {
+    uint64_t n = (uint64_t)PyBytes_GET_SIZE(data);
+    unsigned char hdr[5];
+    Py_ssize_t hlen;
+    if (n < 256) {
+        hdr[0] = BIN8, hdr[1] = (unsigned char)n, hlen = 2;
+    } else if (n < 65536) {
+        hdr[0] = BIN16, hdr[1] = (unsigned char)(n >> 8), hdr[2] = (unsigned char)n, hlen = 3;
+    } else {
+        hdr[0] = BIN32, hlen = 5;
+        for (int i = 0; i < 4; i++) hdr[1 + i] = (unsigned char)(n >> (24 - 8 * i));
+    }
+    if (n > UINT32_MAX || n + (uint64_t)hlen > q->max_payload) return PyLong_FromLong(PUT_PYTHON);
+    Msg m = {.kind = REC_MSGPACK, .prefix = (const char *)hdr, .plen = hlen, .body = PyBytes_AS_STRING(data),
+             .blen = (Py_ssize_t)n};
+    return put_msgs(q, &m, 1, 0);
+}
+
 /* put_obj(obj) -> written << 2 | PUT_*, or PUT_PYTHON: Queue.put's common case,
  * encoding included (before the lock). PUT_PYTHON (nothing done, no error) when
- * the codec is not set, obj is not of a plain type, encoding fails (Python
+ * the codec is not set, obj is neither bytes nor of a plain type, encoding fails (Python
  * encodes again and raises EncodeError) or the message is too large. */
 static PyObject *fq_put_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 1) {
         PyErr_SetString(PyExc_TypeError, "put_obj(obj)");
         return NULL;
     }
-    if (q->ring == NULL || q->pack == NULL || !plain_type(args[0])) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *data = PyObject_CallOneArg(q->pack, args[0]);
-    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > q->max_payload) {
-        PyErr_Clear();
-        Py_XDECREF(data);
-        return PyLong_FromLong(PUT_PYTHON);
-    }
+    if (q->ring == NULL || q->pack == NULL) return PyLong_FromLong(PUT_PYTHON);
+    if (PyBytes_CheckExact(args[0])) return put_bin(q, args[0]);
+    if (!plain_type(args[0])) return PyLong_FromLong(PUT_PYTHON);
+    PyObject *data = encode_obj(q, args[0]);
+    if (data == NULL) return PyLong_FromLong(PUT_PYTHON);
     Msg m = {.kind = REC_MSGPACK, .prefix = PyBytes_AS_STRING(data), .plen = PyBytes_GET_SIZE(data)};
     PyObject *r = put_msgs(q, &m, 1, 0);
     Py_DECREF(data);
     return r;
+}
+
+/* encode_many(list) -> [(REC_MSGPACK, payload, None, n)...] as Codec.encode gives them, or
+ * None (no error) when Python must encode the batch: one of them is not of a plain type,
+ * cannot be encoded or is too large (Python raises EncodeError or MessageTooLarge). */
+static PyObject *fq_encode_many(FastQueue *q, PyObject *objs) {
+    if (!PyList_Check(objs)) {
+        PyErr_SetString(PyExc_TypeError, "encode_many(list)");
+        return NULL;
+    }
+    if (q->pack == NULL) Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(objs);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* (the list may change under a msgspec or msgpack call: read it each time) */
+        PyObject *obj = i < PyList_GET_SIZE(objs) ? Py_NewRef(PyList_GET_ITEM(objs, i)) : NULL;
+        PyObject *data = obj != NULL && plain_type(obj) ? encode_obj(q, obj) : NULL;
+        Py_XDECREF(obj);
+        if (data == NULL || n != PyList_GET_SIZE(objs)) {
+            Py_XDECREF(data);
+            Py_DECREF(out);
+            Py_RETURN_NONE;
+        }
+        /* (built by hand: Py_BuildValue's format parsing was half of this loop's own cost) */
+        PyObject *item = PyTuple_New(4), *n = PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
+        if (item == NULL || n == NULL) {
+            Py_XDECREF(item);
+            Py_XDECREF(n);
+            Py_DECREF(data);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(item, 0, Py_NewRef(RecMsgpack));
+        PyTuple_SET_ITEM(item, 1, data);
+        PyTuple_SET_ITEM(item, 2, Py_NewRef(Py_None));
+        PyTuple_SET_ITEM(item, 3, n);
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* The length of the one msgpack object at the start of p[0:n], or 0 if p does not start
+ * with a well-formed one (a bad type byte, a length past n). Only the framing is read. */
+static size_t msgpack_span(const unsigned char *p, size_t n) {
+    size_t i = 0, need = 1; /* objects still to read; each takes at least one byte */
+    while (need) {
+        if (i >= n || need > n - i) return 0;
+        unsigned char c = p[i++];
+        size_t skip = 0, lb = 0; /* bytes of data to skip; bytes of a length or count that follows */
+        need--;
+        if (c <= 0x7F || c >= 0xE0 || c == 0xC0 || c == 0xC2 || c == 0xC3) continue;
+        if (c <= 0x8F)
+            need += 2 * (size_t)(c & 0x0F);
+        else if (c <= 0x9F)
+            need += c & 0x0F;
+        else if (c <= 0xBF)
+            skip = c & 0x1F;
+        else
+            switch (c) {
+            case 0xC4: case 0xD9: lb = 1; break; /* bin8, str8 */
+            case 0xC5: case 0xDA: lb = 2; break;
+            case 0xC6: case 0xDB: lb = 4; break;
+            case 0xC7: lb = 1, skip = 1; break; /* ext8: its type byte, then the data */
+            case 0xC8: lb = 2, skip = 1; break;
+            case 0xC9: lb = 4, skip = 1; break;
+            case 0xCC: case 0xD0: skip = 1; break;
+            case 0xCD: case 0xD1: skip = 2; break;
+            case 0xCA: case 0xCE: case 0xD2: skip = 4; break;
+            case 0xCB: case 0xCF: case 0xD3: skip = 8; break;
+            case 0xD4: skip = 2; break; /* fixext: the type byte, then 1, 2, 4, 8 or 16 */
+            case 0xD5: skip = 3; break;
+            case 0xD6: skip = 5; break;
+            case 0xD7: skip = 9; break;
+            case 0xD8: skip = 17; break;
+            case 0xDC: case 0xDE: lb = 2; break; /* array16, map16: a count follows */
+            case 0xDD: case 0xDF: lb = 4; break;
+            default: return 0; /* 0xC1: never used */
+            }
+        if (lb) {
+            if (n - i < lb) return 0;
+            size_t len = 0;
+            for (size_t b = 0; b < lb; b++) len = len << 8 | p[i + b];
+            i += lb;
+            if (c == 0xDC || c == 0xDD)
+                need += len;
+            else if (c == 0xDE || c == 0xDF)
+                need += 2 * len;
+            else
+                skip += len;
+        }
+        if (n - i < skip) return 0;
+        i += skip;
+    }
+    return i;
+}
+
+/* put_objs(list) -> written << 2 | PUT_*, or PUT_PYTHON: put_many's common case, encoding
+ * included: a list of plain_tree messages is encoded by one fast_pack call (a msgpack array
+ * is its items' encodings one after the other: the records are its slices, and no object
+ * is made per message). PUT_PYTHON (nothing done, no error): Python encodes and puts. */
+static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
+    if (!PyList_CheckExact(objs)) {
+        PyErr_SetString(PyExc_TypeError, "put_objs(list)");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(objs);
+    if (q->ring == NULL || q->fast_pack == NULL || count == 0 || count > UINT32_MAX)
+        return PyLong_FromLong(PUT_PYTHON);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *o = PyList_GET_ITEM(objs, i);
+        if (!plain_type(o) || !plain_tree(o, PLAIN_DEPTH)) return PyLong_FromLong(PUT_PYTHON);
+    }
+    PyObject *blob = PyObject_CallOneArg(q->fast_pack, objs);
+    if (blob == NULL || !PyBytes_Check(blob)) {
+        PyErr_Clear();
+        Py_XDECREF(blob);
+        return PyLong_FromLong(PUT_PYTHON);
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(blob);
+    size_t len = (size_t)PyBytes_GET_SIZE(blob), off = 0, n = 0;
+    if (len >= 1 && p[0] >= 0x90 && p[0] <= 0x9F) n = p[0] & 0x0F, off = 1;
+    else if (len >= 3 && p[0] == 0xDC) n = (size_t)p[1] << 8 | p[2], off = 3;
+    else if (len >= 5 && p[0] == 0xDD) n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4], off = 5;
+    Msg *msgs = n == (size_t)count ? PyMem_Calloc((size_t)count, sizeof(Msg)) : NULL;
+    PyObject *r = NULL;
+    if (msgs != NULL) {
+        Py_ssize_t i = 0;
+        for (; i < count; i++) {
+            size_t span = msgpack_span(p + off, len - off);
+            if (span == 0 || span > q->max_payload) break;
+            msgs[i] = (Msg){.kind = REC_MSGPACK, .prefix = (const char *)p + off, .plen = (Py_ssize_t)span};
+            off += span;
+        }
+        if (i == count && off == len) {
+            r = put_msgs(q, msgs, count, 1); /* (NULL: an error, raised: nothing for Python to redo) */
+            PyMem_Free(msgs);
+            Py_DECREF(blob);
+            return r;
+        }
+        PyMem_Free(msgs);
+    }
+    Py_DECREF(blob);
+    return PyLong_FromLong(PUT_PYTHON);
 }
 
 /* put_many(list of encoded) -> written << 2 | PUT_*: put_many's common case. */
@@ -449,7 +664,19 @@ typedef struct {
     uint64_t end; /* the position after it */
     uint32_t length;
     uint16_t kind;
+    uint8_t bin; /* a msgpack bin payload (a bytes message): its header's length, else 0 */
 } Rec;
+
+/* The length of the msgpack bin header of the n-byte payload p if it is one whose length
+ * matches n exactly (_codec.extract_range's test: the message is its data), else 0. */
+static uint8_t bin_header(const unsigned char *p, uint32_t n) {
+    if (n >= 2 && p[0] == BIN8 && p[1] == n - 2) return 2;
+    if (n >= 3 && p[0] == BIN16 && ((uint32_t)p[1] << 8 | p[2]) == n - 3) return 3;
+    if (n >= 5 && p[0] == BIN32 &&
+        ((uint32_t)p[1] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 8 | p[4]) == n - 5)
+        return 5;
+    return 0;
+}
 
 /* The record at position t (tail <= t < head, head <= UINT64_MAX - 2 * cap), expected
  * to carry sequence number seq: -1 if Python would raise CorruptBus on it (or resync
@@ -481,9 +708,34 @@ static int rec_at(FastQueue *q, uint64_t t, uint64_t head, uint64_t seq, uint64_
     r->end = t + span_of(length);
     r->length = length;
     r->kind = kind;
-    /* A msgpack bin payload (a bytes message) Python copies without its header. */
+    /* A msgpack bin payload (a bytes message) is copied without its header, as Python does;
+     * one whose header does not match its length is Python's to decode (and refuse). */
+    r->bin = kind == REC_MSGPACK ? bin_header(r->payload, length) : 0;
     if (kind == REC_NDARRAY) return 0;
-    return !(kind == REC_MSGPACK && length && rec[RECORD_SIZE] >= BIN8 && rec[RECORD_SIZE] <= BIN32);
+    return r->bin || !(kind == REC_MSGPACK && length && rec[RECORD_SIZE] >= BIN8 && rec[RECORD_SIZE] <= BIN32);
+}
+
+/* (kind, payload), or (kind, (payload,)) for a bytes message; steals payload. Built by hand:
+ * Py_BuildValue's format parsing was a fifth of a small message's get_many. */
+static PyObject *record_tuple(uint16_t kind, PyObject *payload, int bin) {
+    if (bin) {
+        PyObject *one = PyTuple_New(1);
+        if (one == NULL) {
+            Py_DECREF(payload);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(one, 0, payload);
+        payload = one;
+    }
+    PyObject *k = PyLong_FromLong(kind), *t = k == NULL ? NULL : PyTuple_New(2);
+    if (t == NULL) {
+        Py_XDECREF(k);
+        Py_DECREF(payload);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, k);
+    PyTuple_SET_ITEM(t, 1, payload);
+    return t;
 }
 
 /* Under the tail lock, holding k items tokens (recorded at *tok): copy out up to k
@@ -514,8 +766,9 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
     Py_ssize_t j = 0;
     for (; j < ours; j++) {
         if (rec_at(q, tail, head, seq, last, &r) <= 0) break; /* changed meanwhile: a hostile writer */
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)r.payload, r.length);
-        PyObject *item = payload == NULL ? NULL : Py_BuildValue("(iN)", (int)r.kind, payload);
+        /* (a bytes message as _codec.extract gives it: its data, in a 1-tuple: already final) */
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)r.payload + r.bin, r.length - r.bin);
+        PyObject *item = payload == NULL ? NULL : record_tuple(r.kind, payload, r.bin);
         if (item == NULL || (out != NULL && PyList_Append(out, item) < 0)) {
             Py_XDECREF(item);
             Py_XDECREF(*one);
@@ -647,6 +900,49 @@ static PyObject *keep_last(FastQueue *q, PyObject *out) {
     return out;
 }
 
+/* 1 if the msgpack payload p may hold a timestamp (an ext of type -1, the byte 0xff right
+ * after an ext header), which msgspec would decode as a datetime where msgpack gives a
+ * Timestamp. False alarms (0xff inside a string, say) only send the payload to msgpack. */
+static int may_hold_timestamp(const unsigned char *p, Py_ssize_t n) {
+    const unsigned char *end = p + n, *x = p;
+    while ((x = memchr(x, 0xFF, (size_t)(end - x))) != NULL) {
+        Py_ssize_t j = x - p;
+        if ((j >= 1 && x[-1] >= 0xD4 && x[-1] <= 0xD8) || (j >= 2 && x[-2] == 0xC7) || (j >= 3 && x[-3] == 0xC8) ||
+            (j >= 5 && x[-5] == 0xC9))
+            return 1;
+        x++;
+    }
+    return 0;
+}
+
+/* After a failed decode: 0 (error cleared) if it was the decoder's, -1 (error kept) if it
+ * was a signal handler's (KeyboardInterrupt, SystemExit: not an Exception), which an ext
+ * hook's Python code may let run: that one must reach the caller, not be lost. */
+static int decode_failed(void) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyErr_Clear();
+    return 0;
+}
+
+/* A msgpack payload decoded as Codec.finish would (msgspec when it can, else msgpack's
+ * unpackb); NULL with no error set: Python decodes it again (and raises DecodeError);
+ * NULL with an error set: a signal handler's exception (decode_failed). */
+static PyObject *decode_payload(FastQueue *q, PyObject *payload) {
+    PyObject *msg = NULL;
+    if (q->fast_unpack != NULL &&
+        !may_hold_timestamp((const unsigned char *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))) {
+        msg = PyObject_CallOneArg(q->fast_unpack, payload);
+        /* msgpack decides: the same message, or its own error */
+        if (msg == NULL && decode_failed() < 0) return NULL;
+    }
+    if (msg == NULL) {
+        PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
+        msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
+        if (msg == NULL) decode_failed();
+    }
+    return msg;
+}
+
 /* get_obj(tokens_index, spin_s) -> message | NoToken | HasToken | (kind, payload):
  * get's common case, decoding included (after the lock). A (kind, payload) tuple
  * is for Python to decode (no codec set, or decoding failed: Python decodes again
@@ -670,17 +966,19 @@ static PyObject *fq_get_obj(FastQueue *q, PyObject *const *args, Py_ssize_t narg
     }
     long kind = PyLong_AsLong(PyTuple_GET_ITEM(got, 0));
     PyObject *payload = PyTuple_GET_ITEM(got, 1);
-    if (kind == REC_RAW) {
-        Py_INCREF(payload);
+    if (kind == REC_RAW || PyTuple_Check(payload)) {
+        /* a raw record's message is its bytes; a bytes message's, its data (in a 1-tuple) */
+        PyObject *msg = Py_NewRef(kind == REC_RAW ? payload : PyTuple_GET_ITEM(payload, 0));
         Py_DECREF(got);
-        return keep_last(q, payload); /* a raw record's message is its bytes */
+        return keep_last(q, msg);
     }
     if (q->unpack == NULL) return keep_last(q, got);
-    PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
-    PyObject *msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
+    PyObject *msg = decode_payload(q, payload);
     if (msg == NULL) {
-        PyErr_Clear();
-        return keep_last(q, got);
+        keep_last(q, got); /* (a handler's exception: Python keeps the record with take_last) */
+        if (!PyErr_Occurred()) return got;
+        Py_DECREF(got);
+        return NULL;
     }
     Py_DECREF(got);
     return keep_last(q, msg);
@@ -693,12 +991,15 @@ static PyObject *fq_take_last(FastQueue *q, PyObject *Py_UNUSED(unused)) {
     return last != NULL ? last : Py_NewRef(Py_None);
 }
 
-/* set_codec(pack, unpack, unpack_kwargs, max_payload): what put_obj/get_obj encode
- * and decode with; pack None or unpack None turns that side off. */
+/* set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack): what
+ * put_obj/get_obj encode and decode with; pack None or unpack None turns that side off,
+ * fast_pack or fast_unpack None leaves it to pack or unpack. */
 static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
-    PyObject *pack, *unpack, *kw;
+    PyObject *pack, *unpack, *kw, *fast_pack = Py_None, *fast_unpack = Py_None;
     unsigned long long max_payload;
-    if (!PyArg_ParseTuple(args, "OOO!K", &pack, &unpack, &PyDict_Type, &kw, &max_payload)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOO!K|OO", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
+                          &fast_unpack))
+        return NULL;
     if (PyDict_GET_SIZE(kw) != 2) {
         PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
         return NULL;
@@ -717,16 +1018,37 @@ static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
     }
     Py_XSETREF(q->pack, pack == Py_None ? NULL : Py_NewRef(pack));
     Py_XSETREF(q->unpack, unpack == Py_None ? NULL : Py_NewRef(unpack));
+    Py_XSETREF(q->fast_pack, fast_pack == Py_None || q->pack == NULL ? NULL : Py_NewRef(fast_pack));
+    Py_XSETREF(q->fast_unpack, fast_unpack == Py_None || q->unpack == NULL ? NULL : Py_NewRef(fast_unpack));
     Py_XSETREF(q->kwnames, names);
     Py_XSETREF(q->kwvalues, values);
     q->max_payload = max_payload;
     Py_RETURN_NONE;
 }
 
+/* After the lock: replace each msgpack record of recs by its message, each raw record by
+ * its bytes, as Codec.finish_many would; a record that fails stays, for Python to decode
+ * again (and raise). A message is never a tuple (see get_obj), a record always is.
+ * -1 (error set) if a signal handler's exception came meanwhile. */
+static int decode_records(FastQueue *q, PyObject *recs) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(recs); i++) {
+        PyObject *rec = PyList_GET_ITEM(recs, i);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(rec, 0));
+        PyObject *payload = PyTuple_GET_ITEM(rec, 1);
+        PyObject *msg = NULL;
+        if (kind == REC_RAW || PyTuple_Check(payload))
+            msg = Py_NewRef(kind == REC_RAW ? payload : PyTuple_GET_ITEM(payload, 0));
+        else if (kind == REC_MSGPACK && (msg = decode_payload(q, payload)) == NULL && PyErr_Occurred())
+            return -1; /* a signal handler's exception: the rest stay records */
+        if (msg != NULL) PyList_SetItem(recs, i, msg); /* drops rec */
+    }
+    return 0;
+}
+
 /* take_many(tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
  * get_many's common case; have is 0 or the one token the caller waited for;
  * with none, it polls up to spin_s seconds for the first. */
-static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs, int decode) {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "take_many(tokens_index, have, max, spin_s)");
         return NULL;
@@ -748,12 +1070,30 @@ static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t na
         Py_DECREF(got);
         got = PyList_New(0);
     }
+    int failed = got != NULL && decode && q->unpack != NULL && decode_records(q, got) < 0;
     if (got != NULL && PyList_GET_SIZE(got)) keep_last(q, got);
-    PyObject *r = got == NULL ? NULL : Py_BuildValue("(Nn)", got, left);
+    if (failed) Py_CLEAR(got); /* Python keeps them (take_last) and sees the handler's exception */
+    Py_ssize_t undecoded = 0; /* records left for Python to decode (take_many_obj's third item) */
+    for (Py_ssize_t i = 0; got != NULL && i < PyList_GET_SIZE(got); i++)
+        undecoded += PyTuple_CheckExact(PyList_GET_ITEM(got, i));
+    PyObject *r = got == NULL ? NULL
+                  : decode    ? Py_BuildValue("(Nnn)", got, left, undecoded)
+                              : Py_BuildValue("(Nn)", got, left);
     /* Python cannot learn how many tokens it held: hand them back here (the records
      * taken, if any, are lost, as in Python when a MemoryError follows a commit). */
     if (r == NULL) give_back(q, tok, left);
     return r;
+}
+
+static PyObject *fq_take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    return take_many(q, args, nargs, 0);
+}
+
+/* take_many_obj(tokens_index, have, max, spin_s) -> (messages and records, tokens still held,
+ * how many records are left for Python to decode):
+ * take_many, with what it took decoded after the lock (decode_records); get_many's common case. */
+static PyObject *fq_take_many_obj(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    return take_many(q, args, nargs, 1);
 }
 
 /* set_fault_hook(hook or None): call hook(step) at each named step (_faults arms and disarms it). */
@@ -805,6 +1145,12 @@ static PyMethodDef fq_methods[] = {
      "put_many(encoded list) -> written << 2 | code (0 not taken, 1 done, 2 lock held)"},
     {"take_many", (PyCFunction)(void (*)(void))fq_take_many, METH_FASTCALL,
      "take_many(tokens_index, have, max, spin_s) -> (records, tokens still held)"},
+    {"take_many_obj", (PyCFunction)(void (*)(void))fq_take_many_obj, METH_FASTCALL,
+     "take_many_obj(tokens_index, have, max, spin_s) -> (messages or records, tokens held, records left)"},
+    {"put_objs", (PyCFunction)fq_put_objs, METH_O,
+     "put_objs(list) -> written << 2 | code, or PUT_PYTHON: Python encodes and puts"},
+    {"encode_many", (PyCFunction)fq_encode_many, METH_O,
+     "encode_many(list) -> [(kind, payload, None, n)...], or None: Python encodes"},
     {"put_obj", (PyCFunction)(void (*)(void))fq_put_obj, METH_FASTCALL,
      "put_obj(obj) -> written << 2 | code, or -1: Python encodes and puts"},
     {"get_obj", (PyCFunction)(void (*)(void))fq_get_obj, METH_FASTCALL,
@@ -1420,7 +1766,8 @@ PyMODINIT_FUNC PyInit__cfast(void) {
     if (m == NULL) return NULL;
     NoToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     HasToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
-    if (NoToken == NULL || HasToken == NULL || PyModule_AddObject(m, "NO_TOKEN", Py_NewRef(NoToken)) < 0 ||
+    RecMsgpack = PyLong_FromLong(REC_MSGPACK);
+    if (NoToken == NULL || HasToken == NULL || RecMsgpack == NULL || PyModule_AddObject(m, "NO_TOKEN", Py_NewRef(NoToken)) < 0 ||
         PyModule_AddObject(m, "HAS_TOKEN", Py_NewRef(HasToken)) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -1,4 +1,4 @@
-"""Encoding and decoding messages: the only module that calls ``msgpack``.
+"""Encoding and decoding messages: the only module that calls ``msgpack`` (or ``msgspec``).
 
 ``encode`` runs before any lock is taken and returns the payload as a short
 ``prefix`` and an optional ``body`` buffer, so that a ``bytes``-like message
@@ -10,6 +10,13 @@ released. A ``bin`` payload is copied out without its header, so large
 
 Decoding is bounded by the payload's own length (msgpack's default for
 ``unpackb``) and never trusts a length read from the ring beyond that.
+
+``msgspec``, when installed, is a faster coder of the same bytes for the plain
+codec: it decodes a payload that cannot hold a msgpack timestamp (which it
+would turn into a ``datetime``), and the C path encodes with it a message made
+only of the exact types both write alike (``_cfast.c``'s ``plain_tree``).
+Whatever it refuses, msgpack does as before, so the bytes and the messages are
+the same with it or without it (``tests/test_codec.py`` checks both ways).
 """
 
 from __future__ import annotations
@@ -22,6 +29,12 @@ import msgpack
 from . import _ndarray
 from ._errors import DecodeError, EncodeError
 from ._format import REC_MSGPACK, REC_NDARRAY, REC_RAW
+
+msgspec: Any
+try:  # optional: the same msgpack bytes, coded faster (the "fast" extra)
+    import msgspec
+except ImportError:  # pragma: no cover - depends on the environment
+    msgspec = None
 
 __all__ = [
     "Codec",
@@ -50,6 +63,24 @@ _PLAIN_TYPES: Final = frozenset((dict, list, tuple, str, int, float, bool, type(
 # An ext type comes back as the msgpack.ExtType(code, data) that was put: inert data (nothing is
 # looked up or run), and put accepts it, so get must return it. A codec's ext_hook overrides this.
 _EXT: Final = msgpack.ExtType
+# A msgpack timestamp is an ext of type -1 (the byte 0xff): msgspec would decode it
+# as a datetime, so a payload holding that byte anywhere is left to msgpack.
+_TIMESTAMP_TYPE: Final = b"\xff"
+
+
+def _ext_from_msgspec(code: int, data: memoryview) -> Any:
+    """msgspec's ext hook: an ext type as msgpack gives it (``ExtType``; it refuses codes < 0)."""
+    return _EXT(code, bytes(data))
+
+
+def _fast_coders() -> tuple[Callable[[Any], bytes] | None, Callable[[Any], Any] | None]:
+    """msgspec's ``(encode, decode)`` for the plain codec, or ``(None, None)`` without msgspec."""
+    if msgspec is None:
+        return None, None
+    return msgspec.msgpack.Encoder().encode, msgspec.msgpack.Decoder(ext_hook=_ext_from_msgspec).decode
+
+
+FAST_ENCODE, FAST_DECODE = _fast_coders()
 
 
 def _pack_array_meta(meta: list[Any]) -> bytes:
@@ -161,7 +192,7 @@ class Codec:
         q = shmbus.Queue.open("jobs", codec=codec)
     """
 
-    __slots__ = ("_packb", "_plain", "_unpack_kw", "pack_options", "unpack_options")
+    __slots__ = ("_fast_decode", "_packb", "_plain", "_unpack_kw", "pack_options", "unpack_options")
 
     def __init__(
         self,
@@ -179,6 +210,8 @@ class Codec:
             **self.unpack_options,
         }
         self._plain = not self.unpack_options
+        # msgspec decodes what the plain unpackb call would, alike (see the module's docstring).
+        self._fast_decode = FAST_DECODE if self._plain else None
 
     def __repr__(self) -> str:
         return f"Codec(pack_options={self.pack_options!r}, unpack_options={self.unpack_options!r})"
@@ -221,34 +254,50 @@ class Codec:
             raise _encode_error(obj, e) from e
         return REC_MSGPACK, data, None, len(data)
 
-    def _c_parts(self) -> tuple[Callable[[Any], bytes], Callable[..., Any] | None, dict[str, Any]]:
-        """What the C fast path encodes and decodes with: ``(pack, unpack or None, unpack's keywords)``.
+    def _c_parts(self) -> tuple[Any, ...]:
+        """What the C fast path codes with: ``(pack, unpack or None, unpack's keywords, fast pair...)``.
 
         ``unpack`` only for the plain codec, whose decoded messages are never
         tuples (the C path tells a message from a record that way); with
-        ``unpack_options``, decoding stays here, in ``finish``.
+        ``unpack_options``, decoding stays here, in ``finish``. The fast pair
+        (msgspec's, or None) codes the same bytes; C uses the encoder only for
+        a message of the types both write alike, and only without ``pack_options``.
         """
         unpack = _unpackb if self._plain else None
-        return self._packb, unpack, {"strict_map_key": False, "ext_hook": _EXT}
+        fast_encode = FAST_ENCODE if not self.pack_options else None
+        kw = {"strict_map_key": False, "ext_hook": _EXT}
+        return self._packb, unpack, kw, fast_encode, self._fast_decode
 
-    def finish_many(self, items: list[tuple[int, Payload]]) -> list[Any]:
-        """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``."""
+    def finish_many(self, items: list[Any]) -> list[Any]:
+        """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``.
+
+        Each item is a ``(kind, payload)`` record, or a message C already
+        decoded (never a tuple: see ``_c_parts``).
+        """
         if self._plain:
             # One comprehension for the common batch (measured 0.47 -> 0.40 us a
             # small dict); on any failure the loop below redoes it, keeping the good ones.
+            fast = self._fast_decode
             try:
                 return [
-                    _unpackb(p, strict_map_key=False, ext_hook=_EXT) if k == REC_MSGPACK and type(p) is bytes
-                    else self.finish(k, p)
-                    for k, p in items
+                    x if type(x) is not tuple
+                    else fast(x[1]) if fast is not None and x[0] == REC_MSGPACK and type(x[1]) is bytes
+                    and _TIMESTAMP_TYPE not in x[1]
+                    else _unpackb(x[1], strict_map_key=False, ext_hook=_EXT) if x[0] == REC_MSGPACK
+                    and type(x[1]) is bytes
+                    else self.finish(*x)
+                    for x in items
                 ]  # fmt: skip
             except Exception:  # decoded again, one by one, just below
                 pass
         out: list[Any] = []
         failed: DecodeError | None = None
-        for kind, payload in items:
+        for x in items:
+            if type(x) is not tuple:
+                out.append(x)
+                continue
             try:
-                out.append(self.finish(kind, payload))
+                out.append(self.finish(*x))
             except DecodeError as e:
                 failed = failed or e
         if failed is not None:
@@ -266,6 +315,12 @@ class Codec:
             return _ndarray.decode(payload, _unpack_array_meta)
         try:
             if self._plain:  # keyword expansion costs ~150 ns a message: skip it when we can
+                fast = self._fast_decode
+                if fast is not None and _TIMESTAMP_TYPE not in payload:
+                    try:
+                        return fast(payload)
+                    except Exception:  # msgpack decides: the same message, or its own error
+                        pass
                 return _unpackb(payload, strict_map_key=False, ext_hook=_EXT)
             return _unpackb(payload, **self._unpack_kw)
         except DecodeError:

@@ -166,8 +166,8 @@ class _Consuming(_QueueBase):
         kept = self._in_hand
         self._in_hand = []
         last = fast.take_last() if fast is not None else None
-        if type(last) is list:  # take_many's records
-            kept = last + kept
+        if type(last) is list:  # take_many's records (take_many_obj's: some decoded)
+            kept = [r if type(r) is tuple else (_DECODED, r) for r in last] + kept
         elif type(last) is tuple:  # a record for Python to decode
             kept.insert(0, last)
         elif last is not None:  # a decoded message, or a raw record's bytes
@@ -204,8 +204,9 @@ class _Consuming(_QueueBase):
         try:
             if fast is not None:
                 recs, left = fast.take_many(self._part.tokens_index, 0, 1, spin)  # type: ignore[union-attr]
-                if recs:
-                    return recs[0][1]  # type: ignore[no-any-return]  # a raw record's data, or msgpack
+                if recs:  # a raw record's data, a bytes message's (in a 1-tuple), or msgpack
+                    payload = recs[0][1]
+                    return payload[0] if type(payload) is tuple else payload  # type: ignore[no-any-return]
                 fast = None
                 if left:  # not the common case: Python takes with the token
                     rec = self._take1(_deadline(block, timeout))
@@ -310,11 +311,13 @@ class _Consuming(_QueueBase):
             else:
                 fast = None
             try:
-                got = self._take_some(fast, spin, max_messages, block, deadline)
-                if got is None:
+                some = self._take_some(fast, spin, max_messages, block, deadline)
+                if some is None:
                     return []
+                got, decoded = some
                 if got or not block:
-                    msgs = self._codec.finish_many(got)
+                    # (C decoded them all: its list is ours, and take_last forgets it)
+                    msgs = fast.take_last() if decoded else self._codec.finish_many(got)
                     self._in_hand = []
                     return msgs
             except BaseException as e:
@@ -323,8 +326,12 @@ class _Consuming(_QueueBase):
 
     def _take_some(
         self, fast: Any, spin: float, max_messages: int, block: bool, deadline: float | None
-    ) -> list[tuple[int, Payload]] | None:
-        """One round of get_many: records taken (maybe none), or None when non-blocking found nothing."""
+    ) -> tuple[list[Any], bool] | None:
+        """One round of get_many: ``(what was taken, maybe nothing; all decoded by C)``, or None
+        when non-blocking found nothing.
+
+        Records, and messages C decoded (``take_many_obj``): ``Codec.finish_many`` takes both.
+        """
         part = self._part
         assert part is not None
         items = self._items
@@ -332,21 +339,21 @@ class _Consuming(_QueueBase):
         if fast is not None:
             # C polls for the first token (up to the spin), takes more and the
             # common-case records; Python waits when there was none, and takes the rest.
-            got, k = fast.take_many(part.tokens_index, 0, max_messages, spin)
+            got, k, undecoded = fast.take_many_obj(part.tokens_index, 0, max_messages, spin)
             if not got and not k and block:
                 # Spin for what C did not (as _get1), then sleep.
                 rest = max(self.spin - self._c_spun(spin), 0.0)
                 if not items.try_acquire() and not items.spin_acquire(deadline, rest, self._heal):
                     raise Empty(f"{self.path} is empty", path=self.path)
-                got, k = fast.take_many(part.tokens_index, 1, max_messages, 0.0)
+                got, k, undecoded = fast.take_many_obj(part.tokens_index, 1, max_messages, 0.0)
             # (a new list: C keeps its own for _keep, _take lists its own in _in_hand)
             if not k:
-                return got  # type: ignore[no-any-return]
+                return got, bool(got) and not undecoded
             try:
-                return got + self._take(k, deadline)  # type: ignore[no-any-return]
+                return got + self._take(k, deadline), False
             except (Empty, BusClosed):  # the consumer lock did not come (in time): its tokens went back
                 if got:
-                    return got  # type: ignore[no-any-return]  # taken by C: delivered, not lost
+                    return got, False  # taken by C: delivered, not lost
                 raise
         if block:
             if not items.try_acquire() and not items.spin_acquire(deadline, self.spin, self._heal):
@@ -355,7 +362,7 @@ class _Consuming(_QueueBase):
         try_acquire = items.try_acquire
         while k < max_messages and try_acquire():
             k += 1
-        return self._take(k, deadline) if k else None
+        return (self._take(k, deadline), False) if k else None
 
     def _take1(self, deadline: float | None = None) -> tuple[int, Payload] | None:
         """``_take(1)`` with the common case inline (measured ~0.5 us of 2.5 per get).

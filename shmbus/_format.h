@@ -41,6 +41,7 @@
 #define HOT_WINDOW 4194304 /* _ring.HOT_WINDOW */
 #define NEAR_EMPTY 65536 /* _ring.NEAR_EMPTY */
 #define BIN8 196 /* _codec._BIN8 */
+#define BIN16 197 /* _codec._BIN16 */
 #define BIN32 198 /* _codec._BIN32 */
 #define PUT_NOT_TAKEN 0 /* _cconst.PUT_NOT_TAKEN */
 #define PUT_DONE 1 /* _cconst.PUT_DONE */
@@ -89,6 +90,7 @@
     U(HOT_WINDOW) \
     U(NEAR_EMPTY) \
     U(BIN8) \
+    U(BIN16) \
     U(BIN32) \
     U(PUT_NOT_TAKEN) \
     U(PUT_DONE) \

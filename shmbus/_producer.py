@@ -152,7 +152,20 @@ class _Producing(_QueueBase):
         ``Full`` is raised and its ``sent`` attribute says how many of the
         first messages are in the queue.
         """
-        encoded = [self._encode(o) for o in objs]
+        fast = self._fast
+        if fast is not None and type(objs) is list and objs:
+            if timeout is not None:  # checked before C may leave the lock held
+                check_timeout(timeout)
+            self._enter()
+            try:
+                if self._put_objs(fast, objs, _deadline(block, timeout)):
+                    return
+            finally:
+                self._leave()
+        # C encodes a list of plain messages in one call; None: some are Python's to encode.
+        encoded = fast.encode_many(objs) if fast is not None and type(objs) is list else None
+        if encoded is None:
+            encoded = [self._encode(o) for o in objs]
         if not encoded:
             return
         self._enter()  # before C, which may hand the head lock over held
@@ -160,6 +173,33 @@ class _Producing(_QueueBase):
             self._put_many(encoded, block, timeout)
         finally:
             self._leave()
+
+    def _put_objs(self, fast: Any, objs: list[Any], deadline: float | None) -> bool:
+        """put_many's common case in C, encoding included; False if C left it all to Python.
+
+        C encodes the whole list with one msgspec call and writes what fits
+        (msgspec installed, every message of plain types); Python encodes
+        whatever is left past the first records C wrote, the same bytes.
+        """
+        had = self._head_lock.mutex.expect()  # C may hand it over held (PUT_HELD)
+        try:
+            r = fast.put_objs(objs)
+            if r < 0 or r & 3 != _accel.PUT_HELD:
+                self._head_lock.mutex.settle(had)  # C released it, or never took it
+            if r < 0 or r & 3 == _accel.PUT_NOT_TAKEN:
+                return False  # nothing written: the encoded path, which waits and checks
+            if r & 3 == _accel.PUT_DONE:
+                return True
+            # The first ones are in, the lock held: Python writes the rest, encoded
+            # again (the same bytes; no EncodeError can come: C encoded them all).
+            encoded = [self._encode(o) for o in objs]
+            sent = self._finish_fast_put(r >> 2, encoded, deadline)
+        except BaseException:
+            self._head_lock.abandon()  # as in _put_many
+            raise
+        if sent < len(encoded):
+            raise Full(f"{self.path} is full: no space freed in time", path=self.path, sent=sent)
+        return True
 
     def _put_many(self, encoded: list[Encoded], block: bool, timeout: float | None) -> None:
         fast = self._fast

@@ -29,7 +29,8 @@ def _imports(path: pathlib.Path) -> set[str]:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     ("library", "owners"),
-    [("msgpack", {"_codec.py"}), ("posix_ipc", {"_sync.py"}), ("numpy", {"_ndarray.py"})],
+    [("msgpack", {"_codec.py"}), ("msgspec", {"_codec.py"}), ("posix_ipc", {"_sync.py"}),
+     ("numpy", {"_ndarray.py"})],
 )
 def test_only_its_owner_imports_a_library(library: str, owners: set[str]) -> None:
     users = {p.name for p in PACKAGE.glob("*.py") if library in _imports(p)}

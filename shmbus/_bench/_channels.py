@@ -118,7 +118,8 @@ class ShmbusChannel(Channel):
     """One shmbus Queue per direction; children open them by name, as real users do.
 
     Options: ``capacity`` (default: the run's), ``spin_us`` (default: the library's),
-    ``pure`` (True: without the C fast path, to show what it brings in the same run).
+    ``pure`` (True: without the C fast path, to show what it brings in the same run),
+    ``bytes_as_objects`` (True: raw bytes go by ``put``/``get``, as msgpack bin messages).
     """
 
     def __init__(self, ctx: ForkContext, two_way: bool, params: Params, options: Options) -> None:
@@ -126,6 +127,7 @@ class ShmbusChannel(Channel):
         self.paths: list[str] = []
         self.spin_us: float | None = options.get("spin_us")
         self.pure: bool = options.get("pure", False)
+        self.bytes_as_objects: bool = options.get("bytes_as_objects", False)
         try:
             for _ in range(2 if two_way else 1):
                 path = bus_name()
@@ -149,9 +151,13 @@ class ShmbusChannel(Channel):
                 q._drop_fast_path()  # noqa: SLF001
         if tx is not None:
             ep.send, ep.send_batch, ep.send_raw = tx.put, tx.put_many, tx.put_bytes
+            if self.bytes_as_objects:
+                ep.send_raw = tx.put
             ep.reserve = tx.reserve
         if rx is not None:
             ep.recv, ep.recv_raw, ep.get_view = rx.get, rx.get_bytes, rx.get_view
+            if self.bytes_as_objects:
+                ep.recv_raw = rx.get
             ep.recv_batch = functools.partial(rx.get_many, self.batch_size)
 
         def close() -> None:

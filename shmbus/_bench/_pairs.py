@@ -111,6 +111,8 @@ def _bytes_variants(p: Params) -> list[Variant]:
     return [
         Variant("shmbus", "shmbus put_bytes/get_bytes", "shmbus", prod, cons),
         Variant("shmbus zero-copy", "shmbus reserve()/get_view() (zero copy)", "shmbus", zprod, zcons),
+        Variant("shmbus put", "[info] shmbus put(bytes)/get(), what a user writes first", "shmbus",
+                prod, cons, {"bytes_as_objects": True}),
         Variant("shmbus small", f"[info] shmbus put_bytes/get_bytes, {ring}", "shmbus", prod, cons, opts),
         Variant("shmbus zero-copy small", f"[info] shmbus zero copy, {ring}", "shmbus", zprod, zcons, opts),
         Variant("mp.Queue", "mp.Queue put/get (pickle)", "mp.Queue", prod, cons),

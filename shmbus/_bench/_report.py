@@ -208,7 +208,8 @@ def format_table(results: dict[str, Any]) -> str:
     text = [
         f"machine: {m['platform']}, {m['cpu_model']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable), "
         f"{m['memory_bytes'] / GIB:.0f} GiB; {m['python_implementation']} {m['python']}",
-        f"shmbus {m['shmbus']}{src}, msgpack {m['msgpack']}, posix_ipc {m['posix_ipc']}, "
+        f"shmbus {m['shmbus']}{src}, msgpack {m['msgpack']}, msgspec {m.get('msgspec', 'not installed')}, "
+        f"posix_ipc {m['posix_ipc']}, "
         f"faster-fifo {m['faster-fifo']}, pyzmq {m['pyzmq']}; "
         f"load average {' '.join(map(str, m['load_average_at_start']))} at start",
         f"{kind} run, {results['duration_s']:.0f} s; medians of {p['repeats']} runs "

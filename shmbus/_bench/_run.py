@@ -124,6 +124,7 @@ def machine_info() -> dict[str, Any]:
         "shmbus_c_fast_path_why_not": _accel.REASON,
         "msgpack": version("msgpack"),
         "posix_ipc": version("posix_ipc"),
+        "msgspec": version("msgspec"),  # the optional faster coder of the same msgpack bytes
         **{name: version(dist) for name, (_m, dist) in OPTIONAL.items()},
         # Other work on the machine moves every figure: say how busy it was.
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
