@@ -16,11 +16,13 @@ codec: it decodes a payload that cannot hold a msgpack timestamp (which it
 would turn into a ``datetime``), and the C path encodes with it a message made
 only of the exact types both write alike (``_cfast.c``'s ``plain_tree``).
 Whatever it refuses, msgpack does as before, so the bytes and the messages are
-the same with it or without it (``tests/test_codec.py`` checks both ways).
+the same with it or without it (``tests/test_codec_fast.py`` checks both
+ways; CI runs the pure-Python pass with ``SHMBUS_NO_MSGSPEC=1``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Callable, Final, Union
 
@@ -30,11 +32,14 @@ from . import _ndarray
 from ._errors import DecodeError, EncodeError
 from ._format import REC_MSGPACK, REC_NDARRAY, REC_RAW
 
-msgspec: Any
-try:  # optional: the same msgpack bytes, coded faster (the "fast" extra)
-    import msgspec
-except ImportError:  # pragma: no cover - depends on the environment
-    msgspec = None
+msgspec: Any = None
+# Optional: the same msgpack bytes, coded faster (the "fast" extra). SHMBUS_NO_MSGSPEC=1
+# (read at import) codes with msgpack alone, as an install without the extra does.
+if os.environ.get("SHMBUS_NO_MSGSPEC", "") in ("", "0"):
+    try:
+        import msgspec
+    except ImportError:  # pragma: no cover - depends on the environment
+        msgspec = None
 
 __all__ = [
     "Codec",
