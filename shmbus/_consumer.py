@@ -109,6 +109,10 @@ class _Consuming(_QueueBase):
         if fast is not None:
             # (inline for the common call, get() with no arguments: ~80 ns of ~1200)
             spin = self.spin if block and timeout is None else self._spin_for(block, timeout)
+            # What C handed out last belongs to an earlier get, which returned it or kept it:
+            # forget it before the try below, or an exception that lands before this get's
+            # C call would keep it again (a duplicate).
+            fast.take_last()
         else:
             fast = None
         users = self._users
@@ -198,6 +202,7 @@ class _Consuming(_QueueBase):
         spun = spin = 0.0
         if fast is not None:
             spin = self._spin_for(block, timeout)
+            fast.take_last()  # an earlier get's (see get)
         else:
             fast = None
         self._enter()
@@ -308,6 +313,7 @@ class _Consuming(_QueueBase):
             spin = 0.0
             if fast is not None:
                 spin = self._spin_for(block, timeout)
+                fast.take_last()  # an earlier get's (see get)
             else:
                 fast = None
             try:

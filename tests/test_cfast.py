@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,4 +142,42 @@ def test_a_negative_timeout_is_refused_every_time_and_never_leaves_the_lock_held
         assert q.qsize() == 0
         for lock in q._locks:  # consistent and unlocked: no owner, no OWNER_DIED, no repair pending
             assert lock.state() == (0, False, False) and lock.mutex.word() == 0, lock.role
+        q.unlink()
+
+
+def _raise_at_c_call(name: str) -> Any:
+    """A profile hook that raises KeyboardInterrupt as the C function ``name`` is about to run.
+
+    It stands for a signal handler's exception landing in a get after its
+    prologue and before its C call: exactly one, then the hook removes itself.
+    """
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and getattr(arg, "__name__", "") == name:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    return hook
+
+
+@needs_c
+@pytest.mark.parametrize(
+    ("call", "c_name"),
+    [("get", "get_obj"), ("get_bytes", "take_many"), ("get_many", "take_many_obj")],
+)
+def test_an_exception_before_the_c_call_keeps_nothing_an_earlier_get_returned(
+    bus_name: str, call: str, c_name: str
+) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        q.put_many(["a", "b", "c"])
+        first = q.get_many(1) if call == "get_many" else getattr(q, call)()
+        assert first in (["a"], "a", b"\xa1a")  # from C, which keeps a reference to it
+        sys.setprofile(_raise_at_c_call(c_name))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                q.get_many(1) if call == "get_many" else getattr(q, call)()
+        finally:
+            sys.setprofile(None)
+        # Not "a" again: the earlier get returned it; nothing was taken by the interrupted one.
+        assert q.get_many(5, block=False) == ["b", "c"]
         q.unlink()
