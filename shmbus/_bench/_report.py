@@ -63,7 +63,8 @@ def _pair_table(key: str, b: Mapping[str, Any]) -> list[str]:
 
 def _sweep_table(b: Mapping[str, Any]) -> list[str]:
     title = f"({b['letter']}) {b['title']}"
-    header = [title, "count", "transport", "MB/s", "msg/s", "x mp.Queue", "x mp.Pipe", "CPU us/msg"]
+    header = [title, "count", "transport", "MB/s", "msg/s", "x mp.Queue", "x mp.Pipe", "% of memcpy",
+              "CPU us/msg"]  # fmt: skip
     rows = [header]
     for s in b["sizes"].values():
         for i, (t, r) in enumerate(s["transports"].items()):
@@ -71,8 +72,10 @@ def _sweep_table(b: Mapping[str, Any]) -> list[str]:
             rows.append([
                 size_text(s["size"]) if first else "", _num(s["messages"]) if first else "", t,
                 _num(r["mb_per_s"]), _num(r["msg_per_s"]), _x(r["x mp.Queue"]), _x(r["x mp.Pipe"]),
-                _num(r["cpu_us_per_msg"], 2),
+                f"{r['% of memcpy']:.0f}%" if "% of memcpy" in r else "", _num(r["cpu_us_per_msg"], 2),
             ])  # fmt: skip
+        if "memcpy" in s:
+            rows.append(["", "", "memcpy", _num(s["memcpy"]["mb_per_s"]), "", "", "", "100%", ""])
     return _render(rows)
 
 

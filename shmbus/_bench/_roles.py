@@ -27,6 +27,7 @@ __all__ = [
     "consume_batch",
     "produce_bytes",
     "consume_bytes",
+    "warmup_lap",
     "produce_reserved",
     "consume_viewed",
     "memcpy_new",
@@ -126,14 +127,27 @@ def _payloads(size: int, count: int) -> tuple[list[bytes], bytes]:
     return [_tagged(k, size) for k in range(_pool_size(size))], _tagged(count - 1, size)
 
 
+def warmup_lap(p: Params, size: int) -> tuple[int, int]:
+    """The untimed warm-up before bytes messages of ``size``: ``(message size, count)``.
+
+    As much as ``bytes_warmup`` 1 MiB messages (one lap of the ring), in
+    messages of the measured size when larger: records are placed by size
+    (large ones do not wrap early), so only a lap at that size touches the
+    pages the timed messages will, and a fresh page costs about 10x the copy.
+    """
+    warm = max(size, MIB)
+    return warm, -(-p.bytes_warmup * MIB // warm)
+
+
 def produce_bytes(
     ep: Endpoint, p: Params, go: Callable[[], None], *, size: int, count: int
 ) -> dict[str, Any]:
     send = ep.send_raw
     pool, last = _payloads(size, count)
     k = len(pool)
-    warm = _tagged(0, MIB)  # the warm-up lap is in 1 MiB messages whatever the size
-    for _ in range(p.bytes_warmup):
+    warm_size, laps = warmup_lap(p, size)
+    warm = _tagged(0, warm_size)
+    for _ in range(laps):
         send(warm)
     go()
     for i in range(count - 1):
@@ -148,7 +162,7 @@ def consume_bytes(
     recv, k = ep.recv_raw, _pool_size(size)
     n, last = 0, -1
     from_bytes = int.from_bytes
-    for _ in range(p.bytes_warmup):
+    for _ in range(warmup_lap(p, size)[1]):
         recv()
     go()
     for i in range(count):
@@ -168,9 +182,10 @@ def produce_reserved(
     reserve = ep.reserve
     pool, last = _payloads(size, count)
     k = len(pool)
-    warm = _tagged(0, MIB)
-    for _ in range(p.bytes_warmup):
-        with reserve(MIB) as buf:
+    warm_size, laps = warmup_lap(p, size)
+    warm = _tagged(0, warm_size)
+    for _ in range(laps):
+        with reserve(warm_size) as buf:
             buf[:] = warm  # every byte: the lap must touch every page of the ring
     go()
     for i in range(count - 1):
@@ -188,7 +203,7 @@ def consume_viewed(
     get_view, k = ep.get_view, _pool_size(size)
     n, last = 0, -1
     from_bytes = int.from_bytes
-    for _ in range(p.bytes_warmup):
+    for _ in range(warmup_lap(p, size)[1]):
         with get_view():
             pass
     go()

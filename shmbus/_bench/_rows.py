@@ -10,14 +10,19 @@ import functools
 from multiprocessing.context import ForkContext
 from typing import Any, Callable
 
+from .._format import parse_size
 from ._channels import Channel
 from ._measure import Progress, Role, cpu_detail, cpu_s, first_start_ns, measure, median, rotations
 from ._params import BenchError, Params, size_text
-from ._roles import consume_bytes, consume_until_none, produce_bytes, produce_share
+from ._roles import consume_bytes, consume_until_none, memcpy_into, memcpy_new, produce_bytes, produce_share
 
-__all__ = ["SWEEP_TRANSPORTS", "sweep_count", "run_sweep", "MPMC_TRANSPORTS", "run_mpmc"]
+__all__ = ["SWEEP_TRANSPORTS", "SWEEP_MEMCPY", "sweep_count", "run_sweep", "MPMC_TRANSPORTS", "run_mpmc"]
 
 SWEEP_TRANSPORTS: tuple[str, ...] = ("shmbus", "mp.Queue", "mp.Pipe")
+# Each size's ceiling, as in (c): one process copying payloads of that size. A
+# 16 MiB copy runs at memory speed where a 1 MiB one stays in the cache, so
+# each size is compared with its own copy, not with (c)'s.
+SWEEP_MEMCPY: tuple[str, ...] = ("memcpy new", "memcpy into")
 
 
 def sweep_count(params: Params, size: int) -> int:
@@ -34,19 +39,37 @@ def run_sweep(params: Params, ctx: ForkContext, progress: Progress) -> dict[str,
             Role("producer", "producer", functools.partial(produce_bytes, size=size, count=count)),
             Role("consumer", "consumer", functools.partial(consume_bytes, size=size, count=count)),
         ]
-        samples: dict[str, list[dict[str, Any]]] = {t: [] for t in SWEEP_TRANSPORTS}
-        for rep, order in enumerate(rotations(SWEEP_TRANSPORTS, params.sweep_repeats)):
+        copies = _copy_roles(params, size, count)
+        samples: dict[str, list[dict[str, Any]]] = {t: [] for t in (*SWEEP_TRANSPORTS, *SWEEP_MEMCPY)}
+        for rep, order in enumerate(rotations((*SWEEP_TRANSPORTS, *SWEEP_MEMCPY), params.sweep_repeats)):
             for t in order:
                 what = f"{size_text(size)} x {count:,}, {t}, run {rep + 1}/{params.sweep_repeats}"
                 progress.step(f"(e) sizes: {what}")
-                reports = measure(roles, t, params, ctx)
-                samples[t].append(_stream_sample(reports, count, size))
-        by_size[str(size)] = {"size": size, "messages": count, "transports": _stream_summary(samples)}
+                if t in copies:
+                    reports = measure(copies[t], "none", params, ctx)
+                    samples[t].append(_stream_sample(reports, count, size, end="producer"))
+                else:
+                    reports = measure(roles, t, params, ctx)
+                    samples[t].append(_stream_sample(reports, count, size))
+        by_size[str(size)] = {"size": size, "messages": count, **_stream_summary(samples)}
     return {"letter": "e", "title": "message-size sweep, bytes messages", "sizes": by_size}
 
 
-def _stream_sample(reports: dict[str, dict[str, Any]], count: int, size: int) -> dict[str, Any]:
-    cons = reports["consumer"]
+def _copy_roles(params: Params, size: int, count: int) -> dict[str, list[Role]]:
+    """The memcpy ceilings of one size: one process, no channel (the (g) copies of (c))."""
+    ring = parse_size(params.capacity)
+    return {
+        "memcpy new": [Role("producer", "", functools.partial(memcpy_new, size=size, count=count))],
+        "memcpy into": [
+            Role("producer", "", functools.partial(memcpy_into, size=size, count=count, ring=ring))
+        ],
+    }
+
+
+def _stream_sample(
+    reports: dict[str, dict[str, Any]], count: int, size: int, end: str = "consumer"
+) -> dict[str, Any]:
+    cons = reports[end]
     if cons["count"] != count or cons["last_seq"] != count - 1:
         raise BenchError(f"sizes: received {cons['count']} messages of {size} bytes, expected {count}")
     elapsed = (cons["t_end_ns"] - first_start_ns(reports)) / 1e9
@@ -60,15 +83,21 @@ def _stream_sample(reports: dict[str, dict[str, Any]], count: int, size: int) ->
 
 
 def _stream_summary(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each transport's medians and ratios, and the size's memcpy ceiling (the faster copy)."""
     out: dict[str, Any] = {}
-    for t, s in samples.items():
+    for t in SWEEP_TRANSPORTS:
+        s = samples[t]
         out[t] = {k: median(s, k) for k in ("msg_per_s", "mb_per_s", "cpu_us_per_msg")}
         out[t]["samples"] = s
+    copies: dict[str, Any] = {t: {"mb_per_s": median(samples[t], "mb_per_s"), "samples": samples[t]}
+                              for t in SWEEP_MEMCPY}  # fmt: skip
+    ceiling = max(median(samples[t], "mb_per_s") for t in SWEEP_MEMCPY)
     base = out["mp.Queue"]["msg_per_s"]
     for t in out:
         out[t]["x mp.Queue"] = out[t]["msg_per_s"] / base
         out[t]["x mp.Pipe"] = out[t]["msg_per_s"] / out["mp.Pipe"]["msg_per_s"]
-    return out
+        out[t]["% of memcpy"] = 100 * out[t]["mb_per_s"] / ceiling
+    return {"transports": out, "memcpy": {"mb_per_s": ceiling, **copies}}
 
 
 # -- (f) producers x consumers ------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .. import __version__, _accel
 from ._measure import Progress
 from ._pairs import PAIR_ROWS, pair_steps, run_pair_row
 from ._params import OPTIONAL, ROW_LETTERS, Params, params_for
-from ._rows import MPMC_TRANSPORTS, SWEEP_TRANSPORTS, run_mpmc, run_sweep
+from ._rows import MPMC_TRANSPORTS, SWEEP_MEMCPY, SWEEP_TRANSPORTS, run_mpmc, run_sweep
 from ._scale import run_scale
 from ._targets import evaluate_targets
 from ._topicrow import run_topic, topic_steps
@@ -45,7 +45,7 @@ def _steps(keys: Sequence[str], params: Params, missing: Mapping[str, str]) -> i
         if row.key in keys:
             n += pair_steps(row, params, missing)
     if "sizes" in keys:
-        n += len(params.sweep_sizes) * len(SWEEP_TRANSPORTS) * params.sweep_repeats
+        n += len(params.sweep_sizes) * (len(SWEEP_TRANSPORTS) + len(SWEEP_MEMCPY)) * params.sweep_repeats
     if "mpmc" in keys:
         n += len(params.mpmc_shapes) * len(MPMC_TRANSPORTS) * params.mpmc_repeats
     if "scale" in keys:

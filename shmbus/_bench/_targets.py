@@ -54,6 +54,11 @@ def _pct_of_memcpy(variant: str) -> Figure:
 MEMCPY_VARIANTS = ("memcpy new", "memcpy into", "memcpy into small")
 
 
+def _sweep_pct_of_memcpy(size: int) -> Figure:
+    """(e): shmbus at ``size`` as a % of a memcpy of that same size (None when the size was not run)."""
+    return _figure("sizes", "sizes", str(size), "transports", "shmbus", "% of memcpy")
+
+
 def _rss_growth_mib(b: Mapping[str, Any]) -> float | None:
     grown = lookup(b, "scale", "memory", "rss_delta_bytes")
     return None if grown is None else grown / MIB
@@ -107,6 +112,10 @@ TARGETS: tuple[tuple[str, str, Figure, str, float], ...] = (
      _pct_of_memcpy("shmbus small"), ">=", 90),
     ("[info] small ring, 1 MiB zero copy: memcpy share", "(c) small ring: shmbus zero copy >= 90% of memcpy",
      _pct_of_memcpy("shmbus zero-copy small"), ">=", 90),
+    ("4 MiB bytes messages: share of a 4 MiB memcpy", "(e) shmbus 4 MiB >= 60% of memcpy",
+     _sweep_pct_of_memcpy(4 * MIB), ">=", 60),
+    ("16 MiB bytes messages: share of a 16 MiB memcpy", "(e) shmbus 16 MiB >= 60% of memcpy",
+     _sweep_pct_of_memcpy(16 * MIB), ">=", 60),
     ("round-trip latency, blocking", "(d) shmbus blocking p50 no worse than mp.Pipe (x mp.Pipe >= 1)",
      _ratio("pingpong", "shmbus blocking", "mp.Pipe", "p50_us"), ">=", 1),
     ("round-trip latency, spinning", "(d) shmbus with spin: p50 <= 5 us",
@@ -140,7 +149,9 @@ TARGETS: tuple[tuple[str, str, Figure, str, float], ...] = (
 )  # fmt: skip
 
 # The row each target's figure comes from, by the letter in its text.
-_ROW_OF_LETTER = {"a": "single", "b": "batch", "c": "bytes", "d": "pingpong", "h": "scale", "t": "topic"}
+_ROW_OF_LETTER = {
+    "a": "single", "b": "batch", "c": "bytes", "d": "pingpong", "e": "sizes", "h": "scale", "t": "topic",
+}  # fmt: skip
 
 
 def row_of(target: str) -> str:
