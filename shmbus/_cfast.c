@@ -1602,9 +1602,16 @@ static PyObject *read_records(FastTopic *t, SubState *s, Py_ssize_t k, int *hand
             Py_DECREF(payload);
             continue;
         }
-        PyObject *item = Py_BuildValue("(iN)", (int)r.kind, payload);
-        if (item == NULL || PyList_Append(out, item) < 0) {
+        PyObject *item = PyTuple_New(2), *kind = item == NULL ? NULL : PyLong_FromLong(r.kind);
+        if (kind == NULL) {
             Py_XDECREF(item);
+            Py_DECREF(payload);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(item, 0, kind);
+        PyTuple_SET_ITEM(item, 1, payload);
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(item);
             goto fail;
         }
         Py_DECREF(item);
