@@ -206,15 +206,15 @@ class Subscription:
             return self.get_many(1, block, timeout)[0] if block else self._get_nowait()
         # _get's steps for the common call, inline: each Python call there is a
         # measurable share of a round trip (tests/test_subscription.py runs both).
-        spin = min(self.spin, _accel.SPIN_MAX)  # _spin_for(True, None)
         d.enter()
         try:
-            got = fast.read(self, self._base, 1, _MESSAGES, spin)
+            got = fast.read(self, self._base, 1, _MESSAGES, self.spin)  # (C polls SPIN_MAX at most)
             if type(got) is list and got:
                 return got[0]
             got, final = self._took(got, 1)
             if not got:
-                got, final = self._block(1, _MESSAGES, None, spin if got is None else 0.0)
+                spun = self._spin_for(True, None) if got is None else 0.0
+                got, final = self._block(1, _MESSAGES, None, spun)
         finally:
             d.leave()
         return self._finish(got, final, _MESSAGES)[0]
