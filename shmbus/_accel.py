@@ -141,6 +141,6 @@ def topic_fast_path(mapping: Any, layout: Layout, codec: CodecParts, max_payload
     if _cfast is None:
         return None
     fast: FastTopic = _cfast.FastTopic(mapping, layout.ring_offset, layout.capacity, layout.max_subscribers)
-    pack, unpack, unpack_kwargs = codec[:3]  # (msgspec's pair: the Queue's batches only, so far)
-    fast.set_codec(pack, unpack, unpack_kwargs, max_payload)
+    pack, unpack, unpack_kwargs, fast_pack, fast_unpack = codec
+    fast.set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack)
     return fast

@@ -430,19 +430,23 @@ static int plain_tree(PyObject *o, int depth) {
 
 /* The msgpack payload of obj (a plain_type), or NULL with no error set: Python encodes
  * it again (and raises EncodeError) or it is too large (MessageTooLarge there). */
-static PyObject *encode_obj(FastQueue *q, PyObject *obj) {
+static PyObject *encode_with(PyObject *fast_pack, PyObject *pack, uint64_t max_payload, PyObject *obj) {
     PyObject *data = NULL;
-    if (q->fast_pack != NULL && plain_tree(obj, PLAIN_DEPTH)) {
-        data = PyObject_CallOneArg(q->fast_pack, obj);
+    if (fast_pack != NULL && plain_tree(obj, PLAIN_DEPTH)) {
+        data = PyObject_CallOneArg(fast_pack, obj);
         if (data == NULL) PyErr_Clear(); /* msgpack decides: the same bytes, or its own error */
     }
-    if (data == NULL) data = PyObject_CallOneArg(q->pack, obj);
-    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > q->max_payload) {
+    if (data == NULL) data = PyObject_CallOneArg(pack, obj);
+    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > max_payload) {
         PyErr_Clear();
         Py_XDECREF(data);
         return NULL;
     }
     return data;
+}
+
+static PyObject *encode_obj(FastQueue *q, PyObject *obj) {
+    return encode_with(q->fast_pack, q->pack, q->max_payload, obj);
 }
 
 /* A bytes message as Codec.encode writes it: the msgpack bin header, then the data, copied
@@ -580,6 +584,50 @@ static size_t msgpack_span(const unsigned char *p, size_t n) {
     return i;
 }
 
+/* The count messages of blob, a msgpack array of them, as records (slices of blob, which
+ * must outlive them): PyMem_Free the result. NULL: not such an array (or a message over
+ * max_payload), no error set; NULL with an error set: no memory. */
+static Msg *split_array(PyObject *blob, Py_ssize_t count, uint64_t max_payload) {
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(blob);
+    size_t len = (size_t)PyBytes_GET_SIZE(blob), off = 0, n = 0;
+    if (len >= 1 && p[0] >= 0x90 && p[0] <= 0x9F) n = p[0] & 0x0F, off = 1;
+    else if (len >= 3 && p[0] == 0xDC) n = (size_t)p[1] << 8 | p[2], off = 3;
+    else if (len >= 5 && p[0] == 0xDD) n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4], off = 5;
+    if (n != (size_t)count) return NULL;
+    Msg *msgs = PyMem_Calloc((size_t)count, sizeof(Msg));
+    if (msgs == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    Py_ssize_t i = 0;
+    for (; i < count; i++) {
+        size_t span = msgpack_span(p + off, len - off);
+        if (span == 0 || span > max_payload) break;
+        msgs[i] = (Msg){.kind = REC_MSGPACK, .prefix = (const char *)p + off, .plen = (Py_ssize_t)span};
+        off += span;
+    }
+    if (i == count && off == len) return msgs;
+    PyMem_Free(msgs);
+    return NULL;
+}
+
+/* The fast_pack encoding of objs (a list of count >= 1 messages) if every one is a
+ * plain_tree message, else NULL with no error set: Python encodes them. */
+static PyObject *pack_array(PyObject *fast_pack, PyObject *objs, Py_ssize_t count) {
+    if (fast_pack == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *o = PyList_GET_ITEM(objs, i);
+        if (!plain_type(o) || !plain_tree(o, PLAIN_DEPTH)) return NULL;
+    }
+    PyObject *blob = PyObject_CallOneArg(fast_pack, objs);
+    if (blob == NULL || !PyBytes_Check(blob)) {
+        PyErr_Clear();
+        Py_XDECREF(blob);
+        return NULL;
+    }
+    return blob;
+}
+
 /* put_objs(list) -> written << 2 | PUT_*, or PUT_PYTHON: put_many's common case, encoding
  * included: a list of plain_tree messages is encoded by one fast_pack call (a msgpack array
  * is its items' encodings one after the other: the records are its slices, and no object
@@ -590,43 +638,18 @@ static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
         return NULL;
     }
     Py_ssize_t count = PyList_GET_SIZE(objs);
-    if (q->ring == NULL || q->fast_pack == NULL || count == 0 || count > UINT32_MAX)
-        return PyLong_FromLong(PUT_PYTHON);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *o = PyList_GET_ITEM(objs, i);
-        if (!plain_type(o) || !plain_tree(o, PLAIN_DEPTH)) return PyLong_FromLong(PUT_PYTHON);
+    if (q->ring == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
+    PyObject *blob = pack_array(q->fast_pack, objs, count);
+    if (blob == NULL) return PyLong_FromLong(PUT_PYTHON);
+    Msg *msgs = split_array(blob, count, q->max_payload);
+    if (msgs == NULL) {
+        Py_DECREF(blob);
+        return PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
     }
-    PyObject *blob = PyObject_CallOneArg(q->fast_pack, objs);
-    if (blob == NULL || !PyBytes_Check(blob)) {
-        PyErr_Clear();
-        Py_XDECREF(blob);
-        return PyLong_FromLong(PUT_PYTHON);
-    }
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(blob);
-    size_t len = (size_t)PyBytes_GET_SIZE(blob), off = 0, n = 0;
-    if (len >= 1 && p[0] >= 0x90 && p[0] <= 0x9F) n = p[0] & 0x0F, off = 1;
-    else if (len >= 3 && p[0] == 0xDC) n = (size_t)p[1] << 8 | p[2], off = 3;
-    else if (len >= 5 && p[0] == 0xDD) n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4], off = 5;
-    Msg *msgs = n == (size_t)count ? PyMem_Calloc((size_t)count, sizeof(Msg)) : NULL;
-    PyObject *r = NULL;
-    if (msgs != NULL) {
-        Py_ssize_t i = 0;
-        for (; i < count; i++) {
-            size_t span = msgpack_span(p + off, len - off);
-            if (span == 0 || span > q->max_payload) break;
-            msgs[i] = (Msg){.kind = REC_MSGPACK, .prefix = (const char *)p + off, .plen = (Py_ssize_t)span};
-            off += span;
-        }
-        if (i == count && off == len) {
-            r = put_msgs(q, msgs, count, 1); /* (NULL: an error, raised: nothing for Python to redo) */
-            PyMem_Free(msgs);
-            Py_DECREF(blob);
-            return r;
-        }
-        PyMem_Free(msgs);
-    }
+    PyObject *r = put_msgs(q, msgs, count, 1); /* (NULL: an error, raised: nothing for Python to redo) */
+    PyMem_Free(msgs);
     Py_DECREF(blob);
-    return PyLong_FromLong(PUT_PYTHON);
+    return r;
 }
 
 /* put_many(list of encoded) -> written << 2 | PUT_*: put_many's common case. */
@@ -927,20 +950,25 @@ static int decode_failed(void) {
 /* A msgpack payload decoded as Codec.finish would (msgspec when it can, else msgpack's
  * unpackb); NULL with no error set: Python decodes it again (and raises DecodeError);
  * NULL with an error set: a signal handler's exception (decode_failed). */
-static PyObject *decode_payload(FastQueue *q, PyObject *payload) {
+static PyObject *decode_with(PyObject *fast_unpack, PyObject *unpack, PyObject *kwnames, PyObject *kwvalues,
+                             PyObject *payload) {
     PyObject *msg = NULL;
-    if (q->fast_unpack != NULL &&
+    if (fast_unpack != NULL &&
         !may_hold_timestamp((const unsigned char *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))) {
-        msg = PyObject_CallOneArg(q->fast_unpack, payload);
+        msg = PyObject_CallOneArg(fast_unpack, payload);
         /* msgpack decides: the same message, or its own error */
         if (msg == NULL && decode_failed() < 0) return NULL;
     }
     if (msg == NULL) {
-        PyObject *argv[3] = {payload, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
-        msg = PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
+        PyObject *argv[3] = {payload, PyTuple_GET_ITEM(kwvalues, 0), PyTuple_GET_ITEM(kwvalues, 1)};
+        msg = PyObject_Vectorcall(unpack, argv, 1, kwnames);
         if (msg == NULL) decode_failed();
     }
     return msg;
+}
+
+static PyObject *decode_payload(FastQueue *q, PyObject *payload) {
+    return decode_with(q->fast_unpack, q->unpack, q->kwnames, q->kwvalues, payload);
 }
 
 /* get_obj(tokens_index, spin_s) -> message | NoToken | HasToken | (kind, payload):
@@ -1205,6 +1233,7 @@ typedef struct {
     Py_ssize_t nflags; /* wait flag bytes at WAIT_FLAGS, one a slot */
     pthread_mutex_t *head;
     PyObject *pack, *unpack, *kwnames, *kwvalues; /* as FastQueue's (set_codec) */
+    PyObject *fast_pack, *fast_unpack;            /* as FastQueue's: msgspec's pair, or NULL */
     uint64_t max_payload;
 } FastTopic;
 
@@ -1224,6 +1253,8 @@ static void ft_release(FastTopic *t) {
     Py_CLEAR(t->unpack);
     Py_CLEAR(t->kwnames);
     Py_CLEAR(t->kwvalues);
+    Py_CLEAR(t->fast_pack);
+    Py_CLEAR(t->fast_unpack);
 }
 
 static void ft_dealloc(FastTopic *t) {
@@ -1423,12 +1454,8 @@ static PyObject *ft_publish_obj(FastTopic *t, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     if (t->ring == NULL || t->pack == NULL || !plain_type(args[0])) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *data = PyObject_CallOneArg(t->pack, args[0]);
-    if (data == NULL || !PyBytes_Check(data) || (uint64_t)PyBytes_GET_SIZE(data) > t->max_payload) {
-        PyErr_Clear();
-        Py_XDECREF(data);
-        return PyLong_FromLong(PUT_PYTHON);
-    }
+    PyObject *data = encode_with(t->fast_pack, t->pack, t->max_payload, args[0]);
+    if (data == NULL) return PyLong_FromLong(PUT_PYTHON);
     Msg m = {.kind = REC_MSGPACK, .prefix = PyBytes_AS_STRING(data), .plen = PyBytes_GET_SIZE(data)};
     PyObject *r = publish_msgs(t, &m, 1, 0);
     Py_DECREF(data);
@@ -1463,6 +1490,26 @@ static PyObject *ft_publish_many(FastTopic *t, PyObject *const *args, Py_ssize_t
 out:
     for (Py_ssize_t i = 0; i < parsed; i++) msg_release(&msgs[i]);
     PyMem_Free(msgs);
+    return r;
+}
+
+/* publish_objs(list) -> as publish_many, or PUT_PYTHON (nothing done, no error): Python
+ * encodes and publishes. publish_many's common case, encoding included (as FastQueue.put_objs). */
+static PyObject *ft_publish_objs(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "publish_objs(list)");
+        return NULL;
+    }
+    PyObject *objs = args[0];
+    Py_ssize_t count = PyList_GET_SIZE(objs);
+    if (t->ring == NULL || t->pack == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
+    PyObject *blob = pack_array(t->fast_pack, objs, count);
+    if (blob == NULL) return PyLong_FromLong(PUT_PYTHON);
+    Msg *msgs = split_array(blob, count, t->max_payload);
+    PyObject *r = msgs == NULL ? (PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON))
+                               : publish_msgs(t, msgs, count, 1);
+    PyMem_Free(msgs);
+    Py_DECREF(blob);
     return r;
 }
 
@@ -1555,9 +1602,16 @@ static PyObject *read_records(FastTopic *t, SubState *s, Py_ssize_t k, int *hand
             Py_DECREF(payload);
             continue;
         }
-        PyObject *item = Py_BuildValue("(iN)", (int)r.kind, payload);
-        if (item == NULL || PyList_Append(out, item) < 0) {
+        PyObject *item = PyTuple_New(2), *kind = item == NULL ? NULL : PyLong_FromLong(r.kind);
+        if (kind == NULL) {
             Py_XDECREF(item);
+            Py_DECREF(payload);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(item, 0, kind);
+        PyTuple_SET_ITEM(item, 1, payload);
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(item);
             goto fail;
         }
         Py_DECREF(item);
@@ -1619,8 +1673,7 @@ static PyObject *finish_records(FastTopic *t, PyObject *recs, int mode) {
             msg = Py_NewRef(payload);
         } else {
             if (t->unpack == NULL) break;
-            PyObject *argv[3] = {payload, PyTuple_GET_ITEM(t->kwvalues, 0), PyTuple_GET_ITEM(t->kwvalues, 1)};
-            msg = PyObject_Vectorcall(t->unpack, argv, 1, t->kwnames);
+            msg = decode_with(t->fast_unpack, t->unpack, t->kwnames, t->kwvalues, payload);
             if (msg == NULL) {
                 PyErr_Clear(); /* Python decodes them all again and raises DecodeError */
                 break;
@@ -1682,9 +1735,11 @@ static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 static PyObject *ft_set_codec(FastTopic *t, PyObject *args) {
-    PyObject *pack, *unpack, *kw;
+    PyObject *pack, *unpack, *kw, *fast_pack = Py_None, *fast_unpack = Py_None;
     unsigned long long max_payload;
-    if (!PyArg_ParseTuple(args, "OOO!K", &pack, &unpack, &PyDict_Type, &kw, &max_payload)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOO!K|OO", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
+                          &fast_unpack))
+        return NULL;
     if (PyDict_GET_SIZE(kw) != 2) {
         PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
         return NULL;
@@ -1705,6 +1760,8 @@ static PyObject *ft_set_codec(FastTopic *t, PyObject *args) {
     Py_XSETREF(t->unpack, unpack == Py_None ? NULL : Py_NewRef(unpack));
     Py_XSETREF(t->kwnames, names);
     Py_XSETREF(t->kwvalues, values);
+    Py_XSETREF(t->fast_pack, fast_pack == Py_None || t->pack == NULL ? NULL : Py_NewRef(fast_pack));
+    Py_XSETREF(t->fast_unpack, fast_unpack == Py_None || t->unpack == NULL ? NULL : Py_NewRef(fast_unpack));
     t->max_payload = max_payload;
     Py_RETURN_NONE;
 }
@@ -1721,10 +1778,13 @@ static PyMethodDef ft_methods[] = {
      "publish_obj(obj) -> as publish, or PUT_PYTHON: Python encodes and publishes"},
     {"publish_many", (PyCFunction)(void (*)(void))ft_publish_many, METH_FASTCALL,
      "publish_many(encoded list) -> as publish; PUT_HELD: the lock is still held"},
+    {"publish_objs", (PyCFunction)(void (*)(void))ft_publish_objs, METH_FASTCALL,
+     "publish_objs(list) -> as publish_many, or PUT_PYTHON: Python encodes and publishes"},
     {"read", (PyCFunction)(void (*)(void))ft_read, METH_FASTCALL,
      "read(sub, slot_base, k, mode, spin_s) -> list, None (nothing new), [] (Python reads), tuple"},
     {"set_codec", (PyCFunction)ft_set_codec, METH_VARARGS,
-     "set_codec(pack, unpack, unpack_kwargs, max_payload): encode/decode in publish_obj/read"},
+     "set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack=None, fast_unpack=None): "
+     "encode/decode in publish_obj/publish_objs/read"},
     {"close", (PyCFunction)ft_close, METH_NOARGS, "Release the mapping and the codec."},
     {NULL, NULL, 0, NULL},
 };

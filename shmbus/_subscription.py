@@ -200,7 +200,24 @@ class Subscription:
 
         Raises ``Empty`` when nothing arrived in time.
         """
-        return self.get_many(1, block, timeout)[0] if block else self._get_nowait()
+        d = self._door
+        fast = d.fast
+        if fast is None or not block or timeout is not None or self._closed:
+            return self.get_many(1, block, timeout)[0] if block else self._get_nowait()
+        # _get's steps for the common call, inline: each Python call there is a
+        # measurable share of a round trip (tests/test_subscription.py runs both).
+        d.enter()
+        try:
+            got = fast.read(self, self._base, 1, _MESSAGES, self.spin)  # (C polls SPIN_MAX at most)
+            if type(got) is list and got:
+                return got[0]
+            got, final = self._took(got, 1)
+            if not got:
+                spun = self._spin_for(True, None) if got is None else 0.0
+                got, final = self._block(1, _MESSAGES, None, spun)
+        finally:
+            d.leave()
+        return self._finish(got, final, _MESSAGES)[0]
 
     def _get_nowait(self) -> Any:
         got = self.get_many(1, False)
@@ -248,16 +265,22 @@ class Subscription:
             spin = self._spin_for(block, timeout)
             got, final = self._fetch(k, mode, spin)
             if not got and block:
-                spun = spin if got is None else 0.0  # C polled head that long
-                deadline = _deadline(timeout)
-                while not got:
-                    if not self._wait(deadline, spun):
-                        raise Empty(f"no new message on {d.path}", path=d.path)
-                    spun = 0.0
-                    got, final = self._fetch(k, mode, 0.0)
+                got, final = self._block(k, mode, timeout, spin if got is None else 0.0)
         finally:
             d.leave()
         return self._finish(got or [], final, mode)
+
+    def _block(self, k: int, mode: int, timeout: float | None, spun: float) -> tuple[list[Any], bool]:
+        """``_fetch`` once something is new, waiting up to ``timeout`` (``spun``: seconds C polled)."""
+        deadline = _deadline(timeout)
+        got: list[Any] | None = None
+        final = False
+        while not got:
+            if not self._wait(deadline, spun):
+                raise Empty(f"no new message on {self._door.path}", path=self._door.path)
+            spun = 0.0
+            got, final = self._fetch(k, mode, 0.0)
+        return got, final
 
     def _spin_for(self, block: bool, timeout: float | None) -> float:
         """How long C may poll for a first message (at most SPIN_MAX: it holds the GIL)."""
@@ -273,11 +296,15 @@ class Subscription:
         """
         fast = self._door.fast
         if fast is not None:
-            got = fast.read(self, self._base, k, mode, spin)
-            if got is None or (type(got) is list and got):
-                return got, True
-            if got:  # a tuple: records for Python to decode (and raise on)
-                return list(got), False
+            return self._took(fast.read(self, self._base, k, mode, spin), k)
+        return self._read(k), False
+
+    def _took(self, got: Any, k: int) -> tuple[list[Any] | None, bool]:
+        """``_fetch``'s result from what ``FastTopic.read`` returned (Python reads on when C handed back)."""
+        if got is None or (type(got) is list and got):
+            return got, True
+        if got:  # a tuple: records for Python to decode (and raise on)
+            return list(got), False
         return self._read(k), False
 
     def _finish(self, got: list[Any], final: bool, mode: int) -> list[Any]:

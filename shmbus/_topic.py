@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from . import _accel, _faults, _last, _ring
 from ._aio import checkpoint
@@ -227,6 +227,9 @@ class Topic(Bus):
 
     def publish_many(self, objs: Iterable[Any]) -> None:
         """Publish every object of ``objs``, in order, in one lock round."""
+        fast = self._fast
+        if fast is not None and type(objs) is list and objs and self._publish_objs(fast, objs):
+            return
         batch = [self._encode(o) for o in objs]
         if batch:
             self._publish(batch)
@@ -265,30 +268,57 @@ class Topic(Bus):
         self._enter()
         try:
             self._check_sizes(item[3] for item in batch)
-            lock = self._head_lock
-            k = self._publish_fast(batch) if c and self._fast is not None else -1
-            if k == len(batch):
-                return
-            try:
-                if k < 0:
-                    lock.acquire(None)  # (a BusClosed from its wait: nothing published)
-                self._write(batch[k:] if k > 0 else batch)  # (k >= 0: C left the lock held)
-            except BaseException as e:
-                lock.release_after(e)
-                raise
-            lock.release()  # a full fence: the new head is visible before we read the flags
-            self._wake_if_waiting()
+            fast = self._fast
+            k = self._publish_fast(fast.publish_many, batch) if c and fast is not None else -1
+            if k < len(batch):
+                self._write_rest(batch[k:] if k > 0 else batch, k >= 0)  # (k >= 0: C left the lock held)
         finally:
             self._leave()
 
-    def _publish_fast(self, batch: list[Encoded]) -> int:
-        """C's part of ``_publish``: all of ``batch`` published (its length), the lock left held
-        with the first k published (k), or nothing done and the lock free (-1)."""
-        fast, lock = self._fast, self._head_lock
-        assert fast is not None
+    def _publish_objs(self, fast: FastTopic, objs: list[Any]) -> bool:
+        """publish_many's common case in C, encoding included; False if C left it all to Python.
+
+        C encodes the whole list with one msgspec call and publishes what needs
+        no wrap (msgspec installed, every message of plain types); Python
+        encodes whatever is left past the first records C wrote, the same bytes.
+        """
+        self._enter()
+        try:
+            k = self._publish_fast(fast.publish_objs, objs)
+            if k < 0:
+                return False  # nothing published, the lock free: Python encodes and publishes
+            if k < len(objs):
+                try:  # (no EncodeError or MessageTooLarge can come: C encoded them all)
+                    rest = [self._encode(o) for o in objs[k:]]
+                except BaseException as e:
+                    self._head_lock.release_after(e)
+                    raise
+                self._write_rest(rest, True)
+            return True
+        finally:
+            self._leave()
+
+    def _write_rest(self, batch: list[Encoded], held: bool) -> None:
+        """Write ``batch`` under the head lock (``held``: C left it held), release it, wake subscribers."""
+        lock = self._head_lock
+        try:
+            if not held:
+                lock.acquire(None)  # (a BusClosed from its wait: nothing published)
+            self._write(batch)
+        except BaseException as e:
+            lock.release_after(e)
+            raise
+        lock.release()  # a full fence: the new head is visible before we read the flags
+        self._wake_if_waiting()
+
+    def _publish_fast(self, call: Callable[[list[Any]], int], batch: list[Any]) -> int:
+        """C's part of a batch (``call``: FastTopic's publish_many or publish_objs): all of ``batch``
+        published (its length), the lock left held with the first k published (k), or nothing
+        done and the lock free (-1)."""
+        lock = self._head_lock
         had = lock.mutex.expect()  # C may hand it over held (PUT_HELD)
         try:
-            r = fast.publish_many(batch)
+            r = call(batch)
             code = r & 3
             if code != _accel.PUT_HELD:
                 lock.mutex.settle(had)  # C released it, or never took it

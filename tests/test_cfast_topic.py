@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -415,6 +416,67 @@ def test_a_waiting_subscriber_is_woken_by_a_c_publish(bus_name: str) -> None:
         assert got == ["wake"]
         sub.close()
         t.unlink()
+
+
+# Messages whose reads take each turn of a blocking get: C decodes, hands a record back
+# (a bytes message, an ndarray), or leaves the decoding to Python (an ext type, a timestamp).
+GET_OBJS: list[Any] = [
+    {"seq": 1, "name": "a"}, b"raw", np.arange(3, dtype="<i4"), msgpack.ExtType(5, b"xyz"),
+    msgpack.Timestamp(1, 2), [1, 2.5, None], "x" * 300,
+]  # fmt: skip
+
+
+def test_a_plain_get_takes_the_steps_of_a_get_with_a_timeout(bus_name: str) -> None:
+    """``get()`` runs ``_get``'s steps inline: the same messages and state as ``get(timeout=...)``."""
+    with shmbus.Topic.create(bus_name, capacity=1 << 16) as t:
+        plain, timed = t.subscribe(), t.subscribe()
+        for obj in GET_OBJS:
+            t.publish(obj)
+        t.publish_bytes(b"as is")
+        for _ in range(len(GET_OBJS) + 1):
+            assert _norm(plain.get()) == _norm(timed.get(timeout=5))
+            assert _sub_attrs(plain) == _sub_attrs(timed)
+        plain.close()
+        with pytest.raises(shmbus.BusClosed):
+            plain.get()
+        timed.close()
+        t.unlink()
+
+
+def test_a_plain_get_waits_past_its_spin(bus_name: str) -> None:
+    """C polls for the spin and finds nothing; the wait goes on in Python until a publish."""
+    import threading
+
+    with shmbus.Topic.create(bus_name, capacity=1 << 16) as t:
+        sub = t.subscribe(spin=1)
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(sub.get()))
+        reader.start()
+        while not t._mm[sub._flag]:  # the reader sleeps (its wait flag is set)
+            reader.join(0.001)
+        t.publish({"late": True})
+        reader.join(30)
+        assert got == [{"late": True}] and sub.received == 1
+        sub.close()
+        t.unlink()
+
+
+def test_a_batch_c_encodes_is_finished_by_python_past_a_wrap(bus_name: str) -> None:
+    """publish_objs writes the records before the wrap, Python the rest (the bytes Python writes alone)."""
+    c = shmbus.Topic.create(bus_name, capacity=CAP)
+    py = shmbus.Topic.create(bus_name + "-py", capacity=CAP)
+    try:
+        py._drop_fast_path()
+        batch = [{"i": i, "pad": "x" * 900} for i in range(7)]  # 944-byte records: the fifth wraps
+        subs = [t.subscribe("earliest") for t in (c, py)]
+        for t in (c, py):
+            t.publish_many(batch)
+        assert _snapshot(c) == _snapshot(py)
+        assert [s.get_many(10, block=False) for s in subs] == [batch[3:], batch[3:]]
+    finally:
+        c.close()
+        py.close()
+        shmbus.unlink(bus_name + "-py")  # the bus_name fixture removes the first
 
 
 # -- a writer wrapping the ring while the reader copies ---------------------------------------------
