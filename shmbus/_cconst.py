@@ -29,7 +29,8 @@ __all__ = [
 PUT_NOT_TAKEN: Final = 0  # head lock busy or needing repair, no room, or closed: nothing done
 PUT_DONE: Final = 1  # all written, published, tokens posted, lock released
 PUT_HELD: Final = 2  # put_many: the first ones written, published, posted; the lock is still held
-PUT_PYTHON: Final = -1  # put_obj only (the whole result): nothing done, Python encodes and puts
+# put_obj, put_objs, publish_obj, publish_objs (the whole result): nothing done, Python does it
+PUT_PYTHON: Final = -1
 # FastTopic.publish / publish_many / publish_obj(s) return ``written << PUB_SHIFT | PUB_WAKE? | code``
 # (code: PUT_NOT_TAKEN, PUT_DONE, PUT_HELD as above; publish_obj and publish_objs may return PUT_PYTHON):
 PUB_WAKE: Final = 4  # with PUT_DONE: a subscriber's wait flag was set, Python posts the wake-ups
