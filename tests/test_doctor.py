@@ -138,3 +138,9 @@ def test_the_warning_is_logged_once_per_process(
         "shmbus runs in pure Python, several times slower per small message: the extension is not built "
         "(a test) (`shmbus doctor` tells more)"
     ) == 1
+
+
+def test_the_license_file_is_the_one_pyproject_names() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "MIT"' in pyproject and 'license-files = ["LICENSE"]' in pyproject
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
