@@ -47,7 +47,7 @@ def check_constants(module: ModuleType) -> bool:
         warnings.warn(
             f"shmbus: the C fast path was compiled with other values of {', '.join(bad)} than "
             "shmbus/_format.py and its peers; running in pure Python. Rebuild it: "
-            "`python tools/gen_cheader.py && python setup.py build_ext --inplace`",
+            "`python tools/gen_cheader.py && python -m pip install -e .`",
             RuntimeWarning,
             stacklevel=2,
         )

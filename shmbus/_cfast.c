@@ -301,6 +301,36 @@ static void msg_release(Msg *m) {
     m->has_view = 0;
 }
 
+/* Release the first n of msgs and free the array. */
+static void msgs_free(Msg *msgs, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) msg_release(&msgs[i]);
+    PyMem_Free(msgs);
+}
+
+/* The Msg of each (kind, prefix, body, n) of list (put_many's and publish_many's argument),
+ * or NULL with an exception set; msgs_free(msgs, PyList_GET_SIZE(list)) releases them. */
+static Msg *parse_msgs(PyObject *list) {
+    Py_ssize_t count = PyList_GET_SIZE(list);
+    Msg *msgs = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Msg));
+    if (msgs == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *t = PyList_GET_ITEM(list, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 4) {
+            PyErr_SetString(PyExc_TypeError, "each item must be (kind, prefix, body, n)");
+            msgs_free(msgs, i);
+            return NULL;
+        }
+        if (msg_parse(&msgs[i], PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2)) < 0) {
+            msgs_free(msgs, i);
+            return NULL;
+        }
+    }
+    return msgs;
+}
+
 /* Under the head lock: write as many of msgs as fit at head without a wrap,
  * publish them (counters first, head last, as _publish does) and post their
  * items tokens. Returns how many were written. */
@@ -659,25 +689,11 @@ static PyObject *fq_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     if (q->ring == NULL) return put_result(0, PUT_NOT_TAKEN);
-    PyObject *list = args[0];
-    Py_ssize_t count = PyList_GET_SIZE(list);
-    Msg *msgs = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Msg));
-    if (msgs == NULL) return PyErr_NoMemory();
-    PyObject *r = NULL;
-    Py_ssize_t parsed = 0;
-    for (; parsed < count; parsed++) {
-        PyObject *t = PyList_GET_ITEM(list, parsed);
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 4) {
-            PyErr_SetString(PyExc_TypeError, "each item must be (kind, prefix, body, n)");
-            goto out;
-        }
-        if (msg_parse(&msgs[parsed], PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2)) < 0)
-            goto out;
-    }
-    r = put_msgs(q, msgs, count, 1);
-out:
-    for (Py_ssize_t i = 0; i < parsed; i++) msg_release(&msgs[i]);
-    PyMem_Free(msgs);
+    Py_ssize_t count = PyList_GET_SIZE(args[0]);
+    Msg *msgs = parse_msgs(args[0]);
+    if (msgs == NULL) return NULL;
+    PyObject *r = put_msgs(q, msgs, count, 1);
+    msgs_free(msgs, count);
     return r;
 }
 
@@ -1469,27 +1485,14 @@ static PyObject *ft_publish_many(FastTopic *t, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     if (t->ring == NULL) return pub_result(0, PUT_NOT_TAKEN);
-    PyObject *list = args[0];
-    Py_ssize_t count = PyList_GET_SIZE(list);
-    Msg *msgs = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Msg));
-    if (msgs == NULL) return PyErr_NoMemory();
-    PyObject *r = NULL;
-    Py_ssize_t parsed = 0;
+    Py_ssize_t count = PyList_GET_SIZE(args[0]);
+    Msg *msgs = parse_msgs(args[0]);
+    if (msgs == NULL) return NULL;
     int small = 1;
-    for (; parsed < count; parsed++) {
-        PyObject *it = PyList_GET_ITEM(list, parsed);
-        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 4) {
-            PyErr_SetString(PyExc_TypeError, "each item must be (kind, prefix, body, n)");
-            goto out;
-        }
-        if (msg_parse(&msgs[parsed], PyTuple_GET_ITEM(it, 0), PyTuple_GET_ITEM(it, 1), PyTuple_GET_ITEM(it, 2)) < 0)
-            goto out;
-        small &= (uint64_t)msgs[parsed].plen + (uint64_t)msgs[parsed].blen <= t->max_payload;
-    }
-    r = small && count ? publish_msgs(t, msgs, count, 1) : pub_result(0, PUT_NOT_TAKEN);
-out:
-    for (Py_ssize_t i = 0; i < parsed; i++) msg_release(&msgs[i]);
-    PyMem_Free(msgs);
+    for (Py_ssize_t i = 0; i < count; i++)
+        small &= (uint64_t)msgs[i].plen + (uint64_t)msgs[i].blen <= t->max_payload;
+    PyObject *r = small && count ? publish_msgs(t, msgs, count, 1) : pub_result(0, PUT_NOT_TAKEN);
+    msgs_free(msgs, count);
     return r;
 }
 

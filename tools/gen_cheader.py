@@ -2,7 +2,7 @@
 
 Run ``python tools/gen_cheader.py`` after changing a constant listed in
 ``shmbus/_cconst.py`` (tests/test_gen_cheader.py fails until you do), then
-rebuild the extension (``python setup.py build_ext --inplace``).
+rebuild the extension (``python -m pip install -e .``, which builds it in place).
 """
 
 from __future__ import annotations
