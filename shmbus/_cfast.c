@@ -1038,7 +1038,10 @@ static PyObject *fq_take_last(FastQueue *q, PyObject *Py_UNUSED(unused)) {
 /* set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack): what
  * put_obj/get_obj encode and decode with; pack None or unpack None turns that side off,
  * fast_pack or fast_unpack None leaves it to pack or unpack. */
-static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
+/* set_codec's work for FastQueue and FastTopic alike: parse args, store them in the fields. */
+static PyObject *set_codec_into(PyObject *args, PyObject **pack_f, PyObject **unpack_f, PyObject **kwnames_f,
+                                PyObject **kwvalues_f, PyObject **fast_pack_f, PyObject **fast_unpack_f,
+                                uint64_t *max_payload_f) {
     PyObject *pack, *unpack, *kw, *fast_pack = Py_None, *fast_unpack = Py_None;
     unsigned long long max_payload;
     if (!PyArg_ParseTuple(args, "OOO!K|OO", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
@@ -1060,14 +1063,19 @@ static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
         PyTuple_SET_ITEM(values, i, Py_NewRef(v));
         i++;
     }
-    Py_XSETREF(q->pack, pack == Py_None ? NULL : Py_NewRef(pack));
-    Py_XSETREF(q->unpack, unpack == Py_None ? NULL : Py_NewRef(unpack));
-    Py_XSETREF(q->fast_pack, fast_pack == Py_None || q->pack == NULL ? NULL : Py_NewRef(fast_pack));
-    Py_XSETREF(q->fast_unpack, fast_unpack == Py_None || q->unpack == NULL ? NULL : Py_NewRef(fast_unpack));
-    Py_XSETREF(q->kwnames, names);
-    Py_XSETREF(q->kwvalues, values);
-    q->max_payload = max_payload;
+    Py_XSETREF(*pack_f, pack == Py_None ? NULL : Py_NewRef(pack));
+    Py_XSETREF(*unpack_f, unpack == Py_None ? NULL : Py_NewRef(unpack));
+    Py_XSETREF(*fast_pack_f, fast_pack == Py_None || *pack_f == NULL ? NULL : Py_NewRef(fast_pack));
+    Py_XSETREF(*fast_unpack_f, fast_unpack == Py_None || *unpack_f == NULL ? NULL : Py_NewRef(fast_unpack));
+    Py_XSETREF(*kwnames_f, names);
+    Py_XSETREF(*kwvalues_f, values);
+    *max_payload_f = max_payload;
     Py_RETURN_NONE;
+}
+
+static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
+    return set_codec_into(args, &q->pack, &q->unpack, &q->kwnames, &q->kwvalues, &q->fast_pack, &q->fast_unpack,
+                          &q->max_payload);
 }
 
 /* After the lock: replace each msgpack record of recs by its message, each raw record by
@@ -1738,35 +1746,8 @@ static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 static PyObject *ft_set_codec(FastTopic *t, PyObject *args) {
-    PyObject *pack, *unpack, *kw, *fast_pack = Py_None, *fast_unpack = Py_None;
-    unsigned long long max_payload;
-    if (!PyArg_ParseTuple(args, "OOO!K|OO", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
-                          &fast_unpack))
-        return NULL;
-    if (PyDict_GET_SIZE(kw) != 2) {
-        PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
-        return NULL;
-    }
-    PyObject *names = PyTuple_New(2), *values = PyTuple_New(2), *key, *v;
-    if (names == NULL || values == NULL) {
-        Py_XDECREF(names);
-        Py_XDECREF(values);
-        return NULL;
-    }
-    Py_ssize_t pos = 0, i = 0;
-    while (PyDict_Next(kw, &pos, &key, &v)) {
-        PyTuple_SET_ITEM(names, i, Py_NewRef(key));
-        PyTuple_SET_ITEM(values, i, Py_NewRef(v));
-        i++;
-    }
-    Py_XSETREF(t->pack, pack == Py_None ? NULL : Py_NewRef(pack));
-    Py_XSETREF(t->unpack, unpack == Py_None ? NULL : Py_NewRef(unpack));
-    Py_XSETREF(t->kwnames, names);
-    Py_XSETREF(t->kwvalues, values);
-    Py_XSETREF(t->fast_pack, fast_pack == Py_None || t->pack == NULL ? NULL : Py_NewRef(fast_pack));
-    Py_XSETREF(t->fast_unpack, fast_unpack == Py_None || t->unpack == NULL ? NULL : Py_NewRef(fast_unpack));
-    t->max_payload = max_payload;
-    Py_RETURN_NONE;
+    return set_codec_into(args, &t->pack, &t->unpack, &t->kwnames, &t->kwvalues, &t->fast_pack, &t->fast_unpack,
+                          &t->max_payload);
 }
 
 static PyObject *ft_close(FastTopic *t, PyObject *Py_UNUSED(unused)) {
