@@ -1600,20 +1600,24 @@ static PyObject *read_records(FastTopic *t, SubState *s, Py_ssize_t k, int *hand
         }
         s->cursor = cursor;
         const unsigned char *p = t->ring + r.start % t->cap + RECORD_SIZE;
-        /* A bytes (msgpack bin) or ndarray message: Python copies it (extract); a lost
-         * count past 2**64: Python's to refuse. */
-        if (r.kind == REC_NDARRAY || (r.kind == REC_MSGPACK && r.length && p[0] >= BIN8 && p[0] <= BIN32) ||
-            s->lost > UINT64_MAX - (r.seq - s->next) || s->received >= UINT64_MAX - (uint64_t)k) {
+        /* An ndarray message: Python copies it (extract); a lost count past 2**64: Python's
+         * to refuse. */
+        if (r.kind == REC_NDARRAY || s->lost > UINT64_MAX - (r.seq - s->next) ||
+            s->received >= UINT64_MAX - (uint64_t)k) {
             *handback = 1;
             break;
         }
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)p, r.length);
+        /* A bytes message (a msgpack bin whose header matches its length) is its data, as
+         * extract copies it: handed out as a raw record, already final. A bin header that
+         * does not match stays msgpack, for the decoder to refuse as Python's does. */
+        uint8_t bin = r.kind == REC_MSGPACK ? bin_header(p, r.length) : 0;
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)p + bin, r.length - bin);
         if (payload == NULL) goto fail;
         if (ld64(t->h64 + Q_TAIL) > cursor) { /* lapped: the copy may be torn, resync */
             Py_DECREF(payload);
             continue;
         }
-        PyObject *item = PyTuple_New(2), *kind = item == NULL ? NULL : PyLong_FromLong(r.kind);
+        PyObject *item = PyTuple_New(2), *kind = item == NULL ? NULL : PyLong_FromLong(bin ? REC_RAW : r.kind);
         if (kind == NULL) {
             Py_XDECREF(item);
             Py_DECREF(payload);
@@ -1698,7 +1702,8 @@ static PyObject *finish_records(FastTopic *t, PyObject *recs, int mode) {
 }
 
 /* read(sub, slot_base, k, mode, spin_s) -> list (1..k), None (nothing new: we looked,
- * spinning up to spin_s), [] (Python reads), or a tuple of records (Python decodes). */
+ * spinning up to spin_s), [] (Python reads), or a tuple of records (Python decodes, and
+ * reads on to k: C stopped at a record it leaves to Python). */
 static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "read(sub, slot_base, k, mode, spin_s)");
@@ -1740,7 +1745,9 @@ static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) 
         Py_DECREF(recs);
         return handback ? PyList_New(0) : Py_NewRef(Py_None);
     }
-    PyObject *out = finish_records(t, recs, (int)mode);
+    /* Ended at a record Python must read: the batch goes on there, in Python, and is
+     * decoded as one (so it ends, and fails, where Python's own read of k would). */
+    PyObject *out = handback && mode ? PyList_AsTuple(recs) : finish_records(t, recs, (int)mode);
     Py_DECREF(recs);
     return out;
 }

@@ -26,6 +26,7 @@ handle's operations it may call.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import _accel, _ring
 from ._aio import SubscriptionAio
 from ._codec import Codec, Payload, extract, extract_range
-from ._errors import BusClosed, CorruptBus, Empty
+from ._errors import BusClosed, CorruptBus, Empty, ShmbusError
 from ._format import (
     Q_HEAD,
     Q_NEXT_SEQ,
@@ -304,7 +305,13 @@ class Subscription:
         if got is None or (type(got) is list and got):
             return got, True
         if got:  # a tuple: records for Python to decode (and raise on)
-            return list(got), False
+            recs = list(got)
+            if len(recs) < k:  # C stopped at a record Python reads: the batch goes on, as _read's would
+                # On damage, C's ones (counted and saved) are handed out; the cursor
+                # stays at the damage, so the next read meets (and raises) it again.
+                with contextlib.suppress(ShmbusError):
+                    recs += self._read(k - len(recs))
+            return recs, False
         return self._read(k), False
 
     def _finish(self, got: list[Any], final: bool, mode: int) -> list[Any]:
