@@ -60,8 +60,6 @@ def register(sub: Any) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
-        from prometheus_client import CollectorRegistry, generate_latest
-
         from . import metrics
     except ImportError as err:
         print(f"shmbus export: needs prometheus-client ({err}): pip install 'shmbus[metrics]'",
@@ -70,10 +68,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     buses = args.buses or None
     if args.textfile is None and not args.once:
         return _serve(metrics, args.listen, buses)
-    registry = CollectorRegistry()
-    registry.register(metrics.ShmbusCollector(buses))
+    registry = metrics.new_registry(buses)
     if args.textfile is None:
-        sys.stdout.write(generate_latest(registry).decode())
+        sys.stdout.write(metrics.text(registry))
         return 0
     metrics.write_textfile(args.textfile, registry)  # a first failure ends the command (exit 1)
     while not args.once:

@@ -34,7 +34,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from . import _accel
 from ._scrape import REASONS, Census, Reading, Scraper
 
-__all__ = ["ShmbusCollector", "start_http_server", "write_textfile", "DEFAULT_ADDR", "DEFAULT_PORT"]
+__all__ = [
+    "ShmbusCollector",
+    "new_registry",
+    "start_http_server",
+    "write_textfile",
+    "text",
+    "DEFAULT_ADDR",
+    "DEFAULT_PORT",
+]
 
 DEFAULT_ADDR: Final = "127.0.0.1"
 """Where ``shmbus export`` listens by default: this machine only (bus names may be private)."""
@@ -156,6 +164,18 @@ def _add_exporter(f: dict[str, _Family], census: Census) -> None:
     f["shmbus_export_unreadable_files"].add_metric([], census.unreadable)
 
 
+def new_registry(buses: Iterable[str] | None = None) -> CollectorRegistry:
+    """A new prometheus_client registry holding one ``ShmbusCollector(buses)`` and nothing else."""
+    registry = CollectorRegistry()
+    registry.register(ShmbusCollector(buses))
+    return registry
+
+
+def text(registry: CollectorRegistry) -> str:
+    """The metrics of ``registry`` now, in the Prometheus text format (what a textfile holds)."""
+    return generate_latest(registry).decode()
+
+
 def start_http_server(
     port: int = DEFAULT_PORT, addr: str = DEFAULT_ADDR, *, buses: Iterable[str] | None = None,
     registry: CollectorRegistry | None = None,
@@ -173,8 +193,9 @@ def start_http_server(
     Prometheus text or OpenMetrics is served, as the scraper asks.
     """
     if registry is None:
-        registry = CollectorRegistry()
-    registry.register(ShmbusCollector(buses))
+        registry = new_registry(buses)
+    else:
+        registry.register(ShmbusCollector(buses))
     return _prometheus_http_server(port, addr, registry=registry)
 
 
