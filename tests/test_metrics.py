@@ -366,3 +366,14 @@ def test_the_metrics_page_describes_every_metric() -> None:
     page = (ROOT / "docs" / "metrics.md").read_text()
     missing = sorted(n for n in _exported_names() if f"`{n}`" not in page)
     assert not missing
+
+
+@pytest.mark.timeout(30)
+def test_without_the_extra_export_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"  # (as if not installed)
+        "from shmbus._cli import main; sys.exit(main(['export', '--once']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "pip install 'shmbus[metrics]'" in r.stderr, r.stderr
