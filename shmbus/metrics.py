@@ -222,4 +222,4 @@ def write_textfile(path: str | os.PathLike[str], registry: CollectorRegistry) ->
         if tmp:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise type(e)(e.errno, f"cannot write the metrics file: {e.strerror}", target) from None
+        raise type(e)(e.errno, f"cannot write the metrics file {target}: {e.strerror}") from None
