@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from . import _accel, _doctor
+from . import _accel, _doctor, _export
 from ._bus import Bus
 from ._errors import DecodeError, ShmbusError
 from ._file import read_layout_of
@@ -400,6 +400,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=_cmd_doctor)
+
+    _export.register(sub)
 
     b = sub.add_parser(
         "bench", help="compare shmbus with multiprocessing.Queue and Pipe", add_help=False,

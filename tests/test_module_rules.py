@@ -1,7 +1,8 @@
 """The one-module rules the docstrings state, checked on the source: who imports what.
 
 ``_codec`` is the only module that calls msgpack, ``_sync`` the only one that
-touches ``posix_ipc``, ``_ndarray`` the only one that knows numpy. ``_bench``
+touches ``posix_ipc``, ``_ndarray`` the only one that knows numpy, ``metrics`` the only one
+that imports prometheus_client. ``_bench``
 is left out: it measures other channels too (zmq with its own msgpack).
 """
 
@@ -30,7 +31,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 @pytest.mark.parametrize(
     ("library", "owners"),
     [("msgpack", {"_codec.py"}), ("msgspec", {"_codec.py"}), ("posix_ipc", {"_sync.py"}),
-     ("numpy", {"_ndarray.py"})],
+     ("numpy", {"_ndarray.py"}), ("prometheus_client", {"metrics.py"})],
 )
 def test_only_its_owner_imports_a_library(library: str, owners: set[str]) -> None:
     users = {p.name for p in PACKAGE.glob("*.py") if library in _imports(p)}
@@ -59,8 +60,8 @@ LAYERS: list[set[str]] = [
     {"_queue_base", "_cconst", "_accel", "_aio"},
     {"_producer", "_consumer"},
     {"_queue", "_topic", "_subscription", "_last"},
-    {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor"},
-    {"_cli", "__init__", "__main__"},
+    {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor", "_scrape"},
+    {"_cli", "__init__", "__main__", "_export", "metrics"},
 ]
 
 
