@@ -10,6 +10,11 @@ docstring, then every public method, property and attribute it has, its own
 first, then those it inherits from shmbus base classes. Docstrings are written
 in a small reStructuredText dialect (````code````, ``Example::`` blocks,
 ``Parameters:`` lists), which is turned into Markdown here.
+
+It is also the documentation site's hook (``hooks:`` in mkdocs.yml): on the site, the API page
+is `render_site`, the same names in the same groups as ``::: shmbus.Name`` blocks that
+mkdocstrings renders from the docstrings at build time (``mkdocs build --strict`` fails on a
+docstring it cannot read). Both pages come from the code; neither is kept by hand.
 """
 
 from __future__ import annotations
