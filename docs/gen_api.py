@@ -382,6 +382,9 @@ def render_site() -> str:
         for name in names:
             if group == "Constants":
                 out.append(_constant(name, getattr(shmbus, name)))
+            elif group == "Errors":
+                # an error's bases are what to catch it as (FileNotFoundError, queue.Empty...)
+                out.append(f"::: shmbus.{name}\n    options:\n      show_bases: true\n")
             else:
                 out.append(f"::: shmbus.{name}\n")
     return "\n".join(out)
