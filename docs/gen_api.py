@@ -10,6 +10,11 @@ docstring, then every public method, property and attribute it has, its own
 first, then those it inherits from shmbus base classes. Docstrings are written
 in a small reStructuredText dialect (````code````, ``Example::`` blocks,
 ``Parameters:`` lists), which is turned into Markdown here.
+
+It is also the documentation site's hook (``hooks:`` in mkdocs.yml): on the site, the API page
+is `render_site`, the same names in the same groups as ``::: shmbus.Name`` blocks that
+mkdocstrings renders from the docstrings at build time (``mkdocs build --strict`` fails on a
+docstring it cannot read). Both pages come from the code; neither is kept by hand.
 """
 
 from __future__ import annotations
@@ -56,20 +61,7 @@ CONSTANT_DOCS = {
 
 def render() -> str:
     """The text of docs/api.md for the shmbus that is importable now."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import shmbus
-    finally:
-        sys.path.remove(str(ROOT))
-    groups: dict[str, list[str]] = {"Classes": [], "Functions": [], "Constants": [], "Errors": []}
-    for name in shmbus.__all__:
-        obj = getattr(shmbus, name)
-        if inspect.isclass(obj):
-            groups["Errors" if issubclass(obj, BaseException) else "Classes"].append(name)
-        elif callable(obj):
-            groups["Functions"].append(name)
-        else:
-            groups["Constants"].append(name)
+    shmbus, groups = _public()
     out = [_header(shmbus, groups)]
     for group, names in groups.items():
         if not names:
@@ -86,6 +78,25 @@ def render() -> str:
             else:
                 out.append(_constant(name, obj))
     return "\n".join(out).rstrip() + "\n"
+
+
+def _public() -> tuple[Any, dict[str, list[str]]]:
+    """The shmbus package of this checkout, and the names of ``__all__`` by group, in order."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import shmbus
+    finally:
+        sys.path.remove(str(ROOT))
+    groups: dict[str, list[str]] = {"Classes": [], "Functions": [], "Constants": [], "Errors": []}
+    for name in shmbus.__all__:
+        obj = getattr(shmbus, name)
+        if inspect.isclass(obj):
+            groups["Errors" if issubclass(obj, BaseException) else "Classes"].append(name)
+        elif callable(obj):
+            groups["Functions"].append(name)
+        else:
+            groups["Constants"].append(name)
+    return shmbus, groups
 
 
 def _header(shmbus: Any, groups: dict[str, list[str]]) -> str:
@@ -353,6 +364,46 @@ def _indent(line: str) -> int:
 
 def _inline(text: str) -> str:
     return _LITERAL.sub(r"`\1`", text)
+
+
+def render_site() -> str:
+    """The API page of the documentation site: the same names and groups, rendered by mkdocstrings.
+
+    Each class, function and error is a ``::: shmbus.Name`` block, which mkdocstrings fills from
+    the docstrings when mkdocs builds; the constants, which carry no docstring of their own, keep
+    their text from here.
+    """
+    shmbus, groups = _public()
+    out = [_site_header(shmbus)]
+    for group, names in groups.items():
+        if not names:
+            continue
+        out.append(f"## {group}\n")
+        for name in names:
+            if group == "Constants":
+                out.append(_constant(name, getattr(shmbus, name)))
+            elif group == "Errors":
+                # an error's bases are what to catch it as (FileNotFoundError, queue.Empty...)
+                out.append(f"::: shmbus.{name}\n    options:\n      show_bases: true\n")
+            else:
+                out.append(f"::: shmbus.{name}\n")
+    return "\n".join(out)
+
+
+def _site_header(shmbus: Any) -> str:
+    return f"""# API reference
+
+Everything shmbus {shmbus.__version__} offers, as `import shmbus` sees it:
+the names below are `shmbus.__all__`, and nothing else is public. This page is
+made from the docstrings when the site is built. The code fragments here come
+from the docstrings; the runnable examples are in [concepts.md](concepts.md)
+and [recipes.md](recipes.md).
+"""
+
+
+def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
+    """mkdocs hook (``hooks:`` in mkdocs.yml): the site's api.md is `render_site`, not the file."""
+    return render_site() if page.file.src_uri == "api.md" else markdown
 
 
 def main() -> None:
