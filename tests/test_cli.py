@@ -658,3 +658,15 @@ def test_ls_capacity_and_semaphores_match_create_and_dev_shm(
         assert (row[4], int(row[8])) == (capacity, len(sems))
         assert len(sems) == (5 if "--topic" in argv else 2)
         assert main(["rm", bus_name]) == 0
+
+
+def test_no_error_names_a_temporary_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shmbus._bench._report import write_json
+
+    target = tmp_path / "missing-dir" / "bench.json"
+    with pytest.raises(OSError) as e:
+        write_json(str(target), {})
+    assert str(target) in str(e.value) and ".tmp" not in str(e.value)
+    assert main(["create", str(tmp_path / "missing-dir" / "bus")]) == 1
+    err = capsys.readouterr().err
+    assert "missing-dir/bus" in err and ".tmp" not in err
