@@ -107,6 +107,7 @@ import base64  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import pickle  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from subprocess import PIPE  # noqa: E402
@@ -598,6 +599,10 @@ def test_library_errors_keep_their_python_advice(bus_name: str) -> None:
         with pytest.raises(shmbus.IncompatibleBus, match=r"open it with shmbus\.Queue\.open") as inc:
             shmbus.Topic.open(bus_name)
         assert inc.value.kind == "Queue"
+        again = pickle.loads(pickle.dumps(inc.value))
+        assert (str(again), again.fact, again.hint, again.kind) == (
+            str(inc.value), inc.value.fact, inc.value.hint, "Queue"
+        )
 
 
 def test_create_exist_ok_uses_the_bus_there(bus_name: str, capsys: pytest.CaptureFixture[str]) -> None:
