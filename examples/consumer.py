@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import shmbus
@@ -19,16 +20,19 @@ def main() -> None:
     args = ap.parse_args()
     with shmbus.Queue.create(args.path, capacity="8MiB", exist_ok=True) as q:
         taken = 0
+        status = 0
         try:
             while True:
                 msg = q.get(timeout=args.idle)
                 taken += 1
-                print(f"job {msg['job']} after {(time.time() - msg['sent_at']) * 1e3:.1f} ms in the queue")
+                print(f"job {msg['job']} after {(time.time() - msg['sent_at']) * 1e3:.1f} ms in the queue",
+                      flush=True)  # fmt: skip
         except shmbus.Empty:
             pass
         except KeyboardInterrupt:
-            pass
+            status = 130  # what a shell expects of a command stopped by Ctrl-C
         print(f"took {taken} messages from {q.path}")
+    sys.exit(status)
 
 
 if __name__ == "__main__":

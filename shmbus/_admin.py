@@ -174,6 +174,8 @@ def _scan(paths: Iterable[str] | None, sems: list[tuple[str, str, str]]) -> tupl
             # d_type only: no stat, no link followed, and FIFOs or devices never opened.
             if entry.path in sem_files or not entry.is_file(follow_symlinks=False):
                 continue
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                continue  # a bus being created, under its temporary name: it is listed once linked
             try:
                 key, info = _read_bus(entry.path, counts)
             except PermissionError:

@@ -157,9 +157,9 @@ class Bus:
             except FileExistsError:
                 if not exist_ok:
                     raise BusExists(
-                        f"a file already exists at {real}: open it with {cls.__name__}.open, "
-                        "pass exist_ok=True, or remove it with `shmbus rm`",
-                        path=real,
+                        f"a file already exists at {real}", path=real,
+                        hint=f"open it with {cls.__name__}.open, pass exist_ok=True, or remove it with "
+                        "`shmbus rm`",
                     ) from None
         except (BusExists, NoSpace):
             raise
@@ -231,9 +231,9 @@ class Bus:
         layout = read_layout(self._fd, real)
         if layout.kind != self._KIND:
             raise IncompatibleBus(
-                f"{real} is a shmbus {KIND_NAMES[layout.kind]}, not a {KIND_NAMES[self._KIND]}: "
-                f"open it with shmbus.{KIND_NAMES[layout.kind]}.open",
-                path=real,
+                f"{real} is a shmbus {KIND_NAMES[layout.kind]}, not a {KIND_NAMES[self._KIND]}",
+                path=real, kind=KIND_NAMES[layout.kind],
+                hint=f"open it with shmbus.{KIND_NAMES[layout.kind]}.open",
             )
         self._layout = layout
         st = os.fstat(self._fd)
@@ -318,8 +318,8 @@ class Bus:
             if not 0 <= size <= limit:
                 raise MessageTooLarge(
                     f"a message of {size} bytes (encoded) cannot fit in {self.path}, whose ring of "
-                    f"{self._layout.capacity} bytes holds messages up to {limit} bytes: create the "
-                    f"{type(self).__name__} with a larger capacity",
+                    f"{self._layout.capacity} bytes holds messages up to {limit} bytes",
+                    hint=f"create the {type(self).__name__} with a larger capacity",
                     path=self.path, size=size, limit=limit,
                 )  # fmt: skip
 

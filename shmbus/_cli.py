@@ -18,10 +18,11 @@ from dataclasses import asdict
 from typing import Any
 
 from . import _accel, _doctor, _export
+from ._advice import cli_message
 from ._bus import Bus
-from ._errors import DecodeError, ShmbusError
+from ._errors import BusExists, DecodeError, ShmbusError
 from ._file import read_layout_of
-from ._format import KIND_QUEUE, parse_size
+from ._format import KIND_QUEUE, MAX_SUBSCRIBERS, ring_capacity
 from ._lines import cmd_recv, cmd_send, dumps, from_json, to_json
 from ._queue import Queue
 from ._stats import Stats
@@ -37,11 +38,20 @@ def _cmd_create(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--mode takes octal bits such as 600 or 660, not {args.mode!r}") from None
     bus: Bus
-    if args.topic:
-        bus = Topic.create(args.path, capacity=args.capacity, mode=mode, max_subscribers=args.max_subscribers)
-    else:
-        bus = Queue.create(args.path, capacity=args.capacity, maxsize=args.maxsize, mode=mode)
-    print(f"created {type(bus).__name__} {bus.path} ({bus.capacity} bytes)")
+    kind = Topic if args.topic else Queue
+    try:
+        if args.topic:
+            slots = args.max_subscribers
+            bus = Topic.create(args.path, capacity=args.capacity, max_subscribers=slots, mode=mode)
+        else:
+            bus = Queue.create(args.path, capacity=args.capacity, maxsize=args.maxsize, mode=mode)
+        done = "created"
+    except BusExists:
+        if not args.exist_ok:
+            raise
+        bus = kind.open(args.path)  # (IncompatibleBus if it is of the other kind)
+        done = "exists:"  # as it is: its capacity and limits are not changed
+    print(f"{done} {type(bus).__name__} {bus.path} ({bus.capacity} bytes)")
     bus.close()
     return 0
 
@@ -173,9 +183,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         out = [{**asdict(b), "mode": f"{b.mode:04o}"} for b in buses]
         print(json.dumps({"buses": out, "orphan_semaphores": orphans}))
         return 0
-    rows = [("PATH", "KIND", "MODE", "OWNER", "SIZE", "FILL", "MESSAGES", "PROCS", "SEMS")]
+    rows = [("PATH", "KIND", "MODE", "OWNER", "CAPACITY", "FILL", "MESSAGES", "PROCS", "SEMS")]
     rows += [
-        (b.path, b.kind, f"{b.mode:04o}", _user(b.owner), _human(b.size),
+        (b.path, b.kind, f"{b.mode:04o}", _user(b.owner), _size_text(b.capacity) if b.capacity else "-",
          f"{b.fill:.1%}" if b.capacity else "-", str(b.messages) if b.capacity else "-",
          "-" if b.participants is None else str(b.participants), str(b.semaphores))
         for b in buses
@@ -210,13 +220,12 @@ def _user(uid: int) -> str:
         return str(uid)
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{n}B" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return f"{size:.1f}TiB"
+def _size_text(n: int) -> str:
+    """``n`` bytes as ``create --capacity`` reads them back, exactly: in the largest unit that divides it."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
@@ -262,23 +271,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     c_path = "C fast path on" if _accel.ENABLED else "pure Python: see `shmbus doctor`"
     p.add_argument("--version", action="version", version=f"shmbus {__version__} ({c_path})")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_SubParser)
+    bus = "the bus: a bare name is a file in /dev/shm, a path with a '/' a file anywhere"
 
     c = sub.add_parser(
         "create", help="create a Queue (or a Topic)", epilog="example: shmbus create jobs --capacity 64MiB"
     )
-    c.add_argument("path")
+    c.add_argument("path", help=bus)
     c.add_argument("--topic", action="store_true", help="create a broadcast Topic instead of a Queue")
-    c.add_argument("--max-subscribers", type=int, default=32, help="Topic subscriber slots (default 32)")
-    c.add_argument("--capacity", default="64MiB", type=_size, help="ring size, e.g. 64MiB (default)")
-    c.add_argument("--maxsize", default=0, type=int, help="most messages held at once (0: no bound)")
-    c.add_argument("--mode", default="600", help="octal permission bits (default 600; 660 for a group)")
+    c.add_argument("--max-subscribers", type=_slots, default=32, metavar="N",
+                   help=f"a Topic's subscriber slots, 1 to {MAX_SUBSCRIBERS}")  # fmt: skip
+    c.add_argument("--capacity", default="64MiB", type=_capacity, metavar="SIZE",
+                   help="ring size, such as 64MiB or 1GB (rounded up to 4KiB; 4KiB to 1TiB)")  # fmt: skip
+    c.add_argument("--maxsize", default=0, type=_maxsize, metavar="N",
+                   help="a Queue's most messages held at once (0: only the capacity bounds them)",
+                   )  # fmt: skip
+    c.add_argument("--mode", default="600", metavar="OCTAL",
+                   help="permission bits of the file and its semaphores (660: shared with the group)",
+                   )  # fmt: skip
+    c.add_argument("--exist-ok", action="store_true",
+                   help="a bus of this kind already at PATH is fine: use it as it is (exit 0)")  # fmt: skip
     c.set_defaults(func=_cmd_create)
 
     i = sub.add_parser(
         "info", help="show a bus's header and counters", epilog="example: shmbus info jobs --json"
     )
-    i.add_argument("path")
+    i.add_argument("path", help=bus)
     i.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     i.set_defaults(func=_cmd_info)
 
@@ -287,9 +305,10 @@ def _parser() -> argparse.ArgumentParser:
         help="follow a Topic, printing each message as a JSON line",
         epilog='example: shmbus tail metrics --from earliest --count 10  (bytes print as {"$bytes": base64})',
     )
-    t.add_argument("path")
-    t.add_argument("--from", dest="start", choices=["latest", "earliest"], default="latest")
-    t.add_argument("--count", type=int, default=None, help="stop after N messages (default: Ctrl-C)")
+    t.add_argument("path", help=bus)
+    t.add_argument("--from", dest="start", choices=["latest", "earliest"], default="latest",
+                   help="latest: only new messages; earliest: also those still in the ring")  # fmt: skip
+    t.add_argument("--count", type=_count, metavar="N", help="stop after N messages (default: until Ctrl-C)")
     t.set_defaults(func=_cmd_tail)
 
     la = sub.add_parser(
@@ -297,10 +316,10 @@ def _parser() -> argparse.ArgumentParser:
         help="print a Topic's newest message as a JSON line, without subscribing",
         epilog="example: shmbus last metrics  (exit 1 when the topic holds no message)",
     )
-    la.add_argument("path")
+    la.add_argument("path", help=bus)
     la.set_defaults(func=_cmd_last)
 
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = _Formatter
     se = sub.add_parser(
         "send", help="put (Queue) or publish (Topic) JSON values: the arguments, or each line of stdin",
         formatter_class=raw, epilog="examples:\n"
@@ -311,8 +330,9 @@ def _parser() -> argparse.ArgumentParser:
         "A full Queue makes send wait. A line that is not JSON stops it (exit 1): the lines\n"
         "before it were sent.",
     )  # fmt: skip
-    se.add_argument("path")
-    se.add_argument("values", nargs="*", metavar="JSON", help="messages (default: read stdin)")
+    se.add_argument("path", help=bus)
+    se.add_argument("values", nargs="*", metavar="JSON",
+                    help="messages (none: read one a line from stdin)")  # fmt: skip
     se.add_argument("--raw", action="store_true", help="send each line or argument as raw bytes, not JSON")
     se.set_defaults(func=cmd_send)
 
@@ -322,13 +342,17 @@ def _parser() -> argparse.ArgumentParser:
         "  shmbus recv jobs --count 10\n"
         "  shmbus recv jobs --timeout 0 > backlog.jsonl   # drain what is there, then stop\n"
         "  shmbus recv jobs | jq .task                    # until Ctrl-C (exit 130)\n"
+        "  shmbus recv frames --raw                       # messages sent with send --raw, as text\n"
         'bytes print as {"$bytes": "<base64>"}, NaN and infinities as {"$float": "nan"}; map\n'
         "keys that are not strings as their JSON text. Ctrl-C never loses a message taken.",
     )  # fmt: skip
-    rc.add_argument("path")
-    rc.add_argument("--count", type=_count, metavar="N", help="stop after N messages")
+    rc.add_argument("path", help=bus)
+    rc.add_argument("--count", type=_count, metavar="N", help="stop after N messages (default: no limit)")
     rc.add_argument("--timeout", type=_seconds, metavar="S",
                     help="stop when nothing arrives for S seconds (default: wait until Ctrl-C)")  # fmt: skip
+    rc.add_argument("--raw", action="store_true",
+                    help='print each message\'s bytes as a line of text (UTF-8 with no newline; other '
+                    'bytes as {"$bytes": "<base64>"}), not as JSON')  # fmt: skip
     rc.set_defaults(func=cmd_recv)
 
     sa = sub.add_parser(
@@ -340,13 +364,13 @@ def _parser() -> argparse.ArgumentParser:
         "own rate. The oldest message's age is bounded from samples taken every 256th\n"
         "message, so it may read as a range ('2.0s to 9.1s'), 'at most' or 'over'.",
     )  # fmt: skip
-    sa.add_argument("path")
+    sa.add_argument("path", help=bus)
     sa.add_argument("--interval", type=_seconds, default=1.0, metavar="S", help="seconds between refreshes")
     sa.add_argument("--count", type=_count, metavar="N", help="stop after N refreshes (default: Ctrl-C)")
     sa.set_defaults(func=_cmd_stats)
 
     r = sub.add_parser("rm", help="remove a bus and its semaphores", epilog="example: shmbus rm jobs")
-    r.add_argument("path", nargs="+")
+    r.add_argument("path", nargs="+", help="the buses (bare names are files in /dev/shm)")
     r.set_defaults(func=_cmd_rm)
 
     ck = sub.add_parser(
@@ -354,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: shmbus check jobs  (exit 0 if sound, 1 with the first problem and its byte "
         "offset; reads only, takes no lock: check a bus at rest)",
     )  # fmt: skip
-    ck.add_argument("path")
+    ck.add_argument("path", help=bus)
     ck.set_defaults(func=_cmd_check)
 
     rc = sub.add_parser(
@@ -362,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: shmbus recover jobs  (the next process to take a lock does this by itself; "
         "this is for a bus nobody is using; exit 1 if a lock still needs --force)",
     )  # fmt: skip
-    rc.add_argument("path")
+    rc.add_argument("path", help=bus)
     rc.add_argument(
         "--force", action="store_true",
         help="also re-initialize a lock held by a thread that does not exist in this PID namespace, "
@@ -372,7 +396,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from ._admin import GRACE
 
-    grace = "younger semaphores are never orphans: their bus may be in creation (default %(default)g s)"
+    grace = "younger semaphores are never orphans: their bus may be in creation (default: %(default)g)"
     ls = sub.add_parser(
         "ls", help="list the buses in /dev/shm (and at PATHs) and orphan semaphores",
         epilog="example: shmbus ls /var/lib/app/jobs.bus --json  (name your disk buses: their "
@@ -407,7 +431,7 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="compare shmbus with multiprocessing.Queue and Pipe", add_help=False,
         epilog="example: shmbus bench --quick",
     )  # fmt: skip
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's options: shmbus bench --help")
     b.set_defaults(func=_cmd_bench)
     return p
 
@@ -432,11 +456,72 @@ def _seconds(text: str) -> float:
     return s
 
 
-def _size(text: str) -> int:
+def _capacity(text: str) -> int:
     try:
-        return parse_size(text)
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return ring_capacity(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected a size from 4KiB to 1TiB, such as 65536, 64KiB, 64MiB or 1.5GB, not {text!r}"
+        ) from None
+
+
+def _whole(text: str, low: int, high: int) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = low - 1
+    if not low <= n <= high:
+        raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, not {text!r}")
+    return n
+
+
+def _maxsize(text: str) -> int:
+    return _whole(text, 0, 2**31 - 1)
+
+
+def _slots(text: str) -> int:
+    return _whole(text, 1, MAX_SUBSCRIBERS)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help; epilogs (the examples) kept as written.
+
+    Left out: a default of None (the help says what no value means), a
+    flag's False, and a help that states its default itself.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        stated = "default" in text
+        if action.default is None or action.default is False or not action.option_strings or stated:
+            return text
+        return super()._get_help_string(action) or text
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser: options anywhere, even among its positional arguments, as shell users expect.
+
+    ``shmbus send jobs --raw TEXT``: plain argparse gives ``jobs`` to PATH and
+    nothing to JSON before it reads ``--raw``, and then refuses ``TEXT``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(**kwargs)
+        self._intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # argparse's intermixed parsing calls back into this method: the guard
+        # sends those calls to the plain parser. It cannot take REMAINDER (bench).
+        if self._intermixing or any(a.nargs == argparse.REMAINDER for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,7 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ShmbusError, OSError) as e:
+    except ShmbusError as e:
+        print(f"shmbus {args.command}: {cli_message(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:
         print(f"shmbus {args.command}: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:  # a value argparse could not check (mode, maxsize...)

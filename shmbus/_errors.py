@@ -32,11 +32,18 @@ __all__ = [
 
 
 class ShmbusError(Exception):
-    """Base class of every error shmbus raises on purpose."""
+    """Base class of every error shmbus raises on purpose.
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
-        super().__init__(message)
+    ``fact`` is what went wrong and ``hint`` what to do next in Python terms
+    (None when the fact says it all); the message is ``"fact: hint"``. They
+    are kept apart so that the command line can give its own advice.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(f"{message}: {hint}" if hint else message)
         self.path = path
+        self.fact = message
+        self.hint = hint
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only ``path`` would be lost by the default reduce, which only
@@ -84,7 +91,17 @@ class CorruptBus(ShmbusError, ValueError):
 
 
 class IncompatibleBus(ShmbusError, ValueError):
-    """The file is a bus of another format version, or of another kind (Topic vs Queue)."""
+    """The file is a bus of another format version, or of another kind (Topic vs Queue).
+
+    ``kind`` names the kind the file holds (``"Queue"`` or ``"Topic"``) when
+    the kind is what differs, and is None for another format version.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | None = None, hint: str | None = None, kind: str | None = None
+    ) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.kind = kind
 
 
 class MessageTooLarge(ShmbusError, ValueError):
@@ -93,8 +110,10 @@ class MessageTooLarge(ShmbusError, ValueError):
     ``size`` is the encoded size in bytes, ``limit`` the largest the bus accepts.
     """
 
-    def __init__(self, message: str, *, path: str | None = None, size: int = 0, limit: int = 0) -> None:
-        super().__init__(message, path=path)
+    def __init__(
+        self, message: str, *, path: str | None = None, hint: str | None = None, size: int = 0, limit: int = 0
+    ) -> None:
+        super().__init__(message, path=path, hint=hint)
         self.size = size
         self.limit = limit
 

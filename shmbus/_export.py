@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     """Add the ``export`` subcommand to the ``shmbus`` parser's subparsers ``sub``."""
     e = sub.add_parser(
         "export", help="serve the buses' metrics to Prometheus over HTTP, or write a node_exporter textfile",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n"
+        epilog="examples:\n"
         "  shmbus export                              # every bus in /dev/shm, on http://127.0.0.1:9464/metrics\n"
         "  shmbus export jobs /var/lib/app --listen 0.0.0.0:9464\n"
         "  shmbus export --textfile /var/lib/node_exporter/textfile/shmbus.prom --interval 15\n"
@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     e.add_argument(
         "--listen", type=_address, default=DEFAULT_LISTEN, metavar="HOST:PORT",
-        help="where to serve http://HOST:PORT/metrics (default %(default)s; port 0: any free port)",
+        help="where to serve http://HOST:PORT/metrics (port 0: any free port)",
     )  # fmt: skip
     e.add_argument(
         "--textfile", metavar="FILE",
@@ -49,7 +49,7 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     e.add_argument(
         "--interval", type=_interval, default=15.0, metavar="S",
-        help="seconds between two writes of --textfile (default %(default)g)",
+        help="seconds between two writes of --textfile",
     )  # fmt: skip
     e.add_argument(
         "--once", action="store_true",

@@ -62,8 +62,7 @@ def open_fd(path: str, flags: int) -> int:
         return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BusNotFound(
-            f"no bus at {path}: create it first (shmbus.Queue.create or `shmbus create`)",
-            path=path,
+            f"no bus at {path}", path=path, hint="create it first (shmbus.Queue.create or `shmbus create`)",
         ) from None
     except PermissionError as e:
         raise PermissionError(
@@ -140,15 +139,15 @@ def refuse_foreign(path: str, st: os.stat_result) -> None:
     """Raise ``ForeignBus`` for a bus another user owns or anyone may write."""
     if st.st_uid != os.geteuid():
         raise ForeignBus(
-            f"{path} belongs to uid {st.st_uid}, not to you: a peer with write access can corrupt "
-            "or stall a bus; if you share it on purpose, open it with allow_shared=True",
-            path=path,
+            f"{path} belongs to uid {st.st_uid}, not to you", path=path,
+            hint="a peer with write access can corrupt or stall a bus; if you share it on purpose, open "
+            "it with allow_shared=True",
         )
     if st.st_mode & stat.S_IWOTH:
         raise ForeignBus(
-            f"{path} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): make it private "
-            "(chmod o-w, or create it with mode=0o600 / 0o660), or open it with allow_shared=True",
-            path=path,
+            f"{path} is writable by every user (mode {stat.S_IMODE(st.st_mode):o})", path=path,
+            hint="make it private (chmod o-w, or create it with mode=0o600 / 0o660), or open it with "
+            "allow_shared=True",
         )
 
 

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, Callable
 
+from ._advice import cli_message
 from ._codec import DEFAULT_CODEC
 from ._errors import DecodeError, Empty, EncodeError, MessageTooLarge, ShmbusError
 from ._file import read_layout_of, resolve_path
@@ -173,7 +174,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 try:
                     send(msg)
                 except (EncodeError, MessageTooLarge) as e:
-                    raise _BadInput(n, f"could not be sent: {e}") from None
+                    raise _BadInput(n, f"could not be sent: {cli_message(e)}") from None
                 sent += 1
     except _BadInput as e:
         real = resolve_path(args.path)
@@ -228,10 +229,23 @@ def cmd_recv(args: argparse.Namespace) -> int:
             path=real,
         )
     with Queue.open(args.path) as q:
-        return _drain(q, args.count, args.timeout, sys.stdout)
+        return _drain(q, args.count, args.timeout, sys.stdout, raw=args.raw)
 
 
-def _drain(q: Queue, count: int | None, timeout: float | None, out: IO[str]) -> int:
+def raw_line(data: bytes) -> str:
+    """A message's bytes as one line for ``recv --raw``: the text itself when it is UTF-8 without a newline.
+
+    Other bytes (not UTF-8, or holding a line break, which would split the
+    line) print as ``{"$bytes": "<base64>"}``, as without ``--raw``.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return dumps(data)
+    return dumps(data) if "\n" in text or "\r" in text else text
+
+
+def _drain(q: Queue, count: int | None, timeout: float | None, out: IO[str], raw: bool = False) -> int:
     n = 0
     with _sigint_held() as interrupted:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -239,20 +253,20 @@ def _drain(q: Queue, count: int | None, timeout: float | None, out: IO[str]) -> 
             interrupted()
             wait = _SLICE if deadline is None else min(_SLICE, max(deadline - time.monotonic(), 0.0))
             try:
-                msg = q.get(timeout=wait)
+                msg = q.get_bytes(timeout=wait) if raw else q.get(timeout=wait)
             except Empty:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 continue
-            _emit(q, msg, out)
+            _emit(q, msg, out, raw)
             n += 1
             if timeout is not None:
                 deadline = time.monotonic() + timeout
     return 0
 
 
-def _emit(q: Queue, msg: Any, out: IO[str]) -> None:
-    line = dumps(msg) + "\n"
+def _emit(q: Queue, msg: Any, out: IO[str], raw: bool) -> None:
+    line = (raw_line(msg) if raw else dumps(msg)) + "\n"
     try:
         out.write(line)
         out.flush()
@@ -263,7 +277,10 @@ def _emit(q: Queue, msg: Any, out: IO[str]) -> None:
             os.dup2(null, out.fileno())  # no second error when Python flushes stdout at exit
             os.close(null)
         try:
-            q.put(msg, timeout=1.0)
+            if raw:
+                q.put_bytes(msg, timeout=1.0)
+            else:
+                q.put(msg, timeout=1.0)
             fate = "went back to the end of the queue"
         except ShmbusError:
             fate = "could not go back (the queue is full) and is lost"

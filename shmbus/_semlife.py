@@ -163,9 +163,8 @@ def open_sems(
                 for s in sems.values():
                     s.close()
                 raise ForeignBus(
-                    f"the {role} semaphore of {path} belongs to uid {owner}, not to you: "
-                    "remove the bus's semaphores (`shmbus rm`) or open it with allow_shared=True",
-                    path=path,
+                    f"the {role} semaphore of {path} belongs to uid {owner}, not to you", path=path,
+                    hint="remove the bus's semaphores (`shmbus rm`) or open it with allow_shared=True",
                 )
     return sems
 

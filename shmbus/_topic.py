@@ -527,8 +527,8 @@ class Topic(Bus):
             if not free:
                 raise TooManySubscribers(
                     f"all {self._layout.max_subscribers} subscriber slots of {self.path} are taken by "
-                    "live processes: close a subscription, or recreate the topic with more max_subscribers",
-                    path=self.path,
+                    "live processes", path=self.path,
+                    hint="close a subscription, or recreate the topic with more max_subscribers",
                 )
             slot = free[0]
             base = self._slot_base(slot)

@@ -41,7 +41,7 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["create", "x", "--capacity", "lots"])
     assert e.value.code == 2
-    assert "cannot read size" in capsys.readouterr().err
+    assert "argument --capacity: expected a size" in capsys.readouterr().err
 
 
 def test_topic_create_info_and_tail(bus_name: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -107,6 +107,7 @@ import base64  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import pickle  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from subprocess import PIPE  # noqa: E402
@@ -547,3 +548,130 @@ def test_tuple_keys_print_as_their_json_text(bus_name: str, capsys: pytest.Captu
         assert main(["recv", bus_name, "--count", "1"]) == 0
         assert json.loads(capsys.readouterr().out) == {"[1, 2]": "a"}
         q.unlink()
+
+
+# -- the command line's own language ---------------------------------------------
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def test_every_command_and_argument_has_help_and_shows_its_default() -> None:
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert all(c.help for c in commands._choices_actions)
+    for name, parser in _subparsers().items():
+        text = " ".join(parser.format_help().split())
+        for a in parser._actions:
+            assert a.help, f"shmbus {name} {a.dest}: no help text"
+            flag = a.default is False and a.nargs == 0  # a flag's default is its absence
+            if not a.option_strings or a.default is None or a.default == argparse.SUPPRESS or flag:
+                continue
+            shown = {str(a.default), format(a.default, "g") if isinstance(a.default, float) else ""}
+            assert any(f"(default: {v})" in text for v in shown if v), f"shmbus {name} {a.option_strings[0]}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said", "not_said"),
+    [
+        (["create", "{b}"], "remove it first with `shmbus rm /dev/shm/{b}`, or pass --exist-ok", "exist_ok="),
+        (["tail", "{b}", "--count", "1"], "take its messages with `shmbus recv /dev/shm/{b}`", ".open"),
+        (["last", "{b}"], "`shmbus recv", "shmbus.Queue"),
+        (["rm", "{b}-nope"], "no bus at /dev/shm/{b}-nope; `shmbus ls` lists the buses", "create it first"),
+        (["info", "{b}-nope"], "`shmbus ls`", "shmbus.Queue.create"),
+    ],
+)  # fmt: skip
+def test_errors_give_command_line_advice(
+    argv: list[str], said: str, not_said: str, bus_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB"):
+        assert main([a.format(b=bus_name) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said.format(b=bus_name) in err and not_said not in err
+
+
+def test_library_errors_keep_their_python_advice(bus_name: str) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB"):
+        with pytest.raises(shmbus.BusExists, match="pass exist_ok=True") as e:
+            shmbus.Queue.create(bus_name)
+        assert e.value.fact == f"a file already exists at /dev/shm/{bus_name}"
+        with pytest.raises(shmbus.IncompatibleBus, match=r"open it with shmbus\.Queue\.open") as inc:
+            shmbus.Topic.open(bus_name)
+        assert inc.value.kind == "Queue"
+        again = pickle.loads(pickle.dumps(inc.value))
+        assert (str(again), again.fact, again.hint, again.kind) == (
+            str(inc.value), inc.value.fact, inc.value.hint, "Queue"
+        )
+
+
+def test_create_exist_ok_uses_the_bus_there(bus_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["create", bus_name, "--capacity", "64KiB"]) == 0
+    assert main(["create", bus_name, "--capacity", "1MiB", "--exist-ok"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"exists: Queue /dev/shm/{bus_name} (65536 bytes)"
+    assert main(["create", bus_name, "--topic", "--exist-ok"]) == 1  # the other kind is still an error
+    assert "is a shmbus Queue, not a Topic" in capsys.readouterr().err
+    assert main(["rm", bus_name]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--maxsize", "-1"], "--maxsize"), (["--max-subscribers", "0", "--topic"], "--max-subscribers"),
+        (["--max-subscribers", "257", "--topic"], "--max-subscribers"),
+        (["--capacity", "1000"], "--capacity"), (["--capacity", "2TiB"], "--capacity"),
+    ],
+)  # fmt: skip
+def test_bad_values_name_the_option(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["create", "never-made", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: expected" in err
+    assert not any(word in err for word in ("maxsize must", "max_subscribers", "pass maxsize"))
+
+
+def test_options_go_anywhere_and_recv_raw_prints_text(
+    bus_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        assert main(["send", bus_name, "--raw", "caf\u00e9", "two words"]) == 0
+        assert main(["send", bus_name, "first", "--raw", "second"]) == 0
+        q.put_bytes(b"\xff\x00")
+        q.put_bytes(b"two\nlines")
+        capsys.readouterr()
+        assert main(["recv", bus_name, "--timeout", "0", "--raw"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            "caf\u00e9", "two words", "first", "second",
+            '{"$bytes": "/wA="}', '{"$bytes": "dHdvCmxpbmVz"}',
+        ]  # fmt: skip
+
+
+def test_ls_capacity_and_semaphores_match_create_and_dev_shm(
+    bus_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, capacity in ((["--capacity", "3MiB"], "3MiB"), (["--capacity", "100000", "--topic",
+                           "--max-subscribers", "5"], "100KiB")):  # fmt: skip
+        assert main(["create", bus_name, *argv]) == 0
+        capsys.readouterr()
+        assert main(["ls"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        (row,) = [r.split() for r in out if r.startswith(f"/dev/shm/{bus_name} ")]
+        with shmbus.Queue.open(bus_name) if "--topic" not in argv else shmbus.Topic.open(bus_name) as bus:
+            bus_id = bus.stats().bus_id
+            assert shmbus._format.parse_size(row[4]) == bus.capacity
+        sems = [f for f in os.listdir("/dev/shm") if f.startswith(f"sem.shmbus.{bus_id}.")]
+        assert (row[4], int(row[8])) == (capacity, len(sems))
+        assert len(sems) == (5 if "--topic" in argv else 2)
+        assert main(["rm", bus_name]) == 0
+
+
+def test_no_error_names_a_temporary_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shmbus._bench._report import write_json
+
+    target = tmp_path / "missing-dir" / "bench.json"
+    with pytest.raises(OSError) as e:
+        write_json(str(target), {})
+    assert str(target) in str(e.value) and ".tmp" not in str(e.value)
+    assert main(["create", str(tmp_path / "missing-dir" / "bus")]) == 1
+    err = capsys.readouterr().err
+    assert "missing-dir/bus" in err and ".tmp" not in err

@@ -320,7 +320,7 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         main(["export", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # (argparse wraps lines at the terminal's width)
-    assert "default 127.0.0.1:9464" in out and "default 15" in out and "every bus in /dev/shm" in out
+    assert "(default: 127.0.0.1:9464)" in out and "(default: 15.0)" in out and "every bus in /dev/shm" in out
     assert f"{metrics.DEFAULT_ADDR}:{metrics.DEFAULT_PORT}" == _export.DEFAULT_LISTEN
 
 

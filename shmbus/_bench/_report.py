@@ -244,6 +244,9 @@ def write_json(path: str, results: dict[str, Any]) -> None:
         return
     # Written aside and renamed, so a crash never leaves a half-written file.
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not the one written aside
+        raise type(e)(e.errno, e.strerror, path) from None
