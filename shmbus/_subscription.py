@@ -138,7 +138,7 @@ class Subscription:
 
     _aio: SubscriptionAio | None = None  # the asyncio waiter thread, started by the first wait
 
-    def __init__(self, door: TopicDoor, start: str, spin: float) -> None:
+    def __init__(self, door: TopicDoor, start: str | int, spin: float) -> None:
         self._door = door
         self.slot = door.slot
         self.spin = spin
@@ -149,13 +149,19 @@ class Subscription:
         # Position before sequence number, in the order the publisher stores them
         # in reverse (sequence number first): a record published in between is
         # then skipped as "before the subscription", never counted as lost.
+        self.lost = 0
         if start == "latest":
             self._cursor = h[Q_HEAD]
             self._next = h[Q_NEXT_SEQ]
         else:
             self._cursor = h[Q_TAIL]
             self._next = h[Q_TAIL_SEQ]
-        self.lost = 0
+            if isinstance(start, int):
+                # From the tail, records numbered below ``start`` are skipped as
+                # "before the subscription"; what the ring no longer holds of
+                # start.. is lost now, so received + lost counts from ``start``.
+                self.lost = max(self._next - start, 0)
+                self._next = max(self._next, start)
         self.received = 0
         self._flag = door.flag
         self._sem = door.sem
@@ -171,6 +177,26 @@ class Subscription:
         if value < 0:
             raise ValueError("spin_us must be 0 or more")
         self.spin = value / 1e6
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number of the next message this subscription can return (none below it).
+
+        Every message a Topic publishes is numbered, from 0, in publish order.
+        """
+        return self._next
+
+    @property
+    def last_seq(self) -> int | None:
+        """The sequence number of the last message returned (None before the first).
+
+        After ``get_many``, the messages returned are numbered
+        ``last_seq - len(batch) + 1`` to ``last_seq`` when ``lost`` did not
+        grow during the call; one message at a time (``get``, ``get_bytes``)
+        it is always that message's number. (After a ``get_view`` whose
+        message was overwritten, it is the number of that lost message.)
+        """
+        return self._next - 1 if self.received else None
 
     lost: int
     """Messages that were overwritten before this subscriber read them."""
