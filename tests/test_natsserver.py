@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import NoServersError
 from nats.js.api import StorageType
-from natsserver import NatsCluster, NatsServer, run
+from natsserver import AuthUsers, NatsCluster, NatsServer, free_port, run
 
 pytestmark = pytest.mark.timeout(90)
 FAILOVER = 20.0  # a leader (meta, stream) is elected again within seconds of losing one; far more
@@ -175,7 +175,9 @@ def test_a_cluster_keeps_a_three_replica_stream_with_a_node_killed(nats_cluster:
     assert run(write(20, 0)) == list(range(1, 21))
     leader = run(stream_leader())
     (victim,) = [i for i, s in enumerate(nats_cluster.servers) if s.name == leader]
-    nats_cluster.kill(victim)  # the hardest node to lose: the one that orders the stream
+    # The hardest node to lose: the one that orders the stream. Its followers elect a new
+    # leader after nats-server's Raft election timeout (4 to 9 s): most of this test's time.
+    nats_cluster.kill(victim)
     assert run(write(20, 20)) == list(range(21, 41))
     assert run(read_all(40)) == [b"m%d" % i for i in range(40)]
     nats_cluster.start(victim)  # back: the cluster is whole again (ready: a new R3 stream can be made)
@@ -191,7 +193,7 @@ def test_the_auth_server_refuses_a_wrong_password(nats_auth_server: NatsServer) 
         try:
             await nc.connect(
                 nats_auth_server.url, user=users.user, password=password,
-                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
+                allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=2,
             )  # fmt: skip
         finally:
             await nc.close()  # (after a refused connect too: nats-py leaves its socket open otherwise)
@@ -228,3 +230,25 @@ def test_the_auth_server_refuses_the_limited_user_a_forbidden_subject(nats_auth_
     seq, errors = run(main())
     assert seq == 1
     assert any("permissions violation" in e.lower() and "forbidden.x" in e for e in errors), errors
+
+
+def test_the_factory_makes_independent_servers_and_a_free_port_refuses(
+    nats_server_factory: Callable[..., NatsServer],
+) -> None:
+    a, b = nats_server_factory(), nats_server_factory(users=AuthUsers)
+    assert len({a.port, b.port, a.http_port, b.http_port}) == 4 and a.store_dir != b.store_dir
+    assert (a.users, b.users) == (None, AuthUsers)
+
+    async def reach(url: str) -> None:
+        nc = NATS()
+        try:
+            # (nats-py: max_reconnect_attempts=0 retries a refused first connect for ever; 1 gives up)
+            await nc.connect(
+                url, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.05, connect_timeout=2
+            )
+        finally:
+            await nc.close()
+
+    run(reach(a.url))
+    with pytest.raises(NoServersError):
+        run(reach(f"nats://127.0.0.1:{free_port()}"))  # nobody listens there: what "unreachable" means
