@@ -244,8 +244,9 @@ def test_the_factory_makes_independent_servers_and_a_free_port_refuses(
         try:
             # (nats-py: max_reconnect_attempts=0 retries a refused first connect for ever; 1 gives up)
             await nc.connect(
-                url, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.05, connect_timeout=2
-            )
+                url, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.05,
+                connect_timeout=2,
+            )  # fmt: skip
         finally:
             await nc.close()
 
