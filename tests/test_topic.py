@@ -335,6 +335,48 @@ def test_last_seq_follows_each_read_whatever_the_read(small: Topic) -> None:
     assert sub.last_seq == 5
 
 
+def test_get_records_hands_out_each_message_as_stored_with_its_number(small: Topic) -> None:
+    sub = small.subscribe()
+    small.publish(msg(0))
+    small.publish_bytes(b"raw bytes")
+    small.publish(b"a bytes message")  # msgpack bin: stored with its msgpack header
+    assert sub.get_records(10, block=False) == [
+        (0, "msgpack", msgpack.packb(msg(0))),
+        (1, "raw", b"raw bytes"),
+        (2, "msgpack", msgpack.packb(b"a bytes message")),
+    ]
+    assert (sub.received, sub.lost, sub.last_seq) == (3, 0, 2)
+    assert sub.get_records(10, block=False) == []
+    with pytest.raises(shmbus.Empty):
+        sub.get_records(1, timeout=0.01)
+    with pytest.raises(ValueError, match="at least 1"):
+        sub.get_records(0)
+
+
+def test_get_records_numbers_each_message_across_a_gap_in_one_batch(small: Topic) -> None:
+    """Where get_many's numbering is ambiguous (lost grew during the call), each record says its own."""
+    sub = small.subscribe()
+    small.publish_many(msg(i, 100) for i in range(3))
+    assert [r[0] for r in sub.get_records(2, block=False)] == [0, 1]
+    small.publish_many(msg(i, 100) for i in range(3, 200))  # laps the subscriber
+    oldest = small.stats().get_count
+    got: list[tuple[int, str, bytes]] = []
+    while batch := sub.get_records(1000, block=False):
+        got.extend(batch)
+    assert [seq for seq, _, _ in got] == list(range(oldest, 200))
+    assert all(msgpack.unpackb(data)[0] == seq for seq, _, data in got)
+    assert sub.lost == oldest - 2
+
+
+def test_get_records_from_a_start_counts_like_get_many(small: Topic) -> None:
+    small.publish_many(msg(i, 100) for i in range(200))
+    oldest = small.stats().get_count
+    sub = small.subscribe(oldest - 5)
+    got = sub.get_records(1000, block=False)
+    assert [seq for seq, _, _ in got] == list(range(oldest, 200))
+    assert (sub.lost, sub.received) == (5, 200 - oldest)
+
+
 # -- lost messages -------------------------------------------------------------------
 
 
