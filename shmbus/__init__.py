@@ -32,6 +32,7 @@ from ._errors import MessageTooLarge as MessageTooLarge
 from ._errors import NoSpace as NoSpace
 from ._errors import NotABus as NotABus
 from ._errors import Overwritten as Overwritten
+from ._errors import SequenceAhead as SequenceAhead
 from ._errors import ShmbusError as ShmbusError
 from ._errors import TooManySubscribers as TooManySubscribers
 from ._file import unlink as unlink
@@ -75,6 +76,7 @@ __all__ = [
     "DecodeError",
     "BusClosed",
     "TooManySubscribers",
+    "SequenceAhead",
     "Overwritten",
     "Empty",
     "Full",

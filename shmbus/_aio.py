@@ -541,14 +541,17 @@ class SubscriptionAio(_Helper):
     def _busy(self) -> bool:
         return bool(self._waiters or self._signalled)
 
-    async def get_many(self, max_messages: int, timeout: float | None) -> list[Any]:
-        """1 to ``max_messages`` next messages, as ``Subscription.aget_many``."""
+    async def get_many(
+        self, max_messages: int, timeout: float | None, read: Callable[[int], list[Any]] | None = None
+    ) -> list[Any]:
+        """1 to ``max_messages`` next messages, as ``Subscription.aget_many`` (``read``: another read)."""
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         deadline = _sync.deadline(timeout)
+        read = self._read if read is None else read
         await checkpoint()
         while True:
-            got = self._read(max_messages)  # no await between reading and returning
+            got = read(max_messages)  # no await between reading and returning
             if got:
                 return got
             if not await self._moved(deadline):

@@ -24,6 +24,7 @@ __all__ = [
     "DecodeError",
     "BusClosed",
     "TooManySubscribers",
+    "SequenceAhead",
     "Overwritten",
     "Empty",
     "Full",
@@ -154,6 +155,21 @@ class BusClosed(ShmbusError, ValueError):
 
 class TooManySubscribers(ShmbusError, RuntimeError):
     """Every subscriber slot of the Topic is taken (create it with more ``max_subscribers``)."""
+
+
+class SequenceAhead(ShmbusError, ValueError):
+    """``Topic.subscribe(start=n)`` named a sequence number the topic has not reached.
+
+    ``start`` is the number asked for, ``next_seq`` the one the next publish
+    will carry: ``start`` may be at most ``next_seq``. A larger one usually
+    means the reader's position belongs to another topic (one recreated since,
+    so its numbering restarted); waiting for it would hide that.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, start: int = 0, next_seq: int = 0) -> None:
+        super().__init__(message, path=path)
+        self.start = start
+        self.next_seq = next_seq
 
 
 class Overwritten(ShmbusError, RuntimeError):

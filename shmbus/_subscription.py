@@ -43,6 +43,9 @@ from ._format import (
     Q_NEXT_SEQ,
     Q_TAIL,
     Q_TAIL_SEQ,
+    REC_MSGPACK,
+    REC_NDARRAY,
+    REC_RAW,
     RECORD_SIZE,
     S_CURSOR,
     S_LOST,
@@ -62,6 +65,8 @@ _monotonic = time.monotonic
 _SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking head
 # What a read hands out (FastTopic.read's modes): decoded messages, or payloads as bytes.
 _MESSAGES, _BYTES = 1, 2
+# get_records' names for the record kinds a reader meets.
+_KIND_NAMES = {REC_MSGPACK: "msgpack", REC_RAW: "raw", REC_NDARRAY: "ndarray"}
 
 
 def _as_bytes(payload: Payload) -> bytes:
@@ -139,7 +144,7 @@ class Subscription:
 
     _aio: SubscriptionAio | None = None  # the asyncio waiter thread, started by the first wait
 
-    def __init__(self, door: TopicDoor, start: str, spin: float) -> None:
+    def __init__(self, door: TopicDoor, start: str | int, spin: float) -> None:
         self._door = door
         self.slot = door.slot
         self.spin = spin
@@ -150,13 +155,19 @@ class Subscription:
         # Position before sequence number, in the order the publisher stores them
         # in reverse (sequence number first): a record published in between is
         # then skipped as "before the subscription", never counted as lost.
+        self.lost = 0
         if start == "latest":
             self._cursor = h[Q_HEAD]
             self._next = h[Q_NEXT_SEQ]
         else:
             self._cursor = h[Q_TAIL]
             self._next = h[Q_TAIL_SEQ]
-        self.lost = 0
+            if isinstance(start, int):
+                # From the tail, records numbered below ``start`` are skipped as
+                # "before the subscription"; what the ring no longer holds of
+                # start.. is lost now, so received + lost counts from ``start``.
+                self.lost = max(self._next - start, 0)
+                self._next = max(self._next, start)
         self.received = 0
         self._flag = door.flag
         self._sem = door.sem
@@ -172,6 +183,26 @@ class Subscription:
         if value < 0:
             raise ValueError("spin_us must be 0 or more")
         self.spin = value / 1e6
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number of the next message this subscription can return (none below it).
+
+        Every message a Topic publishes is numbered, from 0, in publish order.
+        """
+        return self._next
+
+    @property
+    def last_seq(self) -> int | None:
+        """The sequence number of the last message returned (None before the first).
+
+        After ``get_many``, the messages returned are numbered
+        ``last_seq - len(batch) + 1`` to ``last_seq`` when ``lost`` did not
+        grow during the call; one message at a time (``get``, ``get_bytes``)
+        it is always that message's number. (After a ``get_view`` whose
+        message was overwritten, it is the number of that lost message.)
+        """
+        return self._next - 1 if self.received else None
 
     lost: int
     """Messages that were overwritten before this subscriber read them."""
@@ -249,6 +280,38 @@ class Subscription:
         if not got:
             raise Empty(f"no new message on {self._door.path}", path=self._door.path)
         return got[0]  # type: ignore[no-any-return]
+
+    def get_records(
+        self, max_messages: int, block: bool = True, timeout: float | None = None
+    ) -> list[tuple[int, str, bytes]]:
+        """Up to ``max_messages`` next messages as stored, numbered: ``(seq, kind, data)`` tuples.
+
+        For a reader that forwards messages without decoding them (a bridge to
+        another system) and must say which is which. ``seq`` is the message's
+        sequence number; ``kind`` says what ``data`` holds: ``"msgpack"`` (its
+        msgpack encoding, as published), ``"raw"`` (``publish_bytes``'s
+        bytes), or ``"ndarray"`` (shmbus's array layout, see docs/format.md).
+        Waits and raises as ``get_many``; received and ``lost`` count alike.
+        It reads in Python (the C reader hands out no numbers).
+        """
+        if self._closed:
+            self._check_open()
+        d = self._door
+        d.enter()
+        try:
+            if max_messages < 1:
+                raise ValueError("max_messages must be at least 1")
+            if timeout is not None:
+                check_timeout(timeout)
+            deadline = _deadline(timeout)
+            got = self._read(max_messages, True)
+            while not got and block:
+                if not self._wait(deadline):
+                    raise Empty(f"no new message on {d.path}", path=d.path)
+                got = self._read(max_messages, True)
+        finally:
+            d.leave()
+        return got
 
     def _get(self, k: int, block: bool, timeout: float | None, mode: int) -> list[Any]:
         """``get_many``, handing out messages or (``_BYTES``) payloads."""
@@ -350,6 +413,19 @@ class Subscription:
         """
         return await self._async().get_many(max_messages, timeout)
 
+    async def aget_records(
+        self, max_messages: int, timeout: float | None = None
+    ) -> list[tuple[int, str, bytes]]:
+        """``get_records`` for asyncio: wait for the first next message, return 1 to ``max_messages``.
+
+        Parameters:
+            max_messages: the most messages to return (at least 1).
+            timeout: seconds to wait for the first one at most (None: for ever).
+
+        Raises ``Empty`` when nothing arrived in time, ``BusClosed``.
+        """
+        return await self._async().get_many(max_messages, timeout, self._records_now)
+
     def __aiter__(self) -> Subscription:
         """``async for msg in sub``: wait for each next message; the loop ends when ``sub`` is closed."""
         return self
@@ -384,6 +460,10 @@ class Subscription:
             d.leave()
         return self._finish(got, final, _MESSAGES) if got else []
 
+    def _records_now(self, max_messages: int) -> list[Any]:
+        """(For ``SubscriptionAio``.) ``get_records`` without waiting."""
+        return self.get_records(max_messages, block=False)
+
     def _wait_slice(self, deadline: float) -> bool:
         """(For ``SubscriptionAio``'s thread.) ``_wait`` as one call on the topic (BusClosed once closed)."""
         d = self._door
@@ -393,22 +473,24 @@ class Subscription:
         finally:
             d.leave()
 
-    def _read(self, k: int) -> list[tuple[int, Payload]]:
-        """Copy out up to ``k`` records past the cursor, without any lock."""
+    def _read(self, k: int, numbered: bool = False) -> list[Any]:
+        """Copy out up to ``k`` records past the cursor, without any lock: (kind, payload) pairs, or
+        ``numbered``, (sequence number, kind name, payload bytes as stored) as ``get_records``."""
         d = self._door
         h, mm, cap, ro = d.h64, d.mm, d.capacity, d.ring_offset
-        out: list[tuple[int, Payload]] = []
+        out: list[Any] = []
         while len(out) < k:
             found = self._next_record()
             if found is None:
                 break
             start, kind, rseq, n, after = found
-            payload = extract(mm, ro + start % cap + RECORD_SIZE, n, kind)
+            a = ro + start % cap + RECORD_SIZE
+            payload = mm[a : a + n] if numbered else extract(mm, a, n, kind)  # (a record never wraps)
             if h[Q_TAIL] > self._cursor:  # lapped(h, self._cursor), inline: once per record
                 continue  # the copy may be torn: throw it away and resync
             self.lost += rseq - self._next
             self._next, self._cursor = rseq + 1, after
-            out.append((kind, payload))
+            out.append((rseq, _KIND_NAMES[kind], payload) if numbered else (kind, payload))
         if out:
             self.received += len(out)
             self._save()

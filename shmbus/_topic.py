@@ -38,7 +38,7 @@ from . import _accel, _faults, _last, _ring
 from ._aio import checkpoint
 from ._bus import Bus
 from ._codec import Codec, Encoded, as_bytes_view
-from ._errors import Empty, TooManySubscribers
+from ._errors import Empty, SequenceAhead, TooManySubscribers
 from ._format import (
     KIND_TOPIC,
     MAX_SUBSCRIBERS,
@@ -465,28 +465,53 @@ class Topic(Bus):
     # -- subscribing -----------------------------------------------------------
 
     def subscribe(
-        self, start: Literal["latest", "earliest"] = "latest", *, spin: float | None = None
+        self, start: Literal["latest", "earliest"] | int | None = "latest", *, spin: float | None = None
     ) -> Subscription:
         """Join the topic: the new subscription receives every message published from now on.
 
         Parameters:
-            start: ``"latest"`` (only messages published after this call) or
-                ``"earliest"`` (also the oldest messages still in the ring).
+            start: ``"latest"`` (or None: only messages published after this
+                call), ``"earliest"`` (also the oldest messages still in the
+                ring), or a sequence number: the first message returned is the
+                one with that number (``Subscription.last_seq`` gives a
+                message's number). A number older than the oldest message
+                still in the ring starts at the oldest and counts the numbers
+                it skips in ``lost`` at once; a number past the next one to be
+                published raises ``SequenceAhead`` (it never waits for it).
             spin: microseconds to poll before sleeping when waiting (default 50;
                 0 sleeps at once). Also ``sub.spin_us`` afterwards.
 
-        Raises ``TooManySubscribers`` when every slot is taken by a live process.
+        Raises ``TooManySubscribers`` when every slot is taken by a live
+        process, ``SequenceAhead``, ``ValueError`` for another ``start``.
         """
-        if start not in ("latest", "earliest"):
-            raise ValueError(f"start must be 'latest' or 'earliest', got {start!r}")
+        start = "latest" if start is None else start
+        self._check_start(start)
         self._enter()
         try:
+            self._check_reached(start)  # (before a slot is claimed: next_seq only grows)
             door = self._door(self._claim_slot())
             sub = Subscription(door, start, SPIN_DEFAULT if spin is None else spin / 1e6)
         finally:
             self._leave()
         self._subscriptions.append(sub)
         return sub
+
+    @staticmethod
+    def _check_start(start: object) -> None:
+        if start in ("latest", "earliest"):
+            return
+        if type(start) is not int or start < 0:  # (not a bool: True is no sequence number)
+            raise ValueError(f"start must be 'latest', 'earliest' or a sequence number >= 0, got {start!r}")
+
+    def _check_reached(self, start: str | int) -> None:
+        """``SequenceAhead`` for a sequence number past the next one to be published."""
+        next_seq = self._h64[Q_NEXT_SEQ]
+        if isinstance(start, int) and start > next_seq:
+            raise SequenceAhead(
+                f"{self.path}: cannot start at sequence number {start}: the next message published "
+                f"will be number {next_seq} (was the topic recreated since that number was read?)",
+                path=self.path, start=start, next_seq=next_seq,
+            )  # fmt: skip
 
     def _door(self, slot: int) -> TopicDoor:
         """What the subscription in ``slot`` may use of this handle (built inside ``_enter``/``_leave``)."""

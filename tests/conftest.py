@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 import pytest
 
+# Real nats-server fixtures for any test file (imported: pytest_plugins belongs in the rootdir's conftest).
+from natsserver import nats_auth_server, nats_cluster, nats_server, nats_server_factory  # noqa: F401
+
 import shmbus
 from shmbus import _sync
 

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+import msgpack
 import pytest
 
 import shmbus
@@ -609,6 +610,41 @@ def test_apublish_and_async_for_with_two_subscribers(bus_name: str, loop_waits: 
         assert (sub.received, sub.lost) == (n, 0)
     # The publisher lock is a short one on a Topic; a subscriber's wake-up semaphore is not.
     assert loop_waits <= {"head", "subs"}, loop_waits
+    t.close()
+
+
+def _child_publish_numbered(path: str, n: int, conn: Connection) -> None:
+    """Publish message i as [i] for i < n once told to, then say so."""
+    t = shmbus.Topic.open(path)
+    conn.recv()
+    for i in range(n):
+        t.publish([i])
+    t.close()
+    conn.send("done")
+
+
+def test_aget_records_waits_for_a_publisher_in_another_process_and_numbers_each_message(
+    bus_name: str, procs: Any
+) -> None:
+    n = 3000
+    t = shmbus.Topic.create(bus_name, capacity="1MiB")  # holds them all: nothing lost
+    sub = t.subscribe()
+    conn = _start(procs, _child_publish_numbered, t.path, n)
+
+    async def main() -> list[tuple[int, str, bytes]]:
+        with pytest.raises(shmbus.Empty):
+            await sub.aget_records(5, timeout=0)
+        got: list[tuple[int, str, bytes]] = []
+        conn.send("go")
+        while len(got) < n:
+            got += await sub.aget_records(100, timeout=CHILD_TIMEOUT)
+        return got
+
+    got = asyncio.run(main())
+    assert conn.recv() == "done"
+    procs.join_all()
+    assert got == [(i, "msgpack", msgpack.packb([i])) for i in range(n)]
+    assert (sub.received, sub.lost, sub.last_seq) == (n, 0, n - 1)
     t.close()
 
 

@@ -143,6 +143,7 @@ TREE = [
     (shmbus.MessageTooLarge, ValueError),
     (shmbus.BusClosed, ValueError),
     (shmbus.TooManySubscribers, RuntimeError),
+    (shmbus.SequenceAhead, ValueError),
     (shmbus.DecodeError, shmbus.CorruptBus),
     (shmbus.ForeignBus, PermissionError),
     (shmbus.Overwritten, RuntimeError),
@@ -190,6 +191,7 @@ ERRORS = [
     shmbus.EncodeError("cannot encode set"),
     shmbus.BusClosed("closed", path="/e"),
     shmbus.TooManySubscribers("full house", path="/f"),
+    shmbus.SequenceAhead("ahead", path="/f", start=9, next_seq=4),
     shmbus.Empty(path="/g"),
     shmbus.Full("custom", path="/h"),
     shmbus.NoSpace("no room", path="/i", size=8192, free=4096),
@@ -204,7 +206,7 @@ def test_errors_pickle_with_their_attributes(err: Exception) -> None:
         assert clone.args == err.args
         assert str(clone) == str(err)
         assert vars(clone) == vars(err)
-        for attr in ("path", "offset", "size", "limit", "free"):
+        for attr in ("path", "offset", "size", "limit", "free", "start", "next_seq"):
             assert getattr(clone, attr, "unset") == getattr(err, attr, "unset")
 
 

@@ -248,6 +248,135 @@ def test_subscribe_rejects_an_unknown_start(topic: Topic) -> None:
     assert topic.subscribers() == []  # no slot was taken
 
 
+# -- starting at a sequence number -----------------------------------------------------
+# One publisher: message i carries sequence number i (see the module docstring).
+
+
+def test_a_subscription_can_start_at_a_sequence_number_still_in_the_ring(small: Topic) -> None:
+    small.publish_many(msg(i, 100) for i in range(200))
+    oldest = small.stats().get_count
+    start = oldest + 7
+    sub = small.subscribe(start)
+    assert (sub.next_seq, sub.last_seq, sub.lost) == (start, None, 0)
+    got = drain(sub)
+    assert indices(got) == list(range(start, 200))
+    assert (sub.last_seq, sub.next_seq, sub.received, sub.lost) == (199, 200, 200 - start, 0)
+    small.publish(msg(200, 100))
+    assert sub.get(timeout=1) == msg(200, 100)
+    assert sub.last_seq == 200
+
+
+def test_a_start_older_than_the_ring_begins_at_the_oldest_and_counts_the_gap_at_once(small: Topic) -> None:
+    small.publish_many(msg(i, 100) for i in range(200))
+    oldest = small.stats().get_count
+    assert oldest > 10
+    sub = small.subscribe(3)
+    assert (sub.lost, sub.next_seq) == (oldest - 3, oldest)  # before any read
+    assert small.subscribers()[0]["lost"] == oldest - 3  # and in its slot, for stats
+    assert indices(drain(sub)) == list(range(oldest, 200))
+    assert sub.received + sub.lost == 200 - 3
+
+
+def test_a_start_overwritten_before_the_first_read_still_counts_from_the_start(small: Topic) -> None:
+    small.publish_many(msg(i, 100) for i in range(50))
+    sub = small.subscribe(20)
+    small.publish_many(msg(i, 100) for i in range(50, 400))  # laps it before it reads
+    got = drain(sub)
+    first = small.stats().get_count
+    assert indices(got) == list(range(first, 400))
+    assert (sub.lost, sub.received + sub.lost) == (first - 20, 400 - 20)
+
+
+def test_a_start_at_the_next_sequence_number_waits_for_the_next_message(small: Topic) -> None:
+    sub0 = small.subscribe(0)  # on a fresh topic: the first message ever
+    small.publish_many(msg(i) for i in range(5))
+    sub5 = small.subscribe(5)
+    assert sub5.get_many(10, block=False) == []
+    small.publish(msg(5))
+    assert sub5.get(timeout=1) == msg(5)
+    assert indices(drain(sub0)) == [0, 1, 2, 3, 4, 5]
+    assert (sub5.last_seq, sub0.last_seq, sub0.lost, sub5.lost) == (5, 5, 0, 0)
+
+
+def test_a_start_past_the_next_sequence_number_raises_sequence_ahead_and_takes_no_slot(small: Topic) -> None:
+    small.publish_many(msg(i) for i in range(5))
+    with pytest.raises(shmbus.SequenceAhead, match="number 5") as info:
+        small.subscribe(6)
+    assert isinstance(info.value, ValueError)
+    assert (info.value.start, info.value.next_seq, info.value.path) == (6, 5, small.path)
+    assert small.subscribers() == []
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "3"])
+def test_subscribe_rejects_a_start_that_is_no_sequence_number(topic: Topic, bad: Any) -> None:
+    with pytest.raises(ValueError, match="sequence number"):
+        topic.subscribe(bad)
+    assert topic.subscribers() == []
+
+
+def test_start_none_is_latest(small: Topic) -> None:
+    small.publish(msg(0))
+    sub = small.subscribe(None)
+    small.publish(msg(1))
+    assert drain(sub) == [msg(1)]
+
+
+def test_last_seq_follows_each_read_whatever_the_read(small: Topic) -> None:
+    sub = small.subscribe()
+    small.publish_many(msg(i) for i in range(6))
+    assert sub.get_many(3, block=False) == [msg(i) for i in range(3)]
+    assert sub.last_seq == 2  # a batch without a gap: numbered last_seq - 2 .. last_seq
+    assert sub.get_bytes(timeout=1) == msgpack.packb(msg(3))
+    assert sub.last_seq == 3
+    with sub.get_view(timeout=1) as view:
+        assert msgpack.unpackb(view) == msg(4)
+    assert sub.last_seq == 4
+    assert sub.get(timeout=1) == msg(5)
+    assert sub.last_seq == 5
+
+
+def test_get_records_hands_out_each_message_as_stored_with_its_number(small: Topic) -> None:
+    sub = small.subscribe()
+    small.publish(msg(0))
+    small.publish_bytes(b"raw bytes")
+    small.publish(b"a bytes message")  # msgpack bin: stored with its msgpack header
+    assert sub.get_records(10, block=False) == [
+        (0, "msgpack", msgpack.packb(msg(0))),
+        (1, "raw", b"raw bytes"),
+        (2, "msgpack", msgpack.packb(b"a bytes message")),
+    ]
+    assert (sub.received, sub.lost, sub.last_seq) == (3, 0, 2)
+    assert sub.get_records(10, block=False) == []
+    with pytest.raises(shmbus.Empty):
+        sub.get_records(1, timeout=0.01)
+    with pytest.raises(ValueError, match="at least 1"):
+        sub.get_records(0)
+
+
+def test_get_records_numbers_each_message_across_a_gap_in_one_batch(small: Topic) -> None:
+    """Where get_many's numbering is ambiguous (lost grew during the call), each record says its own."""
+    sub = small.subscribe()
+    small.publish_many(msg(i, 100) for i in range(3))
+    assert [r[0] for r in sub.get_records(2, block=False)] == [0, 1]
+    small.publish_many(msg(i, 100) for i in range(3, 200))  # laps the subscriber
+    oldest = small.stats().get_count
+    got: list[tuple[int, str, bytes]] = []
+    while batch := sub.get_records(1000, block=False):
+        got.extend(batch)
+    assert [seq for seq, _, _ in got] == list(range(oldest, 200))
+    assert all(msgpack.unpackb(data)[0] == seq for seq, _, data in got)
+    assert sub.lost == oldest - 2
+
+
+def test_get_records_from_a_start_counts_like_get_many(small: Topic) -> None:
+    small.publish_many(msg(i, 100) for i in range(200))
+    oldest = small.stats().get_count
+    sub = small.subscribe(oldest - 5)
+    got = sub.get_records(1000, block=False)
+    assert [seq for seq, _, _ in got] == list(range(oldest, 200))
+    assert (sub.lost, sub.received) == (5, 200 - oldest)
+
+
 # -- lost messages -------------------------------------------------------------------
 
 

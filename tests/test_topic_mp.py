@@ -293,6 +293,35 @@ def _late_subscriber(path: str, start: str, k: int, ready: Any, done: Any) -> di
     return out
 
 
+def _resuming_subscriber(path: str, start: int, k: int, ready: Any, done: Any) -> dict[str, Any]:
+    """Subscribe at sequence number ``start``; read one at a time, checking ``last_seq`` on each message."""
+    t = Topic.open(path)
+    sub = t.subscribe(start)
+    lost_at_once = sub.lost
+    got: list[int] = []
+
+    def take(m: Any) -> None:
+        if sub.last_seq != m[0]:
+            raise AssertionError(f"message {m[0]} read with last_seq {sub.last_seq}")
+        got.append(m[0])
+
+    while True:
+        try:
+            take(sub.get_nowait())
+        except shmbus.Empty:
+            break
+    at_once = len(got)
+    ready.set()
+    for _ in range(k):
+        take(sub.get(timeout=CHILD_TIMEOUT))
+    assert done.wait(CHILD_TIMEOUT)
+    out = {"got": got, "at_once": at_once, "lost_at_once": lost_at_once}
+    out.update(lost=sub.lost, received=sub.received)
+    sub.close()
+    t.close()
+    return out
+
+
 def _ping_pong_subscriber(path: str, n: int, conn: Connection) -> None:
     """Report the slot, then for each message the ns from its timestamp to the wake-up."""
     t = Topic.open(path)
@@ -578,6 +607,34 @@ def test_late_subscribers_start_at_latest_or_at_the_oldest_message_still_there(
     assert early["later"] == list(range(m, m + k))
     for r, total in ((late, k), (early, m + k - oldest)):
         assert (r["after"], r["received"], r["lost"]) == ([], total, 0)
+    t.close()
+
+
+def test_subscribers_in_other_processes_resume_at_their_sequence_numbers(bus_name: str, procs: Any) -> None:
+    """Starts still in the ring, overwritten, and next: each reader's first message and counts."""
+    m, k = 1000, 20
+    t = Topic.create(bus_name, capacity="16KiB")
+    phase1, go, done = procs.ctx.Event(), procs.ctx.Event(), procs.ctx.Event()
+    pub, pub_rx = _start(procs, _publish_two_phases, t.path, m, k, phase1, go)
+    assert phase1.wait(CHILD_TIMEOUT)
+    oldest = t.stats().get_count
+    assert 10 < oldest < m - 10
+    starts = [oldest + 10, 3, m]
+    readies = [procs.ctx.Event() for _ in starts]
+    subs = [_start(procs, _resuming_subscriber, t.path, s, k, r, done) for s, r in zip(starts, readies)]
+    for r in readies:
+        assert r.wait(CHILD_TIMEOUT)
+    go.set()
+    assert _result(pub_rx, pub) == m + k
+    done.set()
+    results = [_result(rx, p) for p, rx in subs]
+    procs.join_all()
+    for start, r in zip(starts, results):
+        first = max(start, oldest)
+        assert r["got"] == list(range(first, m + k)), start
+        assert r["at_once"] == m - first
+        assert r["lost"] == r["lost_at_once"] == first - start
+        assert r["received"] + r["lost"] == m + k - start
     t.close()
 
 
