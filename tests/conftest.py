@@ -28,7 +28,10 @@ TEST_PREFIX = f"shmbus-test-{os.getpid()}-"
 
 # Every bus this session creates (in this process or a forked child) records its
 # id here, so the leak check looks only at our own semaphores.
-_IDS_FILE = Path(tempfile.gettempdir()) / f"shmbus-test-ids-{os.getpid()}"
+# (A random part too: a session in another pid namespace may have our pid. Children inherit
+# the name through the environment, spawned ones included.)
+_IDS_NAME = f"shmbus-test-ids-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+_IDS_FILE = Path(os.environ.setdefault("SHMBUS_TEST_IDS_FILE", f"{tempfile.gettempdir()}/{_IDS_NAME}"))
 _real_create_sems = _sync.create_sems
 
 
