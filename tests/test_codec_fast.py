@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmbus import Codec, EncodeError, Full, Queue
+from shmbus import Codec, DecodeError, EncodeError, Full, Queue
 from shmbus._codec import DEFAULT_CODEC, FAST_DECODE, FAST_ENCODE
 
 pytestmark = pytest.mark.skipif(FAST_ENCODE is None, reason="msgspec is not installed")
@@ -230,3 +230,19 @@ def test_a_handlers_exception_while_c_decodes_is_raised_and_nothing_is_lost(bus_
         with pytest.raises(KeyboardInterrupt):
             q.get(timeout=5)
         assert q.get(timeout=5) == {"n": 5}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "first, why",
+    [(0x80, "one object, then more"), (0x82, "an object cut short"), (0xC1, "a byte msgpack never uses")],
+)
+def test_a_bad_record_in_a_batch_decoded_in_one_call_fails_alone(queue: Queue, first: int, why: str) -> None:
+    """C decodes a batch of msgpack records in one call over their bytes; a record that is not
+    exactly one object must not shift its neighbours: it fails alone, as one by one."""
+    queue.put_many([{"a": 1}, {"b": 2}, {"c": 3}])  # payloads of 4 bytes: records of 32 bytes
+    queue._ring[32 + 16] = first  # the second's first payload byte (a fixmap of 1)
+    with pytest.raises(DecodeError) as e:
+        queue.get_many(3, timeout=5)
+    assert e.value.decoded == [{"a": 1}, {"c": 3}], why
+    assert queue.qsize() == 0
