@@ -81,10 +81,10 @@ class Params:
 def params_for(quick: bool) -> Params:
     """The full workload, or ``--quick``'s: the same measurements, each taken once.
 
-    Quick keeps every count of the full run (a tenth of them made runs of a
-    few milliseconds, where the children's start weighs), takes each
-    measurement once instead of five (or three) times, and runs fewer sizes
-    and shapes of (e) and (f).
+    Quick keeps every count of the full run (runs a tenth as long measured
+    other figures: see the package's docstring), takes each measurement once
+    instead of five (or three) times, and runs fewer sizes and shapes of (e)
+    and (f).
     """
     shapes = ((1, 1), (2, 2), (4, 1), (1, 4), (4, 4))
     return Params(
