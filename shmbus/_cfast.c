@@ -1173,18 +1173,27 @@ static PyObject *batch_records(const Batch *b) {
     return out;
 }
 
-/* The messages of a batch, decoded by one fast_unpack call over its bytes (*done = 1), when each
- * payload is exactly one msgpack object that cannot hold a timestamp: then the array holds
- * exactly the batch's messages, each decoded as decode_payload would. Otherwise, or if the
- * call fails, its records, for decode_records (which decides each as before); with *failed = 1
- * and the error set if a signal handler's exception came (the records are for take_last). */
+/* The messages of a batch, decoded by one call over its bytes (*done = 1): msgspec's when
+ * installed and no payload may hold a timestamp, else msgpack's unpackb, with the keywords
+ * decode_with gives it. Only when each payload is exactly one msgpack object: then the array
+ * holds exactly the batch's messages, each decoded as decode_payload would (one more level
+ * of nesting, and length limits from the whole buffer, which a well-formed object within its
+ * payload never reaches). Otherwise, or if the call fails, its records, for decode_records
+ * (which decides each as before); with *failed = 1 and the error set if a signal handler's
+ * exception came (the records are for take_last). */
 static PyObject *batch_messages(FastQueue *q, const Batch *b, int *done, int *failed) {
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
     int one_call = b->used == (uint64_t)(PyBytes_GET_SIZE(b->bytes) - ARRAY32_HEADER);
+    int fast = q->fast_unpack != NULL;
     for (Py_ssize_t i = 0; one_call && i < b->n; p += b->lens[i], i++)
-        one_call = msgpack_span(p, b->lens[i]) == b->lens[i] && !may_hold_timestamp(p, b->lens[i]);
+        one_call = msgpack_span(p, b->lens[i]) == b->lens[i];
+    p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
+    for (Py_ssize_t i = 0; one_call && fast && i < b->n; p += b->lens[i], i++)
+        fast = !may_hold_timestamp(p, b->lens[i]);
     if (one_call) {
-        PyObject *msgs = PyObject_CallOneArg(q->fast_unpack, b->bytes);
+        PyObject *argv[3] = {b->bytes, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
+        PyObject *msgs = fast ? PyObject_CallOneArg(q->fast_unpack, b->bytes)
+                              : PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
         if (msgs != NULL && PyList_CheckExact(msgs) && PyList_GET_SIZE(msgs) == b->n) {
             *done = 1;
             return msgs;
@@ -1223,8 +1232,7 @@ static PyObject *take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs
     Py_ssize_t left;
     uint64_t *tok;
     Batch batch = {0};
-    /* Only with msgspec: msgpack's unpackb makes a list of a batch no faster than one by one. */
-    int in_one = decode && q->unpack != NULL && q->fast_unpack != NULL;
+    int in_one = decode && q->unpack != NULL;
     PyObject *got = take(q, args, have, max, 1, spin_s, &left, &tok, in_one ? &batch : NULL);
     if (got == NULL) return NULL;
     if (got == Py_None) {

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from shmbus import Codec, DecodeError, EncodeError, Full, Queue
 from shmbus._codec import DEFAULT_CODEC, FAST_DECODE, FAST_ENCODE
+from shmbus._format import Q_TAIL
 
 pytestmark = pytest.mark.skipif(FAST_ENCODE is None, reason="msgspec is not installed")
 
@@ -246,3 +247,22 @@ def test_a_bad_record_in_a_batch_decoded_in_one_call_fails_alone(queue: Queue, f
         queue.get_many(3, timeout=5)
     assert e.value.decoded == [{"a": 1}, {"c": 3}], why
     assert queue.qsize() == 0
+
+
+@pytest.mark.timeout(30)
+def test_without_msgspec_c_decodes_a_batch_with_one_msgpack_call_alike(bus_name: str) -> None:
+    """Without msgspec, C decodes a batch with msgpack's unpackb over the whole array: the same messages,
+    timestamps and tuple keys included, and a bad record still fails alone."""
+    with Queue.create(bus_name, capacity="1MiB") as q:
+        if q._fast is None:
+            pytest.skip("no C fast path")
+        pack, unpack, kw, fast_pack, _ = DEFAULT_CODEC._c_parts()
+        q._fast.set_codec(pack, unpack, kw, q._max_payload, fast_pack, None)
+        msgs = [{"a": 1}, {"at": msgpack.Timestamp(1, 2)}, {(1, 2): "tuple key"}, [1.5, None, "x"]]
+        q.put_many(msgs)
+        assert q.get_many(10, timeout=5) == msgs
+        q.put_many([{"a": 1}, {"b": 2}, {"c": 3}])
+        q._ring[q._h64[Q_TAIL] % len(q._ring) + 32 + 16] = 0x80  # the second: one object, then more
+        with pytest.raises(DecodeError) as e:
+            q.get_many(3, timeout=5)
+        assert e.value.decoded == [{"a": 1}, {"c": 3}]
