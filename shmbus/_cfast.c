@@ -786,7 +786,59 @@ static PyObject *record_tuple(uint16_t kind, PyObject *payload, int bin) {
  * nothing consumed, on a damaged record among the k: so first look at all k, and
  * take none if one is damaged (committing the first ones would lose them: Python
  * raises past them). Ours are then the leading records we can copy. */
-static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObject *out, PyObject **one) {
+/* A batch copied out in one piece (get_many's common case): the payloads of its records one
+ * after the other behind a msgpack array32 header, so that one decoder call makes the list
+ * of messages (a msgpack array is its items' encodings in a row), with no object per record. */
+typedef struct {
+    PyObject *bytes;  /* header + payloads; NULL: the records went out one by one */
+    uint32_t *lens;   /* each payload's length (PyMem) */
+    Py_ssize_t n;     /* the records in it */
+    uint64_t used;    /* payload bytes copied: less than reserved if a record changed meanwhile */
+} Batch;
+
+#define ARRAY32_HEADER 5
+
+static void batch_free(Batch *b) {
+    Py_CLEAR(b->bytes);
+    PyMem_Free(b->lens);
+    b->lens = NULL;
+    b->n = 0;
+}
+
+/* Copy ours records (all msgpack, none a bytes message: total payload bytes) into b, as
+ * take_records does one by one; advances *tailp and *seqp. -1 (MemoryError): nothing copied. */
+static Py_ssize_t copy_batch(FastQueue *q, Py_ssize_t ours, uint64_t total, uint64_t head, uint64_t last,
+                             uint64_t *tailp, uint64_t *seqp, uint64_t *nbytes, Batch *b) {
+    b->lens = PyMem_Malloc((size_t)ours * sizeof(uint32_t));
+    b->bytes = b->lens == NULL ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(ARRAY32_HEADER + total));
+    if (b->bytes == NULL) {
+        if (b->lens == NULL) PyErr_NoMemory();
+        batch_free(b);
+        return -1;
+    }
+    unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
+    Rec r;
+    Py_ssize_t j = 0;
+    for (; j < ours; j++) {
+        /* (changed meanwhile: a hostile writer; what is copied so far is ours) */
+        if (rec_at(q, *tailp, head, *seqp, last, &r) <= 0 || r.kind != REC_MSGPACK || r.bin ||
+            r.length > total - b->used)
+            break;
+        memcpy(dst + b->used, r.payload, r.length);
+        b->lens[j] = r.length;
+        b->used += r.length;
+        *nbytes += r.length;
+        *tailp = r.end;
+        (*seqp)++;
+    }
+    b->n = j;
+    dst[-5] = 0xDD;
+    for (int i = 0; i < 4; i++) dst[-4 + i] = (unsigned char)((uint64_t)j >> (24 - 8 * i));
+    return j;
+}
+
+static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObject *out, PyObject **one,
+                               Batch *batch) {
     uint64_t cap = q->cap;
     uint64_t tail = ld64(H64(q, Q_TAIL)), head = ld64(H64(q, Q_HEAD));
     /* _ring.check_positions, as Queue._take does (the top bound keeps every sum below from overflowing). */
@@ -796,13 +848,24 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
     uint64_t last = ld64(H64(q, Q_NEXT_SEQ)); /* loaded after head, which producers store after it */
     Rec r;
     Py_ssize_t ours = 0, i = 0;
+    uint64_t total = 0; /* payload bytes of ours, if all go in one batch */
+    int whole = batch != NULL;
     for (uint64_t t = tail, s = seq; i < k && t != head; i++, s++, t = r.end) {
         int v = rec_at(q, t, head, s, last, &r);
         if (v < 0) return 0;
-        if (v > 0 && ours == i) ours++;
+        if (v > 0 && ours == i) {
+            ours++;
+            whole = whole && r.kind == REC_MSGPACK && !r.bin;
+            total += r.length; /* (at most cap per record: no overflow) */
+        }
     }
     uint64_t nbytes = 0;
     Py_ssize_t j = 0;
+    if (whole && ours > 1) {
+        j = copy_batch(q, ours, total, head, last, &tail, &seq, &nbytes, batch);
+        if (j < 0) return -1;
+        ours = 0; /* (the loop below has nothing left to do) */
+    }
     for (; j < ours; j++) {
         if (rec_at(q, tail, head, seq, last, &r) <= 0) break; /* changed meanwhile: a hostile writer */
         /* (a bytes message as _codec.extract gives it: its data, in a 1-tuple: already final) */
@@ -881,7 +944,7 @@ static void give_back(FastQueue *q, uint64_t *tok, Py_ssize_t n) {
  * the tokens still held for Python and *tokp to the tokens field they are recorded
  * in (NULL: not recorded); NULL on error, every token given back. */
 static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_ssize_t max, int many,
-                      double spin_s, Py_ssize_t *left, uint64_t **tokp) {
+                      double spin_s, Py_ssize_t *left, uint64_t **tokp, Batch *batch) {
     Py_ssize_t tokens;
     *left = -1;
     *tokp = NULL;
@@ -906,7 +969,7 @@ static PyObject *take(FastQueue *q, PyObject *const *args, Py_ssize_t have, Py_s
     if (!take_lock(q, q->tail, I_TAIL_REPAIR)) return Py_NewRef(Py_None);
     FAULT("get:after-lock");
     PyObject *out = many ? PyList_New(0) : NULL, *one = NULL;
-    Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, tok, out, &one);
+    Py_ssize_t j = many && out == NULL ? -1 : take_records(q, k, tok, out, &one, batch);
     if (j < 0) {
         /* Nothing was committed: every token goes back (before the unlock, as in
          * Queue._take), so no message is stranded. */
@@ -1002,7 +1065,7 @@ static PyObject *fq_get_obj(FastQueue *q, PyObject *const *args, Py_ssize_t narg
     if (get_spin(args[1], &spin_s) < 0) return NULL;
     Py_ssize_t left;
     uint64_t *tok;
-    PyObject *got = take(q, args, 0, 1, 0, spin_s, &left, &tok);
+    PyObject *got = take(q, args, 0, 1, 0, spin_s, &left, &tok, NULL);
     if (got == NULL) return NULL;
     if (got == Py_None) {
         Py_DECREF(got);
@@ -1097,6 +1160,58 @@ static int decode_records(FastQueue *q, PyObject *recs) {
     return 0;
 }
 
+/* The records of a batch as take_records gives them one by one: [(REC_MSGPACK, payload)...]. */
+static PyObject *batch_records(const Batch *b) {
+    PyObject *out = PyList_New(b->n);
+    const char *p = PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
+    for (Py_ssize_t i = 0; out != NULL && i < b->n; p += b->lens[i], i++) {
+        PyObject *payload = PyBytes_FromStringAndSize(p, b->lens[i]);
+        PyObject *item = payload == NULL ? NULL : record_tuple(REC_MSGPACK, payload, 0);
+        if (item == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* The messages of a batch, decoded by one call over its bytes (*done = 1): msgspec's when
+ * installed and no payload may hold a timestamp, else msgpack's unpackb, with the keywords
+ * decode_with gives it. Only when each payload is exactly one msgpack object: then the array
+ * holds exactly the batch's messages, each decoded as decode_payload would (one more level
+ * of nesting, and length limits from the whole buffer, which a well-formed object within its
+ * payload never reaches). Otherwise, or if the call fails, its records, for decode_records
+ * (which decides each as before); with *failed = 1 and the error set if a signal handler's
+ * exception came (the records are for take_last). */
+static PyObject *batch_messages(FastQueue *q, const Batch *b, int *done, int *failed) {
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
+    int one_call = b->used == (uint64_t)(PyBytes_GET_SIZE(b->bytes) - ARRAY32_HEADER);
+    int fast = q->fast_unpack != NULL;
+    for (Py_ssize_t i = 0; one_call && i < b->n; p += b->lens[i], i++)
+        one_call = msgpack_span(p, b->lens[i]) == b->lens[i];
+    p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
+    for (Py_ssize_t i = 0; one_call && fast && i < b->n; p += b->lens[i], i++)
+        fast = !may_hold_timestamp(p, b->lens[i]);
+    if (one_call) {
+        PyObject *argv[3] = {b->bytes, PyTuple_GET_ITEM(q->kwvalues, 0), PyTuple_GET_ITEM(q->kwvalues, 1)};
+        PyObject *msgs = fast ? PyObject_CallOneArg(q->fast_unpack, b->bytes)
+                              : PyObject_Vectorcall(q->unpack, argv, 1, q->kwnames);
+        if (msgs != NULL && PyList_CheckExact(msgs) && PyList_GET_SIZE(msgs) == b->n) {
+            *done = 1;
+            return msgs;
+        }
+        if (msgs == NULL && decode_failed() < 0) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyObject *recs = batch_records(b);
+            if (recs == NULL) PyErr_Clear(); /* (no memory for them: the handler's exception wins) */
+            PyErr_Restore(type, value, tb);
+            *failed = 1;
+            return recs;
+        }
+        Py_XDECREF(msgs);
+    }
+    return batch_records(b);
+}
+
 /* take_many(tokens_index, have, max, spin_s) -> (list of (kind, payload), tokens still held):
  * get_many's common case; have is 0 or the one token the caller waited for;
  * with none, it polls up to spin_s seconds for the first. */
@@ -1116,13 +1231,19 @@ static PyObject *take_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs
     }
     Py_ssize_t left;
     uint64_t *tok;
-    PyObject *got = take(q, args, have, max, 1, spin_s, &left, &tok);
+    Batch batch = {0};
+    int in_one = decode && q->unpack != NULL;
+    PyObject *got = take(q, args, have, max, 1, spin_s, &left, &tok, in_one ? &batch : NULL);
     if (got == NULL) return NULL;
     if (got == Py_None) {
         Py_DECREF(got);
         got = PyList_New(0);
     }
-    int failed = got != NULL && decode && q->unpack != NULL && decode_records(q, got) < 0;
+    int done = 0, failed = 0; /* every message decoded, from the batch; a handler's exception */
+    if (got != NULL && batch.bytes != NULL) Py_SETREF(got, batch_messages(q, &batch, &done, &failed));
+    batch_free(&batch);
+    if (failed && got == NULL) return NULL; /* (the exception set; the records could not be kept) */
+    failed = failed || (got != NULL && decode && q->unpack != NULL && !done && decode_records(q, got) < 0);
     if (got != NULL && PyList_GET_SIZE(got)) keep_last(q, got);
     if (failed) Py_CLEAR(got); /* Python keeps them (take_last) and sees the handler's exception */
     Py_ssize_t undecoded = 0; /* records left for Python to decode (take_many_obj's third item) */

@@ -23,8 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmbus import Codec, EncodeError, Full, Queue
+from shmbus import Codec, DecodeError, EncodeError, Full, Queue
 from shmbus._codec import DEFAULT_CODEC, FAST_DECODE, FAST_ENCODE
+from shmbus._format import Q_TAIL
 
 pytestmark = pytest.mark.skipif(FAST_ENCODE is None, reason="msgspec is not installed")
 
@@ -230,3 +231,38 @@ def test_a_handlers_exception_while_c_decodes_is_raised_and_nothing_is_lost(bus_
         with pytest.raises(KeyboardInterrupt):
             q.get(timeout=5)
         assert q.get(timeout=5) == {"n": 5}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "first, why",
+    [(0x80, "one object, then more"), (0x82, "an object cut short"), (0xC1, "a byte msgpack never uses")],
+)
+def test_a_bad_record_in_a_batch_decoded_in_one_call_fails_alone(queue: Queue, first: int, why: str) -> None:
+    """C decodes a batch of msgpack records in one call over their bytes; a record that is not
+    exactly one object must not shift its neighbours: it fails alone, as one by one."""
+    queue.put_many([{"a": 1}, {"b": 2}, {"c": 3}])  # payloads of 4 bytes: records of 32 bytes
+    queue._ring[32 + 16] = first  # the second's first payload byte (a fixmap of 1)
+    with pytest.raises(DecodeError) as e:
+        queue.get_many(3, timeout=5)
+    assert e.value.decoded == [{"a": 1}, {"c": 3}], why
+    assert queue.qsize() == 0
+
+
+@pytest.mark.timeout(30)
+def test_without_msgspec_c_decodes_a_batch_with_one_msgpack_call_alike(bus_name: str) -> None:
+    """Without msgspec, C decodes a batch with msgpack's unpackb over the whole array: the same messages,
+    timestamps and tuple keys included, and a bad record still fails alone."""
+    with Queue.create(bus_name, capacity="1MiB") as q:
+        if q._fast is None:
+            pytest.skip("no C fast path")
+        pack, unpack, kw, fast_pack, _ = DEFAULT_CODEC._c_parts()
+        q._fast.set_codec(pack, unpack, kw, q._max_payload, fast_pack, None)
+        msgs = [{"a": 1}, {"at": msgpack.Timestamp(1, 2)}, {(1, 2): "tuple key"}, [1.5, None, "x"]]
+        q.put_many(msgs)
+        assert q.get_many(10, timeout=5) == msgs
+        q.put_many([{"a": 1}, {"b": 2}, {"c": 3}])
+        q._ring[q._h64[Q_TAIL] % len(q._ring) + 32 + 16] = 0x80  # the second: one object, then more
+        with pytest.raises(DecodeError) as e:
+            q.get_many(3, timeout=5)
+        assert e.value.decoded == [{"a": 1}, {"c": 3}]

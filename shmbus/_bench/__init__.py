@@ -82,8 +82,12 @@ What is measured
     (the steady state of a long-lived topic) is included, and a subscriber
     that falls a ring behind loses messages, as it would in use.
 
-``--quick`` divides the counts by about ten, measures fewer sizes and shapes,
-and repeats less; the whole run takes well under a minute.
+``--quick`` measures the same things as the full run: every count is the
+full run's (runs a tenth as long measured other figures: 200 x 1 MiB
+gave mp.Queue about 1.5x the rate of 2,000, and shmbus more CPU per
+message), each measurement is taken once instead of five (or three) times,
+and (e) and (f) run fewer sizes and shapes. Its first line says what it
+cannot reproduce; it takes about a minute.
 
 CPU time: each child reads ``getrusage(RUSAGE_SELF)`` user+sys (all of its
 threads, so ``mp.Queue``'s feeder thread and ZeroMQ's I/O thread count) around

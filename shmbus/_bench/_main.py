@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "consumers, large buses, Topic fan-out; CPU per message.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="fewer messages, sizes and repeats: under a minute"
+        "--quick", action="store_true", help="each measurement once, fewer sizes and shapes: about a minute"
     )
     parser.add_argument(
         "--json",

@@ -6,7 +6,9 @@ output, so two runs can be compared knowing what each did.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "MIB",
@@ -20,6 +22,8 @@ __all__ = [
     "params_for",
     "ROW_LETTERS",
     "size_text",
+    "QUICK_SWEEP_SIZES",
+    "quick_caveat",
 ]
 
 MIB = 1 << 20
@@ -32,6 +36,10 @@ BARRIER_TIMEOUT_S = 60.0
 PAYLOAD_POOL = 16
 # The optional comparisons: import name of each, and the distribution to report.
 OPTIONAL = {"faster-fifo": ("faster_fifo", "faster-fifo"), "pyzmq": ("zmq", "pyzmq")}
+
+
+# (e) in a quick run: every other power of 4 from 16 B, and 4 MiB, which a target names.
+QUICK_SWEEP_SIZES = (16, 256, 4096, 65536, MIB, 4 * MIB, 16 * MIB)
 
 
 class BenchError(Exception):
@@ -71,40 +79,55 @@ class Params:
 
 
 def params_for(quick: bool) -> Params:
-    """The full workload, or about a tenth of each count for ``--quick``."""
-    scale = 10 if quick else 1
+    """The full workload, or ``--quick``'s: the same measurements, each taken once.
+
+    Quick keeps every count of the full run (runs a tenth as long measured
+    other figures: see the package's docstring), takes each measurement once
+    instead of five (or three) times, and runs fewer sizes and shapes of (e)
+    and (f).
+    """
     shapes = ((1, 1), (2, 2), (4, 1), (1, 4), (4, 4))
     return Params(
         quick=quick,
-        small_messages=200_000 // scale,
+        small_messages=200_000,
         batch_size=256,
-        bytes_messages=2_000 // scale,
+        bytes_messages=2_000,
         bytes_size=MIB,
         # One lap of the 64 MiB ring, plus one: every page of it has been touched
         # by both processes before the clock starts (see the module docstring).
         bytes_warmup=64 + 1,
-        pingpong_round_trips=20_000 // scale,
-        pingpong_warmup=500 // scale,
-        # Fewer repeats keep --quick quick; three still give a median.
-        repeats=3 if quick else 5,
+        pingpong_round_trips=20_000,
+        pingpong_warmup=500,
+        repeats=1 if quick else 5,
         capacity="64MiB",
         # Small enough to stay in the 32 MiB L3 of the machine the figures were first taken on.
         small_ring="8MiB",
-        sweep_sizes=tuple(16 << 2 * k for k in range(0, 11, 2 if quick else 1)),
-        sweep_volume=(64 if quick else 1024) * MIB,
-        sweep_min_messages=8 if quick else 64,
-        sweep_max_messages=50_000 // scale,
+        sweep_sizes=QUICK_SWEEP_SIZES if quick else tuple(16 << 2 * k for k in range(11)),
+        sweep_volume=1024 * MIB,
+        sweep_min_messages=64,
+        sweep_max_messages=50_000,
         sweep_repeats=1 if quick else 3,
         mpmc_shapes=shapes[::2] if quick else tuple((p, c) for p in (1, 2, 4) for c in (1, 2, 4)),
-        mpmc_messages=120_000 // scale,
+        mpmc_messages=120_000,
         mpmc_repeats=1 if quick else 3,
-        topic_messages=200_000 // scale,
+        topic_messages=200_000,
         topic_subscribers=(0, 1, 3),
         topic_capacity="1MiB",
         scale_small=MIB,
         scale_large=4 * GIB,
         scale_fallback=GIB,
         memory_bus=GIB,
+    )
+
+
+def quick_caveat(p: Mapping[str, Any]) -> str | None:
+    """What a quick run (its recorded params) cannot reproduce of the full run, or None for a full run."""
+    if not p["quick"]:
+        return None
+    return (
+        "quick run: the full run's messages, but each measurement taken once (the full run reports "
+        "the median of 5; 3 for (e) and (f)), so a disturbed run shows as it is; (e) measures "
+        f"{len(p['sweep_sizes'])} of the full run's 11 sizes, (f) {len(p['mpmc_shapes'])} of its 9 shapes."
     )
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from ._params import GIB, MIB, ROW_LETTERS, size_text
+from ._params import GIB, MIB, ROW_LETTERS, quick_caveat, size_text
 from ._targets import MEMCPY_VARIANTS, lookup
 
 __all__ = ["format_table", "write_json"]
@@ -200,6 +200,12 @@ _NOTES = [
 ]
 
 
+def _runs_text(p: dict[str, Any]) -> str:
+    if p["repeats"] == p["sweep_repeats"] == p["mpmc_repeats"] == 1:
+        return "one run of each measurement"
+    return f"medians of {p['repeats']} runs ({p['sweep_repeats']} for (e), {p['mpmc_repeats']} for (f))"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The plain-text report: machine lines, parameters, one table per row, targets, notes."""
     m, p, b = results["machine"], results["params"], results["benchmarks"]
@@ -208,15 +214,16 @@ def format_table(results: dict[str, Any]) -> str:
     if "shmbus_c_fast_path" in m:  # (older JSON files do not say)
         why = m.get("shmbus_c_fast_path_why_not") or "pure Python"
         src += ", C fast path " + ("on" if m["shmbus_c_fast_path"] else f"OFF ({why})")
-    text = [
+    caveat = quick_caveat(p)
+    text = [] if caveat is None else [caveat]
+    text += [
         f"machine: {m['platform']}, {m['cpu_model']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable), "
         f"{m['memory_bytes'] / GIB:.0f} GiB; {m['python_implementation']} {m['python']}",
         f"shmbus {m['shmbus']}{src}, msgpack {m['msgpack']}, msgspec {m.get('msgspec', 'not installed')}, "
         f"posix_ipc {m['posix_ipc']}, "
         f"faster-fifo {m['faster-fifo']}, pyzmq {m['pyzmq']}; "
         f"load average {' '.join(map(str, m['load_average_at_start']))} at start",
-        f"{kind} run, {results['duration_s']:.0f} s; medians of {p['repeats']} runs "
-        f"({p['sweep_repeats']} for (e), {p['mpmc_repeats']} for (f)); fork start method; "
+        f"{kind} run, {results['duration_s']:.0f} s; {_runs_text(p)}; fork start method; "
         f"shmbus Queue capacity {p['capacity']}",
     ]
     for key in ROW_LETTERS:
