@@ -5,7 +5,9 @@ a shell user. The library's errors keep their advice for Python callers
 (``pass exist_ok=True``, ``open it with shmbus.Queue.open``) in ``hint``,
 apart from the ``fact``; here each error class maps to the advice a shell
 user can follow (a command, a flag). An error whose hint has no entry here
-prints its fact alone: a Python idiom never reaches the terminal.
+prints its fact alone: a Python idiom never reaches the terminal. An
+``OSError`` prints its sentence without Python's ``[Errno N]`` and
+``: 'path'`` decorations, naming the path once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ._errors import (
     TooManySubscribers,
 )
 
-__all__ = ["cli_message"]
+__all__ = ["cli_message", "cli_os_message"]
 
 
 def _incompatible(e: ShmbusError, path: str) -> str | None:
@@ -66,3 +68,17 @@ def cli_message(e: ShmbusError) -> str:
             hint = advise(e, path)
             return f"{e.fact}; {hint}" if hint else e.fact
     return e.fact
+
+
+def cli_os_message(e: OSError) -> str:
+    """The one line the command line prints for ``e``: its sentence and its path, once, without ``[Errno N]``.
+
+    shmbus's own ``OSError`` sentences already name the path (``permission
+    denied opening bus /dev/shm/jobs: ...``); the system's (``No such file or
+    directory``) get it appended.
+    """
+    text = e.strerror or str(e)
+    name = e.filename
+    if name is None or str(name) in text:
+        return text
+    return f"{text}: {name}"

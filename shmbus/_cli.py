@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 from . import _accel, _doctor, _export
-from ._advice import cli_message
+from ._advice import cli_message, cli_os_message
 from ._bus import Bus
 from ._errors import BusExists, DecodeError, ShmbusError
 from ._file import read_layout_of
@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shmbus {args.command}: {cli_message(e)}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"shmbus {args.command}: {e}", file=sys.stderr)
+        print(f"shmbus {args.command}: {cli_os_message(e)}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:  # a value argparse could not check (mode, maxsize...)
         print(f"shmbus {args.command}: {e}", file=sys.stderr)

@@ -675,3 +675,29 @@ def test_no_error_names_a_temporary_file(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["create", str(tmp_path / "missing-dir" / "bus")]) == 1
     err = capsys.readouterr().err
     assert "missing-dir/bus" in err and ".tmp" not in err
+
+
+def test_an_os_error_is_its_sentence_and_path_once(
+    bus_name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shmbus._advice import cli_os_message
+
+    assert cli_os_message(FileNotFoundError(2, "No such file or directory", "/x")) == (
+        "No such file or directory: /x"
+    )
+    assert cli_os_message(OSError("plain")) == "plain"
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        real_open = os.open
+
+        def denied(path: Any, *args: Any, **kwargs: Any) -> int:
+            if path == q.path:  # what another user's private bus answers
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "open", denied)
+            assert main(["info", bus_name]) == 1
+    assert capsys.readouterr().err == (
+        f"shmbus info: permission denied opening bus {q.path}: ask its owner to share it "
+        "(mode 660 and a group you are in) or run as that user\n"
+    )

@@ -377,3 +377,25 @@ def test_without_the_extra_export_says_what_to_install() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "pip install 'shmbus[metrics]'" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_skipped_file_is_logged_in_plain_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing, private = str(tmp_path / "missing"), str(tmp_path / "private")
+    metrics.text(metrics.new_registry([missing]))
+    real_snapshot = _live.snapshot
+
+    def denied(path: str) -> Any:
+        if path == private:  # (as root, no mode keeps us out)
+            raise PermissionError(13, f"permission denied opening bus {path}: ask its owner", path)
+        return real_snapshot(path)
+
+    monkeypatch.setattr(_live, "snapshot", denied)
+    metrics.text(metrics.new_registry([private]))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"shmbus export: skipping {missing} (missing): no bus at {missing}",  # no advice to create it
+        f"shmbus export: skipping {private} (permission): "
+        f"permission denied opening bus {private}: ask its owner",
+    ]
