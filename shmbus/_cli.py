@@ -179,9 +179,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
     buses = _admin.list_buses(args.path)
     orphans = _admin.orphan_semaphores(args.path, min_age=args.min_age)
+    unreadable = _admin.unreadable_files()
     if args.json:
         out = [{**asdict(b), "mode": f"{b.mode:04o}"} for b in buses]
-        print(json.dumps({"buses": out, "orphan_semaphores": orphans}))
+        print(json.dumps({"buses": out, "orphan_semaphores": orphans, "unreadable_files": unreadable}))
         return 0
     rows = [("PATH", "KIND", "MODE", "OWNER", "CAPACITY", "FILL", "MESSAGES", "PROCS", "SEMS")]
     rows += [
@@ -197,6 +198,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         print(f"{f}  orphan: bus file gone")
     if not buses and not orphans:
         print("no buses and no orphan semaphores")
+    if unreadable:
+        print(f"{len(unreadable)} file(s) in /dev/shm you may not read, not listed: other users' buses, "
+              "perhaps (`shmbus ls` as their owner, or as root, shows them)")  # fmt: skip
     return 0
 
 

@@ -701,3 +701,27 @@ def test_an_os_error_is_its_sentence_and_path_once(
         f"shmbus info: permission denied opening bus {q.path}: ask its owner to share it "
         "(mode 660 and a group you are in) or run as that user\n"
     )
+
+
+def test_ls_says_how_many_files_it_may_not_read(
+    bus_name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        real_access, real_open = os.access, os.open
+
+        def private(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if path == q.path:  # another user's private bus (as root, no mode keeps us out)
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "access", lambda path, mode: path != q.path and real_access(path, mode))
+            m.setattr(os, "open", private)
+            assert main(["ls", "--json"]) == 0
+            assert main(["ls"]) == 0
+    listing, text = capsys.readouterr().out.split("\n", 1)
+    found = json.loads(listing)
+    assert q.path in found["unreadable_files"] and q.path not in {b["path"] for b in found["buses"]}
+    n = len(found["unreadable_files"])
+    assert f"{n} file(s) in /dev/shm you may not read, not listed" in text.splitlines()[-1]
+    assert q.path not in text
