@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ShmbusError as e:
-        print(f"shmbus {args.command}: {cli_message(e)}", file=sys.stderr)
+        print(f"shmbus {args.command}: {cli_message(e, args.command)}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"shmbus {args.command}: {cli_os_message(e)}", file=sys.stderr)

@@ -580,6 +580,8 @@ def test_every_command_and_argument_has_help_and_shows_its_default() -> None:
         (["last", "{b}"], "`shmbus recv", "shmbus.Queue"),
         (["rm", "{b}-nope"], "no bus at /dev/shm/{b}-nope; `shmbus ls` lists the buses", "create it first"),
         (["info", "{b}-nope"], "`shmbus ls`", "shmbus.Queue.create"),
+        (["ls", "{b}-nope"], "check the path; `shmbus ls` alone lists", "create it first"),
+        (["create", "{b}", "--topic", "--exist-ok"], "choose another path, or remove it first", "recv"),
     ],
 )  # fmt: skip
 def test_errors_give_command_line_advice(
