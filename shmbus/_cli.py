@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -539,10 +540,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
     except ShmbusError as e:
         print(f"shmbus {args.command}: {cli_message(e, args.command)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`shmbus ls | head -1`): not an error worth a line, as for any
+        # Unix tool; stdout goes to /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
     except OSError as e:
         print(f"shmbus {args.command}: {cli_os_message(e)}", file=sys.stderr)
         return 1

@@ -727,3 +727,15 @@ def test_ls_says_how_many_files_it_may_not_read(
     n = len(found["unreadable_files"])
     assert f"{n} file(s) in /dev/shm you may not read, not listed" in text.splitlines()[-1]
     assert q.path not in text
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_that_leaves_early_is_no_error(bus_name: str) -> None:
+    """`shmbus info jobs | head -1`: no "Broken pipe" line, no traceback at exit; 141 as for any tool."""
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        p = subprocess.Popen(_shmbus("info", bus_name), stdout=PIPE, stderr=PIPE)
+        assert p.stdout is not None
+        p.stdout.close()  # the reader is gone before the first line is written
+        _, err = p.communicate(timeout=30)
+        assert (p.returncode, err) == (141, b"")
+        q.unlink()
