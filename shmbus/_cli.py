@@ -438,6 +438,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's options: shmbus bench --help")
     b.set_defaults(func=_cmd_bench)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # main reports stray arguments with it
     return p
 
 
@@ -538,7 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import _bench
 
         return _bench.main(argv[1:])
-    args = _parser().parse_args(argv)
+    args, stray = _parser().parse_known_args(argv)
+    if stray:  # under the command's name and usage (argparse would give the top level's)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit

@@ -739,3 +739,12 @@ def test_a_reader_that_leaves_early_is_no_error(bus_name: str) -> None:
         _, err = p.communicate(timeout=30)
         assert (p.returncode, err) == (141, b"")
         q.unlink()
+
+
+def test_a_stray_argument_is_reported_under_its_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", "extra"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("usage: shmbus doctor")
+    assert "shmbus doctor: error: unrecognized arguments: extra" in err
