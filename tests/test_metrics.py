@@ -380,6 +380,22 @@ def test_without_the_extra_export_says_what_to_install() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_without_the_extra_importing_shmbus_metrics_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"  # (as if not installed)
+        "import shmbus\n"  # the core needs no extra
+        "try:\n    import shmbus.metrics\n"
+        "except ModuleNotFoundError as e:\n    print(e.name, '|', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    name, said = r.stdout.strip().split(" | ")
+    assert name == "prometheus_client"
+    assert said.startswith("shmbus.metrics needs prometheus-client (")
+    assert said.endswith("pip install 'shmbus[metrics]'")
+
+
+@pytest.mark.timeout(30)
 def test_a_skipped_file_is_logged_in_plain_words(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
