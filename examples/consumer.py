@@ -16,7 +16,8 @@ import shmbus
 def main() -> None:
     ap = argparse.ArgumentParser(description="Take jobs from a shmbus queue and print them.")
     ap.add_argument("path", help="bus path, or a bare name in /dev/shm")
-    ap.add_argument("--idle", type=float, default=None, help="stop after this many seconds with no message")
+    ap.add_argument("--idle", type=float, default=None,
+                    help="stop after this many seconds with no message (default: never)")  # fmt: skip
     args = ap.parse_args()
     with shmbus.Queue.create(args.path, capacity="8MiB", exist_ok=True) as q:
         taken = 0

@@ -12,6 +12,7 @@ Python's (``_cconst``) is refused with a warning, never run.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -62,14 +63,25 @@ def _load() -> tuple[ModuleType | None, str]:
         from . import _cfast
     except ImportError as e:
         # pip hides a failed optional build unless -v: say here what happened and what to do.
+        # (Python's own words for a module that is not there, during the package's import,
+        # speak of "a circular import": they would send the reader the wrong way.)
+        what = "is not built" if _absent() else f"does not load ({e})"
         return None, (
-            f"the extension shmbus._cfast is not built ({e}): reinstall with a C compiler and the "
+            f"the extension shmbus._cfast {what}: reinstall with a C compiler and the "
             "Python headers present (e.g. `apt install gcc python3-dev`, then `pip install --force-reinstall "
             "--no-binary shmbus shmbus`, or `pip install -e .` in a clone)"
         )
     if not check_constants(_cfast):
         return None, "the extension was built from other format constants (a stale build): rebuild it"
     return _cfast, ""
+
+
+def _absent() -> bool:
+    """True when no compiled ``shmbus._cfast`` sits beside the sources: the build did not happen."""
+    try:
+        return importlib.util.find_spec("shmbus._cfast") is None
+    except ImportError:
+        return True
 
 
 def _c_step(step: str) -> None:

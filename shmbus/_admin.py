@@ -48,7 +48,7 @@ from ._file import SHM_DIR, open_fd, read_layout, resolve_path, unlink
 from ._format import HEADER_MIN, peek_ids
 from ._stats import header_stats
 
-__all__ = ["BusInfo", "list_buses", "orphan_semaphores", "gc", "GRACE"]
+__all__ = ["BusInfo", "list_buses", "unreadable_files", "orphan_semaphores", "gc", "GRACE"]
 
 log = logging.getLogger("shmbus")
 
@@ -93,6 +93,22 @@ def list_buses(paths: Iterable[str] | None = None) -> list[BusInfo]:
     ``NotABus`` or ``PermissionError`` otherwise.
     """
     return _scan(paths, _sync.list_sems())[0]
+
+
+def unreadable_files() -> list[str]:
+    """The files in ``/dev/shm`` (semaphores aside) this process may not read: perhaps others' buses.
+
+    ``list_buses`` skips them; ``shmbus ls`` says how many there are, so that
+    an empty list is not taken for a machine without buses.
+    """
+    out = []
+    with os.scandir(SHM_DIR) as it:
+        for entry in it:
+            if entry.name.startswith(("sem.", ".")) or not entry.is_file(follow_symlinks=False):
+                continue  # a semaphore, or a bus being created under its hidden temporary name
+            if not os.access(entry.path, os.R_OK):
+                out.append(entry.path)
+    return sorted(out)
 
 
 def orphan_semaphores(paths: Iterable[str] | None = None, *, min_age: float = GRACE) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from . import _accel, _doctor, _export
-from ._advice import cli_message
+from ._advice import cli_message, cli_os_message
 from ._bus import Bus
 from ._errors import BusExists, DecodeError, ShmbusError
 from ._file import read_layout_of
@@ -179,9 +180,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
     buses = _admin.list_buses(args.path)
     orphans = _admin.orphan_semaphores(args.path, min_age=args.min_age)
+    unreadable = _admin.unreadable_files()
     if args.json:
         out = [{**asdict(b), "mode": f"{b.mode:04o}"} for b in buses]
-        print(json.dumps({"buses": out, "orphan_semaphores": orphans}))
+        print(json.dumps({"buses": out, "orphan_semaphores": orphans, "unreadable_files": unreadable}))
         return 0
     rows = [("PATH", "KIND", "MODE", "OWNER", "CAPACITY", "FILL", "MESSAGES", "PROCS", "SEMS")]
     rows += [
@@ -197,6 +199,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         print(f"{f}  orphan: bus file gone")
     if not buses and not orphans:
         print("no buses and no orphan semaphores")
+    if unreadable:
+        print(f"{len(unreadable)} file(s) in /dev/shm you may not read, not listed: other users' buses, "
+              "perhaps (`shmbus ls` as their owner, or as root, shows them)")  # fmt: skip
     return 0
 
 
@@ -433,6 +438,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's options: shmbus bench --help")
     b.set_defaults(func=_cmd_bench)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # main reports stray arguments with it
     return p
 
 
@@ -533,14 +540,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import _bench
 
         return _bench.main(argv[1:])
-    args = _parser().parse_args(argv)
+    args, stray = _parser().parse_known_args(argv)
+    if stray:  # under the command's name and usage (argparse would give the top level's)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
     except ShmbusError as e:
-        print(f"shmbus {args.command}: {cli_message(e)}", file=sys.stderr)
+        print(f"shmbus {args.command}: {cli_message(e, args.command)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`shmbus ls | head -1`): not an error worth a line, as for any
+        # Unix tool; stdout goes to /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
     except OSError as e:
-        print(f"shmbus {args.command}: {e}", file=sys.stderr)
+        print(f"shmbus {args.command}: {cli_os_message(e)}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:  # a value argparse could not check (mode, maxsize...)
         print(f"shmbus {args.command}: {e}", file=sys.stderr)

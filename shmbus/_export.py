@@ -61,9 +61,8 @@ def register(sub: Any) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
         from . import metrics
-    except ImportError as err:
-        print(f"shmbus export: needs prometheus-client ({err}): pip install 'shmbus[metrics]'",
-              file=sys.stderr)  # fmt: skip
+    except ImportError as err:  # its sentence names the extra to install
+        print(f"shmbus export: {err}", file=sys.stderr)
         return 1
     buses = args.buses or None
     if args.textfile is None and not args.once:

@@ -67,7 +67,7 @@ def open_fd(path: str, flags: int) -> int:
     except PermissionError as e:
         raise PermissionError(
             e.errno, f"permission denied opening bus {path}: ask its owner to share it "
-            "(create with mode=0o660 and a common group) or run as that user", path,
+            "(mode 660 and a group you are in) or run as that user", path,
         ) from None  # fmt: skip
     except IsADirectoryError:
         raise NotABus(f"{path} is a directory, not a bus: pass the bus file's path", path=path) from None

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from . import _live
+from ._advice import cli_os_message
 from ._errors import BusNotFound, CorruptBus, IncompatibleBus, NotABus, ShmbusError
 from ._file import SHM_DIR, resolve_path
 
@@ -151,7 +152,16 @@ class Scraper:
         self._logged[path] = reason
         unexpected = not isinstance(e, (ShmbusError, OSError))
         why = reason.replace("_", " ")
-        log.warning("shmbus export: skipping %s (%s): %s", path, why, e, exc_info=unexpected)
+        log.warning("shmbus export: skipping %s (%s): %s", path, why, _said(e), exc_info=unexpected)
+
+
+def _said(e: BaseException) -> str:
+    """Why a file was skipped, in words: no advice to create a watched bus, no ``[Errno N]``."""
+    if isinstance(e, BusNotFound):
+        return e.fact
+    if isinstance(e, OSError) and not isinstance(e, ShmbusError):
+        return cli_os_message(e)
+    return str(e)
 
 
 def _files_in(directory: str) -> list[str]:

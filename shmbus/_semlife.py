@@ -147,7 +147,7 @@ def open_sems(
     except _sync.SemPermissionError as e:
         raise PermissionError(
             errno.EACCES, f"permission denied opening the semaphores of bus {path}: "
-            "ask its owner to share it (mode=0o660 and a common group)", path,
+            "ask its owner to share it (mode 660 and a group you are in)", path,
         ) from e  # fmt: skip
     if missing:
         try:

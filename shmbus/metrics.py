@@ -27,9 +27,14 @@ from collections.abc import Iterable, Iterator
 from typing import Final, Union
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client import start_http_server as _prometheus_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+try:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import start_http_server as _prometheus_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+except ImportError as e:  # the extra is not installed: say which one, rather than a bare module name
+    raise ModuleNotFoundError(
+        f"shmbus.metrics needs prometheus-client ({e}): pip install 'shmbus[metrics]'", name=e.name
+    ) from e
 
 from . import _accel
 from ._scrape import REASONS, Census, Reading, Scraper

@@ -580,6 +580,8 @@ def test_every_command_and_argument_has_help_and_shows_its_default() -> None:
         (["last", "{b}"], "`shmbus recv", "shmbus.Queue"),
         (["rm", "{b}-nope"], "no bus at /dev/shm/{b}-nope; `shmbus ls` lists the buses", "create it first"),
         (["info", "{b}-nope"], "`shmbus ls`", "shmbus.Queue.create"),
+        (["ls", "{b}-nope"], "check the path; `shmbus ls` alone lists", "create it first"),
+        (["create", "{b}", "--topic", "--exist-ok"], "choose another path, or remove it first", "recv"),
     ],
 )  # fmt: skip
 def test_errors_give_command_line_advice(
@@ -675,3 +677,74 @@ def test_no_error_names_a_temporary_file(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["create", str(tmp_path / "missing-dir" / "bus")]) == 1
     err = capsys.readouterr().err
     assert "missing-dir/bus" in err and ".tmp" not in err
+
+
+def test_an_os_error_is_its_sentence_and_path_once(
+    bus_name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shmbus._advice import cli_os_message
+
+    assert cli_os_message(FileNotFoundError(2, "No such file or directory", "/x")) == (
+        "No such file or directory: /x"
+    )
+    assert cli_os_message(OSError("plain")) == "plain"
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        real_open = os.open
+
+        def denied(path: Any, *args: Any, **kwargs: Any) -> int:
+            if path == q.path:  # what another user's private bus answers
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "open", denied)
+            assert main(["info", bus_name]) == 1
+    assert capsys.readouterr().err == (
+        f"shmbus info: permission denied opening bus {q.path}: ask its owner to share it "
+        "(mode 660 and a group you are in) or run as that user\n"
+    )
+
+
+def test_ls_says_how_many_files_it_may_not_read(
+    bus_name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        real_access, real_open = os.access, os.open
+
+        def private(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if path == q.path:  # another user's private bus (as root, no mode keeps us out)
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "access", lambda path, mode: path != q.path and real_access(path, mode))
+            m.setattr(os, "open", private)
+            assert main(["ls", "--json"]) == 0
+            assert main(["ls"]) == 0
+    listing, text = capsys.readouterr().out.split("\n", 1)
+    found = json.loads(listing)
+    assert q.path in found["unreadable_files"] and q.path not in {b["path"] for b in found["buses"]}
+    n = len(found["unreadable_files"])
+    assert f"{n} file(s) in /dev/shm you may not read, not listed" in text.splitlines()[-1]
+    assert q.path not in text
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_that_leaves_early_is_no_error(bus_name: str) -> None:
+    """`shmbus info jobs | head -1`: no "Broken pipe" line, no traceback at exit; 141 as for any tool."""
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        p = subprocess.Popen(_shmbus("info", bus_name), stdout=PIPE, stderr=PIPE)
+        assert p.stdout is not None
+        p.stdout.close()  # the reader is gone before the first line is written
+        _, err = p.communicate(timeout=30)
+        assert (p.returncode, err) == (141, b"")
+        q.unlink()
+
+
+def test_a_stray_argument_is_reported_under_its_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", "extra"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("usage: shmbus doctor")
+    assert "shmbus doctor: error: unrecognized arguments: extra" in err

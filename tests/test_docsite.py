@@ -124,6 +124,16 @@ def test_api_page_is_made_from_the_docstrings(site: tuple[Any, str]) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_metrics_page_ends_with_the_metrics_module_from_its_docstrings(site: tuple[Any, str]) -> None:
+    import shmbus.metrics
+
+    page = _open(site, "metrics.html")
+    for name in shmbus.metrics.__all__:
+        assert page.locator(f"[id='shmbus.metrics.{name}']").count() == 1, name
+    assert page.locator("article").get_by_text("A prometheus_client collector of every bus").count() == 1
+
+
+@pytest.mark.timeout(300)
 def test_performance_page_shows_the_charts(site: tuple[Any, str]) -> None:
     page = _open(site, "performance.html")
     assert page.title() == "Performance - shmbus"

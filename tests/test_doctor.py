@@ -144,3 +144,35 @@ def test_the_license_file_is_the_one_pyproject_names() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'license = "MIT"' in pyproject and 'license-files = ["LICENSE"]' in pyproject
     assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_build_is_called_that_not_a_circular_import(tmp_path: Path) -> None:
+    """The package's sources without any compiled module, as pip leaves them without a compiler."""
+    import shutil
+
+    shutil.copytree(
+        ROOT / "shmbus", tmp_path / "shmbus", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
+    code = textwrap.dedent(
+        """
+        import sys
+        # An editable install's finder would bring back the clone's sources and build.
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        sys.path.insert(0, sys.argv[1])
+        import shmbus
+        from shmbus import _accel
+        print(shmbus.__file__)
+        print(_accel.REASON)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SHMBUS_PURE_PYTHON", "PYTHONPATH")}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60, env=env,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    where, reason = out.stdout.splitlines()
+    assert where.startswith(str(tmp_path))
+    assert reason.startswith("the extension shmbus._cfast is not built: reinstall with a C compiler")
+    assert "circular" not in reason

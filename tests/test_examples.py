@@ -111,3 +111,17 @@ def test_consumer_exits_130_on_ctrl_c(bus_name: str) -> None:
         assert rest == f"took 1 messages from {q.path}\n" and err == ""
         assert _group_gone(p.pid)
         q.unlink()
+
+
+
+@pytest.mark.timeout(60)
+def test_producer_waiting_on_a_full_queue_exits_130_on_ctrl_c(bus_name: str) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB", maxsize=1) as q:
+        q.put("the one the queue has room for")
+        p = _start("producer.py", bus_name, "--count", "5")
+        first, rest, err, _ = _interrupt(p)  # the first line is printed before the first put, which waits
+        assert first == f"putting 5 messages on {q.path} (Ctrl-C to stop)\n", (first, rest, err)
+        assert p.returncode == 130, (rest, err)
+        assert rest == f"put 0 messages on {q.path}; 1 waiting\n" and err == ""
+        assert _group_gone(p.pid)
+        q.unlink()

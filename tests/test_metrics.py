@@ -377,3 +377,41 @@ def test_without_the_extra_export_says_what_to_install() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "pip install 'shmbus[metrics]'" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(30)
+def test_without_the_extra_importing_shmbus_metrics_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"  # (as if not installed)
+        "import shmbus\n"  # the core needs no extra
+        "try:\n    import shmbus.metrics\n"
+        "except ModuleNotFoundError as e:\n    print(e.name, '|', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    name, said = r.stdout.strip().split(" | ")
+    assert name == "prometheus_client"
+    assert said.startswith("shmbus.metrics needs prometheus-client (")
+    assert said.endswith("pip install 'shmbus[metrics]'")
+
+
+@pytest.mark.timeout(30)
+def test_a_skipped_file_is_logged_in_plain_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing, private = str(tmp_path / "missing"), str(tmp_path / "private")
+    metrics.text(metrics.new_registry([missing]))
+    real_snapshot = _live.snapshot
+
+    def denied(path: str) -> Any:
+        if path == private:  # (as root, no mode keeps us out)
+            raise PermissionError(13, f"permission denied opening bus {path}: ask its owner", path)
+        return real_snapshot(path)
+
+    monkeypatch.setattr(_live, "snapshot", denied)
+    metrics.text(metrics.new_registry([private]))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"shmbus export: skipping {missing} (missing): no bus at {missing}",  # no advice to create it
+        f"shmbus export: skipping {private} (permission): "
+        f"permission denied opening bus {private}: ask its owner",
+    ]

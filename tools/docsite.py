@@ -77,7 +77,7 @@ def browser_page() -> Iterator[Any]:
             executable_path=str(CHROMIUM),
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport=VIEWPORT,
+            viewport={"width": VIEWPORT["width"], "height": VIEWPORT["height"]},  # playwright's TypedDict
         )
         try:
             yield context.new_page()
