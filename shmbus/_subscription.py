@@ -50,7 +50,7 @@ from ._format import (
 )
 from ._sync import Sem, check_timeout
 from ._sync import deadline as _deadline
-from ._zerocopy import View, view_kind
+from ._zerocopy import Record, View, record_kind, view_kind
 
 if TYPE_CHECKING:
     from ._cfast import FastTopic
@@ -402,6 +402,53 @@ class Subscription:
             self.lost += rseq - self._next
             self._next, self._cursor = rseq + 1, after
             out.append((kind, payload))
+        if out:
+            self.received += len(out)
+            self._save()
+        return out
+
+    def get_records(self, max_records: int, block: bool = True, timeout: float | None = None) -> list[Record]:
+        """Up to ``max_records`` next messages as stored: ``Record(seq, kind, data)``, ``data`` copied.
+
+        The stored form ``Topic.publish_records`` takes back (see ``Record``),
+        with each message's sequence number: a gap between two is what was
+        overwritten before this subscriber read it (also counted in ``lost``).
+        Blocking: waits (up to ``timeout``) for the first and returns 1..max,
+        or raises ``Empty``. Non-blocking: returns 0..max at once.
+        """
+        if max_records < 1:
+            raise ValueError("max_records must be at least 1")
+        self._check_open()
+        deadline = _deadline(timeout)
+        d = self._door
+        d.enter()
+        try:
+            out = self._read_records(max_records)
+            while not out and block:
+                if not self._wait(deadline):
+                    raise Empty(f"no new message on {d.path}", path=d.path)
+                out = self._read_records(max_records)
+            return out
+        finally:
+            d.leave()
+
+    def _read_records(self, k: int) -> list[Record]:
+        """``_read``'s loop, copying each payload whole (a ``bin`` header kept) with its sequence number."""
+        d = self._door
+        h, mm, cap, ro = d.h64, d.mm, d.capacity, d.ring_offset
+        out: list[Record] = []
+        while len(out) < k:
+            found = self._next_record()
+            if found is None:
+                break
+            start, kind, rseq, n, after = found
+            a = ro + start % cap + RECORD_SIZE
+            data = mm[a : a + n]
+            if h[Q_TAIL] > self._cursor:  # lapped(h, self._cursor): the copy may be torn
+                continue
+            self.lost += rseq - self._next
+            self._next, self._cursor = rseq + 1, after
+            out.append(Record(rseq, record_kind(kind), data))
         if out:
             self.received += len(out)
             self._save()
