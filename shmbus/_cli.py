@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from . import _accel, _doctor
+from . import _accel, _bridge_cli, _doctor
 from ._bus import Bus
 from ._errors import DecodeError, ShmbusError
 from ._file import read_layout_of
@@ -407,6 +407,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_bench)
+    _bridge_cli.register(sub)
     return p
 
 

@@ -59,8 +59,9 @@ LAYERS: list[set[str]] = [
     {"_queue_base", "_cconst", "_accel", "_aio"},
     {"_producer", "_consumer"},
     {"_queue", "_topic", "_subscription", "_last"},
-    {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor"},
-    {"_cli", "__init__", "__main__"},
+    {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor", "_bridge_errors", "_bridge_config",
+     "_bridge_wire", "_bridge_publish", "_bridge_routes"},
+    {"_cli", "__init__", "__main__", "bridge", "_bridge_cli"},
 ]
 
 
