@@ -17,12 +17,15 @@ from typing import Any, Final
 
 from ._bridge_errors import BridgeConfigError
 
-__all__ = ["DIRECTIONS", "Route", "Connection", "load_config", "read_secret"]
+__all__ = ["DIRECTIONS", "MAX_BATCH", "Route", "Connection", "load_config", "read_secret"]
 
 # The four routes: which side is local and which way messages go.
 DIRECTIONS: Final = ("queue-to-stream", "stream-to-queue", "topic-to-stream", "stream-to-topic")
 _SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*\Z")  # a concrete subject: no wildcards
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")  # a stream or consumer name
+# Records per round at most: a round's publishes fit in the client's window of unacknowledged
+# publishes (nats-py's publish_async_max_pending, 4000), so sending never waits for it.
+MAX_BATCH: Final = 4000
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class Route:
             value = getattr(self, what)
             if value is not None and not _NAME.match(value):
                 raise BridgeConfigError(f"{what} name {value!r} may hold only letters, digits, '-' and '_'")
-        if not 1 <= self.max_batch <= 100_000:
-            raise BridgeConfigError(f"max_batch must be from 1 to 100000, not {self.max_batch}")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise BridgeConfigError(f"max_batch must be from 1 to {MAX_BATCH}, not {self.max_batch}")
 
     @property
     def outbound(self) -> bool:

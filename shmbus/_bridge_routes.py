@@ -39,6 +39,9 @@ __all__ = ["RouteRunner"]
 log = logging.getLogger("shmbus")
 _T = TypeVar("_T")
 _WAIT_SLICE = 0.25  # seconds a blocking bus call waits before the loop checks for a stop
+# A Queue's waits run crash recovery (tokens a killed consumer took) only after a whole
+# recovery slice (0.25 s) spent empty-handed: a shorter wait, repeated, would never run it.
+_QUEUE_WAIT = 1.0
 _PROGRESS_EVERY = 5.0  # seconds between "still working" signals for fetched messages held by a full Queue
 _ACK_WAIT = 30.0  # seconds JetStream waits for an in-route's ack before redelivering
 
@@ -133,7 +136,7 @@ class RouteRunner:
     def _take(self, q: Queue) -> tuple[RecordBatch, list[OutRecord]] | None:
         """In the route's thread: the oldest records, copied (publishing needs bytes), not consumed."""
         try:
-            batch = q.get_records(self.route.max_batch, True, _WAIT_SLICE)
+            batch = q.get_records(self.route.max_batch, True, _QUEUE_WAIT)
         except Empty:
             return None
         return batch, [(r.seq, r.kind, bytes(r.data)) for r in batch]
@@ -293,7 +296,7 @@ class RouteRunner:
         last = time.monotonic()
         while records:
             try:
-                q.put_records(records, True, _WAIT_SLICE)
+                q.put_records(records, True, _QUEUE_WAIT)
                 return True
             except Full as e:
                 records = records[e.sent or 0 :]

@@ -26,6 +26,7 @@ in docs/bridge.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import ssl
@@ -86,6 +87,7 @@ class Bridge:
         self._failed: BaseException | None = None
         self._done = asyncio.Event()
         self._connect_errors: list[BaseException] = []
+        self._refused = asyncio.Event()
 
     async def __aenter__(self) -> Bridge:
         await self.start()
@@ -145,20 +147,32 @@ class Bridge:
         import nats
 
         servers = ", ".join(self.connection.servers)
+        # The client retries refused credentials like an absent server: a refusal reported
+        # to the error callback (_refused) ends the wait at once.
+        connecting = asyncio.ensure_future(nats.connect(**self._options()))
+        refused = asyncio.ensure_future(self._refused.wait())
         try:
-            return await asyncio.wait_for(nats.connect(**self._options()), self.connection.connect_timeout)
-        except asyncio.TimeoutError:
-            self._raise_auth_if_refused()
-            raise ServerUnreachable(f"no NATS server answered at {servers} within "
-                                    f"{self.connection.connect_timeout:g} s") from None  # fmt: skip
-        except Exception as e:
-            self._raise_auth_if_refused(e)
-            raise ServerUnreachable(f"cannot connect to {servers}: {e}") from None
+            await asyncio.wait({connecting, refused}, timeout=self.connection.connect_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            refused.cancel()
+        if connecting.done():
+            try:
+                return connecting.result()
+            except Exception as e:
+                self._raise_auth_if_refused(e)
+                raise ServerUnreachable(f"cannot connect to {servers}: {e}") from None
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        self._raise_auth_if_refused()
+        raise ServerUnreachable(
+            f"no NATS server answered at {servers} within {self.connection.connect_timeout:g} s"
+        )
 
     def _raise_auth_if_refused(self, e: BaseException | None = None) -> None:
         for err in [e, *self._connect_errors]:
-            text = str(err).lower()
-            if err is not None and ("authorization" in text or "authentication" in text):
+            if err is not None and _refusal(err):
                 raise AuthFailed(f"the server refused the credentials ({err})") from None
 
     async def _stream_of(self, js: Any, route: Route) -> str:
@@ -195,6 +209,8 @@ class Bridge:
     async def _on_error(self, e: Exception) -> None:
         if self._nc is None:
             self._connect_errors.append(e)
+            if _refusal(e):
+                self._refused.set()
             return
         text = str(e)
         m = _PERMISSION.search(text)
@@ -218,13 +234,19 @@ class Bridge:
             raise self._failed
 
     def _fail(self, e: BaseException) -> None:
-        """A fatal error: remember the first, stop every route."""
+        """A fatal error: remember the first, stop every route now.
+
+        Rounds in flight cannot succeed (their acks will not come): they are
+        cancelled, which ends each with nothing released (see ``_bridge_routes``).
+        """
         if self._failed is None:
             self._failed = e
         self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
 
     def _route_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and task.exception() is not None and self._failed is None:
             self._fail(task.exception())  # type: ignore[arg-type]
         if all(t.done() for t in self._tasks):
             self._done.set()
@@ -267,6 +289,12 @@ class Bridge:
     def status(self) -> list[dict[str, Any]]:
         """One dict per route: its name, stream, state, counters and local lag (messages waiting)."""
         return [r.status() for r in self._runners]
+
+
+def _refusal(e: BaseException) -> bool:
+    """True if the client's error says the server refused the credentials."""
+    text = str(e).lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 async def run(routes: list[Route], connection: Connection | None = None,

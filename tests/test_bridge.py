@@ -405,3 +405,75 @@ def test_a_message_that_is_not_msgpack_is_kept_raw_logged_and_counted(
     assert got == [b"\xc1 not msgpack", {"ok": 1}, b"x"]
     assert "is not msgpack; put as raw bytes" in err and "kept whole as raw bytes" in err
     assert "not_msgpack=1" in status and "bad_frames=1" in status
+
+
+# -- the out-bridge killed mid-run (the storm tests run many more kills) -----------------------
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one-per-message", "batch-framing"])
+def test_out_bridge_killed_mid_run_stores_each_record_once(
+    nats_server: Any, hosts: Hosts, batch: bool
+) -> None:
+    n = 20_000
+    qa = hosts.queue(hosts.a / "jobs", "4MiB")
+    _add_stream(nats_server.url, "KILL", "kill.out")
+    qa.put_many([{"i": i} for i in range(n)])
+    framing = ["--batch", "--max-batch", "300"] if batch else ["--max-batch", "300"]
+    args = ["queue-to-stream", str(hosts.a / "jobs"), "--subject", "kill.out", "--stream", "KILL",
+            "--server", nats_server.url, *framing]  # fmt: skip
+    deadline = time.monotonic() + MOVE_WAIT
+    for left in (n - 2000, n - 6000, n - 10_000):
+        proc = _bridge(*args)
+        while qa.qsize() > left:  # polls the queue (an observable), with a deadline
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.001)
+        proc.kill()  # SIGKILL, with a round in flight most likely
+        proc.communicate()
+    proc = _bridge(*args)
+    try:
+        while qa.qsize():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+    finally:
+        rc, _out, err = _stop(proc)
+    assert rc == 0, err
+    if batch:
+        seqs = [s + k for _bus, s, c in _stream_ids(nats_server.url, "KILL") for k in range(c)]
+        assert sorted(seqs) == list(range(n)), "every record stored once"
+    else:  # one id per record, and JetStream drops a repeated id: n messages means none lost
+        assert _stream_messages(nats_server.url, "KILL") == n
+
+
+def test_the_batch_framing_round_trips_and_refuses_broken_frames() -> None:
+    recs = [("msgpack", b"\x81\xa1a\x01"), ("raw", b""), ("ndarray", b"\x00" * 300)]
+    out = wire.frame("0123456789abcdef", 7, recs)
+    assert out.headers[wire.MSG_ID] == "0123456789abcdef:7" and out.n == 3
+    assert out.payload[:5] == b"\x04\x00\x00\x00\x01"  # length 4, little-endian; kind 1 (msgpack)
+    back = wire.records_of(out.payload, out.headers)
+    assert [(x.kind, x.data) for x in back] == recs
+    with pytest.raises(wire.WireError, match="cut short"):
+        wire.records_of(out.payload[:-1], out.headers)
+    with pytest.raises(wire.WireError, match="holds 3 records"):
+        wire.records_of(out.payload, {**out.headers, wire.COUNT: "4"})
+    one = wire.single("0123456789abcdef", 9, "raw", b"xyz")
+    assert wire.records_of(one.payload, one.headers) == [wire.Incoming("raw", b"xyz", False)]
+    assert wire.records_of(b"\xc1", None) == [wire.Incoming("raw", b"\xc1", True)]
+
+
+def test_sigusr1_prints_a_status_line_per_route(nats_server: Any, hosts: Hosts) -> None:
+    import select
+
+    hosts.queue(hosts.a / "q")
+    _add_stream(nats_server.url, "ST", "st.out")
+    proc = _bridge("queue-to-stream", str(hosts.a / "q"), "--subject", "st.out", "--server", nats_server.url,
+                   "--json", "--status-interval", "0.2")  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready, _w, _x = select.select([proc.stdout], [], [], 60)
+        assert ready, "no status line in 60 s"
+        row = json.loads(proc.stdout.readline())
+        assert row["route"].startswith("queue-to-stream") and row["stream"] == "ST" and row["lag"] == 0
+        proc.send_signal(signal.SIGUSR1)
+    finally:
+        rc, _out, err = _stop(proc)
+    assert rc == 0, err
