@@ -72,7 +72,9 @@ class Bridge:
 
     ``start()`` raises ``ServerUnreachable``, ``AuthFailed``,
     ``PermissionDenied``, ``StreamNotFound`` or ``BusNotFound``; ``wait()``
-    raises the error that stopped the bridge, if any. Use as ``async with``.
+    raises the error that stopped the bridge, if any. Use as ``async with``,
+    and make it inside the event loop that runs it (Python 3.9 ties asyncio
+    events to the loop current when they are made).
     """
 
     def __init__(self, routes: list[Route], connection: Connection | None = None) -> None:
@@ -279,7 +281,7 @@ class Bridge:
     async def _close_connection(self) -> None:
         self._stopping.set()  # (what the client reports while closing is not news)
         nc, self._nc = self._nc, None
-        if nc is not None:
+        if nc:
             try:
                 await asyncio.wait_for(nc.close(), 5.0)
             except Exception as e:  # closing a connection that already broke
