@@ -108,6 +108,8 @@ class Publisher:
             recs = recs[1:]
         if not recs:
             return self.skip_below
+        if self._unsettled:  # frames of records consumed elsewhere meanwhile are no longer ours
+            self._unsettled = {s: n for s, n in self._unsettled.items() if s >= recs[0][0]}
         outs = self._plan(recs)
         if self._probing:
             outs = outs[:1]

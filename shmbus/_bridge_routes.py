@@ -223,16 +223,27 @@ class RouteRunner:
         try:
             if isinstance(bus, Queue):
                 self._lag = bus.qsize
-            psub = await self._js.pull_subscribe(
-                self.route.subject, durable=self.route.durable_name(), stream=self.stream,
-                config=self._consumer_config(),
-            )  # fmt: skip
+            psub = await self._subscribe()
             self.counters.state = "running"
-            while not self._stopping.is_set():
+            while psub is not None and not self._stopping.is_set():
                 await self._fetch_round(psub, bus)
         finally:
             self._lag = lambda: -1
             await self._call(bus.close)
+
+    async def _subscribe(self) -> Any:
+        """The route's pull subscription, retried while the server is away; None if a stop came first."""
+        while not self._stopping.is_set():
+            try:
+                return await self._js.pull_subscribe(
+                    self.route.subject, durable=self.route.durable_name(), stream=self.stream,
+                    config=self._consumer_config(),
+                )  # fmt: skip
+            except Exception as e:  # not connected, or a JetStream API timeout: try again
+                self.counters.last_error = f"subscribe: {e!r}"
+                self.counters.state = "retrying"
+                await self._backoff.pause(self._stopping)
+        return None
 
     def _consumer_config(self) -> Any:
         from nats.js import api

@@ -694,6 +694,10 @@ class _Consuming(_QueueBase):
         if len(recs) < k:  # stray tokens (a crash left them): dropped, as _take does
             log.warning("%s: %d items tokens had no record; dropped them", self.path, k - len(recs))
             h[tokens] = len(recs)
+            if not recs:  # nothing to hand out: wait again, for what is left of the timeout
+                lock.release()
+                left = None if deadline is None else max(deadline - _monotonic(), 0.0)
+                return self._get_records(max_records, block and left != 0.0, left)
         return self._track(RecordBatch(recs, self._records_finish(recs, ends, sizes, tokens)))
 
     def _records_locked(self, k: int) -> tuple[list[Record], list[int], list[int]]:
