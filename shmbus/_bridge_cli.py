@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
     r.add_argument("--stream", help="the stream's name (default: the stream holding the subject)")
     r.add_argument("--durable", help="the pull consumer's durable name (in routes)")
     r.add_argument("--batch", action="store_true", help="batch framing: many records per NATS message")
-    r.add_argument("--max-batch", type=int, default=1000, help="records per round (default 1000)")
+    r.add_argument("--max-batch", type=int, default=1000, help="records per round (1000; at most 4000)")
     c = p.add_argument_group("connection")
     c.add_argument("--server", action="append", help="a server URL; repeat for several")
     c.add_argument("--creds", help="a credentials file (JWT and NKey seed)")
