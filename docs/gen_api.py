@@ -32,7 +32,7 @@ API_MD = ROOT / "docs" / "api.md"
 
 # Classes users never construct themselves: shmbus hands them out
 # (Topic.create/open, Topic.subscribe, reserve, get_view).
-NOT_CONSTRUCTED = {"Topic", "Subscription", "Reservation", "View"}
+NOT_CONSTRUCTED = {"Topic", "Subscription", "Reservation", "View", "RecordBatch"}
 # Members listed first, in this order: Queue's methods live in mixins
 # (_producer, _consumer), and its page keeps the order of a reader's tour.
 MEMBER_ORDER = {

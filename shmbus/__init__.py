@@ -44,6 +44,8 @@ from ._stats import Stats as Stats
 from ._subscription import Subscription as Subscription
 from ._topic import Topic as Topic
 from ._version import __version__ as __version__
+from ._zerocopy import Record as Record
+from ._zerocopy import RecordBatch as RecordBatch
 from ._zerocopy import Reservation as Reservation
 from ._zerocopy import View as View
 
@@ -59,6 +61,8 @@ __all__ = [
     "Stats",
     "Reservation",
     "View",
+    "Record",
+    "RecordBatch",
     "Codec",
     "unlink",
     "array_view",

@@ -54,7 +54,7 @@ from ._format import (
     max_payload,
 )
 from ._stats import Stats, header_stats
-from ._zerocopy import BlockOwner, Reservation, View, reserve_record
+from ._zerocopy import BlockOwner, RecordBatch, Reservation, View, reserve_record
 
 __all__ = [
     "Bus",
@@ -66,7 +66,7 @@ B = TypeVar("B", bound="Bus")
 # Mappings whose locks a thread of this process held when their handle closed
 # or was collected (see Bus.close and Bus.__del__).
 _PINNED: list[object] = []
-_Block = TypeVar("_Block", Reservation, View)
+_Block = TypeVar("_Block", Reservation, View, RecordBatch)
 # Every open handle of this process, closed at its exit: a process that exits
 # without closing its handles would otherwise keep a removed bus's semaphores
 # (the last handle to close removes them: see _semlife).

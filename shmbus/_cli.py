@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from . import _accel, _doctor, _export
+from . import _accel, _bridge_cli, _doctor, _export
 from ._advice import cli_message, cli_os_message
 from ._bus import Bus
 from ._errors import BusExists, DecodeError, ShmbusError
@@ -438,6 +438,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's options: shmbus bench --help")
     b.set_defaults(func=_cmd_bench)
+    _bridge_cli.register(sub)
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)  # main reports stray arguments with it
     return p

@@ -50,6 +50,7 @@ __all__ = [
     "extract",
     "extract_range",
     "array_view",
+    "is_msgpack",
 ]
 
 # bytes is the payload still to decode; (value,) is already the final object.
@@ -338,6 +339,21 @@ class Codec:
             except Exception:  # not what put writes: report the first reason
                 pass
             raise DecodeError(f"a message is not valid msgpack ({type(e).__name__}: {e})") from e
+
+
+def is_msgpack(data: bytes | memoryview) -> bool:
+    """True if ``data`` is exactly one msgpack object (what a "msgpack" record must hold).
+
+    It walks the structure without building it (``Unpacker.skip``), so a
+    bridge can vet bytes from the network before they become a record.
+    """
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    try:
+        unpacker.skip()
+    except Exception:  # msgpack raises several unrelated types on bad input
+        return False
+    return bool(unpacker.tell() == len(data))
 
 
 def extract_range(buf: Any, a: int, n: int, kind: int = REC_MSGPACK) -> tuple[int, int, bool]:

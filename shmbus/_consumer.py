@@ -30,7 +30,7 @@ from ._format import (
 from ._queue_base import NO_RECORD, _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
 from ._sync import check_timeout
-from ._zerocopy import View, view_kind
+from ._zerocopy import Record, RecordBatch, View, record_kind, view_kind
 
 __all__ = ["_Consuming"]
 
@@ -642,6 +642,120 @@ class _Consuming(_QueueBase):
             items.release()
             h[tokens] = 0
             raise
+
+    def get_records(self, max_records: int, block: bool = True, timeout: float | None = None) -> RecordBatch:
+        """Up to ``max_records`` of the oldest messages as stored, in place, consumed only at the end.
+
+        Use as ``with q.get_records(500) as batch:``; ``batch`` is a list of
+        ``Record(seq, kind, data)``, ``data`` a read-only view into the ring
+        (see ``Record``). Leaving the block normally consumes them all, an
+        exception none; ``RecordBatch.consume(k)`` consumes exactly the
+        first ``k``. Until then nothing is consumed: a process killed with
+        the batch open leaves every record in the queue, under the same
+        sequence number, for the next consumer. The consumer lock is held
+        until the batch ends (other consumers wait), as with ``get_view``.
+
+        Blocking: waits (up to ``timeout``) for the first message and returns
+        1..max_records; non-blocking: raises ``Empty`` at once when there is
+        none. Raises ``ValueError`` if ``max_records`` is below 1.
+        """
+        if max_records < 1:
+            raise ValueError("max_records must be at least 1")
+        self._enter()  # left when the batch ends: close() waits for it
+        try:
+            return self._get_records(max_records, block, timeout)
+        except BaseException:
+            self._leave()
+            raise
+
+    def _get_records(self, max_records: int, block: bool, timeout: float | None) -> RecordBatch:
+        deadline = self._begin(block, timeout)
+        items, h = self._items, self._h64
+        if not items.try_acquire() and (not block or not items.spin_acquire(deadline, self.spin, self._heal)):
+            raise Empty(f"{self.path} is empty", path=self.path)
+        k = 1
+        while k < max_records and items.try_acquire():
+            k += 1
+        tokens = self._part_tokens()
+        h[tokens] = k
+        lock = self._tail_lock
+        try:
+            if not lock.acquire(deadline):  # the timeout bounds the consumer lock's wait too
+                raise Empty(f"{self.path}: no message in time (another consumer held the consumer lock)",
+                            path=self.path)  # fmt: skip
+            try:
+                recs, ends, sizes = self._records_locked(k)
+            except BaseException:
+                lock.release()
+                raise
+        except BaseException:  # nothing stored yet: only reads
+            self._give_back(tokens, k)
+            raise
+        if len(recs) < k:  # stray tokens (a crash left them): dropped, as _take does
+            log.warning("%s: %d items tokens had no record; dropped them", self.path, k - len(recs))
+            h[tokens] = len(recs)
+            if not recs:  # nothing to hand out: wait again, for what is left of the timeout
+                lock.release()
+                left = None if deadline is None else max(deadline - _monotonic(), 0.0)
+                return self._get_records(max_records, block and left != 0.0, left)
+        return self._track(RecordBatch(recs, self._records_finish(recs, ends, sizes, tokens)))
+
+    def _records_locked(self, k: int) -> tuple[list[Record], list[int], list[int]]:
+        """Under the tail lock: views of up to ``k`` records at tail, the tail after each, bytes so far."""
+        h, ring, cap = self._h64, self._ring, self._cap
+        tail, head = h[Q_TAIL], h[Q_HEAD]
+        _ring.check_positions(head, tail, cap)
+        seq = h[Q_TAIL_SEQ]
+        if tail < head and _ring.read(ring, cap, tail, head)[2] != seq:
+            log.warning("%s: tail_seq %d disagrees with the record at tail; resyncing", self.path, seq)
+            self._resync(fix_next=False)
+            seq = h[Q_TAIL_SEQ]
+        last = h[Q_NEXT_SEQ]
+        recs: list[Record] = []
+        ends: list[int] = []
+        sizes: list[int] = []
+        nbytes = 0
+        while len(recs) < k and tail != head:
+            start, kind, rseq, n, tail = _ring.read(ring, cap, tail, head)
+            if rseq != seq or rseq >= last:
+                raise self._bad_seq(start, rseq, seq, last)
+            a = start % cap + RECORD_SIZE
+            recs.append(Record(rseq, record_kind(kind), ring[a : a + n].toreadonly()))
+            nbytes += n
+            ends.append(tail)
+            sizes.append(nbytes)
+            seq += 1
+        return recs, ends, sizes
+
+    def _records_finish(
+        self, recs: list[Record], ends: list[int], sizes: list[int], tokens: int
+    ) -> Callable[[int], None]:
+        """How a ``RecordBatch`` ends, under the tail lock it holds: consume its first ``n`` records."""
+        h, items, lock = self._h64, self._items, self._tail_lock
+
+        def finish(n: int) -> None:
+            try:
+                try:
+                    # Unused tokens go back before the field says so: a death in between
+                    # over-posts (harmless: a token without a record is dropped).
+                    for _ in range(len(recs) - n):
+                        items.release()
+                    h[tokens] = n
+                    if n:
+                        self._commit_take(recs[n - 1].seq + 1, ends[n - 1], sizes[n - 1], tokens, None)
+                    else:
+                        h[tokens] = 0
+                except BaseException:
+                    lock.abandon()  # cut short between two stores: the next holder resyncs
+                    raise
+                lock.release()
+                if self._slots is not None:
+                    for _ in range(n):
+                        self._slots.release()
+            finally:
+                self._leave()
+
+        return finish
 
     # -- for callers that hold their tokens (the asyncio layer: ``_aio.QueueOps``) ----
 

@@ -20,7 +20,7 @@ from ._queue_base import _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
 from ._stats import record_time
 from ._sync import SLICE, check_timeout
-from ._zerocopy import Reservation
+from ._zerocopy import Reservation, record_code
 
 __all__ = ["_Producing"]
 
@@ -235,6 +235,29 @@ class _Producing(_QueueBase):
             check_timeout(timeout)
         body = data if type(data) is bytes else as_bytes_view(data)
         self._put_one((REC_RAW, b"", body, len(body)), block, timeout)
+
+    def put_records(self, records: Iterable[tuple[str, bytes | memoryview]], block: bool = True,
+                    timeout: float | None = None) -> None:  # fmt: skip
+        """Put messages in their stored form, ``(kind, data)`` pairs, in order, with no encoding.
+
+        ``kind`` is a ``Record.kind`` ("msgpack", "raw" or "ndarray"): what
+        ``get_records`` read elsewhere goes in unchanged (a ``Record``
+        qualifies, its ``seq`` is ignored: this queue numbers them). A
+        "msgpack" record must hold one msgpack object, which ``get`` decodes
+        later (a ``DecodeError`` then otherwise). Raises ``ValueError`` for an
+        unknown kind, ``MessageTooLarge`` (nothing sent), ``Full`` as ``put_many``.
+        """
+        batch: list[Encoded] = []
+        for rec in records:
+            kind, data = rec[-2], rec[-1]
+            body = data if type(data) is bytes else as_bytes_view(data)
+            batch.append((record_code(kind), b"", body, len(body)))
+        if batch:
+            self._enter()
+            try:
+                self._put_many(batch, block, timeout)
+            finally:
+                self._leave()
 
     def _put(self, batch: list[Encoded], deadline: float | None) -> None:
         """Put ``batch``, in order, by ``deadline``; ``Full`` (its ``sent``: how many went in) if not."""

@@ -43,9 +43,6 @@ from ._format import (
     Q_NEXT_SEQ,
     Q_TAIL,
     Q_TAIL_SEQ,
-    REC_MSGPACK,
-    REC_NDARRAY,
-    REC_RAW,
     RECORD_SIZE,
     S_CURSOR,
     S_LOST,
@@ -54,7 +51,7 @@ from ._format import (
 )
 from ._sync import Sem, check_timeout
 from ._sync import deadline as _deadline
-from ._zerocopy import View, view_kind
+from ._zerocopy import Record, View, record_kind, view_kind
 
 if TYPE_CHECKING:
     from ._cfast import FastTopic
@@ -66,7 +63,6 @@ _SAFETY_SLICE = 0.1  # seconds a subscriber sleeps at most before re-checking he
 # What a read hands out (FastTopic.read's modes): decoded messages, or payloads as bytes.
 _MESSAGES, _BYTES = 1, 2
 # get_records' names for the record kinds a reader meets.
-_KIND_NAMES = {REC_MSGPACK: "msgpack", REC_RAW: "raw", REC_NDARRAY: "ndarray"}
 
 
 def _as_bytes(payload: Payload) -> bytes:
@@ -281,38 +277,6 @@ class Subscription:
             raise Empty(f"no new message on {self._door.path}", path=self._door.path)
         return got[0]  # type: ignore[no-any-return]
 
-    def get_records(
-        self, max_messages: int, block: bool = True, timeout: float | None = None
-    ) -> list[tuple[int, str, bytes]]:
-        """Up to ``max_messages`` next messages as stored, numbered: ``(seq, kind, data)`` tuples.
-
-        For a reader that forwards messages without decoding them (a bridge to
-        another system) and must say which is which. ``seq`` is the message's
-        sequence number; ``kind`` says what ``data`` holds: ``"msgpack"`` (its
-        msgpack encoding, as published), ``"raw"`` (``publish_bytes``'s
-        bytes), or ``"ndarray"`` (shmbus's array layout, see docs/format.md).
-        Waits and raises as ``get_many``; received and ``lost`` count alike.
-        It reads in Python (the C reader hands out no numbers).
-        """
-        if self._closed:
-            self._check_open()
-        d = self._door
-        d.enter()
-        try:
-            if max_messages < 1:
-                raise ValueError("max_messages must be at least 1")
-            if timeout is not None:
-                check_timeout(timeout)
-            deadline = _deadline(timeout)
-            got = self._read(max_messages, True)
-            while not got and block:
-                if not self._wait(deadline):
-                    raise Empty(f"no new message on {d.path}", path=d.path)
-                got = self._read(max_messages, True)
-        finally:
-            d.leave()
-        return got
-
     def _get(self, k: int, block: bool, timeout: float | None, mode: int) -> list[Any]:
         """``get_many``, handing out messages or (``_BYTES``) payloads."""
         if self._closed:
@@ -413,18 +377,16 @@ class Subscription:
         """
         return await self._async().get_many(max_messages, timeout)
 
-    async def aget_records(
-        self, max_messages: int, timeout: float | None = None
-    ) -> list[tuple[int, str, bytes]]:
-        """``get_records`` for asyncio: wait for the first next message, return 1 to ``max_messages``.
+    async def aget_records(self, max_records: int, timeout: float | None = None) -> list[Record]:
+        """``get_records`` for asyncio: wait for the first next message, return 1 to ``max_records``.
 
         Parameters:
-            max_messages: the most messages to return (at least 1).
+            max_records: the most messages to return (at least 1).
             timeout: seconds to wait for the first one at most (None: for ever).
 
         Raises ``Empty`` when nothing arrived in time, ``BusClosed``.
         """
-        return await self._async().get_many(max_messages, timeout, self._records_now)
+        return await self._async().get_many(max_records, timeout, self._records_now)
 
     def __aiter__(self) -> Subscription:
         """``async for msg in sub``: wait for each next message; the loop ends when ``sub`` is closed."""
@@ -475,7 +437,7 @@ class Subscription:
 
     def _read(self, k: int, numbered: bool = False) -> list[Any]:
         """Copy out up to ``k`` records past the cursor, without any lock: (kind, payload) pairs, or
-        ``numbered``, (sequence number, kind name, payload bytes as stored) as ``get_records``."""
+        ``numbered``, a ``Record`` each (its payload copied whole, a ``bin`` header kept)."""
         d = self._door
         h, mm, cap, ro = d.h64, d.mm, d.capacity, d.ring_offset
         out: list[Any] = []
@@ -485,16 +447,47 @@ class Subscription:
                 break
             start, kind, rseq, n, after = found
             a = ro + start % cap + RECORD_SIZE
-            payload = mm[a : a + n] if numbered else extract(mm, a, n, kind)  # (a record never wraps)
+            payload: Any = mm[a : a + n] if numbered else extract(mm, a, n, kind)  # (a record never wraps)
             if h[Q_TAIL] > self._cursor:  # lapped(h, self._cursor), inline: once per record
                 continue  # the copy may be torn: throw it away and resync
             self.lost += rseq - self._next
             self._next, self._cursor = rseq + 1, after
-            out.append((rseq, _KIND_NAMES[kind], payload) if numbered else (kind, payload))
+            out.append(Record(rseq, record_kind(kind), payload) if numbered else (kind, payload))
         if out:
             self.received += len(out)
             self._save()
         return out
+
+    def get_records(self, max_records: int, block: bool = True, timeout: float | None = None) -> list[Record]:
+        """Up to ``max_records`` next messages as stored: ``Record(seq, kind, data)``, ``data`` copied.
+
+        For a reader that forwards messages without decoding them (a bridge to
+        another system) and must say which is which: the stored form
+        ``Topic.publish_records`` takes back (see ``Record``), with each
+        message's sequence number; a gap between two is what was overwritten
+        before this subscriber read it (also counted in ``lost``). Blocking:
+        waits (up to ``timeout``) for the first and returns 1..max, or raises
+        ``Empty``. Non-blocking: returns 0..max at once. It reads in Python
+        (the C reader hands out no numbers).
+        """
+        if self._closed:
+            self._check_open()
+        d = self._door
+        d.enter()
+        try:
+            if max_records < 1:
+                raise ValueError("max_records must be at least 1")
+            if timeout is not None:
+                check_timeout(timeout)
+            deadline = _deadline(timeout)
+            got = self._read(max_records, True)
+            while not got and block:
+                if not self._wait(deadline):
+                    raise Empty(f"no new message on {d.path}", path=d.path)
+                got = self._read(max_records, True)
+        finally:
+            d.leave()
+        return got
 
     def _next_record(self) -> tuple[int, int, int, int, int] | None:
         """Find the next intact record at or past the cursor: (start, kind, seq, length, after).

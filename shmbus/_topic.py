@@ -66,7 +66,7 @@ from ._recovery import pid_alive
 from ._stats import record_time, subscriber_rows
 from ._subscription import Subscription, TopicDoor
 from ._sync import SPIN_DEFAULT
-from ._zerocopy import Reservation
+from ._zerocopy import Reservation, record_code
 
 if TYPE_CHECKING:
     from ._cfast import FastTopic
@@ -262,6 +262,21 @@ class Topic(Bus):
         """Publish raw bytes with no msgpack framing (subscribers get ``bytes``)."""
         body = data if type(data) is bytes else as_bytes_view(data)
         self._publish_one((REC_RAW, b"", body, len(body)))
+
+    def publish_records(self, records: Iterable[tuple[str, bytes | memoryview]]) -> None:
+        """Publish messages in their stored form, ``(kind, data)`` pairs, in order, with no encoding.
+
+        As ``Queue.put_records``: ``kind`` is a ``Record.kind``, a ``Record``
+        qualifies (its ``seq`` is ignored). Raises ``ValueError`` for an
+        unknown kind, ``MessageTooLarge`` (nothing published).
+        """
+        batch: list[Encoded] = []
+        for rec in records:
+            kind, data = rec[-2], rec[-1]
+            body = data if type(data) is bytes else as_bytes_view(data)
+            batch.append((record_code(kind), b"", body, len(body)))
+        if batch:
+            self._publish(batch)
 
     def _publish(self, batch: list[Encoded], c: bool = True) -> None:
         """Publish ``batch`` in one lock round: first in C (unless ``c`` is false: it just tried)."""

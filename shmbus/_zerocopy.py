@@ -18,21 +18,31 @@ What a user learns, and when:
   the reader meanwhile. ``valid()`` says whether the bytes seen so far are
   intact; leaving the block raises ``Overwritten`` if they were not (and the
   message counts as lost).
+* ``RecordBatch`` of a Queue (``get_records``): several records in place,
+  the consumer lock held as for a ``View``. Leaving the block normally
+  consumes them all, an exception none; ``consume(k)`` ends it consuming
+  exactly the first ``k``. Nothing is consumed before its end, so a process
+  killed meanwhile leaves every record in the queue, with the same sequence
+  number (what a bridge's deduplication relies on).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Callable, NamedTuple, Union
 
 from . import _ring
 from ._errors import Full, Overwritten, ShmbusError
-from ._format import REC_NDARRAY, REC_RAW
+from ._format import REC_MSGPACK, REC_NDARRAY, REC_RAW
 
 if TYPE_CHECKING:
     from ._recovery import Lock
 
-__all__ = ["Reservation", "View", "view_kind", "BlockOwner", "reserve_record"]
+__all__ = [
+    "Reservation", "View", "Record", "RecordBatch", "view_kind", "record_kind", "record_code",
+    "BlockOwner", "reserve_record",
+]  # fmt: skip
 
 
 class BlockOwner(NamedTuple):
@@ -50,6 +60,104 @@ def view_kind(record_kind: int, is_bytes: bool) -> str:
     if record_kind == REC_NDARRAY:
         return "ndarray"
     return "bytes" if is_bytes else "msgpack"
+
+
+# A record's stored form, by name (``Record.kind``) and by the code the file holds.
+_RECORD_KINDS: dict[int, str] = {REC_MSGPACK: "msgpack", REC_RAW: "raw", REC_NDARRAY: "ndarray"}
+_RECORD_CODES: dict[str, int] = {name: code for code, name in _RECORD_KINDS.items()}
+
+
+def record_kind(code: int) -> str:
+    """The name of a record kind code: "msgpack", "raw" or "ndarray"."""
+    return _RECORD_KINDS[code]
+
+
+def record_code(kind: str) -> int:
+    """The record kind code of a name ``record_kind`` returns; ``ValueError`` for any other."""
+    try:
+        return _RECORD_CODES[kind]
+    except KeyError:
+        raise ValueError(f"record kind must be one of {sorted(_RECORD_CODES)}, got {kind!r}") from None
+
+
+class Record(NamedTuple):
+    """One message as the bus stores it, from ``Queue.get_records`` or ``Subscription.get_records``.
+
+    ``seq`` is its sequence number in the bus (the same every time it is
+    read: a record left in a Queue keeps it). ``kind`` is how it is stored:
+    ``"msgpack"`` (``data`` is the whole msgpack encoding, a ``bytes``
+    message's ``bin`` header included), ``"raw"`` (``put_bytes`` or
+    ``reserve``: the data itself) or ``"ndarray"`` (shmbus's array framing).
+    ``Queue.put_records`` and ``Topic.publish_records`` store it again as it is.
+    """
+
+    seq: int
+    kind: str
+    data: Union[memoryview, bytes]
+
+
+class RecordBatch:
+    """The oldest records of a Queue, in place, from ``get_records()``; use as a ``with`` block.
+
+    Inside the block the records are read-only views into the ring and the
+    consumer lock is held (keep it short, and end the batch in the thread
+    that made it: the lock is that thread's). Leaving the block normally
+    consumes every record; an exception consumes none; ``consume(k)``
+    ends the batch at once, consuming exactly the first ``k`` (0: none).
+
+    Example::
+
+        with q.get_records(100) as batch:
+            for rec in batch:
+                send(rec.seq, bytes(rec.data))
+        # consumed: all of them, or none if send raised
+    """
+
+    __slots__ = ("__weakref__", "_done", "_finish", "records")
+
+    def __init__(self, records: list[Record], finish: Callable[[int], None]) -> None:
+        self.records = records
+        self._finish = finish
+        self._done = False
+
+    def __enter__(self) -> list[Record]:
+        return self.records
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.consume(len(self.records) if exc_type is None else 0)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def consume(self, k: int | None = None) -> None:
+        """End the batch now, consuming its first ``k`` records (all when None); the rest stay.
+
+        Does nothing once the batch has ended. Raises ``ValueError`` for a
+        ``k`` outside 0..len(batch) (the batch is then not ended).
+        """
+        n = len(self.records) if k is None else k
+        if not 0 <= n <= len(self.records):
+            raise ValueError(f"consume takes 0 to {len(self.records)} records, got {k}")
+        if self._done:
+            return
+        self._done = True
+        for rec in self.records:
+            if isinstance(rec.data, memoryview):
+                with contextlib.suppress(BufferError):  # a slice the caller kept stays valid memory
+                    rec.data.release()
+        self._finish(n)
+
+    def end_unused(self) -> None:
+        """End the batch as an exception would: every record stays (``close()`` does this)."""
+        self.consume(0)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._finish(0)
 
 
 class Reservation:

@@ -60,8 +60,9 @@ LAYERS: list[set[str]] = [
     {"_queue_base", "_cconst", "_accel", "_aio"},
     {"_producer", "_consumer"},
     {"_queue", "_topic", "_subscription", "_last"},
-    {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor", "_scrape", "_advice"},
-    {"_cli", "__init__", "__main__", "_export", "metrics"},
+    {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor", "_scrape", "_advice", "_bridge_errors",
+     "_bridge_config", "_bridge_wire", "_bridge_publish", "_bridge_routes"},
+    {"_cli", "__init__", "__main__", "_export", "metrics", "bridge", "_bridge_cli"},
 ]
 
 

@@ -1,0 +1,328 @@
+"""The four routes' loops: when a record is released on one side, given what the other side confirmed.
+
+Rule: a record leaves the side it came from only once the other side holds
+it. Queue -> stream consumes local records only after JetStream acknowledged
+them (``Publisher.publish``), through ``Queue.get_records``, which consumes
+nothing until then: a bridge killed at any instant leaves every unacknowledged
+record in the local queue, under the same sequence number. Stream -> Queue or
+Topic acknowledges a JetStream message only after the local put or publish
+committed: a bridge killed in between delivers that fetch again (duplicates,
+at most one fetch per kill; never a loss). Topic -> stream publishes what
+the subscription reads and counts, in ``missed``, what the ring overwrote
+before it could.
+
+Each route has one thread of its own for the calls that may block on the
+bus (a Queue's consumer lock belongs to the thread that took it, so the
+thread that begins a ``RecordBatch`` also ends it); the rest runs on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from typing import Any, Callable, TypeVar
+
+from . import _bridge_wire as wire
+from ._bridge_config import Route
+from ._bridge_publish import Counters, OutRecord, Publisher
+from ._errors import Empty, Full
+from ._queue import Queue
+from ._topic import Topic
+from ._zerocopy import RecordBatch
+
+__all__ = ["RouteRunner"]
+
+log = logging.getLogger("shmbus")
+_T = TypeVar("_T")
+_WAIT_SLICE = 0.25  # seconds a blocking bus call waits before the loop checks for a stop
+# A Queue's waits run crash recovery (tokens a killed consumer took) only after a whole
+# recovery slice (0.25 s) spent empty-handed: a shorter wait, repeated, would never run it.
+_QUEUE_WAIT = 1.0
+_PROGRESS_EVERY = 5.0  # seconds between "still working" signals for fetched messages held by a full Queue
+_ACK_WAIT = 30.0  # seconds JetStream waits for an in-route's ack before redelivering
+
+
+class _Backoff:
+    """Pauses after a short round: 0.1 s doubling up to the reconnect wait, reset by a full round."""
+
+    def __init__(self, top: float) -> None:
+        self._top = top
+        self._next = 0.1
+
+    def reset(self) -> None:
+        self._next = 0.1
+
+    async def pause(self, stopping: asyncio.Event) -> None:
+        delay, self._next = self._next, min(self._next * 2, self._top)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+
+
+class RouteRunner:
+    """Runs one route until ``stopping`` is set; ``status()`` reports it."""
+
+    def __init__(self, route: Route, nc: Any, js: Any, stream: str, ack_timeout: float,
+                 reconnect_wait: float, stopping: asyncio.Event) -> None:  # fmt: skip
+        self.route = route
+        self._nc = nc
+        self._js = js
+        self.stream = stream
+        self._ack_timeout = ack_timeout
+        self._stopping = stopping
+        self._backoff = _Backoff(reconnect_wait)
+        self.counters = Counters()
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shmbus-bridge")
+        self._lag: Callable[[], int] = lambda: 0
+
+    def status(self) -> dict[str, Any]:
+        """One route's state and counters, for a status line."""
+        c = self.counters
+        try:
+            lag = self._lag()
+        except Exception:  # a closed bus: no lag to show
+            lag = -1
+        row = {
+            "route": self.route.name, "stream": self.stream, "state": c.state, "moved": c.moved,
+            "messages": c.messages, "duplicates": c.duplicates, "retries": c.retries, "lag": lag,
+        }  # fmt: skip
+        if not self.route.outbound:
+            row.update(not_msgpack=c.not_msgpack, bad_frames=c.bad_frames)
+        if not self.route.queue:
+            row["missed"] = c.missed
+        if c.last_error:
+            row["last_error"] = c.last_error
+        return row
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def run(self) -> None:
+        """Run the route; return once a stop was asked and the round in flight settled."""
+        body = {
+            "queue-to-stream": self._queue_out, "topic-to-stream": self._topic_out,
+            "stream-to-queue": self._stream_in, "stream-to-topic": self._stream_in,
+        }[self.route.direction]  # fmt: skip
+        try:
+            await body()
+            self.counters.state = "stopped"
+        finally:
+            self._thread.shutdown(wait=False)
+
+    def _publisher(self, bus_id: str) -> Publisher:
+        max_payload = int(getattr(self._nc, "max_payload", 0) or 1024 * 1024)
+        return Publisher(self._js, self.route, self.stream, bus_id, self._ack_timeout, max_payload,
+                         self.counters)  # fmt: skip
+
+    # -- Queue -> stream -------------------------------------------------------------
+
+    async def _queue_out(self) -> None:
+        q = await self._call(Queue.open, self.route.bus)
+        try:
+            self._lag = q.qsize
+            pub = self._publisher(q.stats().bus_id)
+            self.counters.state = "running"
+            while not self._stopping.is_set():
+                got = await self._call(self._take, q)
+                if got is not None:
+                    await self._forward(pub, *got)
+        finally:
+            self._lag = lambda: -1
+            await self._call(q.close)
+
+    def _take(self, q: Queue) -> tuple[RecordBatch, list[OutRecord]] | None:
+        """In the route's thread: the oldest records, copied (publishing needs bytes), not consumed."""
+        try:
+            batch = q.get_records(self.route.max_batch, True, _QUEUE_WAIT)
+        except Empty:
+            return None
+        return batch, [(r.seq, r.kind, bytes(r.data)) for r in batch]
+
+    async def _forward(self, pub: Publisher, batch: RecordBatch, recs: list[OutRecord]) -> None:
+        """Publish a batch and consume exactly what the stream holds; a short round backs off."""
+        k = 0
+        try:
+            covered = await pub.publish(recs)
+            k = max(0, min(covered - recs[0][0], len(recs)))
+        finally:
+            # Ended in the thread that began it (its lock is that thread's), even if cancelled.
+            await asyncio.shield(self._call(batch.consume, k))
+        if k < len(recs):
+            self.counters.state = "retrying"
+            await self._backoff.pause(self._stopping)
+        else:
+            self.counters.state = "running"
+            self._backoff.reset()
+
+    # -- Topic -> stream -------------------------------------------------------------
+
+    async def _topic_out(self) -> None:
+        t = await self._call(Topic.open, self.route.bus)
+        try:
+            bus_id = t.stats().bus_id
+            pub = self._publisher(bus_id)
+            resume = await self._resume_point(bus_id)
+            sub = await self._call(t.subscribe, "earliest")
+            self._lag = lambda: -1
+            self.counters.state = "running"
+            try:
+                await self._topic_loop(sub, pub, resume)
+            finally:
+                await self._call(sub.close)
+        finally:
+            await self._call(t.close)
+
+    async def _topic_loop(self, sub: Any, pub: Publisher, expected: int | None) -> None:
+        c = self.counters
+        while not self._stopping.is_set():
+            try:
+                got = await self._call(sub.get_records, self.route.max_batch, True, _WAIT_SLICE)
+            except Empty:
+                continue
+            recs = [(r.seq, r.kind, bytes(r.data)) for r in got if expected is None or r.seq >= expected]
+            if not recs:
+                continue
+            if expected is None:
+                expected = recs[0][0]
+            # Sequence numbers the subscription skipped were overwritten before it read them.
+            c.missed += recs[-1][0] + 1 - expected - len(recs)
+            expected = recs[-1][0] + 1
+            while recs and not self._stopping.is_set():
+                covered = await pub.publish(recs)
+                recs = [r for r in recs if r[0] >= covered]
+                if recs:
+                    c.state = "retrying"
+                    await self._backoff.pause(self._stopping)
+            c.state = "running"
+            self._backoff.reset()
+
+    async def _resume_point(self, bus_id: str) -> int | None:
+        """The sequence number after the last record of this bus the stream holds on the subject, if any."""
+        import nats.js.errors
+
+        try:
+            msg = await self._js.get_last_msg(self.stream, self.route.subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        headers = msg.headers or {}
+        if headers.get(wire.BUS) != bus_id or wire.SEQ not in headers:
+            return None  # the last message came from another bus: message ids still drop repeats
+        return int(headers[wire.SEQ]) + wire.frame_count(headers)
+
+    # -- stream -> Queue / Topic -----------------------------------------------------
+
+    async def _stream_in(self) -> None:
+        bus: Queue | Topic
+        if self.route.queue:
+            bus = await self._call(Queue.open, self.route.bus)
+        else:
+            bus = await self._call(Topic.open, self.route.bus)
+        try:
+            if isinstance(bus, Queue):
+                self._lag = bus.qsize
+            psub = await self._subscribe()
+            self.counters.state = "running"
+            while psub is not None and not self._stopping.is_set():
+                await self._fetch_round(psub, bus)
+        finally:
+            self._lag = lambda: -1
+            await self._call(bus.close)
+
+    async def _subscribe(self) -> Any:
+        """The route's pull subscription, retried while the server is away; None if a stop came first."""
+        while not self._stopping.is_set():
+            try:
+                return await self._js.pull_subscribe(
+                    self.route.subject, durable=self.route.durable_name(), stream=self.stream,
+                    config=self._consumer_config(),
+                )  # fmt: skip
+            except Exception as e:  # not connected, or a JetStream API timeout: try again
+                self.counters.last_error = f"subscribe: {e!r}"
+                self.counters.state = "retrying"
+                await self._backoff.pause(self._stopping)
+        return None
+
+    def _consumer_config(self) -> Any:
+        from nats.js import api
+
+        durable = self.route.durable_name()
+        return api.ConsumerConfig(
+            ack_policy=api.AckPolicy.EXPLICIT, ack_wait=_ACK_WAIT,
+            max_ack_pending=max(4 * self.route.max_batch, 1000),
+            deliver_policy=api.DeliverPolicy.ALL if durable else api.DeliverPolicy.NEW,
+            inactive_threshold=None if durable else 60.0,
+        )  # fmt: skip
+
+    async def _fetch_round(self, psub: Any, bus: Queue | Topic) -> None:
+        import nats.errors
+
+        try:
+            msgs = await psub.fetch(self.route.max_batch, timeout=_WAIT_SLICE * 2)
+        except nats.errors.TimeoutError:
+            return
+        except Exception as e:  # the server went away, say: the fetch is retried after a pause
+            self.counters.last_error = f"fetch: {e!r}"
+            self.counters.retries += 1
+            self.counters.state = "retrying"
+            await self._backoff.pause(self._stopping)
+            return
+        records = [rec for m in msgs for rec in self._records_of(m)]
+        redelivered = sum(1 for m in msgs if m.metadata.num_delivered > 1)
+        if isinstance(bus, Queue):
+            loop = asyncio.get_running_loop()
+            done = await self._call(self._put_all, bus, records, lambda: self._progress(loop, msgs))
+            if not done:  # stopping with the queue full: unacknowledged, so delivered again later
+                return
+        else:
+            await self._call(bus.publish_records, records)
+        for m in msgs:
+            await m.ack()
+        c = self.counters
+        c.moved += len(records)
+        c.messages += len(msgs)
+        c.duplicates += redelivered
+        c.state = "running"
+        self._backoff.reset()
+
+    def _records_of(self, m: Any) -> list[tuple[str, bytes]]:
+        """A fetched message's records; one not msgpack or a broken frame is kept raw, logged and counted."""
+        c = self.counters
+        where = f"{self.route.name}: stream message {m.metadata.sequence.stream}"
+        try:
+            got = wire.records_of(m.data, m.headers)
+        except wire.WireError as e:
+            c.bad_frames += 1
+            log.warning("%s: %s; kept whole as raw bytes", where, e)
+            return [("raw", m.data)]
+        if got[0].not_msgpack:
+            c.not_msgpack += 1
+            log.warning("%s is not msgpack; put as raw bytes (get returns bytes)", where)
+        return [(x.kind, x.data) for x in got]
+
+    def _put_all(self, q: Queue, records: list[tuple[str, bytes]], progress: Callable[[], None]) -> bool:
+        """In the route's thread: put every record, waiting for room; False if a stop came first."""
+        last = time.monotonic()
+        while records:
+            try:
+                q.put_records(records, True, _QUEUE_WAIT)
+                return True
+            except Full as e:
+                records = records[e.sent or 0 :]
+            if self._stopping.is_set():
+                return False
+            if time.monotonic() - last > _PROGRESS_EVERY:
+                progress()
+                last = time.monotonic()
+        return True
+
+    def _progress(self, loop: asyncio.AbstractEventLoop, msgs: list[Any]) -> None:
+        """From the route's thread: tell JetStream the held messages are still being worked on."""
+
+        async def tell() -> None:
+            for m in msgs:
+                await m.in_progress()
+
+        asyncio.run_coroutine_threadsafe(tell(), loop)
