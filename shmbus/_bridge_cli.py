@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
     """Add the ``bridge`` subcommand to the ``shmbus`` parser's subparsers ``sub``."""
     p = sub.add_parser(
         "bridge", help="carry Queues and Topics to and from NATS JetStream (needs shmbus[nats])",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+        epilog=_EPILOG,
     )  # fmt: skip
     p.add_argument("direction", nargs="?", choices=DIRECTIONS, help="one route from flags (or use --config)")
     p.add_argument("bus", nargs="?", help="the local bus: a path or a bare name")
@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
     r.add_argument("--stream", help="the stream's name (default: the stream holding the subject)")
     r.add_argument("--durable", help="the pull consumer's durable name (in routes)")
     r.add_argument("--batch", action="store_true", help="batch framing: many records per NATS message")
-    r.add_argument("--max-batch", type=int, default=1000, help="records per round (1000; at most 4000)")
+    r.add_argument("--max-batch", type=int, default=1000, help="records per round (at most 4000)")
     c = p.add_argument_group("connection")
     c.add_argument("--server", action="append", help="a server URL; repeat for several")
     c.add_argument("--creds", help="a credentials file (JWT and NKey seed)")
@@ -59,8 +59,8 @@ def register(sub: Any) -> None:
     c.add_argument("--tls-ca", help="a CA file to trust")
     c.add_argument("--tls-cert", help="a client certificate file (with --tls-key)")
     c.add_argument("--tls-key", help="the client certificate's key file")
-    c.add_argument("--connect-timeout", type=float, help="seconds to wait for a server at start (default 5)")
-    c.add_argument("--ack-timeout", type=float, help="seconds a publish round waits for acks (default 5)")
+    c.add_argument("--connect-timeout", type=float, help="seconds to wait for a server at start (default: 5)")
+    c.add_argument("--ack-timeout", type=float, help="seconds a publish round waits for acks (default: 5)")
     c.add_argument("--create-stream", action="store_true", help="create a missing stream")
     o = p.add_argument_group("output")
     o.add_argument("--status-interval", type=float, help="print status lines every this many seconds")
