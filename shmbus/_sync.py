@@ -195,7 +195,7 @@ class Sem:
     semaphore not taken.
     """
 
-    __slots__ = ("_acq", "_closing", "_h", "_open", "_rel", "_sleepers", "name", "sem")
+    __slots__ = ("_acq", "_closing", "_h", "_idle", "_open", "_rel", "_sleepers", "name", "sem")
 
     def __init__(self, sem: posix_ipc.Semaphore) -> None:
         self.sem = sem
@@ -206,6 +206,7 @@ class Sem:
         self._closing = False  # interrupt() or close() was called: sleeps raise BusClosed
         self._sleepers: list[None] = []  # one entry per thread sleeping on it now
         self._open = [None]  # popped by whoever carries out the close (once)
+        self._idle = 0.0  # seconds recoverable waits spent empty-handed since on_slice last ran
 
     def acquire(self, deadline: float | None, on_slice: Callable[[], object] | None = None) -> bool:
         """Take the semaphore before ``deadline``; False if the deadline passed first.
@@ -218,11 +219,24 @@ class Sem:
         if on_slice is None:
             return self._sleep(deadline)
         while True:
-            end = _monotonic() + SLICE
+            start = _monotonic()
+            # The slice counts the empty-handed time of earlier waits that timed out
+            # first: a loop of waits shorter than a slice runs on_slice too.
+            end = start + SLICE - self._idle
             if deadline is not None and deadline <= end:
-                return self._sleep(deadline)
+                if self._sleep(deadline):
+                    self._idle = 0.0
+                    return True
+                self._idle += _monotonic() - start
+                if self._idle < SLICE:
+                    return False
+                self._idle = 0.0
+                on_slice()
+                return self.try_acquire()  # (what on_slice gave back is this wait's to take)
             if self._sleep(end):
+                self._idle = 0.0
                 return True
+            self._idle = 0.0
             on_slice()
 
     def _sleep(self, end: float | None) -> bool:

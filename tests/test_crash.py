@@ -423,6 +423,31 @@ def test_queue_crash_at_step(bus_name: str, procs: Any, caplog: Any, step: str, 
     q.close()
 
 
+@pytest.mark.parametrize("impl", PATHS)
+def test_gets_shorter_than_the_recovery_interval_still_recover_a_dead_consumers_token(
+    bus_name: str, procs: Any, impl: str
+) -> None:
+    """A consumer killed holding the only items token: a loop of gets whose timeout is below the
+    recovery interval finds it (their empty-handed time adds up to the interval, then recovery runs)."""
+    q = shmbus.Queue.create(bus_name, capacity="64KiB")
+    msg = make_msg(0, 1)
+    q.put(make_msg(0, 0))
+    q.put(msg)
+    assert q.get() == make_msg(0, 0)  # (this handle joins now: joining later would recover at once)
+    _child, t_kill = _crash(procs, _kill_at_step, q.path, "queue", "get:after-token", "get", None, None,
+                            impl == "python")  # fmt: skip
+    short = INTERVAL / 4
+    got: list[Any] = []
+    tries = 0
+    while not got and time.monotonic() - t_kill < 4 * RECOVERY_BOUND:
+        tries += 1
+        with contextlib.suppress(shmbus.Empty):
+            got.append(q.get(timeout=short))
+    assert got == [msg], f"{tries} gets of {short} s never found the dead consumer's token: {describe(q)}"
+    assert soundness_problems(q) == [], describe(q)
+    q.close()
+
+
 TOPIC_PUBLISH_CASES = [
     (step, op) for step in _faults.STEPS if step.startswith("publish:") for op in ["publish", "publish_many"]
 ]
