@@ -501,6 +501,19 @@ class _Consuming(_QueueBase):
             log.warning("%s: %d items tokens had no record; dropped them", self.path, k - taken)
         return out  # type: ignore[return-value]
 
+    def _tail_seq(self, tail: int, head: int) -> int:
+        """Under the tail lock: ``tail_seq``, resynced first if the record at tail says otherwise.
+
+        (A consumer interrupted between its two counter stores: the records carry the truth.)
+        """
+        h = self._h64
+        seq = h[Q_TAIL_SEQ]
+        if tail < head and _ring.read(self._ring, self._cap, tail, head)[2] != seq:
+            log.warning("%s: tail_seq %d disagrees with the record at tail; resyncing", self.path, seq)
+            self._resync(fix_next=False)
+            seq = h[Q_TAIL_SEQ]
+        return seq
+
     def _take_locked(self, tokens: int, k: int) -> list[tuple[int, Payload]]:
         h = self._h64
         out: list[tuple[int, Payload]] = []
@@ -515,13 +528,7 @@ class _Consuming(_QueueBase):
             tail = h[Q_TAIL]
             head = h[Q_HEAD]
             _ring.check_positions(head, tail, cap)
-            seq = h[Q_TAIL_SEQ]
-            if tail < head and _ring.read(ring, cap, tail, head)[2] != seq:
-                # A consumer interrupted between its two counter stores: the
-                # records carry the truth.
-                log.warning("%s: tail_seq %d disagrees with the record at tail; resyncing", self.path, seq)
-                self._resync(fix_next=False)
-                seq = h[Q_TAIL_SEQ]
+            seq = self._tail_seq(tail, head)
             nbytes = 0
             read = _ring.read
             append = out.append
@@ -705,11 +712,7 @@ class _Consuming(_QueueBase):
         h, ring, cap = self._h64, self._ring, self._cap
         tail, head = h[Q_TAIL], h[Q_HEAD]
         _ring.check_positions(head, tail, cap)
-        seq = h[Q_TAIL_SEQ]
-        if tail < head and _ring.read(ring, cap, tail, head)[2] != seq:
-            log.warning("%s: tail_seq %d disagrees with the record at tail; resyncing", self.path, seq)
-            self._resync(fix_next=False)
-            seq = h[Q_TAIL_SEQ]
+        seq = self._tail_seq(tail, head)
         last = h[Q_NEXT_SEQ]
         recs: list[Record] = []
         ends: list[int] = []

@@ -20,7 +20,7 @@ from ._queue_base import _deadline, _QueueBase
 from ._recovery import NOT_TAKEN
 from ._stats import record_time
 from ._sync import SLICE, check_timeout
-from ._zerocopy import Reservation, record_code
+from ._zerocopy import Reservation, stored_batch
 
 __all__ = ["_Producing"]
 
@@ -247,11 +247,7 @@ class _Producing(_QueueBase):
         later (a ``DecodeError`` then otherwise). Raises ``ValueError`` for an
         unknown kind, ``MessageTooLarge`` (nothing sent), ``Full`` as ``put_many``.
         """
-        batch: list[Encoded] = []
-        for rec in records:
-            kind, data = rec[-2], rec[-1]
-            body = data if type(data) is bytes else as_bytes_view(data)
-            batch.append((record_code(kind), b"", body, len(body)))
+        batch = stored_batch(records)
         if batch:
             self._enter()
             try:

@@ -66,7 +66,7 @@ from ._recovery import pid_alive
 from ._stats import record_time, subscriber_rows
 from ._subscription import Subscription, TopicDoor
 from ._sync import SPIN_DEFAULT
-from ._zerocopy import Reservation, record_code
+from ._zerocopy import Reservation, stored_batch
 
 if TYPE_CHECKING:
     from ._cfast import FastTopic
@@ -270,11 +270,7 @@ class Topic(Bus):
         qualifies (its ``seq`` is ignored). Raises ``ValueError`` for an
         unknown kind, ``MessageTooLarge`` (nothing published).
         """
-        batch: list[Encoded] = []
-        for rec in records:
-            kind, data = rec[-2], rec[-1]
-            body = data if type(data) is bytes else as_bytes_view(data)
-            batch.append((record_code(kind), b"", body, len(body)))
+        batch = stored_batch(records)
         if batch:
             self._publish(batch)
 

@@ -29,10 +29,11 @@ What a user learns, and when:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Callable, NamedTuple, Union
 
 from . import _ring
+from ._codec import Encoded, as_bytes_view
 from ._errors import Full, Overwritten, ShmbusError
 from ._format import REC_MSGPACK, REC_NDARRAY, REC_RAW
 
@@ -78,6 +79,17 @@ def record_code(kind: str) -> int:
         return _RECORD_CODES[kind]
     except KeyError:
         raise ValueError(f"record kind must be one of {sorted(_RECORD_CODES)}, got {kind!r}") from None
+
+
+def stored_batch(records: Iterable[tuple[str, bytes | memoryview]]) -> list[Encoded]:
+    """``put_records``/``publish_records``' input as records to write: ``(kind, data)`` pairs (a
+    ``Record`` too: its last two fields) as they are, with no encoding; ``ValueError`` for a bad kind."""
+    batch: list[Encoded] = []
+    for rec in records:
+        kind, data = rec[-2], rec[-1]
+        body = data if type(data) is bytes else as_bytes_view(data)
+        batch.append((record_code(kind), b"", body, len(body)))
+    return batch
 
 
 class Record(NamedTuple):
