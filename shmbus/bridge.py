@@ -49,6 +49,7 @@ from ._bridge_errors import (
     StreamNotFound,
 )
 from ._bridge_routes import RouteRunner
+from ._bridge_status import StatusFile, bus_key
 
 __all__ = [
     "Bridge", "Route", "Connection", "run", "load_config", "read_secret", "DIRECTIONS",
@@ -60,6 +61,7 @@ __all__ = [
 log = logging.getLogger("shmbus")
 _PERMISSION = re.compile(r"permissions violation for (publish|subscription) to \"?([^\"\s]+)", re.IGNORECASE)
 _STOP_GRACE = 1.0  # seconds beyond the ack timeout that stop() waits for a route's last round
+_STATUS_EVERY = 1.0  # seconds between two refreshes of the status file `shmbus info` reads
 
 
 class Bridge:
@@ -90,6 +92,9 @@ class Bridge:
         self._done = asyncio.Event()
         self._connect_errors: list[BaseException] = []
         self._refused = asyncio.Event()
+        self._status_file: StatusFile | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        self._buses: list[tuple[str, str | None]] = []
 
     async def __aenter__(self) -> Bridge:
         await self.start()
@@ -120,6 +125,7 @@ class Bridge:
                 task = asyncio.create_task(runner.run(), name=f"shmbus bridge {runner.route.name}")
                 task.add_done_callback(self._route_ended)
                 self._tasks.append(task)
+            self._start_status_file()
         except BaseException:
             await self._close_connection()
             raise
@@ -206,6 +212,33 @@ class Bridge:
         log.warning("created stream %s for subject %s", name, route.subject)
         return name
 
+    def _start_status_file(self) -> None:
+        """Tell `shmbus info` and `stats` about the routes, now and every second (see ``_bridge_status``)."""
+        self._buses = [bus_key(r.bus) for r in self.routes]
+        self._status_file = StatusFile()
+        self.status()
+        self._status_task = asyncio.create_task(self._keep_status(), name="shmbus bridge status file")
+
+    async def _keep_status(self) -> None:
+        while self._status_file is not None:
+            await asyncio.sleep(_STATUS_EVERY)
+            self.status()
+
+    def _write_status_file(self, rows: list[dict[str, Any]]) -> None:
+        if self._status_file is None:
+            return
+        self._status_file.write([
+            {**row, "direction": r.direction, "subject": r.subject, "bus_path": path, "bus_id": bus_id}
+            for r, (path, bus_id), row in zip(self.routes, self._buses, rows)
+        ])  # fmt: skip
+
+    def _end_status_file(self) -> None:
+        f, self._status_file = self._status_file, None
+        if self._status_task is not None:
+            self._status_task.cancel()
+        if f is not None:
+            f.remove()
+
     # -- callbacks from the client ---------------------------------------------------
 
     async def _on_error(self, e: Exception) -> None:
@@ -279,6 +312,7 @@ class Bridge:
         await self._close_connection()
 
     async def _close_connection(self) -> None:
+        self._end_status_file()
         self._stopping.set()  # (what the client reports while closing is not news)
         nc, self._nc = self._nc, None
         if nc:
@@ -289,8 +323,18 @@ class Bridge:
             self._nc = False  # closed: callbacks after this are not about connecting
 
     def status(self) -> list[dict[str, Any]]:
-        """One dict per route: its name, stream, state, counters and local lag (messages waiting)."""
-        return [r.status() for r in self._runners]
+        """One dict per route: its name, stream, state, counters and lag (see docs/bridge.md).
+
+        ``state`` is ``reconnecting`` while the connection is down. Each call
+        also refreshes the status file that ``shmbus info`` reads.
+        """
+        rows = [r.status() for r in self._runners]
+        nc = self._nc
+        if nc and not nc.is_connected and not self._stopping.is_set():
+            for row in rows:
+                row["state"] = "reconnecting"
+        self._write_status_file(rows)
+        return rows
 
 
 def _refusal(e: BaseException) -> bool:

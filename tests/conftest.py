@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -33,6 +34,11 @@ TEST_PREFIX = f"shmbus-test-{os.getpid()}-"
 _IDS_NAME = f"shmbus-test-ids-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 _IDS_FILE = Path(os.environ.setdefault("SHMBUS_TEST_IDS_FILE", f"{tempfile.gettempdir()}/{_IDS_NAME}"))
 _real_create_sems = _sync.create_sems
+# Bridges started by tests (and killed by some) keep their status files in a directory of this
+# session's, removed at the end: never in the machine's shared one. Children inherit it.
+_BRIDGE_STATUS_OURS = "SHMBUS_BRIDGE_STATUS_DIR" not in os.environ
+if _BRIDGE_STATUS_OURS:
+    os.environ["SHMBUS_BRIDGE_STATUS_DIR"] = tempfile.mkdtemp(prefix="shmbus-test-bridges-")
 
 
 def _recording_create_sems(bus_id: str, initial: dict[str, int], mode: int) -> Any:
@@ -79,6 +85,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     with contextlib.suppress(FileNotFoundError):
         _IDS_FILE.unlink()
+    if _BRIDGE_STATUS_OURS:
+        shutil.rmtree(os.environ["SHMBUS_BRIDGE_STATUS_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
