@@ -40,6 +40,7 @@ from ._bridge_errors import (
     EXIT_NO_STREAM,
     EXIT_OK,
     EXIT_PERMISSION,
+    EXIT_TLS,
     EXIT_UNREACHABLE,
     AuthFailed,
     BridgeConfigError,
@@ -47,6 +48,7 @@ from ._bridge_errors import (
     PermissionDenied,
     ServerUnreachable,
     StreamNotFound,
+    TLSFailed,
 )
 from ._bridge_routes import RouteRunner
 from ._bridge_status import StatusFile, bus_key
@@ -55,7 +57,7 @@ __all__ = [
     "Bridge", "Route", "Connection", "run", "load_config", "read_secret", "DIRECTIONS",
     "BridgeError", "BridgeConfigError", "ServerUnreachable", "AuthFailed", "PermissionDenied",
     "StreamNotFound", "EXIT_OK", "EXIT_BUS", "EXIT_CONFIG", "EXIT_UNREACHABLE", "EXIT_AUTH",
-    "EXIT_PERMISSION", "EXIT_NO_STREAM",
+    "EXIT_PERMISSION", "EXIT_NO_STREAM", "TLSFailed", "EXIT_TLS",
 ]  # fmt: skip
 
 log = logging.getLogger("shmbus")
@@ -72,7 +74,7 @@ class Bridge:
         connection: how to reach the servers (``Connection``; default: a
             local server on port 4222).
 
-    ``start()`` raises ``ServerUnreachable``, ``AuthFailed``,
+    ``start()`` raises ``ServerUnreachable``, ``TLSFailed``, ``AuthFailed``,
     ``PermissionDenied``, ``StreamNotFound`` or ``BusNotFound``; ``wait()``
     raises the error that stopped the bridge, if any. Use as ``async with``,
     and make it inside the event loop that runs it (Python 3.9 ties asyncio
@@ -182,6 +184,8 @@ class Bridge:
         for err in [e, *self._connect_errors]:
             if err is not None and _refusal(err):
                 raise AuthFailed(f"the server refused the credentials ({err})") from None
+            if isinstance(err, ssl.SSLError):
+                raise _tls_failed(err, self.connection.servers) from None
 
     async def _stream_of(self, js: Any, route: Route) -> str:
         """The name of the stream for ``route`` (created if missing and asked to)."""
@@ -244,7 +248,7 @@ class Bridge:
     async def _on_error(self, e: Exception) -> None:
         if self._nc is None:
             self._connect_errors.append(e)
-            if _refusal(e):
+            if _refusal(e) or isinstance(e, ssl.SSLError):  # (retrying will not change the answer)
                 self._refused.set()
             return
         text = str(e)
@@ -335,6 +339,14 @@ class Bridge:
                 row["state"] = "reconnecting"
         self._write_status_file(rows)
         return rows
+
+
+def _tls_failed(e: ssl.SSLError, servers: tuple[str, ...]) -> TLSFailed:
+    """The one line for a failed TLS handshake: what was wrong and which option to look at."""
+    where = ", ".join(servers)
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return TLSFailed(f"the certificate of {where} is not trusted ({e.verify_message}): check --tls-ca")
+    return TLSFailed(f"TLS with {where} failed ({e.reason or e}): check --tls-cert and --tls-key")
 
 
 def _refusal(e: BaseException) -> bool:

@@ -164,3 +164,137 @@ def test_topic_to_stream_lag_is_how_far_behind_the_newest(nats_server: Any, tmp_
     finally:
         t.unlink()
         t.close()
+
+
+# -- TLS (a server certificate, a client certificate) and NKeys against real servers -------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _leaf(d: Path, name: str, ca: str) -> None:
+    """``name``.pem and ``name``.key: a certificate for 127.0.0.1 signed by ``ca``."""
+    ext = d / f"{name}.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+             f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext.name, cwd=d)  # fmt: skip
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+             cwd=d)  # fmt: skip
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    """A throwaway CA with a server and a client certificate, and an unrelated CA (``other``)."""
+    d = tmp_path / "certs"
+    d.mkdir()
+    _ca(d, "ca")
+    _ca(d, "other")
+    _leaf(d, "server", "ca")
+    _leaf(d, "client", "ca")
+    return d
+
+
+def _tls_conf(d: Path) -> str:
+    """A server that wants TLS and a client certificate signed by the CA (verify mode)."""
+    return (f'tls {{\n  cert_file: "{d}/server.pem"\n  key_file: "{d}/server.key"\n'
+            f'  ca_file: "{d}/ca.pem"\n  verify: true\n  timeout: 5\n}}\n')  # fmt: skip
+
+
+def _moves_one(bus: Path, *conn: str) -> tuple[int, str, str]:
+    """A queue-to-stream bridge with ``conn`` moves one message to the stream; its exit and output."""
+    q = shmbus.Queue.create(str(bus), capacity="64KiB")
+    try:
+        q.put({"secret": "no"})
+        proc = _bridge("queue-to-stream", str(bus), "--subject", "sec.out", "--create-stream", *conn)
+        deadline = time.monotonic() + WAIT
+        while q.qsize():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the message did not leave in time"
+            time.sleep(0.02)  # polls the queue's state (an observable), with a deadline
+        return _stop(proc)
+    finally:
+        q.unlink()
+        q.close()
+
+
+def test_tls_with_a_client_certificate_moves_messages(
+    nats_server_factory: Any, certs: Path, tmp_path: Path
+) -> None:
+    server = nats_server_factory(extra_conf=_tls_conf(certs))
+    url = f"tls://127.0.0.1:{server.port}"
+    tls = ("--tls-ca", f"{certs}/ca.pem", "--tls-cert", f"{certs}/client.pem",
+           "--tls-key", f"{certs}/client.key")  # fmt: skip
+    rc, out, err = _moves_one(tmp_path / "q.bus", "--server", url, *tls)
+    assert rc == 0, err
+    assert "moved=1" in out, out
+
+
+def test_tls_with_the_wrong_ca_or_no_client_certificate_fails_in_one_line(
+    nats_server_factory: Any, certs: Path, tmp_path: Path
+) -> None:
+    server = nats_server_factory(extra_conf=_tls_conf(certs))
+    url = f"tls://127.0.0.1:{server.port}"
+    q = shmbus.Queue.create(str(tmp_path / "q.bus"), capacity="64KiB")
+    try:
+        base = ("queue-to-stream", str(tmp_path / "q.bus"), "--subject", "sec.out", "--server", url,
+                "--connect-timeout", "3")  # fmt: skip
+        wrong_ca = _run("bridge", *base, "--tls-ca", f"{certs}/other.pem", "--tls-cert",
+                        f"{certs}/client.pem", "--tls-key", f"{certs}/client.key")  # fmt: skip
+        no_cert = _run("bridge", *base, "--tls-ca", f"{certs}/ca.pem")
+    finally:
+        q.unlink()
+        q.close()
+    for (rc, _out, err), why in ((wrong_ca, "is not trusted"), (no_cert, "check --tls-cert")):
+        assert rc == shmbus.bridge.EXIT_TLS, err
+        assert err.count("\n") == 1 and err.startswith("shmbus bridge: "), err
+        assert why in err, err
+
+
+def test_nkey_login_moves_messages_and_never_shows_the_seed(nats_server_factory: Any, tmp_path: Path) -> None:
+    nkeys = pytest.importorskip("nkeys")  # the test extra installs it: CI never skips
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    conf = f"accounts {{\n  APP {{\n    jetstream: enabled\n    users: [ {{nkey: {public}}} ]\n  }}\n}}\n"
+    server = nats_server_factory(extra_conf=conf)
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed + b"\n")
+    rc, out, err = _moves_one(tmp_path / "q.bus", "--server", server.url, "--nkey", str(seed_file))
+    assert rc == 0, err
+    assert "moved=1" in out, out
+    assert seed.decode() not in out + err
+    # The wrong seed: refused, in one line, without the seed.
+    other = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    seed_file.write_bytes(other + b"\n")
+    q = shmbus.Queue.create(str(tmp_path / "r.bus"), capacity="64KiB")
+    try:
+        rc, out, err = _run("bridge", "queue-to-stream", str(tmp_path / "r.bus"), "--subject", "sec.out",
+                            "--server", server.url, "--nkey", str(seed_file))  # fmt: skip
+    finally:
+        q.unlink()
+        q.close()
+    assert rc == shmbus.bridge.EXIT_AUTH and err.count("\n") == 1, err
+    assert other.decode() not in out + err and seed.decode() not in out + err
+
+
+def test_a_password_never_appears_in_output(nats_auth_server: Any, tmp_path: Path) -> None:
+    users = nats_auth_server.users
+    pw = tmp_path / "pw"
+    pw.write_text(users.password + "\n")
+    rc, out, err = _moves_one(tmp_path / "q.bus", "--server", nats_auth_server.url, "--user", users.user,
+                              "--password-file", str(pw), "--json")  # fmt: skip
+    assert rc == 0, err
+    assert users.password not in out + err
+    rc, out, err = _run("bridge", "--help")
+    assert users.password not in out
