@@ -298,3 +298,12 @@ def test_a_password_never_appears_in_output(nats_auth_server: Any, tmp_path: Pat
     assert users.password not in out + err
     rc, out, err = _run("bridge", "--help")
     assert users.password not in out
+
+
+def test_the_guarantees_table_of_bridge_md_is_the_one_of_guarantees_md() -> None:
+    def table(page: str) -> str:
+        text = (Path(REPO) / "docs" / page).read_text()
+        start = text.index("| Route | Lost | Duplicated |")
+        return text[start : text.index("\n\n", start)]
+
+    assert table("bridge.md") == table("guarantees.md")
