@@ -1,11 +1,13 @@
 """``shmbus.bridge``: carry Queues and Topics across hosts through NATS JetStream.
 
 Rule: a ``Bridge`` owns one NATS connection and the routes that share it; it
-turns what the server says at start (unreachable, credentials refused, a
-subject not allowed, a stream missing) into one ``BridgeError`` each, and
-stops its routes so that every round in flight settles (see
-``_bridge_routes``). It needs the ``nats`` extra (``pip install
-'shmbus[nats]'``), imported only when a bridge starts.
+turns what the server says at start (unreachable, a TLS handshake failed,
+credentials refused, a subject not allowed, a stream missing) into one
+``BridgeError`` each, and stops its routes so that every round in flight
+settles (see ``_bridge_routes``). While it runs it keeps a status file for
+``shmbus info`` (``_bridge_status``), removed when it stops. It needs the
+``nats`` extra (``pip install 'shmbus[nats]'``), imported only when a
+bridge starts.
 
 Example::
 

@@ -166,6 +166,33 @@ def test_topic_to_stream_lag_is_how_far_behind_the_newest(nats_server: Any, tmp_
         t.close()
 
 
+def test_info_shows_a_route_reconnecting_while_the_server_is_away(nats_server: Any, tmp_path: Path) -> None:
+    path = tmp_path / "q.bus"
+    q = shmbus.Queue.create(str(path), capacity="64KiB")
+    try:
+        _add_stream(nats_server.url, "AWAY", "ops.away")
+        proc = _bridge("queue-to-stream", str(path), "--subject", "ops.away", "--server", nats_server.url)
+        try:
+            def state() -> str | None:
+                r = _route(_info(path), "queue-to-stream")
+                return r["state"] if r else None
+
+            _until("a running route", lambda: state() == "running", [proc])
+            nats_server.stop()
+            _until("a reconnecting route", lambda: state() == "reconnecting", [proc])
+            q.put({"while": "away"})
+            nats_server.start()
+            _until("the message moved after the reconnect",
+                   lambda: state() == "running" and _route(_info(path), "queue-to-stream")["moved"] == 1,  # type: ignore[index]
+                   [proc])  # fmt: skip
+        finally:
+            rc, _out, err = _stop(proc)
+        assert rc == 0, err
+    finally:
+        q.unlink()
+        q.close()
+
+
 # -- TLS (a server certificate, a client certificate) and NKeys against real servers -------------
 
 
