@@ -30,7 +30,8 @@ examples:
   shmbus bridge stream-to-queue jobs --subject jobs.out --durable workers --stream JOBS
   shmbus bridge --config /etc/shmbus/bridge.toml --status-interval 60
 exit codes: 0 stopped by SIGTERM/SIGINT, 1 a local bus failed, 2 bad flags or config,
-3 no server reachable, 4 credentials refused, 5 subject not permitted, 6 stream missing.
+3 no server reachable, 4 credentials refused, 5 subject not permitted, 6 stream missing,
+7 TLS handshake failed.
 SIGUSR1 prints one status line per route."""
 
 

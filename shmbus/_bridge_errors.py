@@ -13,8 +13,8 @@ from ._errors import ShmbusError
 
 __all__ = [
     "EXIT_OK", "EXIT_BUS", "EXIT_CONFIG", "EXIT_UNREACHABLE", "EXIT_AUTH", "EXIT_PERMISSION",
-    "EXIT_NO_STREAM", "BridgeError", "BridgeConfigError", "ServerUnreachable", "AuthFailed",
-    "PermissionDenied", "StreamNotFound",
+    "EXIT_NO_STREAM", "EXIT_TLS", "BridgeError", "BridgeConfigError", "ServerUnreachable", "AuthFailed",
+    "PermissionDenied", "StreamNotFound", "TLSFailed",
 ]  # fmt: skip
 
 EXIT_OK: Final = 0  # stopped by SIGTERM/SIGINT (or stop()), everything in flight settled
@@ -24,6 +24,7 @@ EXIT_UNREACHABLE: Final = 3  # no server answered within the connect timeout
 EXIT_AUTH: Final = 4  # the server refused the credentials
 EXIT_PERMISSION: Final = 5  # the account may not publish or subscribe on a subject the bridge uses
 EXIT_NO_STREAM: Final = 6  # no stream holds the subject (and --create-stream was not given)
+EXIT_TLS: Final = 7  # the TLS handshake failed (a server certificate not trusted, say)
 
 
 class BridgeError(ShmbusError):
@@ -60,3 +61,9 @@ class StreamNotFound(BridgeError, LookupError):
     """No JetStream stream holds a route's subject, and the bridge was not asked to create one."""
 
     exit_code = EXIT_NO_STREAM
+
+
+class TLSFailed(BridgeError, ConnectionError):
+    """The TLS handshake with the server failed: its certificate not trusted, or ours refused."""
+
+    exit_code = EXIT_TLS

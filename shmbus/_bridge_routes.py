@@ -77,12 +77,13 @@ class RouteRunner:
         self.counters = Counters()
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shmbus-bridge")
         self._lag: Callable[[], int] = lambda: 0
+        self._pending = -1  # in-routes: the consumer's pending count in the last fetch (-1: none yet)
 
     def status(self) -> dict[str, Any]:
         """One route's state and counters, for a status line."""
         c = self.counters
         try:
-            lag = self._lag()
+            lag = self._lag() if self.route.outbound else self._pending
         except Exception:  # a closed bus: no lag to show
             lag = -1
         row = {
@@ -166,7 +167,7 @@ class RouteRunner:
             pub = self._publisher(bus_id)
             resume = await self._resume_point(bus_id)
             sub = await self._call(t.subscribe, "earliest")
-            self._lag = lambda: -1
+            self._lag = lambda: max(t.stats().put_count - sub.next_seq, 0)  # behind the Topic's newest
             self.counters.state = "running"
             try:
                 await self._topic_loop(sub, pub, resume)
@@ -269,6 +270,7 @@ class RouteRunner:
             self.counters.state = "retrying"
             await self._backoff.pause(self._stopping)
             return
+        self._pending = msgs[-1].metadata.num_pending
         records = [rec for m in msgs for rec in self._records_of(m)]
         redelivered = sum(1 for m in msgs if m.metadata.num_delivered > 1)
         if isinstance(bus, Queue):

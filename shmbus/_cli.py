@@ -63,17 +63,22 @@ def open_any(path: str) -> Bus:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from . import _bridge_status
+
     with open_any(args.path) as bus:
         st = bus.stats()
         subs = bus.subscribers() if isinstance(bus, Topic) else None
+    bridges = _bridge_status.routes_on(args.path)
     if args.json:
-        out: dict[str, Any] = {**asdict(st), "fill": st.fill}
+        out: dict[str, Any] = {**asdict(st), "fill": st.fill, "bridges": bridges}
         if subs is not None:
             out["oldest_seq"], out["newest_seq"] = _seq_range(st)
             out["subscribers"] = subs
         print(json.dumps(out))
     else:
         print(_format_stats(st, subs))
+        for k, v in _bridge_status.render(bridges):
+            print(f"{k:15} {v}")
         if not _accel.ENABLED:  # (a build that failed at install time is otherwise silent)
             print(f"note: this Python runs shmbus without its C fast path: {_accel.REASON}")
     return 0
@@ -206,13 +211,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from . import _admin
+    from . import _admin, _bridge_status
 
     removed = _admin.gc(args.path, dry_run=args.dry_run, min_age=args.min_age)
+    removed += _bridge_status.remove_stale(args.dry_run)  # killed bridges' status files
     for f in removed:
         print(f"{'would remove' if args.dry_run else 'removed'} {f}")
     if not removed:
-        print("no orphaned anonymous buses, no orphan semaphores")
+        print("no orphaned anonymous buses, no orphan semaphores, no dead bridges' status files")
     return 0
 
 
@@ -413,7 +419,8 @@ def _parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_ls)
 
     g = sub.add_parser(
-        "gc", help="remove semaphores whose bus file is gone, and anonymous buses whose creator died",
+        "gc", help="remove semaphores whose bus file is gone, anonymous buses whose creator died, and "
+        "dead bridges' status files",
         epilog="example: shmbus gc /var/lib/app/jobs.bus --dry-run  (PATHs: disk buses whose "
         "semaphores must be kept; only the buses in /dev/shm and at PATHs are known)",
     )  # fmt: skip

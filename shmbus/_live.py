@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import IO
+from dataclasses import dataclass, field
+from typing import IO, Any
 
-from . import _recovery
+from . import _bridge_status, _recovery
 from ._file import open_fd, read_layout, resolve_path
 from ._format import KIND_TOPIC
 from ._stats import Stats, header_stats, oldest_age, subscriber_rows
@@ -39,6 +39,7 @@ class Snapshot:
     age: tuple[float | None, float | None] | None  # oldest message: (at least, at most) seconds
     subscribers: list[dict[str, int]] | None  # Topic only
     pids: list[int]  # live participants
+    bridges: list[dict[str, Any]] = field(default_factory=list)  # routes of live bridges on this bus
 
 
 def snapshot(path: str) -> Snapshot:
@@ -54,7 +55,8 @@ def snapshot(path: str) -> Snapshot:
     finally:
         os.close(fd)
     subs = subscriber_rows(h, layout) if layout.kind == KIND_TOPIC else None
-    return Snapshot(header_stats(real, layout, h), at, oldest_age(h, now_ns), subs, pids)
+    bridges = _bridge_status.routes_on(real)
+    return Snapshot(header_stats(real, layout, h), at, oldest_age(h, now_ns), subs, pids, bridges)
 
 
 def render(prev: Snapshot | None, cur: Snapshot) -> str:
@@ -99,6 +101,7 @@ def render(prev: Snapshot | None, cur: Snapshot) -> str:
         ]
     pids = ", ".join(str(p) for p in sorted(cur.pids))
     rows.append(("processes", f"{len(cur.pids)}" + (f": {pids}" if pids else "")))
+    rows += _bridge_status.render(cur.bridges)
     return "\n".join(f"{k:15} {v}".rstrip() for k, v in rows)
 
 

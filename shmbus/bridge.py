@@ -1,11 +1,13 @@
 """``shmbus.bridge``: carry Queues and Topics across hosts through NATS JetStream.
 
 Rule: a ``Bridge`` owns one NATS connection and the routes that share it; it
-turns what the server says at start (unreachable, credentials refused, a
-subject not allowed, a stream missing) into one ``BridgeError`` each, and
-stops its routes so that every round in flight settles (see
-``_bridge_routes``). It needs the ``nats`` extra (``pip install
-'shmbus[nats]'``), imported only when a bridge starts.
+turns what the server says at start (unreachable, a TLS handshake failed,
+credentials refused, a subject not allowed, a stream missing) into one
+``BridgeError`` each, and stops its routes so that every round in flight
+settles (see ``_bridge_routes``). While it runs it keeps a status file for
+``shmbus info`` (``_bridge_status``), removed when it stops. It needs the
+``nats`` extra (``pip install 'shmbus[nats]'``), imported only when a
+bridge starts.
 
 Example::
 
@@ -40,6 +42,7 @@ from ._bridge_errors import (
     EXIT_NO_STREAM,
     EXIT_OK,
     EXIT_PERMISSION,
+    EXIT_TLS,
     EXIT_UNREACHABLE,
     AuthFailed,
     BridgeConfigError,
@@ -47,19 +50,22 @@ from ._bridge_errors import (
     PermissionDenied,
     ServerUnreachable,
     StreamNotFound,
+    TLSFailed,
 )
 from ._bridge_routes import RouteRunner
+from ._bridge_status import StatusFile, bus_key
 
 __all__ = [
     "Bridge", "Route", "Connection", "run", "load_config", "read_secret", "DIRECTIONS",
     "BridgeError", "BridgeConfigError", "ServerUnreachable", "AuthFailed", "PermissionDenied",
     "StreamNotFound", "EXIT_OK", "EXIT_BUS", "EXIT_CONFIG", "EXIT_UNREACHABLE", "EXIT_AUTH",
-    "EXIT_PERMISSION", "EXIT_NO_STREAM",
+    "EXIT_PERMISSION", "EXIT_NO_STREAM", "TLSFailed", "EXIT_TLS",
 ]  # fmt: skip
 
 log = logging.getLogger("shmbus")
 _PERMISSION = re.compile(r"permissions violation for (publish|subscription) to \"?([^\"\s]+)", re.IGNORECASE)
 _STOP_GRACE = 1.0  # seconds beyond the ack timeout that stop() waits for a route's last round
+_STATUS_EVERY = 1.0  # seconds between two refreshes of the status file `shmbus info` reads
 
 
 class Bridge:
@@ -70,7 +76,7 @@ class Bridge:
         connection: how to reach the servers (``Connection``; default: a
             local server on port 4222).
 
-    ``start()`` raises ``ServerUnreachable``, ``AuthFailed``,
+    ``start()`` raises ``ServerUnreachable``, ``TLSFailed``, ``AuthFailed``,
     ``PermissionDenied``, ``StreamNotFound`` or ``BusNotFound``; ``wait()``
     raises the error that stopped the bridge, if any. Use as ``async with``,
     and make it inside the event loop that runs it (Python 3.9 ties asyncio
@@ -90,6 +96,9 @@ class Bridge:
         self._done = asyncio.Event()
         self._connect_errors: list[BaseException] = []
         self._refused = asyncio.Event()
+        self._status_file: StatusFile | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        self._buses: list[tuple[str, str | None]] = []
 
     async def __aenter__(self) -> Bridge:
         await self.start()
@@ -120,6 +129,7 @@ class Bridge:
                 task = asyncio.create_task(runner.run(), name=f"shmbus bridge {runner.route.name}")
                 task.add_done_callback(self._route_ended)
                 self._tasks.append(task)
+            self._start_status_file()
         except BaseException:
             await self._close_connection()
             raise
@@ -176,6 +186,8 @@ class Bridge:
         for err in [e, *self._connect_errors]:
             if err is not None and _refusal(err):
                 raise AuthFailed(f"the server refused the credentials ({err})") from None
+            if isinstance(err, ssl.SSLError):
+                raise _tls_failed(err, self.connection.servers) from None
 
     async def _stream_of(self, js: Any, route: Route) -> str:
         """The name of the stream for ``route`` (created if missing and asked to)."""
@@ -206,12 +218,39 @@ class Bridge:
         log.warning("created stream %s for subject %s", name, route.subject)
         return name
 
+    def _start_status_file(self) -> None:
+        """Tell `shmbus info` and `stats` about the routes, now and every second (see ``_bridge_status``)."""
+        self._buses = [bus_key(r.bus) for r in self.routes]
+        self._status_file = StatusFile()
+        self.status()
+        self._status_task = asyncio.create_task(self._keep_status(), name="shmbus bridge status file")
+
+    async def _keep_status(self) -> None:
+        while self._status_file is not None:
+            await asyncio.sleep(_STATUS_EVERY)
+            self.status()
+
+    def _write_status_file(self, rows: list[dict[str, Any]]) -> None:
+        if self._status_file is None:
+            return
+        self._status_file.write([
+            {**row, "direction": r.direction, "subject": r.subject, "bus_path": path, "bus_id": bus_id}
+            for r, (path, bus_id), row in zip(self.routes, self._buses, rows)
+        ])  # fmt: skip
+
+    def _end_status_file(self) -> None:
+        f, self._status_file = self._status_file, None
+        if self._status_task is not None:
+            self._status_task.cancel()
+        if f is not None:
+            f.remove()
+
     # -- callbacks from the client ---------------------------------------------------
 
     async def _on_error(self, e: Exception) -> None:
         if self._nc is None:
             self._connect_errors.append(e)
-            if _refusal(e):
+            if _refusal(e) or isinstance(e, ssl.SSLError):  # (retrying will not change the answer)
                 self._refused.set()
             return
         text = str(e)
@@ -279,6 +318,7 @@ class Bridge:
         await self._close_connection()
 
     async def _close_connection(self) -> None:
+        self._end_status_file()
         self._stopping.set()  # (what the client reports while closing is not news)
         nc, self._nc = self._nc, None
         if nc:
@@ -289,8 +329,26 @@ class Bridge:
             self._nc = False  # closed: callbacks after this are not about connecting
 
     def status(self) -> list[dict[str, Any]]:
-        """One dict per route: its name, stream, state, counters and local lag (messages waiting)."""
-        return [r.status() for r in self._runners]
+        """One dict per route: its name, stream, state, counters and lag (see docs/bridge.md).
+
+        ``state`` is ``reconnecting`` while the connection is down. Each call
+        also refreshes the status file that ``shmbus info`` reads.
+        """
+        rows = [r.status() for r in self._runners]
+        nc = self._nc
+        if nc and not nc.is_connected and not self._stopping.is_set():
+            for row in rows:
+                row["state"] = "reconnecting"
+        self._write_status_file(rows)
+        return rows
+
+
+def _tls_failed(e: ssl.SSLError, servers: tuple[str, ...]) -> TLSFailed:
+    """The one line for a failed TLS handshake: what was wrong and which option to look at."""
+    where = ", ".join(servers)
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return TLSFailed(f"the certificate of {where} is not trusted ({e.verify_message}): check --tls-ca")
+    return TLSFailed(f"TLS with {where} failed ({e.reason or e}): check --tls-cert and --tls-key")
 
 
 def _refusal(e: BaseException) -> bool:

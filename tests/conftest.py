@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -33,6 +34,9 @@ TEST_PREFIX = f"shmbus-test-{os.getpid()}-"
 _IDS_NAME = f"shmbus-test-ids-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 _IDS_FILE = Path(os.environ.setdefault("SHMBUS_TEST_IDS_FILE", f"{tempfile.gettempdir()}/{_IDS_NAME}"))
 _real_create_sems = _sync.create_sems
+# Bridges started by tests (and killed by some) keep their status files under a directory of this
+# session's, one per test (see bridge_status_dir), removed at the end: never in the machine's shared one.
+_BRIDGE_STATUS_ROOT = tempfile.mkdtemp(prefix="shmbus-test-bridges-")
 
 
 def _recording_create_sems(bus_id: str, initial: dict[str, int], mode: int) -> Any:
@@ -79,6 +83,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     with contextlib.suppress(FileNotFoundError):
         _IDS_FILE.unlink()
+    shutil.rmtree(_BRIDGE_STATUS_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def bridge_status_dir(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test's own directory of bridge status files (made when a bridge writes one): a bridge a
+    test killed leaves its file for that test alone to see. Child processes inherit it."""
+    path = os.path.join(_BRIDGE_STATUS_ROOT, uuid.uuid4().hex[:12])
+    monkeypatch.setenv("SHMBUS_BRIDGE_STATUS_DIR", path)
+    return path
 
 
 @pytest.fixture(autouse=True)

