@@ -1,0 +1,342 @@
+"""The bridge under faults: kill -9 storms, a broker restarted, a cluster node killed, a Topic overwritten.
+
+Everything is real: bridges are ``python -m shmbus bridge`` processes, the
+producer is a process of its own, the servers come from ``natsserver.py``.
+Waits are on observable states (a queue's consumed count, messages
+arriving, the stream's last message), each with a deadline. The kill
+instants are random: a point of the run (a consumed or received count)
+drawn from a seeded RNG, then a random delay of at most one round; the seed
+is printed (a failing test shows it) and ``SHMBUS_FAULT_SEED=<n>`` replays it.
+
+What is counted: the stream's payloads by producer and sequence number (and
+its message count), the receiving queue's messages by number. The slowest
+tests are marked ``slow`` (``-m "not slow"`` leaves them out locally; the
+suite, and so ``.ci/run``, runs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from test_bridge import _bridge, _stop
+
+import shmbus
+from shmbus import _bridge_wire as wire
+
+pytestmark = pytest.mark.timeout(120)
+
+nats = pytest.importorskip("nats")  # the test extra installs it: CI never skips
+KILLS = 20
+RUN_WAIT = 90.0  # seconds for a whole run, kills included: far above a healthy one on a loaded machine
+ACK_WAIT = "2"  # in-routes: a killed bridge's fetch comes back after this (the default 30 s is too long)
+SEED = int(os.environ.get("SHMBUS_FAULT_SEED") or random.randrange(2**32))
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """A seeded RNG for kill instants; the seed is printed, so a failing test shows it."""
+    print(f"kill instants: SHMBUS_FAULT_SEED={SEED} ({request.node.name})")
+    return random.Random(f"{SEED}:{request.node.name}")
+
+
+def _seed() -> str:
+    return f"SHMBUS_FAULT_SEED={SEED}"
+
+
+# -- the stream, read back ----------------------------------------------------------------------
+
+
+def _connect(urls: list[str]) -> Any:
+    return nats.connect(urls, connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+
+def _js(urls: list[str], fn: Any) -> Any:
+    """``fn(js)`` on a fresh connection to any of ``urls``."""
+
+    async def go() -> Any:
+        nc = await _connect(urls)
+        try:
+            return await fn(nc.jetstream(timeout=10))
+        finally:
+            await nc.close()
+
+    return asyncio.run(asyncio.wait_for(go(), RUN_WAIT))
+
+
+def _add_stream(urls: list[str], name: str, subject: str, replicas: int = 1) -> None:
+    async def add(js: Any) -> None:
+        await js.add_stream(name=name, subjects=[subject], duplicate_window=120.0, num_replicas=replicas)
+
+    _js(urls, add)
+
+
+def _stream_messages(urls: list[str], stream: str) -> int:
+    async def count(js: Any) -> int:
+        return int((await js.stream_info(stream)).state.messages)
+
+    return int(_js(urls, count))
+
+
+def _stream_records(urls: list[str], stream: str, subject: str) -> list[tuple[int, Any]]:
+    """Every record the stream holds, in stream order: (the bus's sequence number, the decoded message)."""
+    from nats.js import api
+
+    async def read(js: Any) -> list[tuple[int, Any]]:
+        total = (await js.stream_info(stream)).state.messages
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+                                    inactive_threshold=30.0)  # fmt: skip
+        psub = await js.pull_subscribe(subject, stream=stream, config=config)
+        out: list[tuple[int, Any]] = []
+        seen = 0
+        while seen < total:
+            for m in await psub.fetch(min(total - seen, 5000), timeout=10):
+                first = int(m.headers[wire.SEQ])
+                recs = wire.records_of(m.data, m.headers)
+                out.extend((first + k, msgpack.unpackb(x.data)) for k, x in enumerate(recs))
+                seen += 1
+        await psub.unsubscribe()
+        return out
+
+    return list(_js(urls, read))
+
+
+def _last_seq(urls: list[str], stream: str, subject: str) -> int | None:
+    """The bus sequence number of the last record the stream holds (None: none yet)."""
+
+    async def last(js: Any) -> int | None:
+        try:
+            m = await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(m.headers[wire.SEQ]) + wire.frame_count(m.headers) - 1
+
+    return _js(urls, last)  # type: ignore[no-any-return]
+
+
+def _consumer_settled(urls: list[str], stream: str, durable: str) -> bool:
+    """True when the durable consumer has nothing left to deliver and nothing unacknowledged."""
+
+    async def info(js: Any) -> bool:
+        ci = await js.consumer_info(stream, durable)
+        return bool(ci.num_pending == 0 and ci.num_ack_pending == 0)
+
+    return bool(_js(urls, info))
+
+
+def _check_exactly_once(records: list[tuple[int, Any]], n: int, producers: int = 1) -> tuple[int, int]:
+    """(lost, duplicated) counted by each message's producer and number."""
+    counts = collections.Counter((m["p"], m["i"]) for _seq, m in records)
+    want = {(p, i) for p in range(producers) for i in range(n // producers)}
+    lost = len(want - counts.keys())
+    dups = sum(c - 1 for c in counts.values())
+    return lost, dups
+
+
+# -- buses and processes --------------------------------------------------------------------------
+
+
+class Buses:
+    """Buses made in a test's tmp dir: closed and unlinked after."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[Any] = []
+
+    def queue(self, name: str, capacity: str) -> shmbus.Queue:
+        q = shmbus.Queue.create(str(self.root / name), capacity=capacity)
+        self.made.append(q)
+        return q
+
+    def topic(self, name: str, capacity: str) -> shmbus.Topic:
+        t = shmbus.Topic.create(str(self.root / name), capacity=capacity)
+        self.made.append(t)
+        return t
+
+    def close(self) -> None:
+        for bus in self.made:
+            bus.unlink()
+            bus.close()
+
+
+@pytest.fixture
+def buses(tmp_path: Path) -> Iterator[Buses]:
+    b = Buses(tmp_path)
+    yield b
+    b.close()
+
+
+class Bridges:
+    """Bridge processes of one test: every one still running at the end is killed and reaped."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []
+
+    def start(self, *args: str) -> Any:
+        proc = _bridge(*args)
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: Any) -> None:
+        proc.kill()
+        proc.communicate()
+
+    def reap(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture
+def bridges() -> Iterator[Bridges]:
+    b = Bridges()
+    yield b
+    b.reap()
+
+
+def _producer(path: str, p: int, n: int) -> None:
+    """A producer process: ``{"p": p, "i": i}``, i from 0 to n-1 (it waits when the queue is full)."""
+    q = shmbus.Queue.open(path)
+    for start in range(0, n, 200):
+        q.put_many([{"p": p, "i": i} for i in range(start, min(start + 200, n))])
+    q.close()
+
+
+def _kill_points(rng: random.Random, n: int) -> list[int]:
+    """Where in a run of ``n`` messages the kills come: ``KILLS`` random counts, in order."""
+    return sorted(rng.sample(range(1, n - n // 10), KILLS))
+
+
+def _random_instant(rng: random.Random, round_time: float) -> None:
+    """Wait a random part of a round: the kill lands anywhere in it (the instant drawn, not a sync)."""
+    time.sleep(rng.uniform(0.0, round_time))
+
+
+def _kill_storm(
+    bridges: Bridges, args: list[str], rng: random.Random, n: int, progress: Any, round_time: float,
+    deadline: float,
+) -> tuple[Any, list[float]]:
+    """Kill -9 a bridge ``KILLS`` times at random points of the run (``progress()`` reaching a count drawn
+    from ``rng``, then a random part of a round), starting it again each time; the last one runs on.
+
+    Returns it and the kill cycles' durations (from the previous kill to this one).
+    """
+    cycles = []
+    proc = bridges.start(*args)
+    for point in _kill_points(rng, n):
+        started = time.monotonic()
+        _wait(lambda at=point: progress() >= at, f"{point} messages through", deadline, proc)
+        _random_instant(rng, round_time)
+        bridges.kill(proc)
+        cycles.append(time.monotonic() - started)
+        proc = bridges.start(*args)
+    return proc, cycles
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _wait(cond: Any, what: str, deadline: float, alive: Any = None) -> None:
+    """Poll ``cond()`` (an observable state) until true; fail at ``deadline`` or if ``alive`` exited."""
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what} ({_seed()})"
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the bridge exited ({alive.returncode}) waiting for {what}: "
+                                 f"{alive.communicate()[1][-2000:]}")  # fmt: skip
+        time.sleep(0.002)  # a poll of an observable state
+
+
+# -- kill -9 the out-bridge ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [False, True], ids=["one-per-message", "batch-framing"])
+def test_out_bridge_killed_20_times_stores_every_record_exactly_once(
+    nats_server: Any, buses: Buses, bridges: Bridges, procs: Any, rng: random.Random, batch: bool
+) -> None:
+    n = 100_000 if batch else 40_000
+    urls = [nats_server.url]
+    q = buses.queue("jobs", "1MiB")  # the producer meets backpressure: it feeds the queue all along
+    _add_stream(urls, "STORM", "storm.out")
+    args = ["queue-to-stream", str(buses.root / "jobs"), "--subject", "storm.out", "--stream", "STORM",
+            "--server", nats_server.url, "--max-batch", "500", *(["--batch"] if batch else [])]  # fmt: skip
+    procs.start(_producer, str(buses.root / "jobs"), 0, n)
+    t0 = time.monotonic()
+    deadline = t0 + RUN_WAIT
+    proc, cycles = _kill_storm(bridges, args, rng, n, lambda: q.stats().get_count, 0.05, deadline)
+    _wait(lambda: q.stats().get_count >= n, "every record consumed", deadline, proc)
+    took = time.monotonic() - t0
+    rc, _status, err = _stop(proc)
+    procs.join_all()
+    assert rc == 0, err
+    records = _stream_records(urls, "STORM", "storm.out")
+    lost, dups = _check_exactly_once(records, n)
+    print(f"out-bridge, {KILLS} kills, {n} messages ({'batch' if batch else 'one per message'}): "
+          f"lost {lost}, duplicates {dups}, {took:.1f} s, {_mean(cycles):.2f} s per kill cycle")  # fmt: skip
+    assert (lost, dups) == (0, 0), f"{lost} lost, {dups} duplicated ({_seed()})"
+    assert sorted(seq for seq, _m in records) == list(range(n)), _seed()
+    if not batch:  # one message per record: the count says the same
+        assert _stream_messages(urls, "STORM") == n
+    assert q.qsize() == 0
+
+
+# -- kill -9 the in-bridge ----------------------------------------------------------------------------
+
+
+def _publish(urls: list[str], subject: str, n: int) -> None:
+    """Publish ``{"p": 0, "i": i}`` for i in 0..n-1 to the stream, acks pipelined."""
+
+    async def go(js: Any) -> None:
+        for start in range(0, n, 2000):
+            futs = [await js.publish_async(subject, msgpack.packb({"p": 0, "i": i}))
+                    for i in range(start, min(start + 2000, n))]  # fmt: skip
+            await asyncio.gather(*futs)
+
+    _js(urls, go)
+
+
+@pytest.mark.slow
+def test_in_bridge_killed_20_times_loses_nothing_and_duplicates_at_most_a_fetch_per_kill(
+    nats_server: Any, buses: Buses, bridges: Bridges, rng: random.Random
+) -> None:
+    n, max_batch = 30_000, 200
+    urls = [nats_server.url]
+    qb = buses.queue("jobs", "16MiB")
+    _add_stream(urls, "IN", "in.storm")
+    _publish(urls, "in.storm", n)
+    args = ["stream-to-queue", str(buses.root / "jobs"), "--subject", "in.storm", "--stream", "IN",
+            "--durable", "hostb", "--max-batch", str(max_batch), "--ack-wait", ACK_WAIT,
+            "--server", nats_server.url]  # fmt: skip
+    got: list[int] = []
+
+    def drain() -> int:
+        got.extend(m["i"] for m in qb.get_many(100_000, block=False))
+        return len(got)
+
+    t0 = time.monotonic()
+    deadline = t0 + RUN_WAIT
+    proc, cycles = _kill_storm(bridges, args, rng, n, drain, 0.02, deadline)
+    # Every message acknowledged: what the killed bridges held came back after the ack wait.
+    _wait(lambda: _consumer_settled(urls, "IN", "hostb") and drain() >= n, "the consumer settled",
+          deadline, proc)  # fmt: skip
+    took = time.monotonic() - t0
+    rc, _status, err = _stop(proc)
+    drain()
+    assert rc == 0, err
+    counts = collections.Counter(got)
+    lost = n - len(counts)
+    dups = len(got) - len(counts)
+    print(f"in-bridge, {KILLS} kills, {n} messages: lost {lost}, duplicates {dups} "
+          f"(bound {KILLS} x {max_batch}), {took:.1f} s, {_mean(cycles):.2f} s per kill cycle")  # fmt: skip
+    assert lost == 0 and set(counts) == set(range(n)), f"{lost} lost ({_seed()})"
+    assert dups <= KILLS * max_batch, f"{dups} duplicates, above one fetch per kill ({_seed()})"
