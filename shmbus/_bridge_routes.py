@@ -167,6 +167,7 @@ class RouteRunner:
             pub = self._publisher(bus_id)
             sub = await self._call(self._subscribe_topic, t, await self._resume_point(bus_id))
             self._lag = lambda: -1
+            self.counters.missed = sub.lost  # what the ring overwrote since the stream's last record
             self.counters.state = "running"
             try:
                 await self._topic_loop(sub, pub)

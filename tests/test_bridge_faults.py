@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
+import select
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,22 +227,29 @@ def _random_instant(rng: random.Random, round_time: float) -> None:
 def _kill_storm(
     bridges: Bridges, args: list[str], rng: random.Random, n: int, progress: Any, round_time: float,
     deadline: float,
-) -> tuple[Any, list[float]]:
+) -> tuple[Any, list[float], list[float]]:
     """Kill -9 a bridge ``KILLS`` times at random points of the run (``progress()`` reaching a count drawn
     from ``rng``, then a random part of a round), starting it again each time; the last one runs on.
 
-    Returns it and the kill cycles' durations (from the previous kill to this one).
+    Returns it, the kill cycles' durations (from one kill to the next) and the restarts' (from a kill
+    to the next bridge's first progress: how long records of a killed round wait to be sent again).
     """
-    cycles = []
+    cycles, restarts = [], []
     proc = bridges.start(*args)
+    killed_at = None
     for point in _kill_points(rng, n):
         started = time.monotonic()
+        if killed_at is not None:
+            before = progress()
+            _wait(lambda was=before: progress() > was, "the restarted bridge's first round", deadline, proc)
+            restarts.append(time.monotonic() - killed_at)
         _wait(lambda at=point: progress() >= at, f"{point} messages through", deadline, proc)
         _random_instant(rng, round_time)
         bridges.kill(proc)
-        cycles.append(time.monotonic() - started)
+        killed_at = time.monotonic()
+        cycles.append(killed_at - started)
         proc = bridges.start(*args)
-    return proc, cycles
+    return proc, cycles, restarts
 
 
 def _mean(xs: list[float]) -> float:
@@ -273,7 +283,7 @@ def test_out_bridge_killed_20_times_stores_every_record_exactly_once(
     procs.start(_producer, str(buses.root / "jobs"), 0, n)
     t0 = time.monotonic()
     deadline = t0 + RUN_WAIT
-    proc, cycles = _kill_storm(bridges, args, rng, n, lambda: q.stats().get_count, 0.05, deadline)
+    proc, cycles, restarts = _kill_storm(bridges, args, rng, n, lambda: q.stats().get_count, 0.05, deadline)
     _wait(lambda: q.stats().get_count >= n, "every record consumed", deadline, proc)
     took = time.monotonic() - t0
     rc, _status, err = _stop(proc)
@@ -282,7 +292,8 @@ def test_out_bridge_killed_20_times_stores_every_record_exactly_once(
     records = _stream_records(urls, "STORM", "storm.out")
     lost, dups = _check_exactly_once(records, n)
     print(f"out-bridge, {KILLS} kills, {n} messages ({'batch' if batch else 'one per message'}): "
-          f"lost {lost}, duplicates {dups}, {took:.1f} s, {_mean(cycles):.2f} s per kill cycle")  # fmt: skip
+          f"lost {lost}, duplicates {dups}, {took:.1f} s, {_mean(cycles):.2f} s per kill cycle, "
+          f"restarts {_mean(restarts):.2f} s (longest {max(restarts):.2f} s)")  # fmt: skip
     assert (lost, dups) == (0, 0), f"{lost} lost, {dups} duplicated ({_seed()})"
     assert sorted(seq for seq, _m in records) == list(range(n)), _seed()
     if not batch:  # one message per record: the count says the same
@@ -325,7 +336,7 @@ def test_in_bridge_killed_20_times_loses_nothing_and_duplicates_at_most_a_fetch_
 
     t0 = time.monotonic()
     deadline = t0 + RUN_WAIT
-    proc, cycles = _kill_storm(bridges, args, rng, n, drain, 0.02, deadline)
+    proc, cycles, restarts = _kill_storm(bridges, args, rng, n, drain, 0.02, deadline)
     # Every message acknowledged: what the killed bridges held came back after the ack wait.
     _wait(lambda: _consumer_settled(urls, "IN", "hostb") and drain() >= n, "the consumer settled",
           deadline, proc)  # fmt: skip
@@ -337,6 +348,182 @@ def test_in_bridge_killed_20_times_loses_nothing_and_duplicates_at_most_a_fetch_
     lost = n - len(counts)
     dups = len(got) - len(counts)
     print(f"in-bridge, {KILLS} kills, {n} messages: lost {lost}, duplicates {dups} "
-          f"(bound {KILLS} x {max_batch}), {took:.1f} s, {_mean(cycles):.2f} s per kill cycle")  # fmt: skip
+          f"(bound {KILLS} x {max_batch}), {took:.1f} s, {_mean(cycles):.2f} s per kill cycle, "
+          f"restarts {_mean(restarts):.2f} s (longest {max(restarts):.2f} s)")  # fmt: skip
     assert lost == 0 and set(counts) == set(range(n)), f"{lost} lost ({_seed()})"
     assert dups <= KILLS * max_batch, f"{dups} duplicates, above one fetch per kill ({_seed()})"
+
+
+# -- broker faults ------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Producer -> Queue "a" -> out-bridge -> stream -> in-bridge -> Queue "b", drained by the test."""
+
+    def __init__(self, buses: Buses, bridges: Bridges, procs: Any, urls: list[str], n: int) -> None:
+        self.n, self.urls = n, urls
+        self.qa = buses.queue("a", "1MiB")
+        self.qb = buses.queue("b", "16MiB")
+        servers = [x for url in urls for x in ("--server", url)]
+        self.out = bridges.start("queue-to-stream", str(buses.root / "a"), "--subject", "pipe.out",
+                                 "--stream", "PIPE", "--max-batch", "500", *servers)  # fmt: skip
+        self.inb = bridges.start("stream-to-queue", str(buses.root / "b"), "--subject", "pipe.out",
+                                 "--stream", "PIPE", "--durable", "b", "--max-batch", "500",
+                                 "--ack-wait", ACK_WAIT, *servers)  # fmt: skip
+        procs.start(_producer, str(buses.root / "a"), 0, n)
+        self.got: list[int] = []
+
+    def drain(self) -> int:
+        self.got.extend(m["i"] for m in self.qb.get_many(100_000, block=False))
+        return len(self.got)
+
+    def alive(self) -> None:
+        for proc in (self.out, self.inb):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+
+    def finish(self, deadline: float) -> tuple[int, int]:
+        """Wait for every message, stop both bridges; (lost, duplicated) at host B."""
+        _wait(lambda: len(set(self.got)) >= self.n or self.drain() < 0, "every message at host B",
+              deadline, self.inb)  # fmt: skip
+        for proc in (self.out, self.inb):
+            rc, _status, err = _stop(proc)
+            assert rc == 0, err
+        self.drain()
+        lost = self.n - len(set(self.got))
+        return lost, len(self.got) - len(set(self.got))
+
+
+@pytest.mark.slow
+def test_a_broker_stopped_and_restarted_mid_run_loses_nothing(
+    nats_server: Any, buses: Buses, bridges: Bridges, procs: Any
+) -> None:
+    n = 20_000
+    urls = [nats_server.url]
+    _add_stream(urls, "PIPE", "pipe.out")
+    pipe = Pipeline(buses, bridges, procs, urls, n)
+    deadline = time.monotonic() + RUN_WAIT
+    _wait(lambda: pipe.drain() >= n // 3, "a third of the run at host B", deadline, pipe.inb)
+    nats_server.stop()  # SIGTERM: the file store is flushed, the bridges lose their connection
+    # Meanwhile the producer goes on: host A's queue backs up (the bridge holds what it took).
+    _wait(lambda: pipe.qa.qsize() >= 2000 or pipe.qa.stats().put_count >= n, "host A backing up",
+          deadline, pipe.out)  # fmt: skip
+    nats_server.start()
+    lost, dups = pipe.finish(deadline)
+    procs.join_all()
+    records = _stream_records(urls, "PIPE", "pipe.out")
+    in_stream = _check_exactly_once(records, n)
+    print(f"broker restarted: lost {lost}, duplicates at host B {dups}; in the stream: lost, duplicated "
+          f"{in_stream}")  # fmt: skip
+    assert lost == 0
+    assert in_stream == (0, 0)
+    assert dups <= 2 * 500, "at most the fetches in flight when the server went away come twice"
+
+
+@pytest.mark.slow
+def test_a_cluster_node_killed_mid_run_loses_nothing(
+    nats_cluster: Any, buses: Buses, bridges: Bridges, procs: Any
+) -> None:
+    n = 20_000
+    urls = nats_cluster.urls
+    _add_stream(urls, "PIPE", "pipe.out", replicas=3)
+    pipe = Pipeline(buses, bridges, procs, urls, n)
+    deadline = time.monotonic() + RUN_WAIT
+    _wait(lambda: pipe.drain() >= n // 3, "a third of the run at host B", deadline, pipe.inb)
+
+    async def leader(js: Any) -> str:
+        return str((await js.stream_info("PIPE")).cluster.leader)
+
+    name = _js(urls, leader)
+    node = next(i for i, s in enumerate(nats_cluster.servers) if s.name == name)
+    nats_cluster.kill(node)  # SIGKILL the stream's leader: a new one is elected from the two replicas
+    lost, dups = pipe.finish(deadline)
+    procs.join_all()
+    up = [s.url for s in nats_cluster.servers if s.running]
+    records = _stream_records(up, "PIPE", "pipe.out")
+    in_stream = _check_exactly_once(records, n)
+    print(f"stream leader {name} killed: lost {lost}, duplicates at host B {dups}; in the stream: lost, "
+          f"duplicated {in_stream}")  # fmt: skip
+    assert lost == 0
+    assert in_stream == (0, 0)
+
+
+# -- Topic -> stream across restarts ------------------------------------------------------------------
+
+
+def _status(proc: Any) -> dict[str, Any]:
+    """The route's status line, asked with SIGUSR1 (the bridge runs with --json)."""
+    proc.send_signal(signal.SIGUSR1)
+    ready, _w, _x = select.select([proc.stdout], [], [], 30)
+    assert ready, "no status line in 30 s"
+    line = proc.stdout.readline()
+    assert line, f"the bridge exited ({proc.wait()}): {proc.stderr.read()[-2000:]}"
+    return dict(json.loads(line))
+
+
+def _running_status(t: shmbus.Topic, proc: Any, deadline: float) -> dict[str, Any]:
+    """The status of a topic bridge once it runs (subscribed: its SIGUSR1 handler is in place by then)."""
+    _wait(lambda: any(row["pid"] == proc.pid for row in t.subscribers()), "the bridge subscribed",
+          deadline, proc)  # fmt: skip
+    while True:
+        row = _status(proc)
+        if row["state"] == "running":
+            return row
+        assert time.monotonic() < deadline, f"the bridge is {row['state']} ({_seed()})"
+
+
+@pytest.mark.slow
+def test_topic_to_stream_across_restarts_counts_exactly_what_the_ring_overwrote_meanwhile(
+    nats_server: Any, buses: Buses, bridges: Bridges, rng: random.Random
+) -> None:
+    urls = [nats_server.url]
+    t = buses.topic("metrics", "64KiB")
+    _add_stream(urls, "METRICS", "metrics.all")
+    args = ["topic-to-stream", str(buses.root / "metrics"), "--subject", "metrics.all", "--stream",
+            "METRICS", "--server", nats_server.url, "--json"]  # fmt: skip
+    ring = 0  # records the ring holds when full, learnt below
+    deadline = time.monotonic() + RUN_WAIT
+    gaps: list[range] = []  # per restart: what the ring overwrote while no bridge ran, by the bridge's count
+
+    def publish(k: int) -> None:
+        start = t.stats().put_count
+        for i in range(start, start + k):
+            t.publish({"i": i})
+
+    publish(500)
+    for cycle in range(8):
+        st = t.stats()
+        oldest = st.put_count - st.messages  # the oldest record the ring still holds
+        proc = bridges.start(*args)
+        _wait(lambda: _last_seq(urls, "METRICS", "metrics.all") == t.stats().put_count - 1,
+              "the stream holding the ring's newest record", deadline, proc)  # fmt: skip
+        missed = _running_status(t, proc, deadline)["missed"]
+        gaps.append(range(oldest - missed, oldest))
+        publish(rng.randrange(1, 1000))  # the bridge runs: it keeps up (less than the ring holds)
+        if cycle % 2:
+            _random_instant(rng, 0.02)
+            bridges.kill(proc)  # kill -9, maybe with a round in flight
+        else:
+            _wait(lambda: _last_seq(urls, "METRICS", "metrics.all") == t.stats().put_count - 1,
+                  "the stream holding the ring's newest record", deadline, proc)  # fmt: skip
+            rc, _out, err = _stop(proc)
+            assert rc == 0, err
+        ring = ring or t.stats().messages
+        # No bridge: the publisher goes on, sometimes past what the ring holds.
+        publish(rng.choice([0, rng.randrange(1, 3000), rng.randrange(3000, 8000)]))
+    proc = bridges.start(*args)
+    st = t.stats()
+    _wait(lambda: _last_seq(urls, "METRICS", "metrics.all") == st.put_count - 1,
+          "the stream holding the ring's newest record", deadline, proc)  # fmt: skip
+    missed = _running_status(t, proc, deadline)["missed"]
+    gaps.append(range(st.put_count - st.messages - missed, st.put_count - st.messages))
+    rc, _out, err = _stop(proc)
+    assert rc == 0, err
+    held = [seq for seq, m in _stream_records(urls, "METRICS", "metrics.all")]
+    missing = set(range(st.put_count)) - set(held)
+    counted = {seq for gap in gaps for seq in gap}
+    print(f"topic -> stream, 9 bridge runs: {len(held)} stored, {len(missing)} overwritten while no bridge "
+          f"ran, counted in missed: {[len(g) for g in gaps]}")  # fmt: skip
+    assert len(held) == len(set(held)), "no record twice in the stream"
+    assert missing == counted, f"missed must count exactly the records the ring lost ({_seed()})"
+    assert sum(len(g) for g in gaps) == len(counted), "each overwritten record counted once"
+    assert any(gaps), f"no restart found the ring overwritten ({_seed()}); it holds {ring} records"
