@@ -549,3 +549,41 @@ def test_topic_to_stream_across_restarts_counts_exactly_what_the_ring_overwrote_
     assert missing == counted, f"missed must count exactly the records the ring lost ({_seed()})"
     assert sum(len(g) for g in gaps) == len(counted), "each overwritten record counted once"
     assert any(gaps), f"no restart found the ring overwritten ({_seed()}); it holds {ring} records"
+
+
+# -- the ack wait: how soon a killed in-bridge's messages come back ------------------------------------
+
+
+def test_the_ack_wait_comes_from_the_route_and_updates_an_existing_durable(
+    nats_server: Any, buses: Buses, bridges: Bridges, tmp_path: Path
+) -> None:
+    from nats.js import api
+
+    from shmbus.bridge import BridgeConfigError, load_config
+
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text('[[route]]\ndirection = "stream-to-queue"\nbus = "q"\nsubject = "a.b"\nack_wait = 1.5\n')
+    assert load_config(str(cfg))[0][0].ack_wait == 1.5
+    cfg.write_text('[[route]]\ndirection = "stream-to-queue"\nbus = "q"\nsubject = "a.b"\nack_wait = 0\n')
+    with pytest.raises(BridgeConfigError, match="ack_wait must be above 0"):
+        load_config(str(cfg))
+    urls = [nats_server.url]
+    buses.queue("q", "64KiB")
+    _add_stream(urls, "AW", "aw.in")
+
+    async def durable(js: Any) -> None:  # made earlier with JetStream's default ack wait (30 s)
+        await js.add_consumer("AW", api.ConsumerConfig(durable_name="w", ack_policy=api.AckPolicy.EXPLICIT,
+                                                       filter_subject="aw.in"))  # fmt: skip
+
+    async def ack_wait(js: Any) -> float:
+        return float((await js.consumer_info("AW", "w")).config.ack_wait)
+
+    _js(urls, durable)
+    assert _js(urls, ack_wait) == 30.0
+    proc = bridges.start("stream-to-queue", str(buses.root / "q"), "--subject", "aw.in", "--durable", "w",
+                         "--ack-wait", "1.5", "--server", nats_server.url)  # fmt: skip
+    _wait(lambda: _js(urls, ack_wait) == 1.5, "the durable's ack wait updated", time.monotonic() + RUN_WAIT,
+          proc)  # fmt: skip
+    rc, _out, err = _stop(proc)
+    assert rc == 0, err
+    assert "ack wait set to 1.5 s (was 30 s)" in err
