@@ -7,9 +7,10 @@ nothing until then: a bridge killed at any instant leaves every unacknowledged
 record in the local queue, under the same sequence number. Stream -> Queue or
 Topic acknowledges a JetStream message only after the local put or publish
 committed: a bridge killed in between delivers that fetch again (duplicates,
-at most one fetch per kill; never a loss). Topic -> stream publishes what
+at most one fetch per kill; never a loss). Topic -> stream subscribes from
+the sequence number after the last record the stream holds, publishes what
 the subscription reads and counts, in ``missed``, what the ring overwrote
-before it could.
+before it could (the subscription's ``lost``: while no bridge ran too).
 
 Each route has one thread of its own for the calls that may block on the
 bus (a Queue's consumer lock belongs to the thread that took it, so the

@@ -342,7 +342,7 @@ def _publish(urls: list[str], subject: str, n: int) -> None:
 def test_in_bridge_killed_20_times_loses_nothing_and_duplicates_at_most_a_fetch_per_kill(
     nats_server: Any, buses: Buses, bridges: Bridges, rng: random.Random
 ) -> None:
-    n, max_batch = 30_000, 200
+    n, max_batch = 20_000, 200
     urls = [nats_server.url]
     qb = buses.queue("jobs", "16MiB")
     _add_stream(urls, "IN", "in.storm")
@@ -420,7 +420,7 @@ class Pipeline:
 def test_a_broker_stopped_and_restarted_mid_run_loses_nothing(
     nats_server: Any, buses: Buses, bridges: Bridges, procs: Any, how: str
 ) -> None:
-    n = 20_000
+    n = 12_000
     urls = [nats_server.url]
     _add_stream(urls, "PIPE", "pipe.out")
     pipe = Pipeline(buses, bridges, procs, urls, n)
@@ -449,7 +449,7 @@ def test_a_broker_stopped_and_restarted_mid_run_loses_nothing(
 def test_a_cluster_node_killed_mid_run_loses_nothing(
     nats_cluster: Any, buses: Buses, bridges: Bridges, procs: Any
 ) -> None:
-    n = 20_000
+    n = 12_000
     urls = nats_cluster.urls
     _add_stream(urls, "PIPE", "pipe.out", replicas=3)
     pipe = Pipeline(buses, bridges, procs, urls, n)
