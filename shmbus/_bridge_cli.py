@@ -50,6 +50,8 @@ def register(sub: Any) -> None:
     r.add_argument("--durable", help="the pull consumer's durable name (in routes)")
     r.add_argument("--batch", action="store_true", help="batch framing: many records per NATS message")
     r.add_argument("--max-batch", type=int, default=1000, help="records per round (at most 4000)")
+    r.add_argument("--ack-wait", type=float, default=30.0, help=(
+                   "in routes: seconds before JetStream delivers an unacknowledged message again"))
     c = p.add_argument_group("connection")
     c.add_argument("--server", action="append", help="a server URL; repeat for several")
     c.add_argument("--creds", help="a credentials file (JWT and NKey seed)")
@@ -79,7 +81,7 @@ def _routes_and_connection(args: argparse.Namespace) -> tuple[list[Route], Conne
         if not (args.direction and args.bus and args.subject):
             raise BridgeConfigError("give a direction, a bus and --subject (or --config FILE)")
         routes = [Route(args.direction, args.bus, args.subject, args.stream, args.durable, args.batch,
-                        args.max_batch)]  # fmt: skip
+                        args.max_batch, args.ack_wait)]  # fmt: skip
     flags = {
         "servers": tuple(args.server) if args.server else None, "creds": args.creds, "nkey_seed": args.nkey,
         "user": args.user, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,

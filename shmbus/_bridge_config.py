@@ -43,6 +43,10 @@ class Route:
         batch: batch framing, many records per NATS message (out routes;
             in routes read both forms).
         max_batch: the most records taken, published or fetched in one round.
+        ack_wait: in routes: seconds JetStream waits for the bridge's ack
+            before delivering a message again; what a killed bridge held
+            comes back after it. An existing durable consumer is updated
+            to it.
     """
 
     direction: str
@@ -52,6 +56,7 @@ class Route:
     durable: str | None = None
     batch: bool = False
     max_batch: int = 1000
+    ack_wait: float = 30.0
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -67,6 +72,8 @@ class Route:
                 raise BridgeConfigError(f"{what} name {value!r} may hold only letters, digits, '-' and '_'")
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise BridgeConfigError(f"max_batch must be from 1 to {MAX_BATCH}, not {self.max_batch}")
+        if not self.ack_wait > 0:
+            raise BridgeConfigError(f"ack_wait must be above 0 seconds, not {self.ack_wait}")
 
     @property
     def outbound(self) -> bool:
@@ -165,7 +172,7 @@ _CONNECTION_KEYS: Final = {
     "servers", "creds", "nkey_seed", "user", "password_file", "password_env", "tls_ca", "tls_cert",
     "tls_key", "connect_timeout", "reconnect_wait", "ack_timeout", "create_stream",
 }  # fmt: skip
-_ROUTE_KEYS: Final = {"direction", "bus", "subject", "stream", "durable", "batch", "max_batch"}
+_ROUTE_KEYS: Final = {"direction", "bus", "subject", "stream", "durable", "batch", "max_batch", "ack_wait"}
 
 
 def load_config(path: str) -> tuple[list[Route], dict[str, Any]]:

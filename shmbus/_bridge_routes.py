@@ -7,9 +7,10 @@ nothing until then: a bridge killed at any instant leaves every unacknowledged
 record in the local queue, under the same sequence number. Stream -> Queue or
 Topic acknowledges a JetStream message only after the local put or publish
 committed: a bridge killed in between delivers that fetch again (duplicates,
-at most one fetch per kill; never a loss). Topic -> stream publishes what
+at most one fetch per kill; never a loss). Topic -> stream subscribes from
+the sequence number after the last record the stream holds, publishes what
 the subscription reads and counts, in ``missed``, what the ring overwrote
-before it could.
+before it could (the subscription's ``lost``: while no bridge ran too).
 
 Each route has one thread of its own for the calls that may block on the
 bus (a Queue's consumer lock belongs to the thread that took it, so the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, TypeVar
@@ -29,8 +31,9 @@ from typing import Any, Callable, TypeVar
 from . import _bridge_wire as wire
 from ._bridge_config import Route
 from ._bridge_publish import Counters, OutRecord, Publisher
-from ._errors import Empty, Full
+from ._errors import Empty, Full, SequenceAhead
 from ._queue import Queue
+from ._subscription import Subscription
 from ._topic import Topic
 from ._zerocopy import RecordBatch
 
@@ -43,7 +46,6 @@ _WAIT_SLICE = 0.25  # seconds a blocking bus call waits before the loop checks f
 # recovery slice (0.25 s) spent empty-handed: a shorter wait, repeated, would never run it.
 _QUEUE_WAIT = 1.0
 _PROGRESS_EVERY = 5.0  # seconds between "still working" signals for fetched messages held by a full Queue
-_ACK_WAIT = 30.0  # seconds JetStream waits for an in-route's ack before redelivering
 
 
 class _Backoff:
@@ -165,32 +167,38 @@ class RouteRunner:
         try:
             bus_id = t.stats().bus_id
             pub = self._publisher(bus_id)
-            resume = await self._resume_point(bus_id)
-            sub = await self._call(t.subscribe, "earliest")
+            sub = await self._call(self._subscribe_topic, t, await self._resume_point(bus_id))
             self._lag = lambda: max(t.stats().put_count - sub.next_seq, 0)  # behind the Topic's newest
+            self.counters.missed = sub.lost  # what the ring overwrote since the stream's last record
             self.counters.state = "running"
             try:
-                await self._topic_loop(sub, pub, resume)
+                await self._topic_loop(sub, pub)
             finally:
                 await self._call(sub.close)
         finally:
             await self._call(t.close)
 
-    async def _topic_loop(self, sub: Any, pub: Publisher, expected: int | None) -> None:
+    def _subscribe_topic(self, t: Topic, resume: int | None) -> Subscription:
+        """In the route's thread: a subscription from ``resume`` (what the ring overwrote since: ``lost``)."""
+        if resume is None:
+            return t.subscribe("earliest")
+        try:
+            return t.subscribe(resume)
+        except SequenceAhead as e:  # the stream holds records of a bus with this id the ring never had
+            log.warning("%s: %s; starting at the oldest record the ring holds", self.route.name, e)
+            return t.subscribe("earliest")
+
+    async def _topic_loop(self, sub: Subscription, pub: Publisher) -> None:
         c = self.counters
         while not self._stopping.is_set():
             try:
                 got = await self._call(sub.get_records, self.route.max_batch, True, _WAIT_SLICE)
             except Empty:
-                continue
-            recs = [(r.seq, r.kind, bytes(r.data)) for r in got if expected is None or r.seq >= expected]
-            if not recs:
-                continue
-            if expected is None:
-                expected = recs[0][0]
-            # Sequence numbers the subscription skipped were overwritten before it read them.
-            c.missed += recs[-1][0] + 1 - expected - len(recs)
-            expected = recs[-1][0] + 1
+                got = []
+            # The subscription counts what the ring overwrote before it read it (and, from a
+            # resume point, what it overwrote while no bridge ran), exactly.
+            c.missed = sub.lost
+            recs = [(r.seq, r.kind, bytes(r.data)) for r in got]
             while recs and not self._stopping.is_set():
                 covered = await pub.publish(recs)
                 recs = [r for r in recs if r[0] >= covered]
@@ -236,6 +244,7 @@ class RouteRunner:
         """The route's pull subscription, retried while the server is away; None if a stop came first."""
         while not self._stopping.is_set():
             try:
+                await self._update_ack_wait()
                 return await self._js.pull_subscribe(
                     self.route.subject, durable=self.route.durable_name(), stream=self.stream,
                     config=self._consumer_config(),
@@ -246,12 +255,34 @@ class RouteRunner:
                 await self._backoff.pause(self._stopping)
         return None
 
+    async def _update_ack_wait(self) -> None:
+        """An existing durable consumer keeps its settings, but takes the route's ack wait.
+
+        (``pull_subscribe`` binds to an existing durable as it is: without this, a
+        changed ``ack_wait`` would be silently ignored. The ack wait is one of the
+        fields JetStream lets a consumer change.)
+        """
+        import nats.js.errors
+
+        durable = self.route.durable_name()
+        if not durable:
+            return
+        try:
+            info = await self._js.consumer_info(self.stream, durable)
+        except nats.js.errors.NotFoundError:
+            return  # pull_subscribe creates it with _consumer_config
+        if info.config.ack_wait != self.route.ack_wait:
+            config = dataclasses.replace(info.config, ack_wait=self.route.ack_wait)
+            await self._js.add_consumer(self.stream, config)
+            log.warning("%s: consumer %s: ack wait set to %g s (was %g s)", self.route.name, durable,
+                        self.route.ack_wait, info.config.ack_wait)  # fmt: skip
+
     def _consumer_config(self) -> Any:
         from nats.js import api
 
         durable = self.route.durable_name()
         return api.ConsumerConfig(
-            ack_policy=api.AckPolicy.EXPLICIT, ack_wait=_ACK_WAIT,
+            ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.route.ack_wait,
             max_ack_pending=max(4 * self.route.max_batch, 1000),
             deliver_policy=api.DeliverPolicy.ALL if durable else api.DeliverPolicy.NEW,
             inactive_threshold=None if durable else 60.0,
@@ -307,6 +338,8 @@ class RouteRunner:
     def _put_all(self, q: Queue, records: list[tuple[str, bytes]], progress: Callable[[], None]) -> bool:
         """In the route's thread: put every record, waiting for room; False if a stop came first."""
         last = time.monotonic()
+        # Well inside the ack wait: a message held here must not be delivered again meanwhile.
+        every = min(_PROGRESS_EVERY, self.route.ack_wait / 3)
         while records:
             try:
                 q.put_records(records, True, _QUEUE_WAIT)
@@ -315,7 +348,7 @@ class RouteRunner:
                 records = records[e.sent or 0 :]
             if self._stopping.is_set():
                 return False
-            if time.monotonic() - last > _PROGRESS_EVERY:
+            if time.monotonic() - last > every:
                 progress()
                 last = time.monotonic()
         return True
