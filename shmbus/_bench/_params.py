@@ -72,6 +72,9 @@ class Params:
     topic_messages: int
     topic_subscribers: tuple[int, ...]
     topic_capacity: str
+    bridge_messages: int
+    bridge_batch_messages: int
+    bridge_repeats: int
     scale_small: int
     scale_large: int
     scale_fallback: int
@@ -113,6 +116,11 @@ def params_for(quick: bool) -> Params:
         topic_messages=200_000,
         topic_subscribers=(0, 1, 3),
         topic_capacity="1MiB",
+        # One per message moves tens of thousands a second, batch framing hundreds of thousands:
+        # a few seconds each. Every bridge measurement starts two processes, so fewer repeats.
+        bridge_messages=100_000,
+        bridge_batch_messages=1_000_000,
+        bridge_repeats=1 if quick else 3,
         scale_small=MIB,
         scale_large=4 * GIB,
         scale_fallback=GIB,
@@ -141,6 +149,7 @@ ROW_LETTERS: dict[str, tuple[str, ...]] = {
     "mpmc": ("f",),
     "scale": ("h",),
     "topic": ("t",),
+    "bridge": ("n",),
 }
 
 
