@@ -134,7 +134,7 @@ def quick_caveat(p: Mapping[str, Any]) -> str | None:
         return None
     return (
         "quick run: the full run's messages, but each measurement taken once (the full run reports "
-        "the median of 5; 3 for (e) and (f)), so a disturbed run shows as it is; (e) measures "
+        "the median of 5; 3 for (e), (f) and (n)), so a disturbed run shows as it is; (e) measures "
         f"{len(p['sweep_sizes'])} of the full run's 11 sizes, (f) {len(p['mpmc_shapes'])} of its 9 shapes."
     )
 
