@@ -711,6 +711,7 @@ class _Consuming(_QueueBase):
             self._resync(fix_next=False)
             seq = h[Q_TAIL_SEQ]
         last = h[Q_NEXT_SEQ]
+        ro = ring.toreadonly()  # its slices are read-only too: one view per record, not two
         recs: list[Record] = []
         ends: list[int] = []
         sizes: list[int] = []
@@ -720,7 +721,7 @@ class _Consuming(_QueueBase):
             if rseq != seq or rseq >= last:
                 raise self._bad_seq(start, rseq, seq, last)
             a = start % cap + RECORD_SIZE
-            recs.append(Record(rseq, record_kind(kind), ring[a : a + n].toreadonly()))
+            recs.append(Record(rseq, record_kind(kind), ro[a : a + n]))
             nbytes += n
             ends.append(tail)
             sizes.append(nbytes)
