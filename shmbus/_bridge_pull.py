@@ -84,9 +84,14 @@ class Puller:
             self._asked -= 1
             self._arrived.set()
         elif status in _ENDS_REQUEST:
+            # No wake-up: a round without messages waits out its timeout, so a server that
+            # answers every request at once (a consumer deleted under us) is asked twice a second.
             left = headers.get(_PENDING_MSGS)
             self._asked = max(0, self._asked - int(left)) if left and left.isdigit() else 0
-            self._arrived.set()
+
+    def held(self) -> list[Any]:
+        """Messages delivered and not yet handed out (a caller that holds a round up keeps them alive)."""
+        return list(self._msgs)
 
     async def fetch(self, batch: int, timeout: float) -> list[Any]:
         """Up to about two ``batch`` of the messages delivered so far, waiting up to ``timeout`` for one.

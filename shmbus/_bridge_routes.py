@@ -281,7 +281,7 @@ class RouteRunner:
         redelivered = sum(1 for m in msgs if _redelivered(m))
         if isinstance(bus, Queue):
             loop = asyncio.get_running_loop()
-            done = await self._call(self._put_all, bus, records, lambda: self._progress(loop, msgs))
+            done = await self._call(self._put_all, bus, records, lambda: self._progress(loop, msgs, puller))
             if not done:  # stopping with the queue full: unacknowledged, so delivered again later
                 return
         else:
@@ -332,11 +332,15 @@ class RouteRunner:
                 last = time.monotonic()
         return True
 
-    def _progress(self, loop: asyncio.AbstractEventLoop, msgs: list[Any]) -> None:
-        """From the route's thread: tell JetStream the held messages are still being worked on."""
+    def _progress(self, loop: asyncio.AbstractEventLoop, msgs: list[Any], puller: Puller) -> None:
+        """From the route's thread: tell JetStream the held messages are still being worked on.
+
+        Those of this round, and those delivered since (requests run ahead of the rounds):
+        none of them may reach its ack wait while a full Queue holds the round up.
+        """
 
         async def tell() -> None:
-            for m in msgs:
+            for m in [*msgs, *puller.held()]:
                 await m.in_progress()
 
         asyncio.run_coroutine_threadsafe(tell(), loop)
