@@ -24,7 +24,8 @@ import logging
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import add, itemgetter
 from typing import Any, Union
 
 from . import _bridge_wire as wire
@@ -38,6 +39,7 @@ log = logging.getLogger("shmbus")
 # (sequence number, kind, stored bytes): a Queue's ``Record`` read in place (its views stay valid
 # until the batch is consumed, after the publish), or a copy.
 OutRecord = tuple[int, str, Union[bytes, memoryview]]
+_DATA = itemgetter(2)
 _FRAME_BYTES = 256 * 1024  # a frame's payload at most (below the server's max_payload too)
 _HEADER_ROOM = 512  # bytes kept for a message's headers under max_payload
 
@@ -78,7 +80,7 @@ class Publisher:
 
     def _plan(self, recs: Sequence[OutRecord]) -> list[wire.Outgoing]:
         """The messages that carry ``recs``: one each, or frames (aligned on unsettled ones)."""
-        sizes = [len(r[2]) for r in recs]
+        sizes = list(map(len, map(_DATA, recs)))  # (C-level maps: this runs per record)
         if max(sizes) > self._max_payload - _HEADER_ROOM:
             seq, size = next((r[0], n) for r, n in zip(recs, sizes) if n > self._max_payload - _HEADER_ROOM)
             raise BridgeError(
@@ -89,7 +91,7 @@ class Publisher:
             return [wire.single(self._bus_id, seq, kind, bytes(data)) for seq, kind, data in recs]
         # Where each record ends in a frame that would start at the first: a frame from
         # record i ends at the last record whose end is within _frame_bytes of record i's start.
-        ends = list(accumulate(n + wire.FRAME_OVERHEAD for n in sizes))
+        ends = list(accumulate(map(add, sizes, repeat(wire.FRAME_OVERHEAD, len(sizes)))))
         out: list[wire.Outgoing] = []
         i, start = 0, 0
         while i < len(recs):

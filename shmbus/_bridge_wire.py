@@ -35,6 +35,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from itertools import chain
+from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 from ._codec import is_msgpack
@@ -57,6 +58,7 @@ _REC: Final = struct.Struct("<IB")
 FRAME_OVERHEAD: Final = _REC.size  # bytes a frame adds to each record
 _CODES: Final = {"msgpack": REC_MSGPACK, "raw": REC_RAW, "ndarray": REC_NDARRAY}
 _NAMES: Final = {code: name for name, code in _CODES.items()}
+_KIND, _LAST = itemgetter(-2), itemgetter(-1)  # a record tuple's kind and bytes
 
 
 class WireError(ValueError):
@@ -100,9 +102,8 @@ def frame(bus_id: str, first: int, records: Sequence[Sequence[Any]]) -> Outgoing
     object: a ``Record`` read in place qualifies); the payload is made by
     one join, with no per-record copy before it.
     """
-    codes = _CODES
-    datas = [r[-1] for r in records]
-    heads = map(_REC.pack, map(len, datas), [codes[r[-2]] for r in records])
+    datas = list(map(_LAST, records))  # (C-level maps: this runs per record)
+    heads = map(_REC.pack, map(len, datas), map(_CODES.__getitem__, map(_KIND, records)))
     headers = {
         MSG_ID: msg_id(bus_id, first), BUS: bus_id, SEQ: str(first), FRAME: FRAME_VERSION,
         COUNT: str(len(records)),
