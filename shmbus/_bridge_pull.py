@@ -94,9 +94,10 @@ class Puller:
         return list(self._msgs)
 
     async def fetch(self, batch: int, timeout: float) -> list[Any]:
-        """Up to about two ``batch`` of the messages delivered so far, waiting up to ``timeout`` for one.
+        """Up to ``batch`` of the messages delivered so far, oldest first, waiting up to ``timeout`` for one.
 
-        Returns [] when none came in time.
+        Returns [] when none came in time. (At most ``batch``: a bridge killed
+        between its put and its acks has its guarantees stated per round.)
         """
         now = time.monotonic()
         if now > self._asked_until:  # every request expired: whatever was asked is not coming
@@ -109,7 +110,10 @@ class Puller:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
             except asyncio.TimeoutError:
                 return []
-        msgs, self._msgs = self._msgs, []
+        if len(self._msgs) <= batch:
+            msgs, self._msgs = self._msgs, []
+        else:
+            msgs, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return msgs
 
     async def _request(self, batch: int, timeout: float) -> None:
