@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import accumulate, repeat
+from operator import add, itemgetter
+from typing import Any, Union
 
 from . import _bridge_wire as wire
 from ._bridge_config import Route
@@ -32,7 +36,10 @@ __all__ = ["Publisher", "Counters", "OutRecord"]
 
 log = logging.getLogger("shmbus")
 
-OutRecord = tuple[int, str, bytes]  # (sequence number, kind, stored bytes)
+# (sequence number, kind, stored bytes): a Queue's ``Record`` read in place (its views stay valid
+# until the batch is consumed, after the publish), or a copy.
+OutRecord = tuple[int, str, Union[bytes, memoryview]]
+_DATA = itemgetter(2)
 _FRAME_BYTES = 256 * 1024  # a frame's payload at most (below the server's max_payload too)
 _HEADER_ROOM = 512  # bytes kept for a message's headers under max_payload
 
@@ -71,33 +78,33 @@ class Publisher:
         self._unsettled: dict[int, int] = {}  # frames sent, not acknowledged: first seq -> count
         self.skip_below = 0  # records below this are in the stream already (a longer stored frame)
 
-    def _plan(self, recs: list[OutRecord]) -> list[wire.Outgoing]:
+    def _plan(self, recs: Sequence[OutRecord]) -> list[wire.Outgoing]:
         """The messages that carry ``recs``: one each, or frames (aligned on unsettled ones)."""
-        for seq, _kind, data in recs:
-            if len(data) > self._max_payload - _HEADER_ROOM:
-                raise BridgeError(
-                    f"record {seq} of {self._bus_id} is {len(data)} bytes: above the server's "
-                    f"max_payload ({self._max_payload}); raise it in the server's config"
-                )
+        sizes = list(map(len, map(_DATA, recs)))  # (C-level maps: this runs per record)
+        if max(sizes) > self._max_payload - _HEADER_ROOM:
+            seq, size = next((r[0], n) for r, n in zip(recs, sizes) if n > self._max_payload - _HEADER_ROOM)
+            raise BridgeError(
+                f"record {seq} of {self._bus_id} is {size} bytes: above the server's "
+                f"max_payload ({self._max_payload}); raise it in the server's config"
+            )
         if not self._framing:
-            return [wire.single(self._bus_id, seq, kind, data) for seq, kind, data in recs]
+            return [wire.single(self._bus_id, seq, kind, bytes(data)) for seq, kind, data in recs]
+        # Where each record ends in a frame that would start at the first: a frame from
+        # record i ends at the last record whose end is within _frame_bytes of record i's start.
+        ends = list(accumulate(map(add, sizes, repeat(wire.FRAME_OVERHEAD, len(sizes)))))
         out: list[wire.Outgoing] = []
-        i = 0
+        i, start = 0, 0
         while i < len(recs):
-            first = recs[i][0]
-            want = self._unsettled.get(first, 0)
-            j, size, limit = i, 0, self._frame_bytes
-            while j < len(recs):
-                step = len(recs[j][2]) + wire.FRAME_OVERHEAD
-                if (j - i >= want) if want else (j > i and size + step > limit):
-                    break
-                size += step
-                j += 1
-            out.append(wire.frame(self._bus_id, first, [(k, d) for _s, k, d in recs[i:j]]))
-            i = j
+            want = self._unsettled.get(recs[i][0], 0)
+            if want:
+                j = min(i + want, len(recs))
+            else:
+                j = max(bisect_right(ends, start + self._frame_bytes, i), i + 1)
+            out.append(wire.frame(self._bus_id, recs[i][0], recs[i:j]))
+            i, start = j, ends[j - 1]
         return out
 
-    async def publish(self, recs: list[OutRecord]) -> int:
+    async def publish(self, recs: Sequence[OutRecord]) -> int:
         """Publish ``recs`` (consecutive sequence numbers); return the first one the stream may lack.
 
         Returns ``recs[-1][0] + 1`` (or more) when every record is stored.
@@ -138,7 +145,7 @@ class Publisher:
         self._settle(outs, futures)
         return covered
 
-    def _covered(self, recs: list[OutRecord], covered: int, end: int) -> int:
+    def _covered(self, recs: Sequence[OutRecord], covered: int, end: int) -> int:
         """Advance what the stream holds to ``end``; past the batch, remember it in ``skip_below``."""
         self._counters.moved += max(0, min(end, recs[-1][0] + 1) - covered)
         if end > recs[-1][0] + 1:
@@ -155,7 +162,7 @@ class Publisher:
                 # 3x slower). The window never fills: a round is at most MAX_BATCH messages
                 # (_bridge_config) and its unanswered acks are cancelled at its end.
                 fut = await self._js.publish_async(
-                    self._subject, out.payload, stream=self._stream, headers=dict(out.headers)
+                    self._subject, out.payload, stream=self._stream, headers=out.headers
                 )
             except Exception as e:  # not connected, a full reconnect buffer, stalled acks: next round
                 self._counters.last_error = f"publish: {e!r}"

@@ -31,6 +31,7 @@ from typing import Any, Callable, TypeVar
 from . import _bridge_wire as wire
 from ._bridge_config import Route
 from ._bridge_publish import Counters, OutRecord, Publisher
+from ._bridge_pull import Puller
 from ._errors import Empty, Full, SequenceAhead
 from ._queue import Queue
 from ._subscription import Subscription
@@ -137,12 +138,16 @@ class RouteRunner:
             await self._call(q.close)
 
     def _take(self, q: Queue) -> tuple[RecordBatch, list[OutRecord]] | None:
-        """In the route's thread: the oldest records, copied (publishing needs bytes), not consumed."""
+        """In the route's thread: the oldest records, in place and not consumed.
+
+        Their views stay valid until the batch is consumed, after the publish:
+        frames are joined from them directly, single messages copy each one.
+        """
         try:
             batch = q.get_records(self.route.max_batch, True, _QUEUE_WAIT)
         except Empty:
             return None
-        return batch, [(r.seq, r.kind, bytes(r.data)) for r in batch]
+        return batch, list(batch.records)
 
     async def _forward(self, pub: Publisher, batch: RecordBatch, recs: list[OutRecord]) -> None:
         """Publish a batch and consume exactly what the stream holds; a short round backs off."""
@@ -232,23 +237,28 @@ class RouteRunner:
         try:
             if isinstance(bus, Queue):
                 self._lag = bus.qsize
-            psub = await self._subscribe()
+            puller = await self._subscribe()
             self.counters.state = "running"
-            while psub is not None and not self._stopping.is_set():
-                await self._fetch_round(psub, bus)
+            try:
+                while puller is not None and not self._stopping.is_set():
+                    await self._fetch_round(puller, bus)
+            finally:
+                if puller is not None:
+                    with contextlib.suppress(Exception):  # a connection already gone
+                        await puller.stop()
         finally:
             self._lag = lambda: -1
             await self._call(bus.close)
 
-    async def _subscribe(self) -> Any:
-        """The route's pull subscription, retried while the server is away; None if a stop came first."""
+    async def _subscribe(self) -> Puller | None:
+        """The route's pull consumer, retried while the server is away; None if a stop came first."""
         while not self._stopping.is_set():
             try:
                 await self._update_ack_wait()
-                return await self._js.pull_subscribe(
-                    self.route.subject, durable=self.route.durable_name(), stream=self.stream,
-                    config=self._consumer_config(),
-                )  # fmt: skip
+                r, config = self.route, self._consumer_config()
+                puller = Puller(self._nc, self._js, self.stream, r.subject, r.durable_name(), config)
+                await puller.start()
+                return puller
             except Exception as e:  # not connected, or a JetStream API timeout: try again
                 self.counters.last_error = f"subscribe: {e!r}"
                 self.counters.state = "retrying"
@@ -258,7 +268,7 @@ class RouteRunner:
     async def _update_ack_wait(self) -> None:
         """An existing durable consumer keeps its settings, but takes the route's ack wait.
 
-        (``pull_subscribe`` binds to an existing durable as it is: without this, a
+        (Binding to an existing durable takes it as it is: without this, a
         changed ``ack_wait`` would be silently ignored. The ack wait is one of the
         fields JetStream lets a consumer change.)
         """
@@ -270,7 +280,7 @@ class RouteRunner:
         try:
             info = await self._js.consumer_info(self.stream, durable)
         except nats.js.errors.NotFoundError:
-            return  # pull_subscribe creates it with _consumer_config
+            return  # the Puller creates it with _consumer_config
         if info.config.ack_wait != self.route.ack_wait:
             config = dataclasses.replace(info.config, ack_wait=self.route.ack_wait)
             await self._js.add_consumer(self.stream, config)
@@ -288,13 +298,11 @@ class RouteRunner:
             inactive_threshold=None if durable else 60.0,
         )  # fmt: skip
 
-    async def _fetch_round(self, psub: Any, bus: Queue | Topic) -> None:
-        import nats.errors
-
+    async def _fetch_round(self, puller: Puller, bus: Queue | Topic) -> None:
         try:
-            msgs = await psub.fetch(self.route.max_batch, timeout=_WAIT_SLICE * 2)
-        except nats.errors.TimeoutError:
-            return
+            msgs = await puller.fetch(self.route.max_batch, _WAIT_SLICE * 2)
+            if not msgs:
+                return
         except Exception as e:  # the server went away, say: the fetch is retried after a pause
             self.counters.last_error = f"fetch: {e!r}"
             self.counters.retries += 1
@@ -303,10 +311,10 @@ class RouteRunner:
             return
         self._pending = msgs[-1].metadata.num_pending
         records = [rec for m in msgs for rec in self._records_of(m)]
-        redelivered = sum(1 for m in msgs if m.metadata.num_delivered > 1)
+        redelivered = sum(1 for m in msgs if _redelivered(m))
         if isinstance(bus, Queue):
             loop = asyncio.get_running_loop()
-            done = await self._call(self._put_all, bus, records, lambda: self._progress(loop, msgs))
+            done = await self._call(self._put_all, bus, records, lambda: self._progress(loop, msgs, puller))
             if not done:  # stopping with the queue full: unacknowledged, so delivered again later
                 return
         else:
@@ -320,22 +328,28 @@ class RouteRunner:
         c.state = "running"
         self._backoff.reset()
 
-    def _records_of(self, m: Any) -> list[tuple[str, bytes]]:
+    def _records_of(self, m: Any) -> list[tuple[str, bytes | memoryview]]:
         """A fetched message's records; one not msgpack or a broken frame is kept raw, logged and counted."""
         c = self.counters
-        where = f"{self.route.name}: stream message {m.metadata.sequence.stream}"
+        headers = m.headers
         try:
-            got = wire.records_of(m.data, m.headers)
+            if headers and headers.get(wire.FRAME) == wire.FRAME_VERSION:  # the common case, first
+                return wire.frame_records(m.data, wire.frame_count(headers))  # type: ignore[return-value]
+            got = wire.records_of(m.data, headers)
         except wire.WireError as e:
             c.bad_frames += 1
-            log.warning("%s: %s; kept whole as raw bytes", where, e)
+            log.warning("%s: %s; kept whole as raw bytes", self._where(m), e)
             return [("raw", m.data)]
         if got[0].not_msgpack:
             c.not_msgpack += 1
-            log.warning("%s is not msgpack; put as raw bytes (get returns bytes)", where)
+            log.warning("%s is not msgpack; put as raw bytes (get returns bytes)", self._where(m))
         return [(x.kind, x.data) for x in got]
 
-    def _put_all(self, q: Queue, records: list[tuple[str, bytes]], progress: Callable[[], None]) -> bool:
+    def _where(self, m: Any) -> str:
+        return f"{self.route.name}: stream message {m.metadata.sequence.stream}"
+
+    def _put_all(self, q: Queue, records: list[tuple[str, bytes | memoryview]],
+                 progress: Callable[[], None]) -> bool:  # fmt: skip
         """In the route's thread: put every record, waiting for room; False if a stop came first."""
         last = time.monotonic()
         # Well inside the ack wait: a message held here must not be delivered again meanwhile.
@@ -353,11 +367,30 @@ class RouteRunner:
                 last = time.monotonic()
         return True
 
-    def _progress(self, loop: asyncio.AbstractEventLoop, msgs: list[Any]) -> None:
-        """From the route's thread: tell JetStream the held messages are still being worked on."""
+    def _progress(self, loop: asyncio.AbstractEventLoop, msgs: list[Any], puller: Puller) -> None:
+        """From the route's thread: tell JetStream the held messages are still being worked on.
+
+        Those of this round, and those delivered since (requests run ahead of the rounds):
+        none of them may reach its ack wait while a full Queue holds the round up.
+        """
 
         async def tell() -> None:
-            for m in msgs:
+            for m in [*msgs, *puller.held()]:
                 await m.in_progress()
 
         asyncio.run_coroutine_threadsafe(tell(), loop)
+
+
+def _redelivered(m: Any) -> bool:
+    """True if JetStream delivered ``m`` before: its ack subject's delivery count is above 1.
+
+    Read from the subject's tokens, without the client's full metadata parse
+    (a dataclass per message): ``$JS.ACK.<stream>.<consumer>.<delivered>...``
+    (9 tokens), or with a domain and an account hash before the stream (12 or more).
+    """
+    tokens = (m.reply or "").split(".")
+    if len(tokens) == 9:
+        return tokens[4] != "1"
+    if len(tokens) >= 12:
+        return tokens[6] != "1"
+    return bool(m.metadata.num_delivered > 1)

@@ -33,14 +33,17 @@ stored one held (``frame_count``), which ``_bridge_routes`` does.
 from __future__ import annotations
 
 import struct
-from typing import Final, NamedTuple
+from collections.abc import Sequence
+from itertools import chain
+from operator import itemgetter
+from typing import Any, Final, NamedTuple
 
 from ._codec import is_msgpack
 from ._format import REC_MSGPACK, REC_NDARRAY, REC_RAW
 
 __all__ = [
     "MSG_ID", "BUS", "SEQ", "KIND", "COUNT", "FRAME", "FRAME_VERSION", "FRAME_OVERHEAD", "Outgoing",
-    "Incoming", "msg_id", "single", "frame", "frame_count", "records_of", "WireError",
+    "Incoming", "msg_id", "single", "frame", "frame_count", "frame_records", "records_of", "WireError",
 ]  # fmt: skip
 
 MSG_ID: Final = "Nats-Msg-Id"
@@ -55,6 +58,7 @@ _REC: Final = struct.Struct("<IB")
 FRAME_OVERHEAD: Final = _REC.size  # bytes a frame adds to each record
 _CODES: Final = {"msgpack": REC_MSGPACK, "raw": REC_RAW, "ndarray": REC_NDARRAY}
 _NAMES: Final = {code: name for name, code in _CODES.items()}
+_KIND, _LAST = itemgetter(-2), itemgetter(-1)  # a record tuple's kind and bytes
 
 
 class WireError(ValueError):
@@ -74,7 +78,7 @@ class Incoming(NamedTuple):
     """One record read from a NATS message: its kind, bytes, and whether msgpack was expected but absent."""
 
     kind: str
-    data: bytes
+    data: bytes | memoryview
     not_msgpack: bool
 
 
@@ -91,19 +95,20 @@ def single(bus_id: str, seq: int, kind: str, data: bytes) -> Outgoing:
     return Outgoing(seq, 1, data, headers)
 
 
-def frame(bus_id: str, first: int, records: list[tuple[str, bytes]]) -> Outgoing:
-    """Records ``first``, ``first + 1``... as one framed message (see the module's docstring)."""
-    pack = _REC.pack
-    codes = _CODES
-    parts: list[bytes] = []
-    for kind, data in records:
-        parts.append(pack(len(data), codes[kind]))
-        parts.append(data)
+def frame(bus_id: str, first: int, records: Sequence[Sequence[Any]]) -> Outgoing:
+    """Records ``first``, ``first + 1``... as one framed message (see the module's docstring).
+
+    Each record is a tuple ending with its kind and its bytes (a bytes-like
+    object: a ``Record`` read in place qualifies); the payload is made by
+    one join, with no per-record copy before it.
+    """
+    datas = list(map(_LAST, records))  # (C-level maps: this runs per record)
+    heads = map(_REC.pack, map(len, datas), map(_CODES.__getitem__, map(_KIND, records)))
     headers = {
         MSG_ID: msg_id(bus_id, first), BUS: bus_id, SEQ: str(first), FRAME: FRAME_VERSION,
         COUNT: str(len(records)),
     }  # fmt: skip
-    return Outgoing(first, len(records), b"".join(parts), headers)
+    return Outgoing(first, len(records), b"".join(chain.from_iterable(zip(heads, datas))), headers)
 
 
 def frame_count(headers: dict[str, str] | None) -> int:
@@ -130,24 +135,32 @@ def records_of(data: bytes, headers: dict[str, str] | None) -> list[Incoming]:
         return [Incoming(kind, data, False)]
     if headers[FRAME] != FRAME_VERSION:
         raise WireError(f"frame version {headers[FRAME]!r} is not one this bridge reads ({FRAME_VERSION})")
-    return _unframe(data, frame_count(headers))
+    return [Incoming(kind, rec, False) for kind, rec in frame_records(data, frame_count(headers))]
 
 
-def _unframe(data: bytes, count: int) -> list[Incoming]:
-    out: list[Incoming] = []
-    view = memoryview(data)
+def frame_records(data: bytes, count: int) -> list[tuple[str, bytes]]:
+    """A frame's records as ``(kind, bytes)`` pairs, for ``put_records``; ``WireError`` if broken.
+
+    Slices of ``data`` (bytes): for records of a frame's size, a small copy costs less
+    than a memoryview, and ``put_records`` takes bytes without a cast.
+    """
+    out: list[tuple[str, bytes]] = []
+    append = out.append
+    view = bytes(data)  # (a no-op for bytes)
     pos, end = 0, len(data)
     unpack = _REC.unpack_from
-    while pos < end:
-        if pos + FRAME_OVERHEAD > end:
-            raise WireError(f"a frame ends inside a record header at byte {pos}")
-        n, code = unpack(view, pos)
-        pos += FRAME_OVERHEAD
-        if pos + n > end or code not in _NAMES:
-            at = pos - FRAME_OVERHEAD
-            raise WireError(f"a frame's record at byte {at} is cut short or of unknown kind {code}")
-        out.append(Incoming(_NAMES[code], bytes(view[pos : pos + n]), False))
-        pos += n
+    names = _NAMES
+    try:
+        while pos < end:
+            n, code = unpack(view, pos)
+            pos += FRAME_OVERHEAD
+            append((names[code], view[pos : pos + n]))
+            pos += n
+    except (struct.error, KeyError):
+        at = pos - FRAME_OVERHEAD
+        raise WireError(f"a frame's record at byte {at} is cut short or of unknown kind") from None
+    if pos != end:  # the last record's length ran past the end
+        raise WireError(f"a frame's last record is cut short ({pos - end} bytes missing)")
     if len(out) != count:
         raise WireError(f"a frame holds {len(out)} records, its {COUNT} header says {count}")
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import accumulate
 from typing import Any, Callable
 
 from . import _accel, _faults, _ring
@@ -681,7 +682,8 @@ class _Consuming(_QueueBase):
         if not items.try_acquire() and (not block or not items.spin_acquire(deadline, self.spin, self._heal)):
             raise Empty(f"{self.path} is empty", path=self.path)
         k = 1
-        while k < max_records and items.try_acquire():
+        more = items.try_acquire  # (bound once: one call per record taken)
+        while k < max_records and more():
             k += 1
         tokens = self._part_tokens()
         h[tokens] = k
@@ -714,21 +716,26 @@ class _Consuming(_QueueBase):
         _ring.check_positions(head, tail, cap)
         seq = self._tail_seq(tail, head)
         last = h[Q_NEXT_SEQ]
+        ro = ring.toreadonly()  # its slices are read-only too: one view per record, not two
         recs: list[Record] = []
         ends: list[int] = []
-        sizes: list[int] = []
-        nbytes = 0
-        while len(recs) < k and tail != head:
-            start, kind, rseq, n, tail = _ring.read(ring, cap, tail, head)
+        lens: list[int] = []
+        # (Locals bound once, and the tuple made without NamedTuple's Python-level __new__:
+        # this loop runs per record, and the bridge takes thousands per call.)
+        read, kind_of, new, add, add_end, add_len = _ring.read, record_kind, tuple.__new__, recs.append, \
+            ends.append, lens.append  # fmt: skip
+        for _ in range(k):
+            if tail == head:
+                break
+            start, kind, rseq, n, tail = read(ring, cap, tail, head)
             if rseq != seq or rseq >= last:
                 raise self._bad_seq(start, rseq, seq, last)
             a = start % cap + RECORD_SIZE
-            recs.append(Record(rseq, record_kind(kind), ring[a : a + n].toreadonly()))
-            nbytes += n
-            ends.append(tail)
-            sizes.append(nbytes)
+            add(new(Record, (rseq, kind_of(kind), ro[a : a + n])))
+            add_end(tail)
+            add_len(n)
             seq += 1
-        return recs, ends, sizes
+        return recs, ends, list(accumulate(lens))
 
     def _records_finish(
         self, recs: list[Record], ends: list[int], sizes: list[int], tokens: int

@@ -84,6 +84,14 @@ def _js(url: str, fn: Any) -> Any:
     return asyncio.run(go())
 
 
+async def _waiting(js: Any, stream: str, durable: str) -> int:
+    """The pull requests waiting on a consumer (0 while it does not exist yet)."""
+    try:
+        return int((await js.consumer_info(stream, durable)).num_waiting or 0)
+    except nats.js.errors.NotFoundError:
+        return 0
+
+
 def _add_stream(url: str, name: str, subject: str) -> None:
     async def add(js: Any) -> None:
         await js.add_stream(name=name, subjects=[subject], duplicate_window=120.0)
@@ -187,17 +195,15 @@ def test_queue_to_queue_across_hosts_exactly_once_in_order(
         got = _drain(qb, n)
         took = time.monotonic() - t0
         procs.join_all()
-        # Host B may hold the last round before host A's bridge consumed it (after the ack).
-        deadline = time.monotonic() + MOVE_WAIT
-        while qa.qsize():
-            assert time.monotonic() < deadline, f"{qa.qsize()} records stay in host A's queue"
-            time.sleep(0.01)  # polls the queue's state (an observable), with a deadline
         with pytest.raises(shmbus.Empty):
             qb.get(timeout=0.5)
     finally:
         rc_out, _o, err_out = _stop(out)
         rc_in, status_in, err_in = _stop(inb)
     assert rc_out == 0 and rc_in == 0, (err_out, err_in)
+    # Checked once the out-bridge stopped, its last round settled: it consumes a round only
+    # after JetStream's acks, which may come after host B already holds the messages.
+    assert qa.qsize() == 0
     for p in range(2):
         assert [m["i"] for m in got if m["p"] == p] == list(range(n // 2))
     if batch:  # (a few hundred frames: cheap to read back)
@@ -224,6 +230,12 @@ def test_three_in_bridges_on_one_durable_share_the_work(nats_server: Any, tmp_pa
                                    "workers", "--max-batch", "50", "--server", nats_server.url))  # fmt: skip
 
         async def publish(js: Any) -> None:
+            # Once all three pull (a pull request of each waiting on the consumer): the first
+            # bridge up would otherwise take all the work before the others have started.
+            deadline = time.monotonic() + MOVE_WAIT
+            while await _waiting(js, "WORK", "workers") < 3:
+                assert time.monotonic() < deadline, "the three bridges never all pulled"
+                await asyncio.sleep(0.02)  # polls the consumer's state (an observable), with a deadline
             futs = [await js.publish_async("work.in", shmbus_msgpack({"i": i})) for i in range(n)]
             await asyncio.gather(*futs)
 

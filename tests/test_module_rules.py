@@ -61,7 +61,7 @@ LAYERS: list[set[str]] = [
     {"_producer", "_consumer"},
     {"_queue", "_topic", "_subscription", "_last"},
     {"_mpqueues", "_check", "_admin", "_live", "_lines", "_doctor", "_scrape", "_advice", "_bridge_errors",
-     "_bridge_config", "_bridge_wire", "_bridge_publish", "_bridge_routes", "_bridge_status"},
+     "_bridge_config", "_bridge_wire", "_bridge_publish", "_bridge_pull", "_bridge_routes", "_bridge_status"},
     {"_cli", "__init__", "__main__", "_export", "metrics", "bridge", "_bridge_cli"},
 ]
 

@@ -81,6 +81,17 @@ What is measured
     about 16 000 of these messages, so the run laps it many times: eviction
     (the steady state of a long-lived topic) is included, and a subscriber
     that falls a ring behind loses messages, as it would in use.
+(n) ``bridge``: ``shmbus bridge`` end to end, Queue to Queue: the row starts
+    its own nats-server (JetStream, file store) and, per measurement, two
+    Queues ("hosts" A and B), a stream, and two ``shmbus bridge`` processes
+    (``queue-to-stream`` from A, ``stream-to-queue`` into B); a producer
+    ``put_many``s small dicts on A, a consumer ``get_many``s them on B and
+    checks every ``seq``. One record per NATS message, then batch framing;
+    beside them, in the same run, the plain nats-py pair
+    (``_natspair.measure_nats_pair``: pipelined publishes, a pull consumer
+    acking each message) with as many messages. CPU: the two bridge
+    processes (``/proc/<pid>/stat`` around the timed run) and, apart, the
+    nats-server's. Without ``nats-server`` on PATH or nats-py: "not installed".
 
 ``--quick`` measures the same things as the full run: every count is the
 full run's (runs a tenth as long measured other figures: 200 x 1 MiB

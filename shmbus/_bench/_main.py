@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         metavar="NAMES",
-        help="comma-separated subset: " + ",".join(ROW_LETTERS) + " (or their letters a-h, t)",
+        help="comma-separated subset: " + ",".join(ROW_LETTERS) + " (or their letters a-h, t, n)",
     )
     return parser
 

@@ -31,7 +31,7 @@ import msgpack
 from ._params import BARRIER_TIMEOUT_S, MEASUREMENT_TIMEOUT_S, BenchError
 from ._roles import now_ns
 
-__all__ = ["measure_nats_pair"]
+__all__ = ["measure_nats_pair", "jetstream_stream"]
 
 _FETCH = 256  # messages one pull asks for
 
@@ -125,6 +125,11 @@ async def _stream(url: str, name: str, subject: str, create: bool) -> None:
         await nc.close()
 
 
+def jetstream_stream(url: str, name: str, subject: str, create: bool) -> None:
+    """Create (``create``) or delete a measurement's own stream ``name`` holding ``subject``."""
+    asyncio.run(_stream(url, name, subject, create))
+
+
 def measure_nats_pair(url: str, n: int, window: int = 4096) -> dict[str, Any]:
     """Move ``n`` msgpack payloads through a fresh JetStream stream at ``url`` with plain nats-py.
 
@@ -140,13 +145,13 @@ def measure_nats_pair(url: str, n: int, window: int = 4096) -> dict[str, Any]:
     """
     tag = uuid.uuid4().hex[:12]
     stream, subject = f"PAIR_{tag}", f"pair.{tag}"
-    asyncio.run(_stream(url, stream, subject, True))
+    jetstream_stream(url, stream, subject, True)
     try:
         reports = _run_pair(
             {"publisher": (url, subject, _payloads(n), window), "consumer": (url, stream, subject, n)}
         )
     finally:
-        asyncio.run(_stream(url, stream, subject, False))
+        jetstream_stream(url, stream, subject, False)
     ends = reports.values()
     seconds = (max(r["t_end_ns"] for r in ends) - min(r["t_start_ns"] for r in ends)) / 1e9
     cpu = {role: r["cpu_s"] for role, r in reports.items()}

@@ -72,6 +72,9 @@ class Params:
     topic_messages: int
     topic_subscribers: tuple[int, ...]
     topic_capacity: str
+    bridge_messages: int
+    bridge_batch_messages: int
+    bridge_repeats: int
     scale_small: int
     scale_large: int
     scale_fallback: int
@@ -113,6 +116,11 @@ def params_for(quick: bool) -> Params:
         topic_messages=200_000,
         topic_subscribers=(0, 1, 3),
         topic_capacity="1MiB",
+        # One per message moves tens of thousands a second, batch framing hundreds of thousands:
+        # a few seconds each. Every bridge measurement starts two processes, so fewer repeats.
+        bridge_messages=100_000,
+        bridge_batch_messages=1_000_000,
+        bridge_repeats=1 if quick else 3,
         scale_small=MIB,
         scale_large=4 * GIB,
         scale_fallback=GIB,
@@ -126,7 +134,7 @@ def quick_caveat(p: Mapping[str, Any]) -> str | None:
         return None
     return (
         "quick run: the full run's messages, but each measurement taken once (the full run reports "
-        "the median of 5; 3 for (e) and (f)), so a disturbed run shows as it is; (e) measures "
+        "the median of 5; 3 for (e), (f) and (n)), so a disturbed run shows as it is; (e) measures "
         f"{len(p['sweep_sizes'])} of the full run's 11 sizes, (f) {len(p['mpmc_shapes'])} of its 9 shapes."
     )
 
@@ -141,6 +149,7 @@ ROW_LETTERS: dict[str, tuple[str, ...]] = {
     "mpmc": ("f",),
     "scale": ("h",),
     "topic": ("t",),
+    "bridge": ("n",),
 }
 
 

@@ -152,6 +152,27 @@ def _topic_table(b: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _bridge_table(b: Mapping[str, Any]) -> list[str]:
+    header = [f"({b['letter']}) {b['title']}", "msg/s", "runs: min-max", "% of nats-py",
+              "CPU us/msg: bridges (out / in)", "nats-server CPU us/msg"]  # fmt: skip
+    rows = [header]
+    for v in b["variants"].values():
+        if not v["available"]:
+            rows.append([v["label"], v["note"], *([""] * (len(header) - 2))])
+            continue
+        lo, hi = v["range"]["value"]
+        pct = v.get("pct_of_nats_py")
+        split = f" ({v['out_cpu_us_per_msg']:.2f} / {v['in_cpu_us_per_msg']:.2f})" if pct is not None else ""
+        server = v.get("server_cpu_us_per_msg")
+        rows.append([
+            v["label"], _num(v["value"]), f"{_num(lo)}-{_num(hi)}", "" if pct is None else f"{pct:.0f}%",
+            f"{v['cpu_us_per_msg']:.2f}{split}", "" if server is None else f"{server:.2f}",
+        ])  # fmt: skip
+    out = _render(rows)
+    out.append("(the baseline's CPU column is its publisher and consumer, nats-py both)")
+    return out
+
+
 def _scale_table(b: Mapping[str, Any]) -> list[str]:
     rows = [[f"({b['letter']}) {b['title']}", "value", "note"]]
     for c in b["create_open"].values():
@@ -238,6 +259,8 @@ def format_table(results: dict[str, Any]) -> str:
             text += _mpmc_table(b[key])
         elif key == "topic":
             text += _topic_table(b[key])
+        elif key == "bridge":
+            text += _bridge_table(b[key])
         else:
             text += _scale_table(b[key])
     text += ["", *_targets_table(results["targets"]), "", *_NOTES]

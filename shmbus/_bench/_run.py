@@ -16,6 +16,7 @@ from importlib import metadata
 from typing import Any, Callable
 
 from .. import __version__, _accel
+from ._bridgerow import bridge_steps, run_bridge
 from ._measure import Progress
 from ._pairs import PAIR_ROWS, pair_steps, run_pair_row
 from ._params import OPTIONAL, ROW_LETTERS, Params, params_for
@@ -52,6 +53,8 @@ def _steps(keys: Sequence[str], params: Params, missing: Mapping[str, str]) -> i
         n += 3 * params.repeats
     if "topic" in keys:
         n += topic_steps(params)
+    if "bridge" in keys:
+        n += bridge_steps(params)
     return n
 
 
@@ -88,6 +91,7 @@ def run(
         mpmc=functools.partial(run_mpmc, params, ctx, prog),
         scale=functools.partial(run_scale, params, ctx, prog),
         topic=functools.partial(run_topic, params, ctx, prog),
+        bridge=functools.partial(run_bridge, params, ctx, prog),
     )
     for key in keys:
         out["benchmarks"][key] = runners[key]()

@@ -146,11 +146,17 @@ TARGETS: tuple[tuple[str, str, Figure, str, float], ...] = (
      _topic("pingpong", "p50_us"), "<=", 5),
     ("Topic round-trip latency, spinning", "(t) Topic ping-pong, default spin: p99 <= 20 us",
      _topic("pingpong", "p99_us"), "<=", 20),
+    ("bridge end to end, one record per NATS message: rate",
+     "(n) bridge one per message >= 80% of the plain nats-py pair",
+     _figure("bridge", "variants", "single", "pct_of_nats_py"), ">=", 80),
+    ("bridge end to end, batch framing: rate", "(n) bridge batch framing >= 500,000 small msg/s",
+     _figure("bridge", "variants", "batch", "value"), ">=", 500_000),
 )  # fmt: skip
 
 # The row each target's figure comes from, by the letter in its text.
 _ROW_OF_LETTER = {
     "a": "single", "b": "batch", "c": "bytes", "d": "pingpong", "e": "sizes", "h": "scale", "t": "topic",
+    "n": "bridge",
 }  # fmt: skip
 
 
