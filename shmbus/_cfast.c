@@ -435,24 +435,30 @@ static int plain_type(PyObject *o) {
  * depth: msgspec also encodes types msgpack refuses (datetime, UUID, set, Enum,
  * dataclasses...) and reads an ExtType (a tuple subclass) as an array, so only
  * these exact types are handed to it. tests/test_codec.py checks the bytes. */
-static int plain_tree(PyObject *o, int depth) {
+static inline int plain_leaf(PyObject *o) {
     PyTypeObject *t = Py_TYPE(o);
-    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None ||
-        t == &PyBytes_Type)
-        return 1;
+    return t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None ||
+           t == &PyBytes_Type;
+}
+
+/* (A leaf is tested inline, before a call: most of a small message's objects are leaves.) */
+static int plain_tree(PyObject *o, int depth) {
+    if (plain_leaf(o)) return 1;
     if (depth <= 0) return 0;
+    PyTypeObject *t = Py_TYPE(o);
     if (t == &PyDict_Type) {
         Py_ssize_t pos = 0;
         PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v))
-            if (!plain_tree(k, depth - 1) || !plain_tree(v, depth - 1)) return 0;
+            if ((!plain_leaf(k) && !plain_tree(k, depth - 1)) || (!plain_leaf(v) && !plain_tree(v, depth - 1)))
+                return 0;
         return 1;
     }
     if (t == &PyList_Type || t == &PyTuple_Type) {
         PyObject **items = PySequence_Fast_ITEMS(o);
         Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
         for (Py_ssize_t i = 0; i < n; i++)
-            if (!plain_tree(items[i], depth - 1)) return 0;
+            if (!plain_leaf(items[i]) && !plain_tree(items[i], depth - 1)) return 0;
         return 1;
     }
     return 0;
@@ -559,52 +565,71 @@ static PyObject *fq_encode_many(FastQueue *q, PyObject *objs) {
     return out;
 }
 
+/* What msgpack_span needs of each type byte: bytes of data that follow it (skip), bytes of
+ * a length or count that follow it (lb: the length is data to skip, or times mul objects
+ * to read), and objects it holds by itself (add: a fixmap's or fixarray's). */
+typedef struct {
+    uint8_t skip, lb, mul, add, bad;
+} SpanStep;
+
+static SpanStep span_steps[256];
+
+/* Fill span_steps (at import): the msgpack spec's type bytes. */
+static void span_steps_init(void) {
+    for (int c = 0; c < 256; c++) {
+        SpanStep s = {0};
+        if (c <= 0x7F || c >= 0xE0 || c == 0xC0 || c == 0xC2 || c == 0xC3)
+            ; /* fixints, nil, false, true: the byte alone */
+        else if (c <= 0x8F)
+            s.add = (uint8_t)(2 * (c & 0x0F));
+        else if (c <= 0x9F)
+            s.add = (uint8_t)(c & 0x0F);
+        else if (c <= 0xBF)
+            s.skip = (uint8_t)(c & 0x1F);
+        else
+            switch (c) {
+            case 0xC4: case 0xD9: s.lb = 1; break; /* bin8, str8 */
+            case 0xC5: case 0xDA: s.lb = 2; break;
+            case 0xC6: case 0xDB: s.lb = 4; break;
+            case 0xC7: s.lb = 1, s.skip = 1; break; /* ext8: its type byte, then the data */
+            case 0xC8: s.lb = 2, s.skip = 1; break;
+            case 0xC9: s.lb = 4, s.skip = 1; break;
+            case 0xCC: case 0xD0: s.skip = 1; break;
+            case 0xCD: case 0xD1: s.skip = 2; break;
+            case 0xCA: case 0xCE: case 0xD2: s.skip = 4; break;
+            case 0xCB: case 0xCF: case 0xD3: s.skip = 8; break;
+            case 0xD4: s.skip = 2; break; /* fixext: the type byte, then 1, 2, 4, 8 or 16 */
+            case 0xD5: s.skip = 3; break;
+            case 0xD6: s.skip = 5; break;
+            case 0xD7: s.skip = 9; break;
+            case 0xD8: s.skip = 17; break;
+            case 0xDC: s.lb = 2, s.mul = 1; break; /* array16, map16: a count follows */
+            case 0xDD: s.lb = 4, s.mul = 1; break;
+            case 0xDE: s.lb = 2, s.mul = 2; break;
+            case 0xDF: s.lb = 4, s.mul = 2; break;
+            default: s.bad = 1; break; /* 0xC1: never used */
+            }
+        span_steps[c] = s;
+    }
+}
+
 /* The length of the one msgpack object at the start of p[0:n], or 0 if p does not start
- * with a well-formed one (a bad type byte, a length past n). Only the framing is read. */
+ * with a well-formed one (a bad type byte, a length past n). Only the framing is read,
+ * one table look-up a type byte (both ends of put_many/get_many run it on every message). */
 static size_t msgpack_span(const unsigned char *p, size_t n) {
     size_t i = 0, need = 1; /* objects still to read; each takes at least one byte */
     while (need) {
         if (i >= n || need > n - i) return 0;
-        unsigned char c = p[i++];
-        size_t skip = 0, lb = 0; /* bytes of data to skip; bytes of a length or count that follows */
-        need--;
-        if (c <= 0x7F || c >= 0xE0 || c == 0xC0 || c == 0xC2 || c == 0xC3) continue;
-        if (c <= 0x8F)
-            need += 2 * (size_t)(c & 0x0F);
-        else if (c <= 0x9F)
-            need += c & 0x0F;
-        else if (c <= 0xBF)
-            skip = c & 0x1F;
-        else
-            switch (c) {
-            case 0xC4: case 0xD9: lb = 1; break; /* bin8, str8 */
-            case 0xC5: case 0xDA: lb = 2; break;
-            case 0xC6: case 0xDB: lb = 4; break;
-            case 0xC7: lb = 1, skip = 1; break; /* ext8: its type byte, then the data */
-            case 0xC8: lb = 2, skip = 1; break;
-            case 0xC9: lb = 4, skip = 1; break;
-            case 0xCC: case 0xD0: skip = 1; break;
-            case 0xCD: case 0xD1: skip = 2; break;
-            case 0xCA: case 0xCE: case 0xD2: skip = 4; break;
-            case 0xCB: case 0xCF: case 0xD3: skip = 8; break;
-            case 0xD4: skip = 2; break; /* fixext: the type byte, then 1, 2, 4, 8 or 16 */
-            case 0xD5: skip = 3; break;
-            case 0xD6: skip = 5; break;
-            case 0xD7: skip = 9; break;
-            case 0xD8: skip = 17; break;
-            case 0xDC: case 0xDE: lb = 2; break; /* array16, map16: a count follows */
-            case 0xDD: case 0xDF: lb = 4; break;
-            default: return 0; /* 0xC1: never used */
-            }
-        if (lb) {
-            if (n - i < lb) return 0;
+        SpanStep s = span_steps[p[i++]];
+        size_t skip = s.skip;
+        need += (size_t)s.add - 1;
+        if (__builtin_expect(s.lb | s.bad, 0)) {
+            if (s.bad || n - i < s.lb) return 0;
             size_t len = 0;
-            for (size_t b = 0; b < lb; b++) len = len << 8 | p[i + b];
-            i += lb;
-            if (c == 0xDC || c == 0xDD)
-                need += len;
-            else if (c == 0xDE || c == 0xDF)
-                need += 2 * len;
+            for (size_t b = 0; b < s.lb; b++) len = len << 8 | p[i + b];
+            i += s.lb;
+            if (s.mul)
+                need += s.mul * len;
             else
                 skip += len;
         }
@@ -624,7 +649,7 @@ static Msg *split_array(PyObject *blob, Py_ssize_t count, uint64_t max_payload) 
     else if (len >= 3 && p[0] == 0xDC) n = (size_t)p[1] << 8 | p[2], off = 3;
     else if (len >= 5 && p[0] == 0xDD) n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4], off = 5;
     if (n != (size_t)count) return NULL;
-    Msg *msgs = PyMem_Calloc((size_t)count, sizeof(Msg));
+    Msg *msgs = PyMem_Malloc((size_t)count * sizeof(Msg)); /* (each one set below: no memset) */
     if (msgs == NULL) {
         PyErr_NoMemory();
         return NULL;
@@ -1938,6 +1963,7 @@ PyMODINIT_FUNC PyInit__cfast(void) {
     if (m == NULL) return NULL;
     NoToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     HasToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    span_steps_init();
     RecMsgpack = PyLong_FromLong(REC_MSGPACK);
     if (NoToken == NULL || HasToken == NULL || RecMsgpack == NULL || PyModule_AddObject(m, "NO_TOKEN", Py_NewRef(NoToken)) < 0 ||
         PyModule_AddObject(m, "HAS_TOKEN", Py_NewRef(HasToken)) < 0) {
