@@ -91,7 +91,8 @@ typedef struct {
     PyObject *unpack;     /* msgpack.unpackb, or NULL: get_obj returns (kind, payload) */
     PyObject *kwnames;    /* unpack's keyword names, and their values: */
     PyObject *kwvalues;   /* (tuple) */
-    PyObject *fast_pack;   /* msgspec's encode, or NULL: for a plain_tree message, the same bytes as pack */
+    PyObject *fast_pack;   /* msgspec's encode, or NULL: for a plain_tree message, the same bytes as pack
+                            * (set: no pack options, so put_objs may encode with pack_plain) */
     PyObject *fast_unpack; /* msgspec's decode, or NULL: for a payload with no timestamp, as unpack */
     uint64_t max_payload; /* larger messages go to Python (MessageTooLarge) */
 } FastQueue;
@@ -639,54 +640,256 @@ static size_t msgpack_span(const unsigned char *p, size_t n) {
     return i;
 }
 
-/* The count messages of blob, a msgpack array of them, as records (slices of blob, which
- * must outlive them): PyMem_Free the result. NULL: not such an array (or a message over
- * max_payload), no error set; NULL with an error set: no memory. */
-static Msg *split_array(PyObject *blob, Py_ssize_t count, uint64_t max_payload) {
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(blob);
-    size_t len = (size_t)PyBytes_GET_SIZE(blob), off = 0, n = 0;
-    if (len >= 1 && p[0] >= 0x90 && p[0] <= 0x9F) n = p[0] & 0x0F, off = 1;
-    else if (len >= 3 && p[0] == 0xDC) n = (size_t)p[1] << 8 | p[2], off = 3;
-    else if (len >= 5 && p[0] == 0xDD) n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4], off = 5;
-    if (n != (size_t)count) return NULL;
+/* A growing byte buffer: a batch's encodings, one after the other. */
+typedef struct {
+    unsigned char *p;
+    size_t len, cap;
+} Buf;
+
+/* The buffer batches are encoded into, kept between calls (detached while in use: a fault
+ * hook may run Python, which may encode another batch); freed past SPARE_MAX. */
+static Buf spare;
+#define SPARE_MAX (1 << 20)
+
+/* buf_room's growth: 0, or -1 (no memory, no error set). */
+static int buf_grow(Buf *b, size_t n) {
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap - b->len < n) {
+        if (cap > (size_t)PY_SSIZE_T_MAX / 2) return -1;
+        cap *= 2;
+    }
+    unsigned char *p = PyMem_Realloc(b->p, cap);
+    if (p == NULL) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+/* Room for n more bytes in b: 0, or -1 (no memory, no error set). */
+static inline int buf_room(Buf *b, size_t n) { return b->cap - b->len >= n ? 0 : buf_grow(b, n); }
+
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define BE16(x) (x)
+#define BE32(x) (x)
+#define BE64(x) (x)
+#else
+#define BE16(x) __builtin_bswap16(x)
+#define BE32(x) __builtin_bswap32(x)
+#define BE64(x) __builtin_bswap64(x)
+#endif
+
+/* A type byte and n (0, 1, 2, 4 or 8) big-endian bytes of v (room made by the caller). */
+static inline void put_be(Buf *b, unsigned char type, uint64_t v, int n) {
+    unsigned char *d = b->p + b->len;
+    d[0] = type;
+    if (n == 1) {
+        d[1] = (unsigned char)v;
+    } else if (n == 2) {
+        uint16_t x = BE16((uint16_t)v);
+        memcpy(d + 1, &x, 2);
+    } else if (n == 4) {
+        uint32_t x = BE32((uint32_t)v);
+        memcpy(d + 1, &x, 4);
+    } else if (n == 8) {
+        uint64_t x = BE64(v);
+        memcpy(d + 1, &x, 8);
+    }
+    b->len += 1 + (size_t)n;
+}
+
+/* A header whose length or count is n: fix (its bits in the type byte) under fix_limit, else
+ * the 8-bit (if t8), 16-bit or 32-bit form, as msgpack's packer chooses them. */
+static inline void put_len(Buf *b, size_t n, unsigned char fix, size_t fix_limit, int t8, unsigned char t16) {
+    if (n < fix_limit)
+        put_be(b, (unsigned char)(fix | n), 0, 0);
+    else if (t8 && n < 256)
+        put_be(b, (unsigned char)(t16 - 1), n, 1);
+    else if (n < 65536)
+        put_be(b, t16, n, 2);
+    else
+        put_be(b, (unsigned char)(t16 + 1), n, 4);
+}
+
+#define PACK_OK 0
+#define PACK_PYTHON 1 /* not a plain_tree message, or one msgpack refuses: Python's to encode */
+#define PACK_NOMEM (-1)
+
+static int pack_int(Buf *b, PyObject *o) {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow > 0) { /* (msgpack: above 2**63 - 1, uint64 or OverflowError) */
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return PACK_PYTHON;
+        }
+        put_be(b, 0xCF, u, 8);
+        return PACK_OK;
+    }
+    if (overflow < 0) return PACK_PYTHON;
+    if (v >= 0) { /* msgpack's pack_imp_uint64 */
+        uint64_t u = (uint64_t)v;
+        if (u < 128) put_be(b, (unsigned char)u, 0, 0);
+        else if (u < 256) put_be(b, 0xCC, u, 1);
+        else if (u < 65536) put_be(b, 0xCD, u, 2);
+        else if (u < (1ULL << 32)) put_be(b, 0xCE, u, 4);
+        else put_be(b, 0xCF, u, 8);
+    } else if (v >= -32) { /* and pack_imp_int64 */
+        put_be(b, (unsigned char)(int8_t)v, 0, 0);
+    } else if (v >= -128) {
+        put_be(b, 0xD0, (uint64_t)v, 1);
+    } else if (v >= -32768) {
+        put_be(b, 0xD1, (uint64_t)v, 2);
+    } else if (v >= -2147483648LL) {
+        put_be(b, 0xD2, (uint64_t)v, 4);
+    } else {
+        put_be(b, 0xD3, (uint64_t)v, 8);
+    }
+    return PACK_OK;
+}
+
+/* A str or bytes: its header (str8 as use_bin_type writes it; bin for bytes), then its data. */
+static int pack_raw(Buf *b, const char *data, Py_ssize_t n, int is_str) {
+    if ((uint64_t)n > UINT32_MAX) return PACK_PYTHON; /* msgpack refuses it */
+    if (buf_room(b, 5 + (size_t)n) < 0) return PACK_NOMEM;
+    if (is_str)
+        put_len(b, (size_t)n, 0xA0, 32, 1, 0xDA);
+    else
+        put_len(b, (size_t)n, 0, 0, 1, 0xC5);
+    memcpy(b->p + b->len, data, (size_t)n);
+    b->len += (size_t)n;
+    return PACK_OK;
+}
+
+/* Append the msgpack encoding of o to b if it is a scalar of plain_tree's exact types:
+ * PACK_OK, PACK_PYTHON, PACK_NOMEM, or PACK_NOT_LEAF (nothing written: a container, or
+ * another type). Inline: most of a small message's objects are scalars. */
+#define PACK_NOT_LEAF 2
+static inline int pack_leaf(Buf *b, PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    if (buf_room(b, 9) < 0) return PACK_NOMEM; /* the largest header or scalar */
+    if (t == &PyUnicode_Type) {
+        if (PyUnicode_IS_COMPACT_ASCII(o)) {
+            Py_ssize_t n = PyUnicode_GET_LENGTH(o);
+            if (n < 32) { /* fixstr: the room is there if n <= 8, else made by pack_raw */
+                if (n > 8 && buf_room(b, 1 + (size_t)n) < 0) return PACK_NOMEM;
+                b->p[b->len] = (unsigned char)(0xA0 | n);
+                memcpy(b->p + b->len + 1, PyUnicode_DATA(o), (size_t)n);
+                b->len += 1 + (size_t)n;
+                return PACK_OK;
+            }
+            return pack_raw(b, (const char *)PyUnicode_DATA(o), n, 1);
+        }
+        Py_ssize_t n;
+        const char *data = PyUnicode_AsUTF8AndSize(o, &n); /* (as msgpack: cached in the str) */
+        if (data == NULL) {
+            PyErr_Clear(); /* a lone surrogate: msgpack raises */
+            return PACK_PYTHON;
+        }
+        return pack_raw(b, data, n, 1);
+    }
+    if (t == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(o);
+        uint64_t u;
+        memcpy(&u, &d, 8);
+        put_be(b, 0xCB, u, 8);
+        return PACK_OK;
+    }
+    if (t == &PyLong_Type) return pack_int(b, o);
+    if (t == &PyBool_Type || o == Py_None) {
+        put_be(b, o == Py_None ? 0xC0 : o == Py_True ? 0xC3 : 0xC2, 0, 0);
+        return PACK_OK;
+    }
+    if (t == &PyBytes_Type) return pack_raw(b, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), 0);
+    return PACK_NOT_LEAF;
+}
+
+/* Append the msgpack encoding of o to b, byte for byte what msgpack's Packer() writes, if o
+ * is made only of plain_tree's exact types, no deeper than depth (the check and the encoding
+ * in one walk: no Python code runs, so nothing changes under it). */
+static int pack_plain(Buf *b, PyObject *o, int depth) {
+    int rc = pack_leaf(b, o);
+    if (rc != PACK_NOT_LEAF) return rc;
+    if (depth <= 0) return PACK_PYTHON;
+    PyTypeObject *t = Py_TYPE(o);
+    if (t == &PyDict_Type) {
+        Py_ssize_t n = PyDict_GET_SIZE(o), pos = 0;
+        PyObject *k, *v;
+        if ((uint64_t)n > UINT32_MAX) return PACK_PYTHON;
+        put_len(b, (size_t)n, 0x80, 16, 0, 0xDE); /* (room: pack_leaf made 9 bytes) */
+        while (PyDict_Next(o, &pos, &k, &v)) {
+            if ((rc = pack_leaf(b, k)) == PACK_NOT_LEAF) rc = pack_plain(b, k, depth - 1);
+            if (rc != PACK_OK) return rc;
+            if ((rc = pack_leaf(b, v)) == PACK_NOT_LEAF) rc = pack_plain(b, v, depth - 1);
+            if (rc != PACK_OK) return rc;
+        }
+        return PACK_OK;
+    }
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        PyObject **items = PySequence_Fast_ITEMS(o);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        if ((uint64_t)n > UINT32_MAX) return PACK_PYTHON;
+        put_len(b, (size_t)n, 0x90, 16, 0, 0xDC);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((rc = pack_leaf(b, items[i])) == PACK_NOT_LEAF) rc = pack_plain(b, items[i], depth - 1);
+            if (rc != PACK_OK) return rc;
+        }
+        return PACK_OK;
+    }
+    return PACK_PYTHON;
+}
+
+/* The count messages of objs (a list) encoded into *b, as records (slices of b->p, which
+ * must outlive them and not grow): PyMem_Free the result. NULL: some message is not a
+ * plain_tree one, msgpack would refuse it or it is over max_payload, no error set (Python
+ * encodes them all, and raises); NULL with an error set: no memory. The framing comes
+ * with the encoding: no pass over the bytes to find where each message ends. */
+static Msg *encode_batch(PyObject *objs, Py_ssize_t count, uint64_t max_payload, Buf *b) {
     Msg *msgs = PyMem_Malloc((size_t)count * sizeof(Msg)); /* (each one set below: no memset) */
     if (msgs == NULL) {
         PyErr_NoMemory();
         return NULL;
     }
-    Py_ssize_t i = 0;
-    for (; i < count; i++) {
-        size_t span = msgpack_span(p + off, len - off);
-        if (span == 0 || span > max_payload) break;
-        msgs[i] = (Msg){.kind = REC_MSGPACK, .prefix = (const char *)p + off, .plen = (Py_ssize_t)span};
-        off += span;
+    b->len = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t start = b->len;
+        int rc = pack_plain(b, PyList_GET_ITEM(objs, i), PLAIN_DEPTH);
+        if (rc != PACK_OK || b->len - start > max_payload) {
+            PyMem_Free(msgs);
+            if (rc == PACK_NOMEM) PyErr_NoMemory();
+            return NULL;
+        }
+        msgs[i] = (Msg){.kind = REC_MSGPACK, .plen = (Py_ssize_t)(b->len - start)};
     }
-    if (i == count && off == len) return msgs;
-    PyMem_Free(msgs);
-    return NULL;
+    const char *p = (const char *)b->p; /* (the buffer may have moved while it grew) */
+    for (Py_ssize_t i = 0; i < count; p += msgs[i].plen, i++) msgs[i].prefix = p;
+    return msgs;
 }
 
-/* The fast_pack encoding of objs (a list of count >= 1 messages) if every one is a
- * plain_tree message, else NULL with no error set: Python encodes them. */
-static PyObject *pack_array(PyObject *fast_pack, PyObject *objs, Py_ssize_t count) {
+/* The records of objs, for put_objs and publish_objs: *b is the spare buffer, detached (give
+ * it back with spare_return after the records are written). NULL as encode_batch. Only for
+ * the plain codec without pack options (fast_pack set: the condition for msgspec's bytes,
+ * which are msgpack's). */
+static Msg *encode_objs(PyObject *fast_pack, PyObject *objs, Py_ssize_t count, uint64_t max_payload, Buf *b) {
+    *b = spare;
+    spare = (Buf){0};
     if (fast_pack == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *o = PyList_GET_ITEM(objs, i);
-        if (!plain_type(o) || !plain_tree(o, PLAIN_DEPTH)) return NULL;
+    return encode_batch(objs, count, max_payload, b);
+}
+
+static void spare_return(Buf *b) {
+    if (spare.p == NULL && b->cap <= SPARE_MAX) {
+        spare = *b;
+    } else {
+        PyMem_Free(b->p);
     }
-    PyObject *blob = PyObject_CallOneArg(fast_pack, objs);
-    if (blob == NULL || !PyBytes_Check(blob)) {
-        PyErr_Clear();
-        Py_XDECREF(blob);
-        return NULL;
-    }
-    return blob;
+    *b = (Buf){0};
 }
 
 /* put_objs(list) -> written << 2 | PUT_*, or PUT_PYTHON: put_many's common case, encoding
- * included: a list of plain_tree messages is encoded by one fast_pack call (a msgpack array
- * is its items' encodings one after the other: the records are its slices, and no object
- * is made per message). PUT_PYTHON (nothing done, no error): Python encodes and puts. */
+ * included: a list of plain_tree messages is encoded by pack_plain into one buffer, the
+ * records its slices (no object is made per message, and each one's end is known as it is
+ * written). PUT_PYTHON (nothing done, no error): Python encodes and puts. */
 static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
     if (!PyList_CheckExact(objs)) {
         PyErr_SetString(PyExc_TypeError, "put_objs(list)");
@@ -694,16 +897,12 @@ static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
     }
     Py_ssize_t count = PyList_GET_SIZE(objs);
     if (q->ring == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *blob = pack_array(q->fast_pack, objs, count);
-    if (blob == NULL) return PyLong_FromLong(PUT_PYTHON);
-    Msg *msgs = split_array(blob, count, q->max_payload);
-    if (msgs == NULL) {
-        Py_DECREF(blob);
-        return PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
-    }
-    PyObject *r = put_msgs(q, msgs, count, 1); /* (NULL: an error, raised: nothing for Python to redo) */
+    Buf b;
+    Msg *msgs = encode_objs(q->fast_pack, objs, count, q->max_payload, &b);
+    /* (NULL from put_msgs: an error, raised: nothing for Python to redo) */
+    PyObject *r = msgs != NULL ? put_msgs(q, msgs, count, 1) : PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
     PyMem_Free(msgs);
-    Py_DECREF(blob);
+    spare_return(&b);
     return r;
 }
 
@@ -1660,13 +1859,11 @@ static PyObject *ft_publish_objs(FastTopic *t, PyObject *const *args, Py_ssize_t
     PyObject *objs = args[0];
     Py_ssize_t count = PyList_GET_SIZE(objs);
     if (t->ring == NULL || t->pack == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *blob = pack_array(t->fast_pack, objs, count);
-    if (blob == NULL) return PyLong_FromLong(PUT_PYTHON);
-    Msg *msgs = split_array(blob, count, t->max_payload);
-    PyObject *r = msgs == NULL ? (PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON))
-                               : publish_msgs(t, msgs, count, 1);
+    Buf b;
+    Msg *msgs = encode_objs(t->fast_pack, objs, count, t->max_payload, &b);
+    PyObject *r = msgs != NULL ? publish_msgs(t, msgs, count, 1) : PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
     PyMem_Free(msgs);
-    Py_DECREF(blob);
+    spare_return(&b);
     return r;
 }
 

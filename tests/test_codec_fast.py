@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmbus import Codec, DecodeError, EncodeError, Full, Queue
@@ -190,6 +190,36 @@ def _has_tuple_key(obj: Any) -> bool:
         return any(_has_tuple_key(v) for v in obj)
     return False
 
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(objs=st.lists(plain, min_size=1, max_size=6))
+def test_c_put_many_writes_msgpacks_bytes(queue: Queue, objs: list[Any]) -> None:
+    """C encodes a batch itself (no msgspec call): record by record, msgpack's bytes."""
+    queue.put_many(objs)
+    # (a bytes message's are its data: get_bytes gives them without the bin header)
+    assert [queue.get_bytes(timeout=5) for _ in objs] == [o if type(o) is bytes else _pack(o) for o in objs]
+
+
+def _nested(depth: int) -> Any:
+    obj: Any = "leaf"
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+@pytest.mark.timeout(30)
+def test_c_put_many_leaves_to_python_what_it_does_not_encode(queue: Queue) -> None:
+    """Too deep for C, a str msgpack refuses, a subclass: Python encodes (or refuses) the batch."""
+    deep = [_nested(40), {"k": _nested(40)}]
+    queue.put_many(deep)
+    assert [queue.get_bytes(timeout=5) for _ in deep] == [_pack(o) for o in deep]
+    for bad in ("\ud800", {"k": "\udfff"}, [2**64]):
+        with pytest.raises(EncodeError):
+            queue.put_many([{"ok": 1}, bad])
+    queue.put_many([{"ok": 1}, Colour.RED.value, True, -(2**63), 2**64 - 1, "é" * 40, b"\x00" * 300])
+    assert queue.qsize() == 7
 
 
 @pytest.mark.timeout(30)
