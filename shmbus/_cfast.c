@@ -1397,7 +1397,191 @@ static PyObject *batch_records(const Batch *b) {
     return out;
 }
 
-/* The messages of a batch, decoded by one call over its bytes (*done = 1): msgspec's when
+/* Short ASCII strings decoded before, by their bytes: a batch's keys and repeated values
+ * are made once, not once a message (as unpickling a list shares them through its memo).
+ * A str is immutable: sharing one between messages changes nothing a user can see. */
+#define STR_CACHE 512
+#define STR_CACHE_MAX 16
+typedef struct {
+    uint64_t head, tail; /* the string's first and last 8 bytes (all of them if fewer) */
+    size_t n;
+    PyObject *s;
+} CachedStr;
+static CachedStr str_cache[STR_CACHE];
+
+/* The str of the n bytes at p (base: the start of the buffer they are in). */
+static PyObject *dec_str(const unsigned char *p, size_t n, const unsigned char *base) {
+    if (n <= STR_CACHE_MAX) {
+        uint64_t head = 0, tail = 0; /* (two words name the string: no memcmp) */
+        if (n >= 8) {
+            memcpy(&head, p, 8);
+            memcpy(&tail, p + n - 8, 8);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        } else if (n && (size_t)(p - base) >= 8 - n) { /* the 8 bytes that end with them: no loop */
+            memcpy(&head, p + n - 8, 8);
+            head >>= 8 * (8 - n); /* (as the loop below reads them: p[0] lowest) */
+#endif
+        } else {
+            for (size_t i = 0; i < n; i++) head |= (uint64_t)p[i] << (8 * i);
+        }
+        if (!((head | tail) & 0x8080808080808080ULL)) { /* ASCII */
+            uint64_t h = (head * 0x9E3779B97F4A7C15ULL) ^ (tail * 0xC2B2AE3D27D4EB4FULL) ^ n;
+            CachedStr *c = &str_cache[(h >> 40) & (STR_CACHE - 1)];
+            if (c->s != NULL && c->n == n && c->head == head && c->tail == tail) return Py_NewRef(c->s);
+            PyObject *s = PyUnicode_New((Py_ssize_t)n, 127);
+            if (s == NULL) return NULL;
+            memcpy(PyUnicode_DATA(s), p, n);
+            PyObject *old = c->s;
+            *c = (CachedStr){.head = head, .tail = tail, .n = n, .s = Py_NewRef(s)};
+            Py_XDECREF(old);
+            return s;
+        }
+    }
+    return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL); /* (strict, as msgpack) */
+}
+
+/* A reader over one payload. */
+typedef struct {
+    const unsigned char *p, *end;
+    const unsigned char *base; /* the start of the buffer p is in */
+    int short_read;            /* a number ran past the end: the payload fails */
+} Rd;
+
+/* The next n bytes of r as a big-endian number; 0 (and r->short_read set) if fewer are left. */
+static inline uint64_t rd_be(Rd *r, size_t n) {
+    uint64_t v = 0;
+    if ((size_t)(r->end - r->p) < n) {
+        r->short_read = 1;
+        return 0;
+    }
+    if (n == 1) {
+        v = r->p[0];
+    } else if (n == 2) {
+        uint16_t x;
+        memcpy(&x, r->p, 2);
+        v = BE16(x);
+    } else if (n == 4) {
+        uint32_t x;
+        memcpy(&x, r->p, 4);
+        v = BE32(x);
+    } else {
+        memcpy(&v, r->p, 8);
+        v = BE64(v);
+    }
+    r->p += n;
+    return v;
+}
+
+static PyObject *dec_plain(Rd *r, int depth);
+
+static PyObject *dec_array(Rd *r, uint64_t n, int depth) {
+    if (depth <= 0 || n > (uint64_t)(r->end - r->p)) return NULL; /* (each item takes a byte) */
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (uint64_t i = 0; list != NULL && i < n; i++) {
+        PyObject *item = dec_plain(r, depth - 1);
+        if (item == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+}
+
+static PyObject *dec_map(Rd *r, uint64_t n, int depth) {
+    if (depth <= 0 || n > (uint64_t)(r->end - r->p) / 2) return NULL;
+    PyObject *d = PyDict_New();
+    for (uint64_t i = 0; d != NULL && i < n; i++) {
+        PyObject *k = dec_plain(r, depth - 1), *v = NULL;
+        /* (an array or map key: msgpack raises, and Codec.finish decides: Python's) */
+        if (k != NULL && !PyList_CheckExact(k) && !PyDict_CheckExact(k)) v = dec_plain(r, depth - 1);
+        if (v == NULL || PyDict_SetItem(d, k, v) < 0) Py_CLEAR(d);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    return d;
+}
+
+/* The next object of r as msgpack's unpackb (the plain codec's options) gives it, if it
+ * is made of nil, bool, int, float, str, bin, array and map only, no deeper than depth;
+ * NULL, error set or not, otherwise (an ext, a malformed object): the batch is decoded
+ * as before. No Python code runs, so no exception but MemoryError comes from here. */
+static PyObject *dec_plain(Rd *r, int depth) {
+    if (r->p >= r->end) return NULL;
+    unsigned c = *r->p++;
+    if (c <= 0x7F) return PyLong_FromLong((long)c);
+    if (c >= 0xE0) return PyLong_FromLong((long)(int8_t)c);
+    if (c <= 0x8F) return dec_map(r, c & 0x0F, depth);
+    if (c <= 0x9F) return dec_array(r, c & 0x0F, depth);
+    uint64_t n;
+    if (c <= 0xBF) {
+        n = c & 0x1F;
+        goto str;
+    }
+    switch (c) {
+    case 0xC0: return Py_NewRef(Py_None);
+    case 0xC2: return Py_NewRef(Py_False);
+    case 0xC3: return Py_NewRef(Py_True);
+    case 0xC4: case 0xC5: case 0xC6: /* bin 8, 16, 32 */
+        n = rd_be(r, (size_t)1 << (c - 0xC4));
+        if (r->short_read || n > (uint64_t)(r->end - r->p)) return NULL;
+        r->p += n;
+        return PyBytes_FromStringAndSize((const char *)r->p - n, (Py_ssize_t)n);
+    case 0xCA: {
+        uint32_t u = (uint32_t)rd_be(r, 4);
+        float f;
+        memcpy(&f, &u, 4);
+        return r->short_read ? NULL : PyFloat_FromDouble((double)f);
+    }
+    case 0xCB: {
+        uint64_t u = rd_be(r, 8);
+        double d;
+        memcpy(&d, &u, 8);
+        return r->short_read ? NULL : PyFloat_FromDouble(d);
+    }
+    case 0xCC: case 0xCD: case 0xCE: case 0xCF: /* uint 8 to 64 */
+        n = rd_be(r, (size_t)1 << (c - 0xCC));
+        return r->short_read ? NULL : PyLong_FromUnsignedLongLong(n);
+    case 0xD0: case 0xD1: case 0xD2: case 0xD3: { /* int 8 to 64: sign-extended */
+        int bits = 8 << (c - 0xD0);
+        n = rd_be(r, (size_t)bits / 8);
+        if (r->short_read) return NULL;
+        int64_t v = bits == 64 ? (int64_t)n : (int64_t)(n ^ (1ULL << (bits - 1))) - (int64_t)(1ULL << (bits - 1));
+        return PyLong_FromLongLong(v);
+    }
+    case 0xD9: case 0xDA: case 0xDB: /* str 8, 16, 32 */
+        n = rd_be(r, (size_t)1 << (c - 0xD9));
+        goto str;
+    case 0xDC: case 0xDD:
+        n = rd_be(r, c == 0xDC ? 2 : 4);
+        return r->short_read ? NULL : dec_array(r, n, depth);
+    case 0xDE: case 0xDF:
+        n = rd_be(r, c == 0xDE ? 2 : 4);
+        return r->short_read ? NULL : dec_map(r, n, depth);
+    default: return NULL; /* ext (msgpack's ExtType or Timestamp), 0xC1 */
+    }
+str:
+    if (r->short_read || n > (uint64_t)(r->end - r->p)) return NULL;
+    r->p += n;
+    return dec_str(r->p - n, (size_t)n, r->base);
+}
+
+/* The messages of a batch decoded record by record in C (each record exactly one object,
+ * as decode_payload requires), or NULL: some record is not plain_tree's, or is damaged
+ * (no error set: batch_messages decodes as before), or an error (set). */
+static PyObject *batch_plain(const Batch *b) {
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
+    PyObject *msgs = PyList_New(b->n);
+    for (Py_ssize_t i = 0; msgs != NULL && i < b->n; p += b->lens[i], i++) {
+        Rd r = {p, p + b->lens[i], (const unsigned char *)PyBytes_AS_STRING(b->bytes), 0};
+        PyObject *msg = dec_plain(&r, PLAIN_DEPTH);
+        if (msg != NULL && (r.p != r.end || r.short_read)) Py_CLEAR(msg); /* (more than one object: Python's to refuse) */
+        if (msg == NULL) Py_CLEAR(msgs);
+        else PyList_SET_ITEM(msgs, i, msg);
+    }
+    return msgs;
+}
+
+/* The messages of a batch (*done = 1): decoded by C itself when every record is a plain one
+ * (batch_plain: nil, bool, int, float, str, bin, array and map, as the plain codec's unpackb
+ * gives them), else by one call over its bytes: msgspec's when
  * installed and no payload may hold a timestamp, else msgpack's unpackb, with the keywords
  * decode_with gives it. Only when each payload is exactly one msgpack object: then the array
  * holds exactly the batch's messages, each decoded as decode_payload would (one more level
@@ -1408,6 +1592,14 @@ static PyObject *batch_records(const Batch *b) {
 static PyObject *batch_messages(FastQueue *q, const Batch *b, int *done, int *failed) {
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
     int one_call = b->used == (uint64_t)(PyBytes_GET_SIZE(b->bytes) - ARRAY32_HEADER);
+    if (one_call) { /* the common batch: C decodes it itself; else one decoder call, as below */
+        PyObject *msgs = batch_plain(b);
+        if (msgs != NULL) {
+            *done = 1;
+            return msgs;
+        }
+        PyErr_Clear(); /* (no memory: the way below meets it again, and says so) */
+    }
     int fast = q->fast_unpack != NULL;
     for (Py_ssize_t i = 0; one_call && i < b->n; p += b->lens[i], i++)
         one_call = msgpack_span(p, b->lens[i]) == b->lens[i];

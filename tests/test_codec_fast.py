@@ -202,6 +202,30 @@ def test_c_put_many_writes_msgpacks_bytes(queue: Queue, objs: list[Any]) -> None
     assert [queue.get_bytes(timeout=5) for _ in objs] == [o if type(o) is bytes else _pack(o) for o in objs]
 
 
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(objs=st.lists(plain, min_size=2, max_size=6))
+def test_c_get_many_decodes_as_msgpack(queue: Queue, objs: list[Any]) -> None:
+    """C decodes a batch itself (no decoder call): each message as Codec.finish gives it."""
+    queue.put_many(objs)
+    got = queue.get_many(len(objs), timeout=5)
+    assert len(got) == len(objs)
+    for o, g in zip(objs, got):
+        assert _same(g, DEFAULT_CODEC.finish(1, _pack(o)))
+
+
+@pytest.mark.timeout(30)
+def test_short_strings_decoded_alike_are_told_apart(queue: Queue) -> None:
+    """C shares the str of short ASCII strings met before: never one for another."""
+    words = ["", "a", "b", "ab", "ba", "a" * 7, "a" * 8, "a" * 9, "abcdefgh", "hgfedcba", "seq", "qes",
+             "0123456789abcdef", "0123456789abcdeF", "0123456x89abcdef", "x" * 16, "x" * 17,
+             "é", "\x7f"]  # fmt: skip
+    msgs = [{w: [w, i]} for i, w in enumerate(words)] + [{"k": w} for w in reversed(words)]
+    for _ in range(3):
+        queue.put_many(msgs)
+        assert queue.get_many(len(msgs), timeout=5) == msgs
+
+
 def _nested(depth: int) -> Any:
     obj: Any = "leaf"
     for _ in range(depth):
@@ -252,7 +276,8 @@ def test_a_handlers_exception_while_c_decodes_is_raised_and_nothing_is_lost(bus_
             raise KeyboardInterrupt
 
         q._fast.set_codec(pack, unpack, kw, q._max_payload, fast_pack, interrupted)
-        msgs = [{"n": i} for i in range(5)]
+        # (an ext type: C does not decode the batch itself, it calls the decoder)
+        msgs = [{"n": i, "x": msgpack.ExtType(5, b"ab")} for i in range(5)]
         q.put_many(msgs)
         with pytest.raises(KeyboardInterrupt):
             q.get_many(10, timeout=5)
