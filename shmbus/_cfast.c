@@ -1029,10 +1029,11 @@ static void batch_free(Batch *b) {
     b->n = 0;
 }
 
-/* Copy ours records (all msgpack, none a bytes message: total payload bytes) into b, as
- * take_records does one by one; advances *tailp and *seqp. -1 (MemoryError): nothing copied. */
-static Py_ssize_t copy_batch(FastQueue *q, Py_ssize_t ours, uint64_t total, uint64_t head, uint64_t last,
-                             uint64_t *tailp, uint64_t *seqp, uint64_t *nbytes, Batch *b) {
+/* Copy ours records (all msgpack, none a bytes message: total payload bytes), as the scan
+ * under this lock found them (seen: their places in the ring, checked then; a record is
+ * not looked at twice), into b; advances *tailp and *seqp. -1 (MemoryError): nothing copied. */
+static Py_ssize_t copy_batch(const Rec *seen, Py_ssize_t ours, uint64_t total, uint64_t *tailp, uint64_t *seqp,
+                             uint64_t *nbytes, Batch *b) {
     b->lens = PyMem_Malloc((size_t)ours * sizeof(uint32_t));
     b->bytes = b->lens == NULL ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(ARRAY32_HEADER + total));
     if (b->bytes == NULL) {
@@ -1041,18 +1042,14 @@ static Py_ssize_t copy_batch(FastQueue *q, Py_ssize_t ours, uint64_t total, uint
         return -1;
     }
     unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
-    Rec r;
     Py_ssize_t j = 0;
     for (; j < ours; j++) {
-        /* (changed meanwhile: a hostile writer; what is copied so far is ours) */
-        if (rec_at(q, *tailp, head, *seqp, last, &r) <= 0 || r.kind != REC_MSGPACK || r.bin ||
-            r.length > total - b->used)
-            break;
-        memcpy(dst + b->used, r.payload, r.length);
-        b->lens[j] = r.length;
-        b->used += r.length;
-        *nbytes += r.length;
-        *tailp = r.end;
+        const Rec *r = &seen[j];
+        memcpy(dst + b->used, r->payload, r->length); /* (the lengths add up to total) */
+        b->lens[j] = r->length;
+        b->used += r->length;
+        *nbytes += r->length;
+        *tailp = r->end;
         (*seqp)++;
     }
     b->n = j;
@@ -1073,11 +1070,17 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
     Rec r;
     Py_ssize_t ours = 0, i = 0;
     uint64_t total = 0; /* payload bytes of ours, if all go in one batch */
-    int whole = batch != NULL;
+    /* (ours as the scan finds them, for copy_batch; without the memory, one by one below) */
+    Rec *seen = batch != NULL && k > 1 ? PyMem_Malloc((size_t)k * sizeof(Rec)) : NULL;
+    int whole = seen != NULL;
     for (uint64_t t = tail, s = seq; i < k && t != head; i++, s++, t = r.end) {
         int v = rec_at(q, t, head, s, last, &r);
-        if (v < 0) return 0;
+        if (v < 0) {
+            PyMem_Free(seen);
+            return 0;
+        }
         if (v > 0 && ours == i) {
+            if (seen != NULL) seen[ours] = r;
             ours++;
             whole = whole && r.kind == REC_MSGPACK && !r.bin;
             total += r.length; /* (at most cap per record: no overflow) */
@@ -1086,10 +1089,14 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
     uint64_t nbytes = 0;
     Py_ssize_t j = 0;
     if (whole && ours > 1) {
-        j = copy_batch(q, ours, total, head, last, &tail, &seq, &nbytes, batch);
-        if (j < 0) return -1;
+        j = copy_batch(seen, ours, total, &tail, &seq, &nbytes, batch);
+        if (j < 0) {
+            PyMem_Free(seen);
+            return -1;
+        }
         ours = 0; /* (the loop below has nothing left to do) */
     }
+    PyMem_Free(seen);
     for (; j < ours; j++) {
         if (rec_at(q, tail, head, seq, last, &r) <= 0) break; /* changed meanwhile: a hostile writer */
         /* (a bytes message as _codec.extract gives it: its data, in a 1-tuple: already final) */
