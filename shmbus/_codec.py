@@ -15,7 +15,9 @@ Decoding is bounded by the payload's own length (msgpack's default for
 codec: it decodes a payload that cannot hold a msgpack timestamp (which it
 would turn into a ``datetime``), and the C path encodes with it a message made
 only of the exact types both write alike (``_cfast.c``'s ``plain_tree``); a
-batch of such messages C encodes itself, to the same bytes (``pack_plain``).
+batch of such messages C encodes itself, to the same bytes (``pack_plain``),
+and a batch of such records ``get_many`` decodes itself, to the same
+messages (``dec_plain``).
 Whatever it refuses, msgpack does as before, so the bytes and the messages are
 the same with it or without it (``tests/test_codec_fast.py`` checks both
 ways; CI runs the pure-Python pass with ``SHMBUS_NO_MSGSPEC=1``).
