@@ -92,7 +92,8 @@ typedef struct {
     PyObject *kwnames;    /* unpack's keyword names, and their values: */
     PyObject *kwvalues;   /* (tuple) */
     PyObject *fast_pack;   /* msgspec's encode, or NULL: for a plain_tree message, the same bytes as pack
-                            * (set: no pack options, so put_objs may encode with pack_plain) */
+                            */
+    int plain;            /* pack is msgpack's with no options: put_objs encodes with pack_plain */
     PyObject *fast_unpack; /* msgspec's decode, or NULL: for a payload with no timestamp, as unpack */
     uint64_t max_payload; /* larger messages go to Python (MessageTooLarge) */
 } FastQueue;
@@ -868,12 +869,11 @@ static Msg *encode_batch(PyObject *objs, Py_ssize_t count, uint64_t max_payload,
 
 /* The records of objs, for put_objs and publish_objs: *b is the spare buffer, detached (give
  * it back with spare_return after the records are written). NULL as encode_batch. Only for
- * the plain codec without pack options (fast_pack set: the condition for msgspec's bytes,
- * which are msgpack's). */
-static Msg *encode_objs(PyObject *fast_pack, PyObject *objs, Py_ssize_t count, uint64_t max_payload, Buf *b) {
+ * a codec without pack options (plain: msgpack's default bytes are the ones to write). */
+static Msg *encode_objs(int plain, PyObject *objs, Py_ssize_t count, uint64_t max_payload, Buf *b) {
     *b = spare;
     spare = (Buf){0};
-    if (fast_pack == NULL) return NULL;
+    if (!plain) return NULL;
     return encode_batch(objs, count, max_payload, b);
 }
 
@@ -898,7 +898,7 @@ static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
     Py_ssize_t count = PyList_GET_SIZE(objs);
     if (q->ring == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
     Buf b;
-    Msg *msgs = encode_objs(q->fast_pack, objs, count, q->max_payload, &b);
+    Msg *msgs = encode_objs(q->plain, objs, count, q->max_payload, &b);
     /* (NULL from put_msgs: an error, raised: nothing for Python to redo) */
     PyObject *r = msgs != NULL ? put_msgs(q, msgs, count, 1) : PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
     PyMem_Free(msgs);
@@ -1329,17 +1329,19 @@ static PyObject *fq_take_last(FastQueue *q, PyObject *Py_UNUSED(unused)) {
     return last != NULL ? last : Py_NewRef(Py_None);
 }
 
-/* set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack): what
+/* set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack, plain): what
  * put_obj/get_obj encode and decode with; pack None or unpack None turns that side off,
- * fast_pack or fast_unpack None leaves it to pack or unpack. */
+ * fast_pack or fast_unpack None leaves it to pack or unpack; plain true: pack is msgpack's
+ * with no options, so a batch may be encoded by pack_plain instead. */
 /* set_codec's work for FastQueue and FastTopic alike: parse args, store them in the fields. */
 static PyObject *set_codec_into(PyObject *args, PyObject **pack_f, PyObject **unpack_f, PyObject **kwnames_f,
                                 PyObject **kwvalues_f, PyObject **fast_pack_f, PyObject **fast_unpack_f,
-                                uint64_t *max_payload_f) {
+                                uint64_t *max_payload_f, int *plain_f) {
     PyObject *pack, *unpack, *kw, *fast_pack = Py_None, *fast_unpack = Py_None;
     unsigned long long max_payload;
-    if (!PyArg_ParseTuple(args, "OOO!K|OO", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
-                          &fast_unpack))
+    int plain = 0;
+    if (!PyArg_ParseTuple(args, "OOO!K|OOp", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
+                          &fast_unpack, &plain))
         return NULL;
     if (PyDict_GET_SIZE(kw) != 2) {
         PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
@@ -1364,12 +1366,13 @@ static PyObject *set_codec_into(PyObject *args, PyObject **pack_f, PyObject **un
     Py_XSETREF(*kwnames_f, names);
     Py_XSETREF(*kwvalues_f, values);
     *max_payload_f = max_payload;
+    *plain_f = plain && *pack_f != NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
     return set_codec_into(args, &q->pack, &q->unpack, &q->kwnames, &q->kwvalues, &q->fast_pack, &q->fast_unpack,
-                          &q->max_payload);
+                          &q->max_payload, &q->plain);
 }
 
 /* After the lock: replace each msgpack record of recs by its message, each raw record by
@@ -1754,7 +1757,8 @@ static PyMethodDef fq_methods[] = {
     {"take_last", (PyCFunction)fq_take_last, METH_NOARGS,
      "take_last() -> what the last get_obj/take_many returned (None if nothing), forgotten here"},
     {"set_codec", (PyCFunction)fq_set_codec, METH_VARARGS,
-     "set_codec(pack, unpack, unpack_kwargs, max_payload): encode/decode in put_obj/get_obj"},
+     "set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack=None, fast_unpack=None, plain=False): "
+     "encode/decode in put_obj/put_objs/get_obj"},
     {"close", (PyCFunction)fq_close, METH_NOARGS, "Release the mapping, the semaphore handles, the codec."},
     {NULL, NULL, 0, NULL},
 };
@@ -1802,6 +1806,7 @@ typedef struct {
     pthread_mutex_t *head;
     PyObject *pack, *unpack, *kwnames, *kwvalues; /* as FastQueue's (set_codec) */
     PyObject *fast_pack, *fast_unpack;            /* as FastQueue's: msgspec's pair, or NULL */
+    int plain;                                    /* as FastQueue's */
     uint64_t max_payload;
 } FastTopic;
 
@@ -2059,7 +2064,7 @@ static PyObject *ft_publish_objs(FastTopic *t, PyObject *const *args, Py_ssize_t
     Py_ssize_t count = PyList_GET_SIZE(objs);
     if (t->ring == NULL || t->pack == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
     Buf b;
-    Msg *msgs = encode_objs(t->fast_pack, objs, count, t->max_payload, &b);
+    Msg *msgs = encode_objs(t->plain, objs, count, t->max_payload, &b);
     PyObject *r = msgs != NULL ? publish_msgs(t, msgs, count, 1) : PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
     PyMem_Free(msgs);
     spare_return(&b);
@@ -2296,7 +2301,7 @@ static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) 
 
 static PyObject *ft_set_codec(FastTopic *t, PyObject *args) {
     return set_codec_into(args, &t->pack, &t->unpack, &t->kwnames, &t->kwvalues, &t->fast_pack, &t->fast_unpack,
-                          &t->max_payload);
+                          &t->max_payload, &t->plain);
 }
 
 static PyObject *ft_close(FastTopic *t, PyObject *Py_UNUSED(unused)) {
@@ -2316,7 +2321,7 @@ static PyMethodDef ft_methods[] = {
     {"read", (PyCFunction)(void (*)(void))ft_read, METH_FASTCALL,
      "read(sub, slot_base, k, mode, spin_s) -> list, None (nothing new), [] (Python reads), tuple"},
     {"set_codec", (PyCFunction)ft_set_codec, METH_VARARGS,
-     "set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack=None, fast_unpack=None): "
+     "set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack=None, fast_unpack=None, plain=False): "
      "encode/decode in publish_obj/publish_objs/read"},
     {"close", (PyCFunction)ft_close, METH_NOARGS, "Release the mapping and the codec."},
     {NULL, NULL, 0, NULL},

@@ -263,18 +263,19 @@ class Codec:
         return REC_MSGPACK, data, None, len(data)
 
     def _c_parts(self) -> tuple[Any, ...]:
-        """What the C fast path codes with: ``(pack, unpack or None, unpack's keywords, fast pair...)``.
+        """What the C fast path codes with: ``(pack, unpack or None, unpack's keywords, fast pair, plain)``.
 
         ``unpack`` only for the plain codec, whose decoded messages are never
         tuples (the C path tells a message from a record that way); with
         ``unpack_options``, decoding stays here, in ``finish``. The fast pair
         (msgspec's, or None) codes the same bytes; C uses the encoder only for
         a message of the types both write alike, and only without ``pack_options``.
+        ``plain``: no ``pack_options``, so C may write msgpack's default bytes itself.
         """
         unpack = _unpackb if self._plain else None
         fast_encode = FAST_ENCODE if not self.pack_options else None
         kw = {"strict_map_key": False, "ext_hook": _EXT}
-        return self._packb, unpack, kw, fast_encode, self._fast_decode
+        return self._packb, unpack, kw, fast_encode, self._fast_decode, not self.pack_options
 
     def finish_many(self, items: list[Any]) -> list[Any]:
         """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``.

@@ -270,7 +270,7 @@ def test_a_handlers_exception_while_c_decodes_is_raised_and_nothing_is_lost(bus_
     with Queue.create(bus_name, capacity="1MiB") as q:
         if q._fast is None:
             pytest.skip("no C fast path")
-        pack, unpack, kw, fast_pack, _ = DEFAULT_CODEC._c_parts()
+        pack, unpack, kw, fast_pack, *_ = DEFAULT_CODEC._c_parts()
 
         def interrupted(data: Any) -> Any:
             raise KeyboardInterrupt
@@ -311,7 +311,7 @@ def test_without_msgspec_c_decodes_a_batch_with_one_msgpack_call_alike(bus_name:
     with Queue.create(bus_name, capacity="1MiB") as q:
         if q._fast is None:
             pytest.skip("no C fast path")
-        pack, unpack, kw, fast_pack, _ = DEFAULT_CODEC._c_parts()
+        pack, unpack, kw, fast_pack, *_ = DEFAULT_CODEC._c_parts()
         q._fast.set_codec(pack, unpack, kw, q._max_payload, fast_pack, None)
         msgs = [{"a": 1}, {"at": msgpack.Timestamp(1, 2)}, {(1, 2): "tuple key"}, [1.5, None, "x"]]
         q.put_many(msgs)
