@@ -118,8 +118,8 @@ def queue_fast_path(
         fast: FastQueue = _cfast.FastQueue(mapping, layout.ring_offset, layout.capacity, sem_names)
     except OSError:
         return None  # a semaphore we cannot open by name: the Python path opens its own
-    pack, unpack, unpack_kwargs, fast_pack, fast_unpack = codec
-    fast.set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack)
+    pack, unpack, unpack_kwargs, fast_pack, fast_unpack, plain = codec
+    fast.set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack, plain)
     return fast
 
 
@@ -153,6 +153,6 @@ def topic_fast_path(mapping: Any, layout: Layout, codec: CodecParts, max_payload
     if _cfast is None:
         return None
     fast: FastTopic = _cfast.FastTopic(mapping, layout.ring_offset, layout.capacity, layout.max_subscribers)
-    pack, unpack, unpack_kwargs, fast_pack, fast_unpack = codec
-    fast.set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack)
+    pack, unpack, unpack_kwargs, fast_pack, fast_unpack, plain = codec
+    fast.set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack, plain)
     return fast

@@ -91,7 +91,9 @@ typedef struct {
     PyObject *unpack;     /* msgpack.unpackb, or NULL: get_obj returns (kind, payload) */
     PyObject *kwnames;    /* unpack's keyword names, and their values: */
     PyObject *kwvalues;   /* (tuple) */
-    PyObject *fast_pack;   /* msgspec's encode, or NULL: for a plain_tree message, the same bytes as pack */
+    PyObject *fast_pack;   /* msgspec's encode, or NULL: for a plain_tree message, the same bytes as pack
+                            */
+    int plain;            /* pack is msgpack's with no options: put_objs encodes with pack_plain */
     PyObject *fast_unpack; /* msgspec's decode, or NULL: for a payload with no timestamp, as unpack */
     uint64_t max_payload; /* larger messages go to Python (MessageTooLarge) */
 } FastQueue;
@@ -435,24 +437,30 @@ static int plain_type(PyObject *o) {
  * depth: msgspec also encodes types msgpack refuses (datetime, UUID, set, Enum,
  * dataclasses...) and reads an ExtType (a tuple subclass) as an array, so only
  * these exact types are handed to it. tests/test_codec.py checks the bytes. */
-static int plain_tree(PyObject *o, int depth) {
+static inline int plain_leaf(PyObject *o) {
     PyTypeObject *t = Py_TYPE(o);
-    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None ||
-        t == &PyBytes_Type)
-        return 1;
+    return t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || o == Py_None ||
+           t == &PyBytes_Type;
+}
+
+/* (A leaf is tested inline, before a call: most of a small message's objects are leaves.) */
+static int plain_tree(PyObject *o, int depth) {
+    if (plain_leaf(o)) return 1;
     if (depth <= 0) return 0;
+    PyTypeObject *t = Py_TYPE(o);
     if (t == &PyDict_Type) {
         Py_ssize_t pos = 0;
         PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v))
-            if (!plain_tree(k, depth - 1) || !plain_tree(v, depth - 1)) return 0;
+            if ((!plain_leaf(k) && !plain_tree(k, depth - 1)) || (!plain_leaf(v) && !plain_tree(v, depth - 1)))
+                return 0;
         return 1;
     }
     if (t == &PyList_Type || t == &PyTuple_Type) {
         PyObject **items = PySequence_Fast_ITEMS(o);
         Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
         for (Py_ssize_t i = 0; i < n; i++)
-            if (!plain_tree(items[i], depth - 1)) return 0;
+            if (!plain_leaf(items[i]) && !plain_tree(items[i], depth - 1)) return 0;
         return 1;
     }
     return 0;
@@ -559,52 +567,71 @@ static PyObject *fq_encode_many(FastQueue *q, PyObject *objs) {
     return out;
 }
 
+/* What msgpack_span needs of each type byte: bytes of data that follow it (skip), bytes of
+ * a length or count that follow it (lb: the length is data to skip, or times mul objects
+ * to read), and objects it holds by itself (add: a fixmap's or fixarray's). */
+typedef struct {
+    uint8_t skip, lb, mul, add, bad;
+} SpanStep;
+
+static SpanStep span_steps[256];
+
+/* Fill span_steps (at import): the msgpack spec's type bytes. */
+static void span_steps_init(void) {
+    for (int c = 0; c < 256; c++) {
+        SpanStep s = {0};
+        if (c <= 0x7F || c >= 0xE0 || c == 0xC0 || c == 0xC2 || c == 0xC3)
+            ; /* fixints, nil, false, true: the byte alone */
+        else if (c <= 0x8F)
+            s.add = (uint8_t)(2 * (c & 0x0F));
+        else if (c <= 0x9F)
+            s.add = (uint8_t)(c & 0x0F);
+        else if (c <= 0xBF)
+            s.skip = (uint8_t)(c & 0x1F);
+        else
+            switch (c) {
+            case 0xC4: case 0xD9: s.lb = 1; break; /* bin8, str8 */
+            case 0xC5: case 0xDA: s.lb = 2; break;
+            case 0xC6: case 0xDB: s.lb = 4; break;
+            case 0xC7: s.lb = 1, s.skip = 1; break; /* ext8: its type byte, then the data */
+            case 0xC8: s.lb = 2, s.skip = 1; break;
+            case 0xC9: s.lb = 4, s.skip = 1; break;
+            case 0xCC: case 0xD0: s.skip = 1; break;
+            case 0xCD: case 0xD1: s.skip = 2; break;
+            case 0xCA: case 0xCE: case 0xD2: s.skip = 4; break;
+            case 0xCB: case 0xCF: case 0xD3: s.skip = 8; break;
+            case 0xD4: s.skip = 2; break; /* fixext: the type byte, then 1, 2, 4, 8 or 16 */
+            case 0xD5: s.skip = 3; break;
+            case 0xD6: s.skip = 5; break;
+            case 0xD7: s.skip = 9; break;
+            case 0xD8: s.skip = 17; break;
+            case 0xDC: s.lb = 2, s.mul = 1; break; /* array16, map16: a count follows */
+            case 0xDD: s.lb = 4, s.mul = 1; break;
+            case 0xDE: s.lb = 2, s.mul = 2; break;
+            case 0xDF: s.lb = 4, s.mul = 2; break;
+            default: s.bad = 1; break; /* 0xC1: never used */
+            }
+        span_steps[c] = s;
+    }
+}
+
 /* The length of the one msgpack object at the start of p[0:n], or 0 if p does not start
- * with a well-formed one (a bad type byte, a length past n). Only the framing is read. */
+ * with a well-formed one (a bad type byte, a length past n). Only the framing is read,
+ * one table look-up a type byte (both ends of put_many/get_many run it on every message). */
 static size_t msgpack_span(const unsigned char *p, size_t n) {
     size_t i = 0, need = 1; /* objects still to read; each takes at least one byte */
     while (need) {
         if (i >= n || need > n - i) return 0;
-        unsigned char c = p[i++];
-        size_t skip = 0, lb = 0; /* bytes of data to skip; bytes of a length or count that follows */
-        need--;
-        if (c <= 0x7F || c >= 0xE0 || c == 0xC0 || c == 0xC2 || c == 0xC3) continue;
-        if (c <= 0x8F)
-            need += 2 * (size_t)(c & 0x0F);
-        else if (c <= 0x9F)
-            need += c & 0x0F;
-        else if (c <= 0xBF)
-            skip = c & 0x1F;
-        else
-            switch (c) {
-            case 0xC4: case 0xD9: lb = 1; break; /* bin8, str8 */
-            case 0xC5: case 0xDA: lb = 2; break;
-            case 0xC6: case 0xDB: lb = 4; break;
-            case 0xC7: lb = 1, skip = 1; break; /* ext8: its type byte, then the data */
-            case 0xC8: lb = 2, skip = 1; break;
-            case 0xC9: lb = 4, skip = 1; break;
-            case 0xCC: case 0xD0: skip = 1; break;
-            case 0xCD: case 0xD1: skip = 2; break;
-            case 0xCA: case 0xCE: case 0xD2: skip = 4; break;
-            case 0xCB: case 0xCF: case 0xD3: skip = 8; break;
-            case 0xD4: skip = 2; break; /* fixext: the type byte, then 1, 2, 4, 8 or 16 */
-            case 0xD5: skip = 3; break;
-            case 0xD6: skip = 5; break;
-            case 0xD7: skip = 9; break;
-            case 0xD8: skip = 17; break;
-            case 0xDC: case 0xDE: lb = 2; break; /* array16, map16: a count follows */
-            case 0xDD: case 0xDF: lb = 4; break;
-            default: return 0; /* 0xC1: never used */
-            }
-        if (lb) {
-            if (n - i < lb) return 0;
+        SpanStep s = span_steps[p[i++]];
+        size_t skip = s.skip;
+        need += (size_t)s.add - 1;
+        if (__builtin_expect(s.lb | s.bad, 0)) {
+            if (s.bad || n - i < s.lb) return 0;
             size_t len = 0;
-            for (size_t b = 0; b < lb; b++) len = len << 8 | p[i + b];
-            i += lb;
-            if (c == 0xDC || c == 0xDD)
-                need += len;
-            else if (c == 0xDE || c == 0xDF)
-                need += 2 * len;
+            for (size_t b = 0; b < s.lb; b++) len = len << 8 | p[i + b];
+            i += s.lb;
+            if (s.mul)
+                need += s.mul * len;
             else
                 skip += len;
         }
@@ -614,54 +641,255 @@ static size_t msgpack_span(const unsigned char *p, size_t n) {
     return i;
 }
 
-/* The count messages of blob, a msgpack array of them, as records (slices of blob, which
- * must outlive them): PyMem_Free the result. NULL: not such an array (or a message over
- * max_payload), no error set; NULL with an error set: no memory. */
-static Msg *split_array(PyObject *blob, Py_ssize_t count, uint64_t max_payload) {
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(blob);
-    size_t len = (size_t)PyBytes_GET_SIZE(blob), off = 0, n = 0;
-    if (len >= 1 && p[0] >= 0x90 && p[0] <= 0x9F) n = p[0] & 0x0F, off = 1;
-    else if (len >= 3 && p[0] == 0xDC) n = (size_t)p[1] << 8 | p[2], off = 3;
-    else if (len >= 5 && p[0] == 0xDD) n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4], off = 5;
-    if (n != (size_t)count) return NULL;
-    Msg *msgs = PyMem_Calloc((size_t)count, sizeof(Msg));
+/* A growing byte buffer: a batch's encodings, one after the other. */
+typedef struct {
+    unsigned char *p;
+    size_t len, cap;
+} Buf;
+
+/* The buffer batches are encoded into, kept between calls (detached while in use: a fault
+ * hook may run Python, which may encode another batch); freed past SPARE_MAX. */
+static Buf spare;
+#define SPARE_MAX (1 << 20)
+
+/* buf_room's growth: 0, or -1 (no memory, no error set). */
+static int buf_grow(Buf *b, size_t n) {
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap - b->len < n) {
+        if (cap > (size_t)PY_SSIZE_T_MAX / 2) return -1;
+        cap *= 2;
+    }
+    unsigned char *p = PyMem_Realloc(b->p, cap);
+    if (p == NULL) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+/* Room for n more bytes in b: 0, or -1 (no memory, no error set). */
+static inline int buf_room(Buf *b, size_t n) { return b->cap - b->len >= n ? 0 : buf_grow(b, n); }
+
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define BE16(x) (x)
+#define BE32(x) (x)
+#define BE64(x) (x)
+#else
+#define BE16(x) __builtin_bswap16(x)
+#define BE32(x) __builtin_bswap32(x)
+#define BE64(x) __builtin_bswap64(x)
+#endif
+
+/* A type byte and n (0, 1, 2, 4 or 8) big-endian bytes of v (room made by the caller). */
+static inline void put_be(Buf *b, unsigned char type, uint64_t v, int n) {
+    unsigned char *d = b->p + b->len;
+    d[0] = type;
+    if (n == 1) {
+        d[1] = (unsigned char)v;
+    } else if (n == 2) {
+        uint16_t x = BE16((uint16_t)v);
+        memcpy(d + 1, &x, 2);
+    } else if (n == 4) {
+        uint32_t x = BE32((uint32_t)v);
+        memcpy(d + 1, &x, 4);
+    } else if (n == 8) {
+        uint64_t x = BE64(v);
+        memcpy(d + 1, &x, 8);
+    }
+    b->len += 1 + (size_t)n;
+}
+
+/* A header whose length or count is n: fix (its bits in the type byte) under fix_limit, else
+ * the 8-bit (if t8), 16-bit or 32-bit form, as msgpack's packer chooses them. */
+static inline void put_len(Buf *b, size_t n, unsigned char fix, size_t fix_limit, int t8, unsigned char t16) {
+    if (n < fix_limit)
+        put_be(b, (unsigned char)(fix | n), 0, 0);
+    else if (t8 && n < 256)
+        put_be(b, (unsigned char)(t16 - 1), n, 1);
+    else if (n < 65536)
+        put_be(b, t16, n, 2);
+    else
+        put_be(b, (unsigned char)(t16 + 1), n, 4);
+}
+
+#define PACK_OK 0
+#define PACK_PYTHON 1 /* not a plain_tree message, or one msgpack refuses: Python's to encode */
+#define PACK_NOMEM (-1)
+
+static int pack_int(Buf *b, PyObject *o) {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow > 0) { /* (msgpack: above 2**63 - 1, uint64 or OverflowError) */
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return PACK_PYTHON;
+        }
+        put_be(b, 0xCF, u, 8);
+        return PACK_OK;
+    }
+    if (overflow < 0) return PACK_PYTHON;
+    if (v >= 0) { /* msgpack's pack_imp_uint64 */
+        uint64_t u = (uint64_t)v;
+        if (u < 128) put_be(b, (unsigned char)u, 0, 0);
+        else if (u < 256) put_be(b, 0xCC, u, 1);
+        else if (u < 65536) put_be(b, 0xCD, u, 2);
+        else if (u < (1ULL << 32)) put_be(b, 0xCE, u, 4);
+        else put_be(b, 0xCF, u, 8);
+    } else if (v >= -32) { /* and pack_imp_int64 */
+        put_be(b, (unsigned char)(int8_t)v, 0, 0);
+    } else if (v >= -128) {
+        put_be(b, 0xD0, (uint64_t)v, 1);
+    } else if (v >= -32768) {
+        put_be(b, 0xD1, (uint64_t)v, 2);
+    } else if (v >= -2147483648LL) {
+        put_be(b, 0xD2, (uint64_t)v, 4);
+    } else {
+        put_be(b, 0xD3, (uint64_t)v, 8);
+    }
+    return PACK_OK;
+}
+
+/* A str or bytes: its header (str8 as use_bin_type writes it; bin for bytes), then its data. */
+static int pack_raw(Buf *b, const char *data, Py_ssize_t n, int is_str) {
+    if ((uint64_t)n > UINT32_MAX) return PACK_PYTHON; /* msgpack refuses it */
+    if (buf_room(b, 5 + (size_t)n) < 0) return PACK_NOMEM;
+    if (is_str)
+        put_len(b, (size_t)n, 0xA0, 32, 1, 0xDA);
+    else
+        put_len(b, (size_t)n, 0, 0, 1, 0xC5);
+    memcpy(b->p + b->len, data, (size_t)n);
+    b->len += (size_t)n;
+    return PACK_OK;
+}
+
+/* Append the msgpack encoding of o to b if it is a scalar of plain_tree's exact types:
+ * PACK_OK, PACK_PYTHON, PACK_NOMEM, or PACK_NOT_LEAF (nothing written: a container, or
+ * another type). Inline: most of a small message's objects are scalars. */
+#define PACK_NOT_LEAF 2
+static inline int pack_leaf(Buf *b, PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    if (buf_room(b, 9) < 0) return PACK_NOMEM; /* the largest header or scalar */
+    if (t == &PyUnicode_Type) {
+        if (PyUnicode_IS_COMPACT_ASCII(o)) {
+            Py_ssize_t n = PyUnicode_GET_LENGTH(o);
+            if (n < 32) { /* fixstr: the room is there if n <= 8, else made by pack_raw */
+                if (n > 8 && buf_room(b, 1 + (size_t)n) < 0) return PACK_NOMEM;
+                b->p[b->len] = (unsigned char)(0xA0 | n);
+                memcpy(b->p + b->len + 1, PyUnicode_DATA(o), (size_t)n);
+                b->len += 1 + (size_t)n;
+                return PACK_OK;
+            }
+            return pack_raw(b, (const char *)PyUnicode_DATA(o), n, 1);
+        }
+        Py_ssize_t n;
+        const char *data = PyUnicode_AsUTF8AndSize(o, &n); /* (as msgpack: cached in the str) */
+        if (data == NULL) {
+            PyErr_Clear(); /* a lone surrogate: msgpack raises */
+            return PACK_PYTHON;
+        }
+        return pack_raw(b, data, n, 1);
+    }
+    if (t == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(o);
+        uint64_t u;
+        memcpy(&u, &d, 8);
+        put_be(b, 0xCB, u, 8);
+        return PACK_OK;
+    }
+    if (t == &PyLong_Type) return pack_int(b, o);
+    if (t == &PyBool_Type || o == Py_None) {
+        put_be(b, o == Py_None ? 0xC0 : o == Py_True ? 0xC3 : 0xC2, 0, 0);
+        return PACK_OK;
+    }
+    if (t == &PyBytes_Type) return pack_raw(b, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), 0);
+    return PACK_NOT_LEAF;
+}
+
+/* Append the msgpack encoding of o to b, byte for byte what msgpack's Packer() writes, if o
+ * is made only of plain_tree's exact types, no deeper than depth (the check and the encoding
+ * in one walk: no Python code runs, so nothing changes under it). */
+static int pack_plain(Buf *b, PyObject *o, int depth) {
+    int rc = pack_leaf(b, o);
+    if (rc != PACK_NOT_LEAF) return rc;
+    if (depth <= 0) return PACK_PYTHON;
+    PyTypeObject *t = Py_TYPE(o);
+    if (t == &PyDict_Type) {
+        Py_ssize_t n = PyDict_GET_SIZE(o), pos = 0;
+        PyObject *k, *v;
+        if ((uint64_t)n > UINT32_MAX) return PACK_PYTHON;
+        put_len(b, (size_t)n, 0x80, 16, 0, 0xDE); /* (room: pack_leaf made 9 bytes) */
+        while (PyDict_Next(o, &pos, &k, &v)) {
+            if ((rc = pack_leaf(b, k)) == PACK_NOT_LEAF) rc = pack_plain(b, k, depth - 1);
+            if (rc != PACK_OK) return rc;
+            if ((rc = pack_leaf(b, v)) == PACK_NOT_LEAF) rc = pack_plain(b, v, depth - 1);
+            if (rc != PACK_OK) return rc;
+        }
+        return PACK_OK;
+    }
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        PyObject **items = PySequence_Fast_ITEMS(o);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        if ((uint64_t)n > UINT32_MAX) return PACK_PYTHON;
+        put_len(b, (size_t)n, 0x90, 16, 0, 0xDC);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((rc = pack_leaf(b, items[i])) == PACK_NOT_LEAF) rc = pack_plain(b, items[i], depth - 1);
+            if (rc != PACK_OK) return rc;
+        }
+        return PACK_OK;
+    }
+    return PACK_PYTHON;
+}
+
+/* The count messages of objs (a list) encoded into *b, as records (slices of b->p, which
+ * must outlive them and not grow): PyMem_Free the result. NULL: some message is not a
+ * plain_tree one, msgpack would refuse it or it is over max_payload, no error set (Python
+ * encodes them all, and raises); NULL with an error set: no memory. The framing comes
+ * with the encoding: no pass over the bytes to find where each message ends. */
+static Msg *encode_batch(PyObject *objs, Py_ssize_t count, uint64_t max_payload, Buf *b) {
+    Msg *msgs = PyMem_Malloc((size_t)count * sizeof(Msg)); /* (each one set below: no memset) */
     if (msgs == NULL) {
         PyErr_NoMemory();
         return NULL;
     }
-    Py_ssize_t i = 0;
-    for (; i < count; i++) {
-        size_t span = msgpack_span(p + off, len - off);
-        if (span == 0 || span > max_payload) break;
-        msgs[i] = (Msg){.kind = REC_MSGPACK, .prefix = (const char *)p + off, .plen = (Py_ssize_t)span};
-        off += span;
+    b->len = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t start = b->len;
+        int rc = pack_plain(b, PyList_GET_ITEM(objs, i), PLAIN_DEPTH);
+        if (rc != PACK_OK || b->len - start > max_payload) {
+            PyMem_Free(msgs);
+            if (rc == PACK_NOMEM) PyErr_NoMemory();
+            return NULL;
+        }
+        msgs[i] = (Msg){.kind = REC_MSGPACK, .plen = (Py_ssize_t)(b->len - start)};
     }
-    if (i == count && off == len) return msgs;
-    PyMem_Free(msgs);
-    return NULL;
+    const char *p = (const char *)b->p; /* (the buffer may have moved while it grew) */
+    for (Py_ssize_t i = 0; i < count; p += msgs[i].plen, i++) msgs[i].prefix = p;
+    return msgs;
 }
 
-/* The fast_pack encoding of objs (a list of count >= 1 messages) if every one is a
- * plain_tree message, else NULL with no error set: Python encodes them. */
-static PyObject *pack_array(PyObject *fast_pack, PyObject *objs, Py_ssize_t count) {
-    if (fast_pack == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *o = PyList_GET_ITEM(objs, i);
-        if (!plain_type(o) || !plain_tree(o, PLAIN_DEPTH)) return NULL;
+/* The records of objs, for put_objs and publish_objs: *b is the spare buffer, detached (give
+ * it back with spare_return after the records are written). NULL as encode_batch. Only for
+ * a codec without pack options (plain: msgpack's default bytes are the ones to write). */
+static Msg *encode_objs(int plain, PyObject *objs, Py_ssize_t count, uint64_t max_payload, Buf *b) {
+    *b = spare;
+    spare = (Buf){0};
+    if (!plain) return NULL;
+    return encode_batch(objs, count, max_payload, b);
+}
+
+static void spare_return(Buf *b) {
+    if (spare.p == NULL && b->cap <= SPARE_MAX) {
+        spare = *b;
+    } else {
+        PyMem_Free(b->p);
     }
-    PyObject *blob = PyObject_CallOneArg(fast_pack, objs);
-    if (blob == NULL || !PyBytes_Check(blob)) {
-        PyErr_Clear();
-        Py_XDECREF(blob);
-        return NULL;
-    }
-    return blob;
+    *b = (Buf){0};
 }
 
 /* put_objs(list) -> written << 2 | PUT_*, or PUT_PYTHON: put_many's common case, encoding
- * included: a list of plain_tree messages is encoded by one fast_pack call (a msgpack array
- * is its items' encodings one after the other: the records are its slices, and no object
- * is made per message). PUT_PYTHON (nothing done, no error): Python encodes and puts. */
+ * included: a list of plain_tree messages is encoded by pack_plain into one buffer, the
+ * records its slices (no object is made per message, and each one's end is known as it is
+ * written). PUT_PYTHON (nothing done, no error): Python encodes and puts. */
 static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
     if (!PyList_CheckExact(objs)) {
         PyErr_SetString(PyExc_TypeError, "put_objs(list)");
@@ -669,16 +897,12 @@ static PyObject *fq_put_objs(FastQueue *q, PyObject *objs) {
     }
     Py_ssize_t count = PyList_GET_SIZE(objs);
     if (q->ring == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *blob = pack_array(q->fast_pack, objs, count);
-    if (blob == NULL) return PyLong_FromLong(PUT_PYTHON);
-    Msg *msgs = split_array(blob, count, q->max_payload);
-    if (msgs == NULL) {
-        Py_DECREF(blob);
-        return PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
-    }
-    PyObject *r = put_msgs(q, msgs, count, 1); /* (NULL: an error, raised: nothing for Python to redo) */
+    Buf b;
+    Msg *msgs = encode_objs(q->plain, objs, count, q->max_payload, &b);
+    /* (NULL from put_msgs: an error, raised: nothing for Python to redo) */
+    PyObject *r = msgs != NULL ? put_msgs(q, msgs, count, 1) : PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
     PyMem_Free(msgs);
-    Py_DECREF(blob);
+    spare_return(&b);
     return r;
 }
 
@@ -805,10 +1029,11 @@ static void batch_free(Batch *b) {
     b->n = 0;
 }
 
-/* Copy ours records (all msgpack, none a bytes message: total payload bytes) into b, as
- * take_records does one by one; advances *tailp and *seqp. -1 (MemoryError): nothing copied. */
-static Py_ssize_t copy_batch(FastQueue *q, Py_ssize_t ours, uint64_t total, uint64_t head, uint64_t last,
-                             uint64_t *tailp, uint64_t *seqp, uint64_t *nbytes, Batch *b) {
+/* Copy ours records (all msgpack, none a bytes message: total payload bytes), as the scan
+ * under this lock found them (seen: their places in the ring, checked then; a record is
+ * not looked at twice), into b; advances *tailp and *seqp. -1 (MemoryError): nothing copied. */
+static Py_ssize_t copy_batch(const Rec *seen, Py_ssize_t ours, uint64_t total, uint64_t *tailp, uint64_t *seqp,
+                             uint64_t *nbytes, Batch *b) {
     b->lens = PyMem_Malloc((size_t)ours * sizeof(uint32_t));
     b->bytes = b->lens == NULL ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(ARRAY32_HEADER + total));
     if (b->bytes == NULL) {
@@ -817,18 +1042,14 @@ static Py_ssize_t copy_batch(FastQueue *q, Py_ssize_t ours, uint64_t total, uint
         return -1;
     }
     unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
-    Rec r;
     Py_ssize_t j = 0;
     for (; j < ours; j++) {
-        /* (changed meanwhile: a hostile writer; what is copied so far is ours) */
-        if (rec_at(q, *tailp, head, *seqp, last, &r) <= 0 || r.kind != REC_MSGPACK || r.bin ||
-            r.length > total - b->used)
-            break;
-        memcpy(dst + b->used, r.payload, r.length);
-        b->lens[j] = r.length;
-        b->used += r.length;
-        *nbytes += r.length;
-        *tailp = r.end;
+        const Rec *r = &seen[j];
+        memcpy(dst + b->used, r->payload, r->length); /* (the lengths add up to total) */
+        b->lens[j] = r->length;
+        b->used += r->length;
+        *nbytes += r->length;
+        *tailp = r->end;
         (*seqp)++;
     }
     b->n = j;
@@ -849,11 +1070,17 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
     Rec r;
     Py_ssize_t ours = 0, i = 0;
     uint64_t total = 0; /* payload bytes of ours, if all go in one batch */
-    int whole = batch != NULL;
+    /* (ours as the scan finds them, for copy_batch; without the memory, one by one below) */
+    Rec *seen = batch != NULL && k > 1 ? PyMem_Malloc((size_t)k * sizeof(Rec)) : NULL;
+    int whole = seen != NULL;
     for (uint64_t t = tail, s = seq; i < k && t != head; i++, s++, t = r.end) {
         int v = rec_at(q, t, head, s, last, &r);
-        if (v < 0) return 0;
+        if (v < 0) {
+            PyMem_Free(seen);
+            return 0;
+        }
         if (v > 0 && ours == i) {
+            if (seen != NULL) seen[ours] = r;
             ours++;
             whole = whole && r.kind == REC_MSGPACK && !r.bin;
             total += r.length; /* (at most cap per record: no overflow) */
@@ -862,10 +1089,14 @@ static Py_ssize_t take_records(FastQueue *q, Py_ssize_t k, uint64_t *tok, PyObje
     uint64_t nbytes = 0;
     Py_ssize_t j = 0;
     if (whole && ours > 1) {
-        j = copy_batch(q, ours, total, head, last, &tail, &seq, &nbytes, batch);
-        if (j < 0) return -1;
+        j = copy_batch(seen, ours, total, &tail, &seq, &nbytes, batch);
+        if (j < 0) {
+            PyMem_Free(seen);
+            return -1;
+        }
         ours = 0; /* (the loop below has nothing left to do) */
     }
+    PyMem_Free(seen);
     for (; j < ours; j++) {
         if (rec_at(q, tail, head, seq, last, &r) <= 0) break; /* changed meanwhile: a hostile writer */
         /* (a bytes message as _codec.extract gives it: its data, in a 1-tuple: already final) */
@@ -1098,17 +1329,19 @@ static PyObject *fq_take_last(FastQueue *q, PyObject *Py_UNUSED(unused)) {
     return last != NULL ? last : Py_NewRef(Py_None);
 }
 
-/* set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack): what
+/* set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack, fast_unpack, plain): what
  * put_obj/get_obj encode and decode with; pack None or unpack None turns that side off,
- * fast_pack or fast_unpack None leaves it to pack or unpack. */
+ * fast_pack or fast_unpack None leaves it to pack or unpack; plain true: pack is msgpack's
+ * with no options, so a batch may be encoded by pack_plain instead. */
 /* set_codec's work for FastQueue and FastTopic alike: parse args, store them in the fields. */
 static PyObject *set_codec_into(PyObject *args, PyObject **pack_f, PyObject **unpack_f, PyObject **kwnames_f,
                                 PyObject **kwvalues_f, PyObject **fast_pack_f, PyObject **fast_unpack_f,
-                                uint64_t *max_payload_f) {
+                                uint64_t *max_payload_f, int *plain_f) {
     PyObject *pack, *unpack, *kw, *fast_pack = Py_None, *fast_unpack = Py_None;
     unsigned long long max_payload;
-    if (!PyArg_ParseTuple(args, "OOO!K|OO", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
-                          &fast_unpack))
+    int plain = 0;
+    if (!PyArg_ParseTuple(args, "OOO!K|OOp", &pack, &unpack, &PyDict_Type, &kw, &max_payload, &fast_pack,
+                          &fast_unpack, &plain))
         return NULL;
     if (PyDict_GET_SIZE(kw) != 2) {
         PyErr_SetString(PyExc_ValueError, "unpack_kwargs: two keyword arguments");
@@ -1133,12 +1366,13 @@ static PyObject *set_codec_into(PyObject *args, PyObject **pack_f, PyObject **un
     Py_XSETREF(*kwnames_f, names);
     Py_XSETREF(*kwvalues_f, values);
     *max_payload_f = max_payload;
+    *plain_f = plain && *pack_f != NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *fq_set_codec(FastQueue *q, PyObject *args) {
     return set_codec_into(args, &q->pack, &q->unpack, &q->kwnames, &q->kwvalues, &q->fast_pack, &q->fast_unpack,
-                          &q->max_payload);
+                          &q->max_payload, &q->plain);
 }
 
 /* After the lock: replace each msgpack record of recs by its message, each raw record by
@@ -1173,7 +1407,191 @@ static PyObject *batch_records(const Batch *b) {
     return out;
 }
 
-/* The messages of a batch, decoded by one call over its bytes (*done = 1): msgspec's when
+/* Short ASCII strings decoded before, by their bytes: a batch's keys and repeated values
+ * are made once, not once a message (as unpickling a list shares them through its memo).
+ * A str is immutable: sharing one between messages changes nothing a user can see. */
+#define STR_CACHE 512
+#define STR_CACHE_MAX 16
+typedef struct {
+    uint64_t head, tail; /* the string's first and last 8 bytes (all of them if fewer) */
+    size_t n;
+    PyObject *s;
+} CachedStr;
+static CachedStr str_cache[STR_CACHE];
+
+/* The str of the n bytes at p (base: the start of the buffer they are in). */
+static PyObject *dec_str(const unsigned char *p, size_t n, const unsigned char *base) {
+    if (n <= STR_CACHE_MAX) {
+        uint64_t head = 0, tail = 0; /* (two words name the string: no memcmp) */
+        if (n >= 8) {
+            memcpy(&head, p, 8);
+            memcpy(&tail, p + n - 8, 8);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        } else if (n && (size_t)(p - base) >= 8 - n) { /* the 8 bytes that end with them: no loop */
+            memcpy(&head, p + n - 8, 8);
+            head >>= 8 * (8 - n); /* (as the loop below reads them: p[0] lowest) */
+#endif
+        } else {
+            for (size_t i = 0; i < n; i++) head |= (uint64_t)p[i] << (8 * i);
+        }
+        if (!((head | tail) & 0x8080808080808080ULL)) { /* ASCII */
+            uint64_t h = (head * 0x9E3779B97F4A7C15ULL) ^ (tail * 0xC2B2AE3D27D4EB4FULL) ^ n;
+            CachedStr *c = &str_cache[(h >> 40) & (STR_CACHE - 1)];
+            if (c->s != NULL && c->n == n && c->head == head && c->tail == tail) return Py_NewRef(c->s);
+            PyObject *s = PyUnicode_New((Py_ssize_t)n, 127);
+            if (s == NULL) return NULL;
+            memcpy(PyUnicode_DATA(s), p, n);
+            PyObject *old = c->s;
+            *c = (CachedStr){.head = head, .tail = tail, .n = n, .s = Py_NewRef(s)};
+            Py_XDECREF(old);
+            return s;
+        }
+    }
+    return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL); /* (strict, as msgpack) */
+}
+
+/* A reader over one payload. */
+typedef struct {
+    const unsigned char *p, *end;
+    const unsigned char *base; /* the start of the buffer p is in */
+    int short_read;            /* a number ran past the end: the payload fails */
+} Rd;
+
+/* The next n bytes of r as a big-endian number; 0 (and r->short_read set) if fewer are left. */
+static inline uint64_t rd_be(Rd *r, size_t n) {
+    uint64_t v = 0;
+    if ((size_t)(r->end - r->p) < n) {
+        r->short_read = 1;
+        return 0;
+    }
+    if (n == 1) {
+        v = r->p[0];
+    } else if (n == 2) {
+        uint16_t x;
+        memcpy(&x, r->p, 2);
+        v = BE16(x);
+    } else if (n == 4) {
+        uint32_t x;
+        memcpy(&x, r->p, 4);
+        v = BE32(x);
+    } else {
+        memcpy(&v, r->p, 8);
+        v = BE64(v);
+    }
+    r->p += n;
+    return v;
+}
+
+static PyObject *dec_plain(Rd *r, int depth);
+
+static PyObject *dec_array(Rd *r, uint64_t n, int depth) {
+    if (depth <= 0 || n > (uint64_t)(r->end - r->p)) return NULL; /* (each item takes a byte) */
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (uint64_t i = 0; list != NULL && i < n; i++) {
+        PyObject *item = dec_plain(r, depth - 1);
+        if (item == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+}
+
+static PyObject *dec_map(Rd *r, uint64_t n, int depth) {
+    if (depth <= 0 || n > (uint64_t)(r->end - r->p) / 2) return NULL;
+    PyObject *d = PyDict_New();
+    for (uint64_t i = 0; d != NULL && i < n; i++) {
+        PyObject *k = dec_plain(r, depth - 1), *v = NULL;
+        /* (an array or map key: msgpack raises, and Codec.finish decides: Python's) */
+        if (k != NULL && !PyList_CheckExact(k) && !PyDict_CheckExact(k)) v = dec_plain(r, depth - 1);
+        if (v == NULL || PyDict_SetItem(d, k, v) < 0) Py_CLEAR(d);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    return d;
+}
+
+/* The next object of r as msgpack's unpackb (the plain codec's options) gives it, if it
+ * is made of nil, bool, int, float, str, bin, array and map only, no deeper than depth;
+ * NULL, error set or not, otherwise (an ext, a malformed object): the batch is decoded
+ * as before. No Python code runs, so no exception but MemoryError comes from here. */
+static PyObject *dec_plain(Rd *r, int depth) {
+    if (r->p >= r->end) return NULL;
+    unsigned c = *r->p++;
+    if (c <= 0x7F) return PyLong_FromLong((long)c);
+    if (c >= 0xE0) return PyLong_FromLong((long)(int8_t)c);
+    if (c <= 0x8F) return dec_map(r, c & 0x0F, depth);
+    if (c <= 0x9F) return dec_array(r, c & 0x0F, depth);
+    uint64_t n;
+    if (c <= 0xBF) {
+        n = c & 0x1F;
+        goto str;
+    }
+    switch (c) {
+    case 0xC0: return Py_NewRef(Py_None);
+    case 0xC2: return Py_NewRef(Py_False);
+    case 0xC3: return Py_NewRef(Py_True);
+    case 0xC4: case 0xC5: case 0xC6: /* bin 8, 16, 32 */
+        n = rd_be(r, (size_t)1 << (c - 0xC4));
+        if (r->short_read || n > (uint64_t)(r->end - r->p)) return NULL;
+        r->p += n;
+        return PyBytes_FromStringAndSize((const char *)r->p - n, (Py_ssize_t)n);
+    case 0xCA: {
+        uint32_t u = (uint32_t)rd_be(r, 4);
+        float f;
+        memcpy(&f, &u, 4);
+        return r->short_read ? NULL : PyFloat_FromDouble((double)f);
+    }
+    case 0xCB: {
+        uint64_t u = rd_be(r, 8);
+        double d;
+        memcpy(&d, &u, 8);
+        return r->short_read ? NULL : PyFloat_FromDouble(d);
+    }
+    case 0xCC: case 0xCD: case 0xCE: case 0xCF: /* uint 8 to 64 */
+        n = rd_be(r, (size_t)1 << (c - 0xCC));
+        return r->short_read ? NULL : PyLong_FromUnsignedLongLong(n);
+    case 0xD0: case 0xD1: case 0xD2: case 0xD3: { /* int 8 to 64: sign-extended */
+        int bits = 8 << (c - 0xD0);
+        n = rd_be(r, (size_t)bits / 8);
+        if (r->short_read) return NULL;
+        int64_t v = bits == 64 ? (int64_t)n : (int64_t)(n ^ (1ULL << (bits - 1))) - (int64_t)(1ULL << (bits - 1));
+        return PyLong_FromLongLong(v);
+    }
+    case 0xD9: case 0xDA: case 0xDB: /* str 8, 16, 32 */
+        n = rd_be(r, (size_t)1 << (c - 0xD9));
+        goto str;
+    case 0xDC: case 0xDD:
+        n = rd_be(r, c == 0xDC ? 2 : 4);
+        return r->short_read ? NULL : dec_array(r, n, depth);
+    case 0xDE: case 0xDF:
+        n = rd_be(r, c == 0xDE ? 2 : 4);
+        return r->short_read ? NULL : dec_map(r, n, depth);
+    default: return NULL; /* ext (msgpack's ExtType or Timestamp), 0xC1 */
+    }
+str:
+    if (r->short_read || n > (uint64_t)(r->end - r->p)) return NULL;
+    r->p += n;
+    return dec_str(r->p - n, (size_t)n, r->base);
+}
+
+/* The messages of a batch decoded record by record in C (each record exactly one object,
+ * as decode_payload requires), or NULL: some record is not plain_tree's, or is damaged
+ * (no error set: batch_messages decodes as before), or an error (set). */
+static PyObject *batch_plain(const Batch *b) {
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
+    PyObject *msgs = PyList_New(b->n);
+    for (Py_ssize_t i = 0; msgs != NULL && i < b->n; p += b->lens[i], i++) {
+        Rd r = {p, p + b->lens[i], (const unsigned char *)PyBytes_AS_STRING(b->bytes), 0};
+        PyObject *msg = dec_plain(&r, PLAIN_DEPTH);
+        if (msg != NULL && (r.p != r.end || r.short_read)) Py_CLEAR(msg); /* (more than one object: Python's to refuse) */
+        if (msg == NULL) Py_CLEAR(msgs);
+        else PyList_SET_ITEM(msgs, i, msg);
+    }
+    return msgs;
+}
+
+/* The messages of a batch (*done = 1): decoded by C itself when every record is a plain one
+ * (batch_plain: nil, bool, int, float, str, bin, array and map, as the plain codec's unpackb
+ * gives them), else by one call over its bytes: msgspec's when
  * installed and no payload may hold a timestamp, else msgpack's unpackb, with the keywords
  * decode_with gives it. Only when each payload is exactly one msgpack object: then the array
  * holds exactly the batch's messages, each decoded as decode_payload would (one more level
@@ -1184,6 +1602,14 @@ static PyObject *batch_records(const Batch *b) {
 static PyObject *batch_messages(FastQueue *q, const Batch *b, int *done, int *failed) {
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(b->bytes) + ARRAY32_HEADER;
     int one_call = b->used == (uint64_t)(PyBytes_GET_SIZE(b->bytes) - ARRAY32_HEADER);
+    if (one_call) { /* the common batch: C decodes it itself; else one decoder call, as below */
+        PyObject *msgs = batch_plain(b);
+        if (msgs != NULL) {
+            *done = 1;
+            return msgs;
+        }
+        PyErr_Clear(); /* (no memory: the way below meets it again, and says so) */
+    }
     int fast = q->fast_unpack != NULL;
     for (Py_ssize_t i = 0; one_call && i < b->n; p += b->lens[i], i++)
         one_call = msgpack_span(p, b->lens[i]) == b->lens[i];
@@ -1331,7 +1757,8 @@ static PyMethodDef fq_methods[] = {
     {"take_last", (PyCFunction)fq_take_last, METH_NOARGS,
      "take_last() -> what the last get_obj/take_many returned (None if nothing), forgotten here"},
     {"set_codec", (PyCFunction)fq_set_codec, METH_VARARGS,
-     "set_codec(pack, unpack, unpack_kwargs, max_payload): encode/decode in put_obj/get_obj"},
+     "set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack=None, fast_unpack=None, plain=False): "
+     "encode/decode in put_obj/put_objs/get_obj"},
     {"close", (PyCFunction)fq_close, METH_NOARGS, "Release the mapping, the semaphore handles, the codec."},
     {NULL, NULL, 0, NULL},
 };
@@ -1379,6 +1806,7 @@ typedef struct {
     pthread_mutex_t *head;
     PyObject *pack, *unpack, *kwnames, *kwvalues; /* as FastQueue's (set_codec) */
     PyObject *fast_pack, *fast_unpack;            /* as FastQueue's: msgspec's pair, or NULL */
+    int plain;                                    /* as FastQueue's */
     uint64_t max_payload;
 } FastTopic;
 
@@ -1635,13 +2063,11 @@ static PyObject *ft_publish_objs(FastTopic *t, PyObject *const *args, Py_ssize_t
     PyObject *objs = args[0];
     Py_ssize_t count = PyList_GET_SIZE(objs);
     if (t->ring == NULL || t->pack == NULL || count == 0 || count > UINT32_MAX) return PyLong_FromLong(PUT_PYTHON);
-    PyObject *blob = pack_array(t->fast_pack, objs, count);
-    if (blob == NULL) return PyLong_FromLong(PUT_PYTHON);
-    Msg *msgs = split_array(blob, count, t->max_payload);
-    PyObject *r = msgs == NULL ? (PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON))
-                               : publish_msgs(t, msgs, count, 1);
+    Buf b;
+    Msg *msgs = encode_objs(t->plain, objs, count, t->max_payload, &b);
+    PyObject *r = msgs != NULL ? publish_msgs(t, msgs, count, 1) : PyErr_Occurred() ? NULL : PyLong_FromLong(PUT_PYTHON);
     PyMem_Free(msgs);
-    Py_DECREF(blob);
+    spare_return(&b);
     return r;
 }
 
@@ -1875,7 +2301,7 @@ static PyObject *ft_read(FastTopic *t, PyObject *const *args, Py_ssize_t nargs) 
 
 static PyObject *ft_set_codec(FastTopic *t, PyObject *args) {
     return set_codec_into(args, &t->pack, &t->unpack, &t->kwnames, &t->kwvalues, &t->fast_pack, &t->fast_unpack,
-                          &t->max_payload);
+                          &t->max_payload, &t->plain);
 }
 
 static PyObject *ft_close(FastTopic *t, PyObject *Py_UNUSED(unused)) {
@@ -1895,7 +2321,7 @@ static PyMethodDef ft_methods[] = {
     {"read", (PyCFunction)(void (*)(void))ft_read, METH_FASTCALL,
      "read(sub, slot_base, k, mode, spin_s) -> list, None (nothing new), [] (Python reads), tuple"},
     {"set_codec", (PyCFunction)ft_set_codec, METH_VARARGS,
-     "set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack=None, fast_unpack=None): "
+     "set_codec(pack, unpack, unpack_kwargs, max_payload, fast_pack=None, fast_unpack=None, plain=False): "
      "encode/decode in publish_obj/publish_objs/read"},
     {"close", (PyCFunction)ft_close, METH_NOARGS, "Release the mapping and the codec."},
     {NULL, NULL, 0, NULL},
@@ -1938,6 +2364,7 @@ PyMODINIT_FUNC PyInit__cfast(void) {
     if (m == NULL) return NULL;
     NoToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     HasToken = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    span_steps_init();
     RecMsgpack = PyLong_FromLong(REC_MSGPACK);
     if (NoToken == NULL || HasToken == NULL || RecMsgpack == NULL || PyModule_AddObject(m, "NO_TOKEN", Py_NewRef(NoToken)) < 0 ||
         PyModule_AddObject(m, "HAS_TOKEN", Py_NewRef(HasToken)) < 0) {

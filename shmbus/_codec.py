@@ -14,7 +14,10 @@ Decoding is bounded by the payload's own length (msgpack's default for
 ``msgspec``, when installed, is a faster coder of the same bytes for the plain
 codec: it decodes a payload that cannot hold a msgpack timestamp (which it
 would turn into a ``datetime``), and the C path encodes with it a message made
-only of the exact types both write alike (``_cfast.c``'s ``plain_tree``).
+only of the exact types both write alike (``_cfast.c``'s ``plain_tree``); a
+batch of such messages C encodes itself, to the same bytes (``pack_plain``),
+and a batch of such records ``get_many`` decodes itself, to the same
+messages (``dec_plain``).
 Whatever it refuses, msgpack does as before, so the bytes and the messages are
 the same with it or without it (``tests/test_codec_fast.py`` checks both
 ways; CI runs the pure-Python pass with ``SHMBUS_NO_MSGSPEC=1``).
@@ -261,18 +264,19 @@ class Codec:
         return REC_MSGPACK, data, None, len(data)
 
     def _c_parts(self) -> tuple[Any, ...]:
-        """What the C fast path codes with: ``(pack, unpack or None, unpack's keywords, fast pair...)``.
+        """What the C fast path codes with: ``(pack, unpack or None, unpack's keywords, fast pair, plain)``.
 
         ``unpack`` only for the plain codec, whose decoded messages are never
         tuples (the C path tells a message from a record that way); with
         ``unpack_options``, decoding stays here, in ``finish``. The fast pair
         (msgspec's, or None) codes the same bytes; C uses the encoder only for
         a message of the types both write alike, and only without ``pack_options``.
+        ``plain``: no ``pack_options``, so C may write msgpack's default bytes itself.
         """
         unpack = _unpackb if self._plain else None
         fast_encode = FAST_ENCODE if not self.pack_options else None
         kw = {"strict_map_key": False, "ext_hook": _EXT}
-        return self._packb, unpack, kw, fast_encode, self._fast_decode
+        return self._packb, unpack, kw, fast_encode, self._fast_decode, not self.pack_options
 
     def finish_many(self, items: list[Any]) -> list[Any]:
         """Decode a batch; if some fail, raise the first error with the rest in its ``decoded``.

@@ -177,7 +177,7 @@ class _Producing(_QueueBase):
     def _put_objs(self, fast: Any, objs: list[Any], deadline: float | None) -> bool:
         """put_many's common case in C, encoding included; False if C left it all to Python.
 
-        C encodes the whole list with one msgspec call and writes what fits
+        C encodes the whole list, msgpack's bytes, and writes what fits
         (msgspec installed, every message of plain types); Python encodes
         whatever is left past the first records C wrote, the same bytes.
         """

@@ -181,3 +181,31 @@ def test_an_exception_before_the_c_call_keeps_nothing_an_earlier_get_returned(
         # Not "a" again: the earlier get returned it; nothing was taken by the interrupted one.
         assert q.get_many(5, block=False) == ["b", "c"]
         q.unlink()
+
+
+_EDGES: list[Any] = [
+    0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**64 - 1,
+    -1, -32, -33, -128, -129, -(2**15) - 1, -(2**31) - 1, -(2**63),
+    0.0, -0.0, 3.14, float("inf"), "", "a" * 31, "a" * 32, "a" * 255, "a" * 256, "a" * 65536, "é€😀",
+    b"", b"x" * 255, b"x" * 256, b"x" * 65536, None, True, False,
+    [], [1] * 15, [1] * 16, [1] * 65536, (1, "two"), {str(i): i for i in range(16)},
+    {1: "int key", b"k": "bytes key", 1.5: None, None: [], False: {}},
+]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_c_encodes_and_decodes_itself_is_msgpacks(bus_name: str) -> None:
+    """put_many/get_many of plain messages: msgpack's bytes, unpackb's messages (msgspec or not)."""
+    import msgpack
+
+    with shmbus.Queue.create(bus_name, capacity="4MiB") as q:
+        if q._fast is None:
+            pytest.skip("no C fast path")
+        q.put_many(_EDGES)
+        assert [q.get_bytes(timeout=5) for _ in _EDGES] == [
+            o if type(o) is bytes else msgpack.packb(o) for o in _EDGES
+        ]
+        q.put_many(_EDGES)
+        got = q.get_many(len(_EDGES), timeout=5)
+        expected = [msgpack.unpackb(msgpack.packb(o), strict_map_key=False) for o in _EDGES]
+        assert repr(got) == repr(expected)

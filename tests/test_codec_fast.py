@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmbus import Codec, DecodeError, EncodeError, Full, Queue
@@ -192,6 +192,60 @@ def _has_tuple_key(obj: Any) -> bool:
 
 
 
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(objs=st.lists(plain, min_size=1, max_size=6))
+def test_c_put_many_writes_msgpacks_bytes(queue: Queue, objs: list[Any]) -> None:
+    """C encodes a batch itself (no msgspec call): record by record, msgpack's bytes."""
+    queue.put_many(objs)
+    # (a bytes message's are its data: get_bytes gives them without the bin header)
+    assert [queue.get_bytes(timeout=5) for _ in objs] == [o if type(o) is bytes else _pack(o) for o in objs]
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(objs=st.lists(plain, min_size=2, max_size=6))
+def test_c_get_many_decodes_as_msgpack(queue: Queue, objs: list[Any]) -> None:
+    """C decodes a batch itself (no decoder call): each message as Codec.finish gives it."""
+    queue.put_many(objs)
+    got = queue.get_many(len(objs), timeout=5)
+    assert len(got) == len(objs)
+    for o, g in zip(objs, got):
+        assert _same(g, DEFAULT_CODEC.finish(1, _pack(o)))
+
+
+@pytest.mark.timeout(30)
+def test_short_strings_decoded_alike_are_told_apart(queue: Queue) -> None:
+    """C shares the str of short ASCII strings met before: never one for another."""
+    words = ["", "a", "b", "ab", "ba", "a" * 7, "a" * 8, "a" * 9, "abcdefgh", "hgfedcba", "seq", "qes",
+             "0123456789abcdef", "0123456789abcdeF", "0123456x89abcdef", "x" * 16, "x" * 17,
+             "é", "\x7f"]  # fmt: skip
+    msgs = [{w: [w, i]} for i, w in enumerate(words)] + [{"k": w} for w in reversed(words)]
+    for _ in range(3):
+        queue.put_many(msgs)
+        assert queue.get_many(len(msgs), timeout=5) == msgs
+
+
+def _nested(depth: int) -> Any:
+    obj: Any = "leaf"
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+@pytest.mark.timeout(30)
+def test_c_put_many_leaves_to_python_what_it_does_not_encode(queue: Queue) -> None:
+    """Too deep for C, a str msgpack refuses, a subclass: Python encodes (or refuses) the batch."""
+    deep = [_nested(40), {"k": _nested(40)}]
+    queue.put_many(deep)
+    assert [queue.get_bytes(timeout=5) for _ in deep] == [_pack(o) for o in deep]
+    for bad in ("\ud800", {"k": "\udfff"}, [2**64]):
+        with pytest.raises(EncodeError):
+            queue.put_many([{"ok": 1}, bad])
+    queue.put_many([{"ok": 1}, Colour.RED.value, True, -(2**63), 2**64 - 1, "é" * 40, b"\x00" * 300])
+    assert queue.qsize() == 7
+
+
 @pytest.mark.timeout(30)
 def test_a_batch_larger_than_the_room_goes_in_part_by_c_and_the_rest_by_python(queue: Queue) -> None:
     """put_many of more than fits: C writes the first ones, Python the rest once room is made."""
@@ -216,13 +270,14 @@ def test_a_handlers_exception_while_c_decodes_is_raised_and_nothing_is_lost(bus_
     with Queue.create(bus_name, capacity="1MiB") as q:
         if q._fast is None:
             pytest.skip("no C fast path")
-        pack, unpack, kw, fast_pack, _ = DEFAULT_CODEC._c_parts()
+        pack, unpack, kw, fast_pack, *_ = DEFAULT_CODEC._c_parts()
 
         def interrupted(data: Any) -> Any:
             raise KeyboardInterrupt
 
         q._fast.set_codec(pack, unpack, kw, q._max_payload, fast_pack, interrupted)
-        msgs = [{"n": i} for i in range(5)]
+        # (an ext type: C does not decode the batch itself, it calls the decoder)
+        msgs = [{"n": i, "x": msgpack.ExtType(5, b"ab")} for i in range(5)]
         q.put_many(msgs)
         with pytest.raises(KeyboardInterrupt):
             q.get_many(10, timeout=5)
@@ -256,7 +311,7 @@ def test_without_msgspec_c_decodes_a_batch_with_one_msgpack_call_alike(bus_name:
     with Queue.create(bus_name, capacity="1MiB") as q:
         if q._fast is None:
             pytest.skip("no C fast path")
-        pack, unpack, kw, fast_pack, _ = DEFAULT_CODEC._c_parts()
+        pack, unpack, kw, fast_pack, *_ = DEFAULT_CODEC._c_parts()
         q._fast.set_codec(pack, unpack, kw, q._max_payload, fast_pack, None)
         msgs = [{"a": 1}, {"at": msgpack.Timestamp(1, 2)}, {(1, 2): "tuple key"}, [1.5, None, "x"]]
         q.put_many(msgs)
