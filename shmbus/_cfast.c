@@ -1728,7 +1728,8 @@ static PyObject *fq_take_tokens(FastQueue *q, PyObject *const *args, Py_ssize_t 
 }
 
 /* One Record(seq, kind, data) of scan_records: data a read-only slice of ro (the ring, so the
- * mapping counts it as an export); built as tuple.__new__(Record, ...) builds it. NULL on error. */
+ * mapping counts it as an export); built as tuple.__new__(Record, ...) builds it (Record: a tuple
+ * subclass with no attributes of its own, scan_records checks). NULL on error. */
 static PyObject *make_record(PyTypeObject *rt, PyObject *names, PyObject *ro, uint64_t seq, const Rec *r,
                              const unsigned char *ring) {
     Py_ssize_t a = (Py_ssize_t)(r->payload - ring);
@@ -1748,6 +1749,9 @@ static PyObject *make_record(PyTypeObject *rt, PyObject *names, PyObject *ro, ui
     PyTuple_SET_ITEM(rec, 0, s);
     PyTuple_SET_ITEM(rec, 1, Py_NewRef(PyTuple_GET_ITEM(names, r->kind)));
     PyTuple_SET_ITEM(rec, 2, data);
+    /* Never part of a cycle (an int, a str and a view whose references lead to the mapping, never
+     * back): untracked, the collector does not walk a batch's thousands of them again and again. */
+    PyObject_GC_UnTrack(rec);
     return rec;
 }
 
@@ -1771,7 +1775,9 @@ static Py_ssize_t count_records(FastQueue *q, Py_ssize_t k, uint64_t tail, uint6
  * anywhere among the k, tail_seq to resync): its path raises or resyncs as before. */
 static PyObject *fq_scan_records(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4 || !PyMemoryView_Check(args[0]) || !PyType_Check(args[1]) ||
-        !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type) || !PyTuple_CheckExact(args[2]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type) ||
+        ((PyTypeObject *)args[1])->tp_dictoffset != 0 || /* (no attributes: make_record untracks it) */
+        ((PyTypeObject *)args[1])->tp_basicsize != PyTuple_Type.tp_basicsize || !PyTuple_CheckExact(args[2]) ||
         PyTuple_GET_SIZE(args[2]) <= REC_NDARRAY) {
         PyErr_SetString(PyExc_TypeError, "scan_records(ring view, Record, kind names, k)");
         return NULL;
