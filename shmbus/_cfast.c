@@ -1695,6 +1695,133 @@ static PyObject *fq_take_many_obj(FastQueue *q, PyObject *const *args, Py_ssize_
     return take_many(q, args, nargs, 1);
 }
 
+/* take_tokens(tokens_index, have, max) -> k: get_records' tokens. With have already held,
+ * takes more items tokens (without waiting) up to max, and records the k held in the tokens
+ * field before returning, as Queue._get_records does: one call for what was one Python call
+ * per record. On a bad argument, the have tokens go back (Python cannot learn how many). */
+static PyObject *fq_take_tokens(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t have = nargs == 3 ? PyLong_AsSsize_t(args[1]) : -1;
+    if (have == -1 && (nargs != 3 || PyErr_Occurred())) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "take_tokens(tokens_index, have, max)");
+        return NULL; /* (have unknown: nothing to give back) */
+    }
+    Py_ssize_t tokens = PyLong_AsSsize_t(args[0]), max = PyLong_AsSsize_t(args[2]);
+    if ((tokens == -1 || max == -1) && PyErr_Occurred()) {
+        give_back(q, NULL, have);
+        return NULL;
+    }
+    if (q->ring == NULL || have < 0 || max < have || tokens <= 0 ||
+        (size_t)tokens >= (size_t)(q->ring - (unsigned char *)q->h64) / 8) {
+        give_back(q, NULL, have);
+        PyErr_SetString(PyExc_ValueError, "take_tokens: a closed queue, a bad tokens index or 0 <= have <= max");
+        return NULL;
+    }
+    Py_ssize_t k = have;
+    while (k < max && sem_trywait(q->items) == 0) k++;
+    PyObject *r = PyLong_FromSsize_t(k);
+    if (r == NULL) {
+        give_back(q, NULL, k);
+        return NULL;
+    }
+    st64(q->h64 + tokens, (uint64_t)k);
+    return r;
+}
+
+/* One Record(seq, kind, data) of scan_records: data a read-only slice of ro (the ring, so the
+ * mapping counts it as an export); built as tuple.__new__(Record, ...) builds it (Record: a tuple
+ * subclass with no attributes of its own, scan_records checks). NULL on error. */
+static PyObject *make_record(PyTypeObject *rt, PyObject *names, PyObject *ro, uint64_t seq, const Rec *r,
+                             const unsigned char *ring) {
+    Py_ssize_t a = (Py_ssize_t)(r->payload - ring);
+    PyObject *lo = PyLong_FromSsize_t(a), *hi = PyLong_FromSsize_t(a + (Py_ssize_t)r->length);
+    PyObject *slice = lo == NULL || hi == NULL ? NULL : PySlice_New(lo, hi, NULL);
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    PyObject *data = slice == NULL ? NULL : PyObject_GetItem(ro, slice);
+    Py_XDECREF(slice);
+    PyObject *s = data == NULL ? NULL : PyLong_FromUnsignedLongLong(seq);
+    PyObject *rec = s == NULL ? NULL : rt->tp_alloc(rt, 3);
+    if (rec == NULL) {
+        Py_XDECREF(s);
+        Py_XDECREF(data);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(rec, 0, s);
+    PyTuple_SET_ITEM(rec, 1, Py_NewRef(PyTuple_GET_ITEM(names, r->kind)));
+    PyTuple_SET_ITEM(rec, 2, data);
+    /* Never part of a cycle (an int, a str and a view whose references lead to the mapping, never
+     * back): untracked, the collector does not walk a batch's thousands of them again and again. */
+    PyObject_GC_UnTrack(rec);
+    return rec;
+}
+
+/* Under the tail lock, the first pass of scan_records: how many records from tail (at most k)
+ * rec_at finds sound, or -1 if one of them is not (Python raises on it, or resyncs tail_seq
+ * first: its to do). Reads only. */
+static Py_ssize_t count_records(FastQueue *q, Py_ssize_t k, uint64_t tail, uint64_t head, uint64_t seq,
+                                uint64_t last) {
+    Rec r;
+    Py_ssize_t i = 0;
+    for (uint64_t t = tail; i < k && t != head; i++, seq++, t = r.end)
+        if (rec_at(q, t, head, seq, last, &r) < 0) return -1;
+    return i;
+}
+
+/* scan_records(ro, Record, names, k) -> (records, ends_and_sizes) or None: Queue._records_locked's
+ * common case, under the tail lock the caller holds. records: up to k Record(seq, names[kind],
+ * read-only slice of ro) from tail; ends_and_sizes: bytes of 2 * n native u64, the tail after
+ * each record, then the payload bytes up to each (what the batch's end commits). Reads only:
+ * nothing is consumed here. None when Python must look (bad positions, a record rec_at refuses
+ * anywhere among the k, tail_seq to resync): its path raises or resyncs as before. */
+static PyObject *fq_scan_records(FastQueue *q, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyMemoryView_Check(args[0]) || !PyType_Check(args[1]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type) ||
+        ((PyTypeObject *)args[1])->tp_dictoffset != 0 || /* (no attributes: make_record untracks it) */
+        ((PyTypeObject *)args[1])->tp_basicsize != PyTuple_Type.tp_basicsize || !PyTuple_CheckExact(args[2]) ||
+        PyTuple_GET_SIZE(args[2]) <= REC_NDARRAY) {
+        PyErr_SetString(PyExc_TypeError, "scan_records(ring view, Record, kind names, k)");
+        return NULL;
+    }
+    Py_ssize_t k = PyLong_AsSsize_t(args[3]);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    const Py_buffer *v = PyMemoryView_GET_BUFFER(args[0]);
+    if (q->ring == NULL || v->buf != (void *)q->ring || (uint64_t)v->len != q->cap || v->ndim != 1 ||
+        v->itemsize != 1) {
+        PyErr_SetString(PyExc_ValueError, "scan_records: the view is not this queue's ring");
+        return NULL;
+    }
+    uint64_t cap = q->cap, tail = ld64(H64(q, Q_TAIL)), head = ld64(H64(q, Q_HEAD));
+    if (tail > head || head - tail > cap || (head | tail) & ALIGN_MASK || head > UINT64_MAX - 2 * cap)
+        return Py_NewRef(Py_None); /* (_ring.check_positions, as take_records) */
+    uint64_t seq = ld64(H64(q, Q_TAIL_SEQ));
+    uint64_t last = ld64(H64(q, Q_NEXT_SEQ)); /* loaded after head, which producers store after it */
+    Py_ssize_t n = count_records(q, k, tail, head, seq, last);
+    if (n < 0) return Py_NewRef(Py_None);
+    PyObject *recs = PyList_New(n);
+    PyObject *meta = recs == NULL ? NULL : PyBytes_FromStringAndSize(NULL, 16 * n);
+    if (meta == NULL) {
+        Py_XDECREF(recs);
+        return NULL;
+    }
+    uint64_t *ends = (uint64_t *)PyBytes_AS_STRING(meta), *sizes = ends + n, nbytes = 0;
+    Rec r;
+    for (Py_ssize_t i = 0; i < n; i++, seq++, tail = r.end) {
+        /* Looked at again (no copy of the first pass kept): a record changed meanwhile is Python's. */
+        PyObject *rec = rec_at(q, tail, head, seq, last, &r) < 0 ? Py_NewRef(Py_None)
+                        : make_record((PyTypeObject *)args[1], args[2], args[0], seq, &r, q->ring);
+        if (rec == NULL || rec == Py_None) {
+            Py_DECREF(recs);
+            Py_DECREF(meta);
+            return rec;
+        }
+        PyList_SET_ITEM(recs, i, rec);
+        nbytes += r.length;
+        ends[i] = r.end;
+        sizes[i] = nbytes;
+    }
+    return Py_BuildValue("(NN)", recs, meta);
+}
+
 /* set_fault_hook(hook or None): call hook(step) at each named step (_faults arms and disarms it). */
 static PyObject *set_fault_hook(PyObject *Py_UNUSED(module), PyObject *hook) {
     if (hook != Py_None && !PyCallable_Check(hook)) {
@@ -1746,6 +1873,10 @@ static PyMethodDef fq_methods[] = {
      "take_many(tokens_index, have, max, spin_s) -> (records, tokens still held)"},
     {"take_many_obj", (PyCFunction)(void (*)(void))fq_take_many_obj, METH_FASTCALL,
      "take_many_obj(tokens_index, have, max, spin_s) -> (messages or records, tokens held, records left)"},
+    {"take_tokens", (PyCFunction)(void (*)(void))fq_take_tokens, METH_FASTCALL,
+     "take_tokens(tokens_index, have, max) -> items tokens held, recorded in the tokens field"},
+    {"scan_records", (PyCFunction)(void (*)(void))fq_scan_records, METH_FASTCALL,
+     "scan_records(ring view, Record, kind names, k) -> (records, ends and sizes) or None (Python's)"},
     {"put_objs", (PyCFunction)fq_put_objs, METH_O,
      "put_objs(list) -> written << 2 | code, or PUT_PYTHON: Python encodes and puts"},
     {"encode_many", (PyCFunction)fq_encode_many, METH_O,

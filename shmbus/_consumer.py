@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from itertools import accumulate
 from typing import Any, Callable
 
@@ -24,6 +25,8 @@ from ._format import (
     Q_SCRATCH,
     Q_TAIL,
     Q_TAIL_SEQ,
+    REC_MSGPACK,
+    REC_NDARRAY,
     REC_RAW,
     RECORD_SIZE,
     U64_MAX,
@@ -40,6 +43,10 @@ _NO_TOKEN, _HAS_TOKEN = _accel.NO_TOKEN, _accel.HAS_TOKEN  # FastQueue.get_obj's
 _DECODED = -1  # the "kind" of a kept message that C had already decoded
 _REQUEUE_GRACE = 0.05  # seconds close() waits for the producer lock to put kept messages back
 _monotonic = time.monotonic
+# Record.kind by record kind code, as C's scan_records indexes it ("" for codes no message has).
+_KIND_NAMES = tuple(
+    record_kind(c) if c in (REC_MSGPACK, REC_RAW, REC_NDARRAY) else "" for c in range(REC_NDARRAY + 1)
+)
 
 
 def _as_bytes(payload: Payload) -> bytes:
@@ -681,19 +688,23 @@ class _Consuming(_QueueBase):
         items, h = self._items, self._h64
         if not items.try_acquire() and (not block or not items.spin_acquire(deadline, self.spin, self._heal)):
             raise Empty(f"{self.path} is empty", path=self.path)
-        k = 1
-        more = items.try_acquire  # (bound once: one call per record taken)
-        while k < max_records and more():
-            k += 1
         tokens = self._part_tokens()
-        h[tokens] = k
+        fast = self._fast
+        if fast is not None:
+            k = fast.take_tokens(tokens, 1, max_records)  # (C records k in the tokens field)
+        else:
+            k = 1
+            more = items.try_acquire  # (bound once: one call per record taken)
+            while k < max_records and more():
+                k += 1
+            h[tokens] = k
         lock = self._tail_lock
         try:
             if not lock.acquire(deadline):  # the timeout bounds the consumer lock's wait too
                 raise Empty(f"{self.path}: no message in time (another consumer held the consumer lock)",
                             path=self.path)  # fmt: skip
             try:
-                recs, ends, sizes = self._records_locked(k)
+                recs, ends, sizes = self._records_scan(fast, k)
             except BaseException:
                 lock.release()
                 raise
@@ -708,6 +719,21 @@ class _Consuming(_QueueBase):
                 left = None if deadline is None else max(deadline - _monotonic(), 0.0)
                 return self._get_records(max_records, block and left != 0.0, left)
         return self._track(RecordBatch(recs, self._records_finish(recs, ends, sizes, tokens)))
+
+    def _records_scan(self, fast: Any, k: int) -> tuple[list[Record], Sequence[int], Sequence[int]]:
+        """Under the tail lock: ``_records_locked``, its common case done by C when it is built.
+
+        C reads the same records with the same checks, and gives anything else
+        (bad positions, a damaged record, ``tail_seq`` to resync) back to Python.
+        """
+        if fast is not None:
+            got = fast.scan_records(self._ring.toreadonly(), Record, _KIND_NAMES, k)
+            if got is not None:
+                recs, meta = got
+                n = len(recs)
+                words = memoryview(meta).cast("Q")  # the tail after each record, then the bytes so far
+                return recs, words[:n], words[n:]
+        return self._records_locked(k)
 
     def _records_locked(self, k: int) -> tuple[list[Record], list[int], list[int]]:
         """Under the tail lock: views of up to ``k`` records at tail, the tail after each, bytes so far."""
@@ -738,7 +764,7 @@ class _Consuming(_QueueBase):
         return recs, ends, list(accumulate(lens))
 
     def _records_finish(
-        self, recs: list[Record], ends: list[int], sizes: list[int], tokens: int
+        self, recs: list[Record], ends: Sequence[int], sizes: Sequence[int], tokens: int
     ) -> Callable[[int], None]:
         """How a ``RecordBatch`` ends, under the tail lock it holds: consume its first ``n`` records."""
         h, items, lock = self._h64, self._items, self._tail_lock

@@ -23,6 +23,8 @@ import pytest
 
 import shmbus
 from shmbus import _accel
+from shmbus._consumer import _KIND_NAMES
+from shmbus._zerocopy import Record
 
 ROOT = Path(__file__).resolve().parent.parent
 _BUILT = _accel.ENABLED or os.environ.get("SHMBUS_PURE_PYTHON", "") not in ("", "0")
@@ -209,3 +211,34 @@ def test_a_batch_c_encodes_and_decodes_itself_is_msgpacks(bus_name: str) -> None
         got = q.get_many(len(_EDGES), timeout=5)
         expected = [msgpack.unpackb(msgpack.packb(o), strict_map_key=False) for o in _EDGES]
         assert repr(got) == repr(expected)
+
+
+@needs_c
+def test_get_records_in_c_gives_pythons_records_and_refuses_a_foreign_view(bus_name: str) -> None:
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        msgs: list[Any] = [{"i": i} for i in range(5)]
+        for _ in range(3):  # past a wrap: the C scan follows wrap markers as Python does
+            q.put_many(msgs * 300)
+            q.get_many(1500)
+        q.put_many(msgs)
+        q.put_bytes(b"raw")
+        fast = q._fast
+        assert fast is not None
+        batch = q.get_records(100)
+        c_side = [(r.seq, r.kind, bytes(r.data)) for r in batch]
+        assert all(type(r) is Record and r.data.readonly for r in batch)
+        assert len(batch) == 6
+        batch.consume(0)  # the same records for the Python path
+        q._drop_fast_path()
+        with q.get_records(100) as batch:
+            assert [(r.seq, r.kind, bytes(r.data)) for r in batch] == c_side
+        assert q.empty()
+        with shmbus.Queue.create(bus_name + "-b", capacity="64KiB") as other:
+            other_fast = other._fast
+            assert other_fast is not None
+            with pytest.raises(ValueError, match="not this queue's ring"):
+                other_fast.scan_records(memoryview(bytes(65536)), Record, _KIND_NAMES, 1)
+            with pytest.raises(TypeError):
+                other_fast.scan_records(other._ring.toreadonly(), dict, _KIND_NAMES, 1)
+            other.unlink()
+        q.unlink()

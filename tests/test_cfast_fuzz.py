@@ -5,7 +5,7 @@ Two queues are built by the same calls: one handle uses the C path
 their bytes and semaphore values are saved. Each hypothesis case restores both,
 damages both alike (header counters, positions moved near 2**64, holder and
 flag words, record headers, payload bytes, the ``items`` count), then runs the
-same non-blocking ``get_nowait`` / ``get_many`` / ``put`` / ``put_many`` calls
+same non-blocking ``get_nowait`` / ``get_many`` / ``get_records`` / ``put`` / ``put_many`` calls
 on each. The C side must give what Python gives (the value, or the exception
 type and its ``sent``) and leave the same state (counters, ring bytes, tokens
 field, semaphore values). The one difference allowed: the C side refuses with a
@@ -215,6 +215,7 @@ def _run(q: shmbus.Queue, op: Op) -> Outcome:
         "get_many": lambda: q.get_many(arg, block=False),
         "put": lambda: q.put(arg, block=False),
         "put_many": lambda: q.put_many(arg, block=False),
+        "get_records": lambda: _records(q, *arg),
     }
     try:
         return "ok", _norm(calls[name]())
@@ -222,6 +223,14 @@ def _run(q: shmbus.Queue, op: Op) -> Outcome:
         return "DecodeError", _norm(e.decoded)
     except shmbus.ShmbusError as e:
         return type(e).__name__, getattr(e, "sent", None)
+
+
+def _records(q: shmbus.Queue, k: int, consume: int | None) -> list[tuple[int, str, bytes]]:
+    """A ``get_records(k)`` batch as seen (copied), ended consuming its first ``consume`` (None: all)."""
+    batch = q.get_records(k, block=False)
+    seen = [(rec.seq, rec.kind, bytes(rec.data)) for rec in batch]
+    batch.consume(None if consume is None else min(consume, len(batch)))
+    return seen
 
 
 def _compare(pair: Pair, ops: list[Op]) -> list[Outcome]:
@@ -312,6 +321,7 @@ OPS = st.one_of(
     st.tuples(st.just("get_many"), st.integers(1, 12)),
     st.tuples(st.just("put"), st.sampled_from(OBJS)),
     st.tuples(st.just("put_many"), st.lists(st.sampled_from(OBJS), min_size=1, max_size=6)),
+    st.tuples(st.just("get_records"), st.tuples(st.integers(1, 12), st.sampled_from([None, 0, 2]))),
 )
 
 
