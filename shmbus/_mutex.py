@@ -205,7 +205,11 @@ class Mutex:
 
     def ghost(self) -> bool:
         """True if held by a thread id that does not exist here (nothing but a reset frees it)."""
-        return ghost_word(self.word())
+        word = self.word()
+        # Read again after the /proc look: a holder that died between the first read and
+        # that look has marked the word OWNER_DIED by then (its death is marked before its
+        # /proc entry goes), so a word unchanged across the look is a true ghost.
+        return ghost_word(word) and self.word() == word
 
     def _pin(self) -> ctypes.c_char:
         anchor = self._anchor

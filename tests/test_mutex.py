@@ -193,6 +193,31 @@ def test_a_lock_naming_a_thread_that_does_not_exist_needs_force(bus_name: str) -
     q.close()
 
 
+def test_a_holder_that_dies_while_it_is_looked_up_is_not_a_ghost(
+    bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The word names a live-looking thread; it dies between the word's read and the /proc look
+    (the kernel marks the word OWNER_DIED, then its /proc entry goes): a dead holder, not a ghost."""
+    with shmbus.Queue.create(bus_name, capacity="64KiB") as q:
+        tid = 0x3FFFFFF0  # (no such thread: /proc has no entry for it)
+        _word(q, M_TAIL, tid)
+        mutex = q._tail_lock.mutex
+        real_exists = os.path.exists
+
+        def dies_meanwhile(path: Any) -> bool:
+            if path == f"/proc/{tid}":
+                _word(q, M_TAIL, tid | _mutex.OWNER_DIED)  # what the kernel does at the holder's death
+            return real_exists(path)
+
+        monkeypatch.setattr(os.path, "exists", dies_meanwhile)
+        assert not mutex.ghost()
+        monkeypatch.undo()
+        _word(q, M_TAIL, tid)
+        assert mutex.ghost()  # unchanged across the look: a true ghost
+        _word(q, M_TAIL, 0)
+        q.unlink()
+
+
 def test_locks_of_an_earlier_boot_are_reset_at_open(disk_path: str) -> None:
     """A disk bus whose machine crashed: its lock words name threads of the last boot."""
     q = shmbus.Queue.create(disk_path, capacity="64KiB")
