@@ -37,7 +37,7 @@ from typing import Any, Callable
 from .. import Queue
 from .._errors import Empty
 from ._channels import bus_name, unlink_quietly
-from ._measure import Progress, median, rotations
+from ._measure import Progress, median, rotations, run_children
 from ._natspair import jetstream_stream, measure_nats_pair
 from ._params import BARRIER_TIMEOUT_S, MEASUREMENT_TIMEOUT_S, BenchError, Params
 from ._roles import now_ns
@@ -293,29 +293,8 @@ def _end(role: str, fn: Callable[..., None], args: tuple[Any, ...], barrier: Bar
 
 def _run_ends(ctx: ForkContext, a: str, b: str, n: int) -> Mapping[str, dict[str, Any]]:
     """The producer on A and the consumer on B, forked; their reports (BenchError on a failure)."""
-    barrier = ctx.Barrier(2)
-    procs, conns = {}, {}
-    for role, fn, path in (("producer", _produce, a), ("consumer", _consume, b)):
-        rx, tx = ctx.Pipe(duplex=False)
-        procs[role] = ctx.Process(target=_end, args=(role, fn, (path, n), barrier, tx), daemon=True)
-        procs[role].start()
-        tx.close()
-        conns[role] = rx
-    reports: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + MEASUREMENT_TIMEOUT_S
-    try:
-        for role, rx in conns.items():
-            if not rx.poll(max(deadline - time.monotonic(), 0)):
-                raise BenchError(f"no report from the bridge's {role} after {MEASUREMENT_TIMEOUT_S:.0f} s")
-            reports[role] = rx.recv()
-            if "error" in reports[role]:
-                raise BenchError(f"the bridge's {role} failed:\n{reports[role]['error']}")
-    finally:
-        for p in procs.values():
-            p.join(1)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for rx in conns.values():
-            rx.close()
-    return reports
+    children = {
+        "producer": (_end, ("producer", _produce, (a, n))),
+        "consumer": (_end, ("consumer", _consume, (b, n))),
+    }
+    return run_children(ctx, children, "bridge's ")

@@ -97,9 +97,10 @@ Hook = tuple[frozenset[str], Callable[[Channel], None]]
 
 
 def _collect(
-    procs: dict[str, Any], conns: dict[str, connection.Connection], channel: Channel, hook: Hook | None
+    procs: dict[str, Any], conns: dict[str, connection.Connection], channel: Channel | None,
+    hook: Hook | None, who: str = "",
 ) -> dict[str, dict[str, Any]]:
-    """Wait for every child's report; raise BenchError at the first failure."""
+    """Wait for every child's report; raise BenchError at the first failure (``who``: whose roles)."""
     deadline = time.monotonic() + MEASUREMENT_TIMEOUT_S
     pending = {c: role for role, c in conns.items()}
     reports: dict[str, dict[str, Any]] = {}
@@ -108,7 +109,8 @@ def _collect(
         ready = connection.wait(list(pending), left) if left > 0 else []
         if not ready:
             raise BenchError(
-                f"no report from the {', '.join(pending.values())} after {MEASUREMENT_TIMEOUT_S:.0f} s: stuck"
+                f"no report from the {who}{', '.join(pending.values())} "
+                f"after {MEASUREMENT_TIMEOUT_S:.0f} s: stuck"
             )
         for c in ready:
             assert isinstance(c, connection.Connection)
@@ -118,12 +120,13 @@ def _collect(
             except EOFError:
                 procs[role].join(1)
                 raise BenchError(
-                    f"the {role} died without a report (exit code {procs[role].exitcode})"
+                    f"the {who}{role} died without a report (exit code {procs[role].exitcode})"
                 ) from None
             if "error" in rep:
-                raise BenchError(f"the {role} failed:\n{rep['error']}")
+                raise BenchError(f"the {who}{role} failed:\n{rep['error']}")
             reports[role] = rep
         if hook is not None and hook[0] <= reports.keys():
+            assert channel is not None
             hook[1](channel)
             hook = None
     return reports
@@ -137,6 +140,40 @@ def _reap(procs: dict[str, Any], grace: float) -> None:
             p.kill()
             p.join()
         p.close()
+
+
+def run_children(
+    ctx: ForkContext, children: Mapping[str, tuple[Callable[..., None], tuple[Any, ...]]], who: str = ""
+) -> dict[str, dict[str, Any]]:
+    """Fork one child per role, each ``target(*args, barrier, report_end)``; return their reports.
+
+    For rows whose children make their own channel (the bridge's ends, the nats-py pair):
+    the same barrier, collection and reaping as ``measure``; BenchError on a failure or
+    past the timeout (``who`` names whose roles, in its message).
+    """
+    procs: dict[str, Any] = {}
+    conns: dict[str, connection.Connection] = {}
+    ok = False
+    try:
+        barrier = ctx.Barrier(len(children))
+        for role, (target, args) in children.items():
+            r, w = ctx.Pipe(duplex=False)
+            conns[role] = r
+            proc = ctx.Process(
+                target=target, args=(*args, barrier, w), name=f"shmbus-bench-{role}", daemon=True
+            )
+            try:
+                proc.start()
+            finally:
+                w.close()  # (only the child holds the write end: its death reads as EOF)
+            procs[role] = proc
+        reports = _collect(procs, conns, None, None, who)
+        ok = True
+    finally:
+        _reap(procs, 10.0 if ok else 0.0)
+        for c in conns.values():
+            c.close()
+    return reports
 
 
 def measure(

@@ -28,7 +28,8 @@ from typing import Any
 
 import msgpack
 
-from ._params import BARRIER_TIMEOUT_S, MEASUREMENT_TIMEOUT_S, BenchError
+from ._measure import run_children
+from ._params import BARRIER_TIMEOUT_S
 from ._roles import now_ns
 
 __all__ = ["measure_nats_pair", "jetstream_stream"]
@@ -166,29 +167,5 @@ def measure_nats_pair(url: str, n: int, window: int = 4096) -> dict[str, Any]:
 
 def _run_pair(args: dict[str, tuple[Any, ...]]) -> dict[str, dict[str, Any]]:
     """Fork one child per end, collect their reports; BenchError on a failure or past the timeout."""
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(len(args))
-    procs, conns = {}, {}
-    for role, a in args.items():
-        rx, tx = ctx.Pipe(duplex=False)
-        procs[role] = ctx.Process(target=_child, args=(role, a, barrier, tx), daemon=True)
-        procs[role].start()
-        tx.close()
-        conns[role] = rx
-    reports: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + MEASUREMENT_TIMEOUT_S
-    try:
-        for role, rx in conns.items():
-            if not rx.poll(max(deadline - time.monotonic(), 0)):
-                raise BenchError(f"no report from the nats-py {role} after {MEASUREMENT_TIMEOUT_S:.0f} s")
-            reports[role] = rx.recv()
-            if "error" in reports[role]:
-                raise BenchError(f"the nats-py {role} failed:\n{reports[role]['error']}")
-    finally:
-        for p in procs.values():
-            if p.is_alive():
-                p.kill()
-            p.join()
-        for rx in conns.values():
-            rx.close()
-    return reports
+    children = {role: (_child, (role, a)) for role, a in args.items()}
+    return run_children(multiprocessing.get_context("fork"), children, "nats-py ")
