@@ -29,13 +29,17 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import pytest
 
+T = TypeVar("T")
+
 __all__ = [
+    "FAILOVER",
+    "retried",
     "NatsServer",
     "NatsCluster",
     "AuthUsers",
@@ -51,6 +55,7 @@ __all__ = [
 READY_TIMEOUT = 30.0  # far above a healthy start (well under a second; a cluster's election a few)
 STOP_TIMEOUT = 15.0  # a SIGTERM'd server flushes its file store, then exits
 _POLL = 0.02  # seconds between two looks at an observable state
+FAILOVER = 20.0  # a leader (meta, stream) is elected again within seconds of losing one; far more
 _PR_SET_PDEATHSIG = 1
 
 
@@ -383,3 +388,22 @@ def nats_cluster() -> Iterator[NatsCluster]:
 def run(coro: Any) -> Any:
     """``asyncio.run`` under a bound: a test on a server that stopped answering fails, never hangs."""
     return asyncio.run(asyncio.wait_for(coro, READY_TIMEOUT))
+
+
+async def retried(call: Callable[[], Awaitable[T]], within: float = FAILOVER) -> T:
+    """``call()`` until it answers: a JetStream request times out while a leader is being elected."""
+    import nats.errors
+    import nats.js.errors
+
+    leaderless = (
+        nats.errors.TimeoutError,
+        nats.js.errors.NoStreamResponseError,
+        nats.js.errors.ServiceUnavailableError,
+    )
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except leaderless:
+            assert time.monotonic() < deadline, f"no answer in {within} s"
+            await asyncio.sleep(0.1)  # a poll: a new leader shows only so

@@ -32,6 +32,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from natsserver import retried
 from test_bridge import _bridge, _stop
 
 import shmbus
@@ -66,12 +67,13 @@ def _connect(urls: list[str]) -> Any:
 
 
 def _js(urls: list[str], fn: Any) -> Any:
-    """``fn(js)`` on a fresh connection to any of ``urls``."""
+    """``fn(js)`` on a fresh connection to any of ``urls``, again while a leader is being elected."""
 
     async def go() -> Any:
         nc = await _connect(urls)
         try:
-            return await fn(nc.jetstream(timeout=10))
+            js = nc.jetstream(timeout=10)
+            return await retried(lambda: fn(js))
         finally:
             await nc.close()
 

@@ -9,24 +9,16 @@ forbidden subject. Each test bounds its client calls (``run``).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import NoServersError
 from nats.js.api import StorageType
-from natsserver import AuthUsers, NatsCluster, NatsServer, free_port, run
+from natsserver import AuthUsers, NatsCluster, NatsServer, free_port, retried, run
 
 pytestmark = pytest.mark.timeout(90)
-FAILOVER = 20.0  # a leader (meta, stream) is elected again within seconds of losing one; far more
-T = TypeVar("T")
-# What a JetStream request meets while a leader is being elected.
-_LEADERLESS = (
-    nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError,
-)  # fmt: skip
 
 
 async def _add_stream(nc: Any, name: str, subject: str, replicas: int = 1) -> None:
@@ -41,20 +33,9 @@ async def _publish(nc: Any, subject: str, n: int, start: int = 0) -> list[int]:
     return [a.seq for a in acks]
 
 
-async def _retried(call: Callable[[], Awaitable[T]], within: float = FAILOVER) -> T:
-    """``call()`` until it answers: a JetStream request times out while a leader is being elected."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return await call()
-        except _LEADERLESS:
-            assert time.monotonic() < deadline, f"no answer in {within} s"
-            await asyncio.sleep(0.1)  # a poll: a new leader shows only so
-
-
 async def _fetch_all(nc: Any, subject: str, durable: str, n: int) -> list[bytes]:
     """``n`` messages through a durable pull consumer, each acknowledged."""
-    sub = await _retried(lambda: nc.jetstream().pull_subscribe(subject, durable=durable))
+    sub = await retried(lambda: nc.jetstream().pull_subscribe(subject, durable=durable))
     got: list[bytes] = []
     while len(got) < n:
         try:
@@ -148,7 +129,7 @@ def test_a_cluster_keeps_a_three_replica_stream_with_a_node_killed(nats_cluster:
             js = nc.jetstream()
             seqs = []
             for i in range(start, start + n):
-                ack = await _retried(
+                ack = await retried(
                     lambda i=i: js.publish("r3.x", b"m%d" % i, timeout=1, headers={"Nats-Msg-Id": str(i)})
                 )
                 seqs.append(ack.seq)
