@@ -24,14 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from multiprocessing import connection
 from multiprocessing.context import ForkContext
-from multiprocessing.synchronize import Barrier
 from typing import Any, Callable
 
 from .. import Queue
@@ -39,8 +36,7 @@ from .._errors import Empty
 from ._channels import bus_name, unlink_quietly
 from ._measure import Progress, median, rotations, run_children
 from ._natspair import jetstream_stream, measure_nats_pair
-from ._params import BARRIER_TIMEOUT_S, MEASUREMENT_TIMEOUT_S, BenchError, Params
-from ._roles import now_ns
+from ._params import MEASUREMENT_TIMEOUT_S, BenchError, Params
 
 __all__ = ["BRIDGE_VARIANTS", "bridge_steps", "run_bridge", "bridge_missing"]
 
@@ -271,30 +267,10 @@ def _consume(b: str, n: int, go: Callable[[], None]) -> None:
         q.close()
 
 
-def _end(role: str, fn: Callable[..., None], args: tuple[Any, ...], barrier: Barrier,
-         out: connection.Connection) -> None:  # fmt: skip
-    report: dict[str, Any] = {"role": role}
-
-    def go() -> None:
-        barrier.wait(BARRIER_TIMEOUT_S)
-        report["t_start_ns"] = now_ns()
-
-    try:
-        fn(*args, go)
-        report["t_end_ns"] = now_ns()
-    except BaseException:
-        report["error"] = traceback.format_exc()
-        barrier.abort()
-    try:
-        out.send(report)
-    finally:
-        out.close()
-
-
 def _run_ends(ctx: ForkContext, a: str, b: str, n: int) -> Mapping[str, dict[str, Any]]:
     """The producer on A and the consumer on B, forked; their reports (BenchError on a failure)."""
-    children = {
-        "producer": (_end, ("producer", _produce, (a, n))),
-        "consumer": (_end, ("consumer", _consume, (b, n))),
+    bodies = {
+        "producer": lambda go: _produce(a, n, go),
+        "consumer": lambda go: _consume(b, n, go),
     }
-    return run_children(ctx, children, "bridge's ")
+    return run_children(ctx, bodies, "bridge's ")

@@ -142,25 +142,52 @@ def _reap(procs: dict[str, Any], grace: float) -> None:
         p.close()
 
 
-def run_children(
-    ctx: ForkContext, children: Mapping[str, tuple[Callable[..., None], tuple[Any, ...]]], who: str = ""
-) -> dict[str, dict[str, Any]]:
-    """Fork one child per role, each ``target(*args, barrier, report_end)``; return their reports.
+# What a child of ``run_children`` runs: given ``go`` (call it once set up: it meets the
+# others at the barrier and starts the clock), it does its part and returns nothing.
+Body = Callable[[Callable[[], None]], None]
+
+
+def _body_child(role: str, body: Body, barrier: Barrier, report_to: connection.Connection) -> None:
+    """A child of ``run_children``: run ``body``, then report its times and CPU, or its error, always."""
+    report: dict[str, Any] = {"role": role}
+    start: dict[str, Any] = {}
+
+    def go() -> None:
+        barrier.wait(BARRIER_TIMEOUT_S)
+        start["t_ns"], start["cpu"] = now_ns(), _cpu()
+
+    try:
+        body(go)
+        t_end, (user, sys_) = now_ns(), _cpu()
+        report.update(t_start_ns=start["t_ns"], t_end_ns=t_end,
+                      cpu_s=user + sys_ - start["cpu"][0] - start["cpu"][1])  # fmt: skip
+    except BaseException:
+        report["error"] = traceback.format_exc()
+        barrier.abort()  # the others must not wait at the barrier for a child that will never come
+    try:
+        report_to.send(report)
+    finally:
+        report_to.close()
+
+
+def run_children(ctx: ForkContext, bodies: Mapping[str, Body], who: str = "") -> dict[str, dict[str, Any]]:
+    """Fork one child per role running its ``Body``; return their reports (times and CPU).
 
     For rows whose children make their own channel (the bridge's ends, the nats-py pair):
     the same barrier, collection and reaping as ``measure``; BenchError on a failure or
-    past the timeout (``who`` names whose roles, in its message).
+    past the timeout (``who`` names whose roles, in its message). Forked, so a body may be
+    a closure.
     """
     procs: dict[str, Any] = {}
     conns: dict[str, connection.Connection] = {}
     ok = False
     try:
-        barrier = ctx.Barrier(len(children))
-        for role, (target, args) in children.items():
+        barrier = ctx.Barrier(len(bodies))
+        for role, body in bodies.items():
             r, w = ctx.Pipe(duplex=False)
             conns[role] = r
             proc = ctx.Process(
-                target=target, args=(*args, barrier, w), name=f"shmbus-bench-{role}", daemon=True
+                target=_body_child, args=(role, body, barrier, w), name=f"shmbus-bench-{role}", daemon=True
             )
             try:
                 proc.start()

@@ -17,20 +17,15 @@ optional and the rest of the bench runs without it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
-import resource
 import time
-import traceback
 import uuid
-from multiprocessing import connection
-from multiprocessing.synchronize import Barrier
 from typing import Any
 
 import msgpack
 
 from ._measure import run_children
-from ._params import BARRIER_TIMEOUT_S
-from ._roles import now_ns
 
 __all__ = ["measure_nats_pair", "jetstream_stream"]
 
@@ -41,11 +36,6 @@ def _payloads(n: int) -> list[bytes]:
     """The bench's small dict, msgpack-encoded: the bytes the bridge puts on the wire."""
     ts = time.time()
     return [msgpack.packb({"seq": i, "ts": ts, "name": "sensor-17", "value": 3.14}) for i in range(n)]
-
-
-def _cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 async def _publish(go: Any, url: str, subject: str, payloads: list[bytes], window: int) -> None:
@@ -86,28 +76,6 @@ async def _consume(go: Any, url: str, stream: str, subject: str, n: int) -> None
         await nc.flush()  # the last acks reach the server before the clock stops
     finally:
         await nc.close()
-
-
-def _child(role: str, args: tuple[Any, ...], barrier: Barrier, out: connection.Connection) -> None:
-    """One end, in its own process: set up, meet the other at the barrier, run, report."""
-    report: dict[str, Any] = {"role": role}
-    start: dict[str, float] = {}
-
-    def go() -> None:
-        barrier.wait(BARRIER_TIMEOUT_S)
-        start["t_ns"], start["cpu"] = now_ns(), _cpu()
-
-    try:
-        body = _publish(go, *args) if role == "publisher" else _consume(go, *args)
-        asyncio.run(body)
-        report.update(t_start_ns=start["t_ns"], t_end_ns=now_ns(), cpu_s=_cpu() - start["cpu"])
-    except BaseException:
-        report["error"] = traceback.format_exc()
-        barrier.abort()
-    try:
-        out.send(report)
-    finally:
-        out.close()
 
 
 async def _stream(url: str, name: str, subject: str, create: bool) -> None:
@@ -167,5 +135,11 @@ def measure_nats_pair(url: str, n: int, window: int = 4096) -> dict[str, Any]:
 
 def _run_pair(args: dict[str, tuple[Any, ...]]) -> dict[str, dict[str, Any]]:
     """Fork one child per end, collect their reports; BenchError on a failure or past the timeout."""
-    children = {role: (_child, (role, a)) for role, a in args.items()}
-    return run_children(multiprocessing.get_context("fork"), children, "nats-py ")
+    ends = {"publisher": _publish, "consumer": _consume}
+    bodies = {role: functools.partial(_run_end, ends[role], a) for role, a in args.items()}
+    return run_children(multiprocessing.get_context("fork"), bodies, "nats-py ")
+
+
+def _run_end(end: Any, args: tuple[Any, ...], go: Any) -> None:
+    """One end of the pair, in its child: its coroutine, run to the end."""
+    asyncio.run(end(go, *args))
