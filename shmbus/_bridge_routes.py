@@ -234,9 +234,7 @@ class RouteRunner:
             bus = await self._call(Queue.open, self.route.bus)
         else:
             bus = await self._call(Topic.open, self.route.bus)
-        try:
-            if isinstance(bus, Queue):
-                self._lag = bus.qsize
+        try:  # (an in-route's lag is the consumer's pending count: see status)
             puller = await self._subscribe()
             self.counters.state = "running"
             try:
@@ -247,7 +245,6 @@ class RouteRunner:
                     with contextlib.suppress(Exception):  # a connection already gone
                         await puller.stop()
         finally:
-            self._lag = lambda: -1
             await self._call(bus.close)
 
     async def _subscribe(self) -> Puller | None:
